@@ -1,0 +1,11 @@
+"""psgfunc: per-sample gradients in PyTorch the way JAX users write them.
+
+Public API (DESIGN.md): ``per_sample_grads``, ``scan`` and the subpackages ``functional``
+(pure layers), ``nn`` (module shells), ``dp`` (DP-SGD).
+"""
+
+from psgfunc import functional
+from psgfunc.per_sample import per_sample_grads
+
+__all__ = ["per_sample_grads", "functional"]
+__version__ = "0.1.0"

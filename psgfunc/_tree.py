@@ -1,0 +1,138 @@
+"""Pytree helpers on optree, shared by every floor above.
+
+A pytree here is any nesting of dicts, lists, tuples and namedtuples whose leaves are
+tensors (optree's default registry, ``none_is_leaf=False``). Per-sample gradient pytrees
+have the structure of the params pytree with every leaf shaped ``[B, *leaf.shape]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+
+__all__ = [
+    "tree_map",
+    "tree_leaves",
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_structure",
+    "batch_size",
+    "tree_stack",
+    "tree_unstack",
+    "per_example_norms",
+    "tree_index",
+]
+
+tree_flatten = optree.tree_flatten
+tree_unflatten = optree.tree_unflatten
+tree_structure = optree.tree_structure
+
+
+def tree_map(f: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """Apply ``f`` leaf-wise over one or several pytrees of the same structure.
+
+    Args:
+        f: called as ``f(leaf, *other_leaves)``.
+        tree: the pytree that fixes the structure.
+        *rest: further pytrees with the same structure as ``tree``.
+
+    Raises:
+        ValueError: if a tree in ``rest`` has another structure.
+    """
+    try:
+        return optree.tree_map(f, tree, *rest)
+    except ValueError as error:
+        raise ValueError(
+            f"tree_map: the pytrees do not share one structure ({error}); pass trees "
+            "with the same keys and nesting"
+        ) from None
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of ``tree`` in optree's canonical order (dict keys sorted)."""
+    return optree.tree_leaves(tree)
+
+
+def batch_size(*batch: Any, what: str = "batch") -> int:
+    """The common leading size ``B`` of every tensor leaf in ``batch``.
+
+    Args:
+        *batch: one or more pytrees whose tensor leaves are shaped ``[B, ...]``.
+        what: how the error message names the argument.
+
+    Returns:
+        ``B`` (may be 0).
+
+    Raises:
+        ValueError: if there is no tensor leaf, a leaf is 0-dimensional (no batch
+            dimension), or the leading sizes differ.
+    """
+    sizes: list[tuple[str, int]] = []
+    for i, tree in enumerate(batch):
+        paths, leaves, _ = optree.tree_flatten_with_path(tree)
+        for path, leaf in zip(paths, leaves):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            name = f"{what}[{i}]" + "".join(f"[{p!r}]" for p in path)
+            if leaf.dim() == 0:
+                raise ValueError(
+                    f"{name} is a 0-dim tensor and has no batch dimension; every batch "
+                    "leaf must be shaped [B, ...] (use x.unsqueeze(0) for a single example)"
+                )
+            sizes.append((name, leaf.shape[0]))
+    if not sizes:
+        raise ValueError(
+            f"the {what} has no tensor leaves; pass at least one tensor shaped [B, ...]"
+        )
+    first_name, first = sizes[0]
+    for name, size in sizes[1:]:
+        if size != first:
+            raise ValueError(
+                f"mismatched batch sizes: {first_name} has leading size {first} but {name} "
+                f"has {size}; every tensor in the {what} must share the batch dimension B"
+            )
+    return first
+
+
+def tree_stack(trees: list[Any]) -> Any:
+    """Stack a list of pytrees with one structure into one pytree of ``[N, ...]`` leaves."""
+    if len(trees) == 0:
+        raise ValueError("tree_stack needs at least one pytree to take the structure from")
+    return tree_map(lambda *leaves: torch.stack(leaves), trees[0], *trees[1:])
+
+
+def tree_unstack(tree: Any) -> list[Any]:
+    """Split a pytree of ``[N, ...]`` leaves into a list of ``N`` pytrees (inverse of stack)."""
+    leaves, spec = optree.tree_flatten(tree)
+    if not leaves:
+        return []
+    n = batch_size(tree, what="tree")
+    return [optree.tree_unflatten(spec, [leaf[i] for leaf in leaves]) for i in range(n)]
+
+
+def tree_index(tree: Any, index: Any) -> Any:
+    """Index the leading dimension of every tensor leaf: ``leaf[index]``."""
+    return tree_map(lambda leaf: leaf[index] if isinstance(leaf, torch.Tensor) else leaf, tree)
+
+
+def per_example_norms(grads: Any) -> torch.Tensor:
+    """Per-example global L2 norm of a per-sample gradient pytree.
+
+    Args:
+        grads: pytree whose leaves are shaped ``[B, *param_shape]``.
+
+    Returns:
+        ``[B]`` tensor: ``sqrt(sum over leaves of ||g_b||^2)`` in the leaves' dtype.
+
+    Raises:
+        ValueError: if the leaves disagree on ``B`` or there are none.
+    """
+    leaves = [leaf for leaf in tree_leaves(grads) if isinstance(leaf, torch.Tensor)]
+    b = batch_size(grads, what="grads")
+    total = None
+    for leaf in leaves:
+        sq = leaf.reshape(b, -1).pow(2).sum(dim=1)
+        total = sq if total is None else total + sq.to(total.dtype)
+    return total.sqrt()

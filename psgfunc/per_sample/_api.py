@@ -1,0 +1,142 @@
+"""``per_sample_grads``: the gradient of each example's loss, for any pure per-example ``fn``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+from torch.func import grad, vmap
+
+from psgfunc import _rules
+from psgfunc._tree import batch_size
+
+__all__ = ["per_sample_grads", "METHODS"]
+
+METHODS = ("vmap", "expanded", "auto")
+_RANDOMNESS = ("error", "different", "same")
+
+
+def per_sample_grads(
+    fn: Callable[..., torch.Tensor],
+    params: Any,
+    *batch: Any,
+    method: str = "vmap",
+    chunk_size: int | None = None,
+    randomness: str = "different",
+) -> Any:
+    """Per-example gradients of ``fn`` with respect to ``params``.
+
+    ``fn(params, *example) -> loss`` is written for ONE example: inside it the batch
+    dimension is gone, exactly as under ``torch.func.vmap``. The result is what a loop
+    ``for b: torch.autograd.grad(fn(params, *batch[b]), params)`` would stack, computed in
+    one batched pass.
+
+    Shapes: ``params`` leaves ``[*shape]``; ``batch`` leaves ``[B, ...]``; result leaves
+    ``[B, *shape]`` (same dtype and device as the params).
+
+    Args:
+        fn: pure function of ``(params, *example)`` returning a 0-dim tensor. Any torch code
+            works; psgfunc's functional layers additionally get fast expanded-weight rules.
+        params: pytree (dict, list, tuple, nesting of them) of floating tensors, e.g.
+            ``dict(model.named_parameters())``. Every leaf is differentiated.
+        *batch: one or more pytrees whose tensor leaves share the leading size ``B``
+            (integer token ids are fine; non-tensor leaves are passed to every example as
+            they are). ``B`` may be 0 (empty leaves are returned) or 1.
+        method: ``"vmap"``: ``vmap(grad(fn))``. ``"expanded"``: each parameter is expanded
+            to ``[B, *shape]`` as a view (no copy), ``fn`` runs once under vmap over the
+            batch, and one ordinary backward leaves per-sample gradients in the views;
+            psgfunc layers compute their forward with the shared weight and their
+            per-sample gradient in one contraction, other functions fall back to vmap over
+            the views. ``"auto"``: ``"expanded"``, which the benchmarks
+            (``benchmarks/layers.py``) measure at or below ``"vmap"`` on every layer and
+            model; ``"vmap"`` when ``fn`` must be transformed again (see Notes).
+        chunk_size: process the batch in chunks of this many examples (bounds peak
+            memory; the result is the same). None: the whole batch at once.
+        randomness: vmap's treatment of random ops inside ``fn`` (e.g. dropout):
+            ``"different"`` (default) draws independently per example, as the per-example
+            loop and an ordinary batched forward do; ``"same"`` shares one draw across the
+            batch; ``"error"`` refuses random ops. Both methods honour it for ordinary torch
+            ops.
+
+    Returns:
+        A pytree with ``params``' structure whose leaves are ``[B, *leaf.shape]``.
+
+    Raises:
+        ValueError: unknown ``method``/``randomness``, ``chunk_size < 1``, batch leaves with
+            different leading sizes or without a batch dim, non-tensor or non-floating
+            params, or ``fn`` not returning one scalar per example.
+
+    Notes:
+        To use an ``nn.Module``, make it a pure function with
+        ``torch.func.functional_call``::
+
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            def fn(params, x, y):
+                out = torch.func.functional_call(model, params, (x.unsqueeze(0),))
+                return F.cross_entropy(out, y.unsqueeze(0))
+            grads = pf.per_sample_grads(fn, params, X, Y)
+
+        (modules that need a batch dim get one via ``unsqueeze(0)``; BatchNorm mixes
+        examples and cannot give per-sample gradients.) ``method="expanded"`` differentiates
+        with ordinary autograd, so ``fn`` must not be wrapped in another torch.func
+        transform by the caller; ``"vmap"`` composes with further transforms.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable as fn(params, *example), got {type(fn).__name__}")
+    if not batch:
+        raise ValueError(
+            "per_sample_grads needs at least one batch argument: per_sample_grads(fn, params, x, ...)"
+        )
+    p_leaves, p_spec = optree.tree_flatten(params)
+    for i, p in enumerate(p_leaves):
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise ValueError(
+                f"params leaf {i} is {type(p).__name__}"
+                + (f" of dtype {p.dtype}" if isinstance(p, torch.Tensor) else "")
+                + "; every params leaf must be a floating tensor (move constants into the batch "
+                "or close over them in fn)"
+            )
+    size = batch_size(*batch)
+    b_leaves, b_spec = optree.tree_flatten(batch, none_is_leaf=True)
+    b_dims = [0 if isinstance(t, torch.Tensor) else None for t in b_leaves]
+    p_leaves = [p.detach() for p in p_leaves]
+
+    if size == 0:
+        return optree.tree_unflatten(p_spec, [p.new_zeros((0, *p.shape)) for p in p_leaves])
+
+    def example_loss(leaves: list[torch.Tensor], *example: Any) -> torch.Tensor:
+        loss = fn(optree.tree_unflatten(p_spec, list(leaves)), *optree.tree_unflatten(b_spec, list(example)))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"fn must return a 0-dim loss for ONE example, got {shape}; inside fn the batch "
+                "dim is removed, so reduce over the example's own dims (e.g. .sum()), not over B"
+            )
+        return loss
+
+    chunks = [(0, size)] if chunk_size is None else [(s, min(s + chunk_size, size)) for s in range(0, size, chunk_size)]
+    run = _vmap_grads if method == "vmap" else _expanded_grads
+    parts = [run(example_loss, p_leaves, [t[s:e] if d == 0 else t for t, d in zip(b_leaves, b_dims)], b_dims, e - s, randomness) for s, e in chunks]
+    out = parts[0] if len(parts) == 1 else [torch.cat(col) for col in zip(*parts)]
+    return optree.tree_unflatten(p_spec, list(out))
+
+
+def _vmap_grads(loss_fn, p_leaves, b_leaves, b_dims, size, randomness):
+    g = vmap(grad(loss_fn), in_dims=(None, *b_dims), randomness=randomness)
+    with _rules.expanded_mode(None):
+        return list(g(p_leaves, *b_leaves))
+
+
+def _expanded_grads(loss_fn, p_leaves, b_leaves, b_dims, size, randomness):
+    views = [p.expand(size, *p.shape).requires_grad_(True) for p in p_leaves]
+    with torch.enable_grad(), _rules.expanded_mode("vmap"):
+        losses = vmap(loss_fn, in_dims=(0, *b_dims), randomness=randomness)(views, *b_leaves)
+        grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)
+    return [torch.zeros_like(v) if g is None else g for v, g in zip(views, grads)]

@@ -1,0 +1,203 @@
+"""Expanded weights: per-example parameter copies as stride-0 views, one forward, one backward.
+
+Every parameter ``W`` is replaced by ``W.expand(B, *W.shape)``: a view, no copy. Whatever
+consumes that view as example b's weight gets the gradient of example b's loss alone, so a
+single backward pass leaves the per-sample gradients ``[B, *W.shape]`` in it.
+
+How a layer consumes the view is decided by a :class:`Rule`, registered for the functional
+layer it serves (DESIGN.md rule 5). A rule computes the layer with the ordinary shared-weight
+op (no per-example weight copies in the forward) and produces the per-sample gradient in its
+backward, in one contraction. Two drivers use the same rules:
+
+* ``per_sample_grads(method="expanded")`` runs the per-example ``fn`` under ``torch.func.vmap``
+  with the expanded params; the rule's entry point is the ``vmap`` staticmethod of an
+  ``autograd.Function`` (:class:`_VmapDispatch`), which sees the whole batch at once.
+* the ``psgfunc.nn`` shells call :func:`module_call`, which expands each ``nn.Parameter``
+  (a differentiable view) and hooks the view to store the per-sample gradient on
+  ``p.grad_sample`` while autograd's sum over the batch goes to ``p.grad``.
+
+A layer without a rule, or a parameter that is not a stride-0 expansion (e.g. a weight the
+user's ``fn`` computes from the params), falls back to an ordinary vmap of the layer over the
+expanded views: correct first, just without the shared-weight shortcut.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+from torch.func import vmap
+
+from psgfunc import _rules
+
+__all__ = ["Rule", "call_rule", "module_call", "expand_params", "is_shared"]
+
+
+class Rule:
+    """Batch-level computation of one functional layer with per-example parameters.
+
+    Subclasses implement :meth:`batched`; ``plain`` is the functional layer itself (the
+    undecorated function), used for fallbacks.
+    """
+
+    def __init__(self, plain: Callable[..., Any]):
+        self.plain = plain
+
+    def batched(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The layer on a batch, in the layer's own batched convention.
+
+        ``params`` leaves are ``[B, *shape]`` views (stride 0 over B when shared). Called with
+        ordinary autograd on: it must give each params leaf the per-sample gradient.
+        """
+        raise NotImplementedError
+
+    def vmapped(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The layer on per-example args stacked along a new dim 0; outputs batched at dim 0.
+
+        Returns ``NotImplemented`` to ask for the generic fallback. By default the same as
+        :meth:`batched`, which is right for layers whose batch dim is dim 0.
+        """
+        return self.batched(params, *args, **kwargs)
+
+
+def is_shared(t: torch.Tensor) -> bool:
+    """Whether ``t``'s dim 0 holds copies of one tensor (stride 0, or size 1)."""
+    return t.dim() > 0 and (t.shape[0] <= 1 or t.stride(0) == 0)
+
+
+def call_rule(rule: Rule, params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Entry point of a registered rule, in whichever expanded mode is active."""
+    mode = _rules.expanded_mode_kind()
+    if mode == "batch":
+        return rule.batched(params, *args, **kwargs)
+    names = [k for k, v in params.items() if v is not None]
+    arg_leaves, arg_spec = optree.tree_flatten(args, none_is_leaf=True)
+    flat = [params[k] for k in names] + arg_leaves
+    meta = _Meta(rule, names, arg_spec, kwargs)
+    out = _VmapDispatch.apply(meta, *flat)
+    return optree.tree_unflatten(meta.out_spec, list(out)) if meta.out_spec is not None else out
+
+
+class _Meta:
+    """Non-tensor context passed through ``_VmapDispatch.apply``."""
+
+    def __init__(self, rule: Rule, names: list[str], arg_spec: Any, kwargs: dict[str, Any]):
+        self.rule, self.names, self.arg_spec, self.kwargs = rule, names, arg_spec, kwargs
+        self.out_spec: Any = None
+
+    def split(self, flat: tuple[Any, ...]) -> tuple[dict[str, Any], tuple[Any, ...]]:
+        n = len(self.names)
+        params = dict(zip(self.names, flat[:n]))
+        args = optree.tree_unflatten(self.arg_spec, list(flat[n:]))
+        return params, args
+
+    def flatten_out(self, out: Any) -> tuple[Any, ...]:
+        if isinstance(out, torch.Tensor):
+            self.out_spec = None
+            return out
+        leaves, self.out_spec = optree.tree_flatten(out, none_is_leaf=True)
+        return tuple(leaves)
+
+
+class _VmapDispatch(torch.autograd.Function):
+    """Runs a rule on the whole batch when a dispatchable layer is called under vmap."""
+
+    @staticmethod
+    def forward(meta: _Meta, *flat: Any) -> Any:  # type: ignore[override]
+        # Reached only outside vmap (an expanded-mode call on one example): the plain layer.
+        params, args = meta.split(flat)
+        return meta.flatten_out(meta.rule.plain(params, *args, **meta.kwargs))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # pragma: no cover - never recorded
+        raise RuntimeError(
+            "psgfunc: an expanded-mode layer was differentiated outside vmap; use "
+            "per_sample_grads(method='expanded') rather than calling the layer in expanded mode"
+        )
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], meta: _Meta, *flat: Any) -> Any:
+        size = info.batch_size
+        dims = in_dims[1:]
+        moved = []
+        for t, d in zip(flat, dims):
+            if not isinstance(t, torch.Tensor):
+                moved.append(t)
+            elif d is None:
+                # unbatched: a constant the example shares (params: a closure weight)
+                moved.append(t.unsqueeze(0).expand(size, *t.shape))
+            else:
+                moved.append(t.movedim(d, 0))
+        params, args = meta.split(tuple(moved))
+        out = NotImplemented
+        if all(is_shared(p) for p in params.values()):
+            # layers the rule calls on the batch run their own rules in batch mode
+            with _rules.expanded_mode("batch"):
+                out = meta.rule.vmapped(params, *args, **meta.kwargs)
+        if out is NotImplemented:
+            plain, kwargs = meta.rule.plain, meta.kwargs
+
+            def one(*row: Any) -> Any:
+                p, a = meta.split(row)
+                return plain(p, *a, **kwargs)
+
+            row_dims = tuple(0 if isinstance(t, torch.Tensor) else None for t in moved)
+            out = vmap(one, in_dims=row_dims)(*moved)
+        flat_out = meta.flatten_out(out)
+        if isinstance(flat_out, torch.Tensor):
+            return flat_out, 0
+        return flat_out, tuple(None if o is None else 0 for o in flat_out)
+
+
+def expand_params(params: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """``{name: p.expand(size, *p.shape)}``: differentiable stride-0 views, no copy."""
+    return {k: (None if p is None else p.expand(size, *p.shape)) for k, p in params.items()}
+
+
+def _store_grad_sample(p: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def hook(g: torch.Tensor) -> None:
+        g = g.detach()
+        prev = getattr(p, "grad_sample", None)
+        if prev is None:
+            p.grad_sample = g.contiguous() if g.stride(0) == 0 else g
+        elif prev.shape != g.shape:
+            raise ValueError(
+                f"a parameter of shape {tuple(p.shape)} already holds grad_sample for a batch "
+                f"of {prev.shape[0]} examples and now gets one for {g.shape[0]}; clear it "
+                "between batches with psgfunc.nn.zero_grad(model) or optimizer.zero_grad()"
+            )
+        else:
+            p.grad_sample = prev + g
+
+    return hook
+
+
+def module_call(
+    layer: Callable[..., Any],
+    params: dict[str, torch.Tensor],
+    size: int,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """Call ``layer`` on a batch of ``size`` examples, leaving ``.grad_sample`` on ``params``.
+
+    Each parameter ``p`` that requires grad is expanded to ``[size, *p.shape]`` (a view); a
+    hook on the view adds the per-sample gradient to ``p.grad_sample`` during backward, and
+    the view's own backward (a sum over the batch) gives ``p.grad`` as usual.
+    """
+    expanded = {}
+    for name, p in params.items():
+        if p is None:
+            expanded[name] = None
+            continue
+        e = p.expand(size, *p.shape)
+        if p.requires_grad and torch.is_grad_enabled():
+            e.register_hook(_store_grad_sample(p))
+        expanded[name] = e
+    with _rules.expanded_mode("batch"):
+        return layer(expanded, *args, **kwargs)

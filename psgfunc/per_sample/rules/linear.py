@@ -1,0 +1,68 @@
+"""Rule for :func:`psgfunc.functional.linear`.
+
+Forward: the ordinary ``F.linear`` with the shared weight. Backward: the input gradient
+``g W`` and, per example b, ``dW_b = sum_n g_bn^T x_bn`` (sum over any sequence dims n),
+one batched contraction (Goodfellow 2015, "Efficient per-example gradient computations").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from psgfunc import _rules
+from psgfunc.functional.linear import linear
+from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+
+
+class _LinearPerSample(torch.autograd.Function):
+    """``x [B, *, I], w [B, O, I] (shared), b [B, O] -> [B, *, O]`` with per-sample grads."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        return F.linear(x, w[0], None if b is None else b[0])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        x, w, b = inputs
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        x, w = ctx.saved_tensors
+        size, out_f, in_f = w.shape
+        gx = g @ w[0] if ctx.needs_input_grad[0] else None
+        g3 = g.reshape(size, -1, out_f)
+        gw = torch.einsum("bno,bni->boi", g3, x.reshape(size, -1, in_f)) if ctx.needs_input_grad[1] else None
+        gb = g3.sum(dim=1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+class LinearRule(Rule):
+    """Per-sample rule of :func:`psgfunc.functional.linear` (batch dim 0 of ``x``)."""
+
+    def batched(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        w, b = params["weight"], params.get("bias")
+        if x.dim() < 2 or x.shape[0] != w.shape[0]:
+            raise ValueError(
+                f"linear on a batch of {w.shape[0]} examples needs x shaped [B, ..., "
+                f"{w.shape[-1]}] with B = {w.shape[0]}, got {tuple(x.shape)}"
+            )
+        if is_shared(w) and (b is None or is_shared(b)):
+            return _LinearPerSample.apply(x, w, b)
+        out = torch.einsum("bni,boi->bno", x.reshape(x.shape[0], -1, x.shape[-1]), w)
+        out = out.reshape(*x.shape[:-1], w.shape[1])
+        if b is not None:
+            out = out + b.reshape(b.shape[0], *([1] * (x.dim() - 2)), b.shape[1])
+        return out
+
+
+LINEAR = LinearRule(linear.plain)
+
+
+@_rules.register_rule(linear)
+def _linear(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return call_rule(LINEAR, params, x)
