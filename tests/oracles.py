@@ -46,7 +46,7 @@ def per_example_grads(fn: Callable[..., torch.Tensor], params: Any, *batch: Any,
     rows: list[list[torch.Tensor]] = []
     for b in range(b_size):
         leaves = [p.clone().requires_grad_(True) for p in p_leaves]
-        example = optree.tree_map(lambda t: t[b] if isinstance(t, torch.Tensor) else t, batch)
+        example = optree.tree_map(lambda t, b=b: t[b] if isinstance(t, torch.Tensor) else t, batch)
         loss = fn(optree.tree_unflatten(p_spec, leaves), *example)
         assert loss.dim() == 0, f"fn must return a 0-dim loss, got shape {tuple(loss.shape)}"
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)

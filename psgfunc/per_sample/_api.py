@@ -84,6 +84,60 @@ def per_sample_grads(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    prep = _prepare(fn, params, batch, chunk_size, randomness)
+    if prep.size == 0:
+        return prep.unflatten([p.new_zeros((0, *p.shape)) for p in prep.p_leaves])
+    run = _vmap_grads if method == "vmap" else _expanded_grads
+    parts = [run(prep, b_leaves, n) for b_leaves, n in prep.chunks()]
+    out = parts[0] if len(parts) == 1 else [torch.cat(col) for col in zip(*parts)]
+    return prep.unflatten(out)
+
+
+class _Prepared:
+    """A validated call: flat params, flat batch, the per-example loss over flat leaves."""
+
+    def __init__(self, fn, params, batch, chunk_size, randomness):
+        self.fn, self.chunk_size, self.randomness = fn, chunk_size, randomness
+        p_leaves, self.p_spec = optree.tree_flatten(params)
+        for i, p in enumerate(p_leaves):
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+                raise ValueError(
+                    f"params leaf {i} is {type(p).__name__}"
+                    + (f" of dtype {p.dtype}" if isinstance(p, torch.Tensor) else "")
+                    + "; every params leaf must be a floating tensor (move constants into the "
+                    "batch or close over them in fn)"
+                )
+        self.p_leaves = [p.detach() for p in p_leaves]
+        self.size = batch_size(*batch)
+        self.b_leaves, self.b_spec = optree.tree_flatten(batch, none_is_leaf=True)
+        self.b_dims = [0 if isinstance(t, torch.Tensor) else None for t in self.b_leaves]
+
+    def unflatten(self, leaves):
+        return optree.tree_unflatten(self.p_spec, list(leaves))
+
+    def chunks(self):
+        """``(batch leaves, size)`` per chunk of ``chunk_size`` examples (one chunk if None)."""
+        step = self.chunk_size or max(self.size, 1)
+        for s in range(0, self.size, step):
+            e = min(s + step, self.size)
+            yield [t[s:e] if d == 0 else t for t, d in zip(self.b_leaves, self.b_dims)], e - s
+
+    def loss(self, leaves, *example):
+        loss = self.fn(self.unflatten(leaves), *optree.tree_unflatten(self.b_spec, list(example)))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"fn must return a 0-dim loss for ONE example, got {shape}; inside fn the batch "
+                "dim is removed, so reduce over the example's own dims (e.g. .sum()), not over B"
+            )
+        return loss
+
+    def expanded_losses(self, views, b_leaves):
+        """Per-example losses ``[B]`` of ``fn`` under vmap over expanded ``views``."""
+        return vmap(self.loss, in_dims=(0, *self.b_dims), randomness=self.randomness)(views, *b_leaves)
+
+
+def _prepare(fn, params, batch, chunk_size, randomness) -> _Prepared:
     if randomness not in _RANDOMNESS:
         raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -94,49 +148,18 @@ def per_sample_grads(
         raise ValueError(
             "per_sample_grads needs at least one batch argument: per_sample_grads(fn, params, x, ...)"
         )
-    p_leaves, p_spec = optree.tree_flatten(params)
-    for i, p in enumerate(p_leaves):
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise ValueError(
-                f"params leaf {i} is {type(p).__name__}"
-                + (f" of dtype {p.dtype}" if isinstance(p, torch.Tensor) else "")
-                + "; every params leaf must be a floating tensor (move constants into the batch "
-                "or close over them in fn)"
-            )
-    size = batch_size(*batch)
-    b_leaves, b_spec = optree.tree_flatten(batch, none_is_leaf=True)
-    b_dims = [0 if isinstance(t, torch.Tensor) else None for t in b_leaves]
-    p_leaves = [p.detach() for p in p_leaves]
-
-    if size == 0:
-        return optree.tree_unflatten(p_spec, [p.new_zeros((0, *p.shape)) for p in p_leaves])
-
-    def example_loss(leaves: list[torch.Tensor], *example: Any) -> torch.Tensor:
-        loss = fn(optree.tree_unflatten(p_spec, list(leaves)), *optree.tree_unflatten(b_spec, list(example)))
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"fn must return a 0-dim loss for ONE example, got {shape}; inside fn the batch "
-                "dim is removed, so reduce over the example's own dims (e.g. .sum()), not over B"
-            )
-        return loss
-
-    chunks = [(0, size)] if chunk_size is None else [(s, min(s + chunk_size, size)) for s in range(0, size, chunk_size)]
-    run = _vmap_grads if method == "vmap" else _expanded_grads
-    parts = [run(example_loss, p_leaves, [t[s:e] if d == 0 else t for t, d in zip(b_leaves, b_dims)], b_dims, e - s, randomness) for s, e in chunks]
-    out = parts[0] if len(parts) == 1 else [torch.cat(col) for col in zip(*parts)]
-    return optree.tree_unflatten(p_spec, list(out))
+    return _Prepared(fn, params, batch, chunk_size, randomness)
 
 
-def _vmap_grads(loss_fn, p_leaves, b_leaves, b_dims, size, randomness):
-    g = vmap(grad(loss_fn), in_dims=(None, *b_dims), randomness=randomness)
+def _vmap_grads(prep: _Prepared, b_leaves, size):
+    g = vmap(grad(prep.loss), in_dims=(None, *prep.b_dims), randomness=prep.randomness)
     with _rules.expanded_mode(None):
-        return list(g(p_leaves, *b_leaves))
+        return list(g(prep.p_leaves, *b_leaves))
 
 
-def _expanded_grads(loss_fn, p_leaves, b_leaves, b_dims, size, randomness):
-    views = [p.expand(size, *p.shape).requires_grad_(True) for p in p_leaves]
+def _expanded_grads(prep: _Prepared, b_leaves, size):
+    views = [p.expand(size, *p.shape).requires_grad_(True) for p in prep.p_leaves]
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
-        losses = vmap(loss_fn, in_dims=(0, *b_dims), randomness=randomness)(views, *b_leaves)
+        losses = prep.expanded_losses(views, b_leaves)
         grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)
     return [torch.zeros_like(v) if g is None else g for v, g in zip(views, grads)]

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from psgfunc import _rules
 from psgfunc.functional.linear import linear
 from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._kinds import Outer, RowSum, emit
+
+_OUTER, _ROWSUM = Outer(), RowSum()
 
 
 class _LinearPerSample(torch.autograd.Function):
@@ -29,6 +32,7 @@ class _LinearPerSample(torch.autograd.Function):
         x, w, b = inputs
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
+        ctx.bias = b  # identity only, for emit's bookkeeping
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
@@ -36,8 +40,8 @@ class _LinearPerSample(torch.autograd.Function):
         size, out_f, in_f = w.shape
         gx = g @ w[0] if ctx.needs_input_grad[0] else None
         g3 = g.reshape(size, -1, out_f)
-        gw = torch.einsum("bno,bni->boi", g3, x.reshape(size, -1, in_f)) if ctx.needs_input_grad[1] else None
-        gb = g3.sum(dim=1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gw = emit(w, _OUTER, g3, x.reshape(size, -1, in_f)) if ctx.needs_input_grad[1] else None
+        gb = emit(ctx.bias, _ROWSUM, g3) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
 

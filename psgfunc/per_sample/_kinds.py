@@ -1,0 +1,153 @@
+"""What a rule knows about a parameter's per-sample gradient, before it is materialised.
+
+A rule's backward does not have to build ``[B, *shape]`` gradients itself: it hands the
+pieces (layer inputs and output gradients) to :func:`emit` together with a :class:`GradKind`
+that knows three things about them:
+
+* ``materialize(*data) -> [B, *shape]``: the per-sample gradient (the expanded method);
+* ``norm2(datas) -> [B]``: the squared per-example norm of the SUM of several such pieces
+  (one per use of the parameter: time steps, tied weights), without building ``[B, *shape]``
+  where a cheaper form exists (Goodfellow 2015; ghost clipping, Li et al. 2021);
+* ``weighted_sum(datas, c) -> [*shape]``: ``sum_b c_b * grad_b`` in one contraction
+  (book-keeping, Bu et al. 2023).
+
+Normally :func:`emit` materialises. Inside :func:`collecting` (fast clipping), pieces for
+the tracked parameters are recorded instead and the rule passes no gradient on; the caller
+then asks the kinds for norms and the clipped sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
+
+import torch
+
+__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "collecting", "Collector"]
+
+
+class GradKind:
+    """Base: a kind that can only materialise (norms and sums from the materialised form)."""
+
+    def materialize(self, *data: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def norm2(self, datas: Sequence[tuple[Any, ...]]) -> torch.Tensor:
+        total = self.materialize(*datas[0])
+        for data in datas[1:]:
+            total = total + self.materialize(*data)
+        return total.reshape(total.shape[0], -1).pow(2).sum(1)
+
+    def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
+        total = None
+        for data in datas:
+            g = self.materialize(*data)
+            s = torch.einsum("b,bk->k", c.to(g.dtype), g.reshape(g.shape[0], -1)).reshape(g.shape[1:])
+            total = s if total is None else total + s
+        return total
+
+
+class Materialized(GradKind):
+    """Data is the per-sample gradient itself, ``[B, *shape]``."""
+
+    def materialize(self, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+
+class Outer(GradKind):
+    """``grad_b = sum_n g[b, n]^T x[b, n]``: data ``(g [B, N, O], x [B, N, I])`` -> ``[B, O, I]``.
+
+    ``shape`` (optional) reshapes the ``[O, I]`` result (e.g. a conv weight from unfolded
+    inputs). Norms use the Gram form ``sum_{n,m} (g_n . g_m)(x_n . x_m)`` when it is cheaper
+    than materialising, i.e. when ``N * (O + I) < O * I`` (the "mixed" rule).
+    """
+
+    def __init__(self, shape: tuple[int, ...] | None = None):
+        self.shape = shape
+
+    def materialize(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = torch.einsum("bno,bni->boi", g, x)
+        return out if self.shape is None else out.reshape(out.shape[0], *self.shape)
+
+    def norm2(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        g = torch.cat([d[0] for d in datas], dim=1) if len(datas) > 1 else datas[0][0]
+        x = torch.cat([d[1] for d in datas], dim=1) if len(datas) > 1 else datas[0][1]
+        n, o, i = g.shape[1], g.shape[2], x.shape[2]
+        if n == 1:
+            return g[:, 0].pow(2).sum(1) * x[:, 0].pow(2).sum(1)
+        if n * (o + i) < o * i:
+            gram_g = torch.einsum("bno,bmo->bnm", g, g)
+            gram_x = torch.einsum("bni,bmi->bnm", x, x)
+            return torch.einsum("bnm,bnm->b", gram_g, gram_x)
+        return torch.einsum("bno,bni->boi", g, x).flatten(1).pow(2).sum(1)
+
+    def weighted_sum(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
+        total = None
+        for g, x in datas:
+            s = torch.einsum("bno,bni->oi", g * c.to(g.dtype).reshape(-1, 1, 1), x)
+            total = s if total is None else total + s
+        return total if self.shape is None else total.reshape(self.shape)
+
+
+class RowSum(GradKind):
+    """``grad_b = sum_n g[b, n]``: data ``(g [B, N, K],)`` -> ``[B, K]`` (biases)."""
+
+    def __init__(self, shape: tuple[int, ...] | None = None):
+        self.shape = shape
+
+    def materialize(self, g: torch.Tensor) -> torch.Tensor:
+        out = g.sum(1)
+        return out if self.shape is None else out.reshape(out.shape[0], *self.shape)
+
+    def weighted_sum(self, datas: Sequence[tuple[torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
+        total = None
+        for (g,) in datas:
+            s = torch.einsum("bnk,b->k", g, c.to(g.dtype))
+            total = s if total is None else total + s
+        return total if self.shape is None else total.reshape(self.shape)
+
+
+class Collector:
+    """Records ``(kind, data)`` pieces per tracked parameter tensor (by identity)."""
+
+    def __init__(self, targets: Sequence[torch.Tensor]):
+        self._index = {id(t): i for i, t in enumerate(targets)}
+        self._targets = list(targets)  # keep them alive so ids stay unique
+        self.records: list[list[tuple[GradKind, tuple[Any, ...]]]] = [[] for _ in targets]
+
+    def index_of(self, t: torch.Tensor) -> int | None:
+        return self._index.get(id(t))
+
+    def add(self, i: int, kind: GradKind, data: tuple[Any, ...]) -> None:
+        self.records[i].append((kind, data))
+
+
+_COLLECTOR: contextvars.ContextVar[Collector | None] = contextvars.ContextVar(
+    "psgfunc_ghost_collector", default=None
+)
+
+
+def emit(target: torch.Tensor, kind: GradKind, *data: Any) -> torch.Tensor | None:
+    """The per-sample gradient for ``target`` (an expanded ``[B, *shape]`` param).
+
+    Materialised normally; recorded (and None returned) when a :func:`collecting` block
+    tracks ``target``.
+    """
+    collector = _COLLECTOR.get()
+    if collector is not None:
+        i = collector.index_of(target)
+        if i is not None:
+            collector.add(i, kind, tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in data))
+            return None
+    return kind.materialize(*data)
+
+
+@contextlib.contextmanager
+def collecting(collector: Collector) -> Iterator[Collector]:
+    """Within this block, :func:`emit` records pieces for ``collector``'s targets."""
+    token = _COLLECTOR.set(collector)
+    try:
+        yield collector
+    finally:
+        _COLLECTOR.reset(token)
