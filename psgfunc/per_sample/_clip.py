@@ -18,7 +18,7 @@ import torch
 
 from psgfunc import _rules
 from psgfunc.per_sample._api import _prepare
-from psgfunc.per_sample._kinds import Collector, collecting
+from psgfunc.per_sample._kinds import Collector
 
 __all__ = ["clipped_sum", "clip_factors"]
 
@@ -61,7 +61,7 @@ def clipped_sum(
         return prep.unflatten([torch.zeros_like(p) for p in prep.p_leaves]), prep.p_leaves[0].new_zeros(0)
     views = [p.expand(size, *p.shape).requires_grad_(True) for p in prep.p_leaves]
     collector = Collector(views)
-    with torch.enable_grad(), _rules.expanded_mode("vmap"), collecting(collector):
+    with torch.enable_grad(), _rules.expanded_mode("vmap"):
         losses = prep.expanded_losses(views, prep.b_leaves)
         grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)
 

@@ -11,20 +11,18 @@ that knows three things about them:
 * ``weighted_sum(datas, c) -> [*shape]``: ``sum_b c_b * grad_b`` in one contraction
   (book-keeping, Bu et al. 2023).
 
-Normally :func:`emit` materialises. Inside :func:`collecting` (fast clipping), pieces for
-the tracked parameters are recorded instead and the rule passes no gradient on; the caller
+Normally :func:`emit` materialises. For parameters a :class:`Collector` tracks (fast
+clipping), the pieces are recorded instead and the rule passes no gradient on; the caller
 then asks the kinds for norms and the clipped sum.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "collecting", "Collector"]
+__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector"]
 
 
 class GradKind:
@@ -109,45 +107,34 @@ class RowSum(GradKind):
 
 
 class Collector:
-    """Records ``(kind, data)`` pieces per tracked parameter tensor (by identity)."""
+    """Records ``(kind, data)`` pieces for each of ``targets`` (expanded param views).
 
-    def __init__(self, targets: Sequence[torch.Tensor]):
-        self._index = {id(t): i for i, t in enumerate(targets)}
-        self._targets = list(targets)  # keep them alive so ids stay unique
-        self.records: list[list[tuple[GradKind, tuple[Any, ...]]]] = [[] for _ in targets]
+    Each target gets a ``_psg_record`` attribute; :func:`emit` calls it instead of
+    materialising. Attaching it to the tensor (not to a context) means recording also works
+    when the backward pass runs outside the block that built the graph.
+    """
 
-    def index_of(self, t: torch.Tensor) -> int | None:
-        return self._index.get(id(t))
+    def __init__(self, targets: Sequence[torch.Tensor] = ()):
+        self.records: list[list[tuple[GradKind, tuple[Any, ...]]]] = []
+        for t in targets:
+            self.track(t)
 
-    def add(self, i: int, kind: GradKind, data: tuple[Any, ...]) -> None:
-        self.records[i].append((kind, data))
-
-
-_COLLECTOR: contextvars.ContextVar[Collector | None] = contextvars.ContextVar(
-    "psgfunc_ghost_collector", default=None
-)
+    def track(self, target: torch.Tensor) -> int:
+        """Start recording for ``target``; returns its index in ``records``."""
+        i = len(self.records)
+        self.records.append([])
+        target._psg_record = lambda kind, data: self.records[i].append((kind, data))
+        return i
 
 
 def emit(target: torch.Tensor, kind: GradKind, *data: Any) -> torch.Tensor | None:
     """The per-sample gradient for ``target`` (an expanded ``[B, *shape]`` param).
 
-    Materialised normally; recorded (and None returned) when a :func:`collecting` block
-    tracks ``target``.
+    Materialised, unless a :class:`Collector` tracks ``target``: then the pieces are recorded
+    and None is returned (the rule passes no gradient on for it).
     """
-    collector = _COLLECTOR.get()
-    if collector is not None:
-        i = collector.index_of(target)
-        if i is not None:
-            collector.add(i, kind, tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in data))
-            return None
+    record = getattr(target, "_psg_record", None)
+    if record is not None:
+        record(kind, tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in data))
+        return None
     return kind.materialize(*data)
-
-
-@contextlib.contextmanager
-def collecting(collector: Collector) -> Iterator[Collector]:
-    """Within this block, :func:`emit` records pieces for ``collector``'s targets."""
-    token = _COLLECTOR.set(collector)
-    try:
-        yield collector
-    finally:
-        _COLLECTOR.reset(token)
