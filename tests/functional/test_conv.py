@@ -15,7 +15,7 @@ from psgfunc import per_sample_grads
 from psgfunc.functional.conv import _pad_input, _resolve_padding
 from tests.oracles import assert_tree_close, per_example_grads
 
-METHODS = ["vmap"]
+METHODS = ["vmap", "expanded"]
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 DTYPES = [torch.float64, torch.float32]
 CONV = {1: PF.conv1d, 2: PF.conv2d, 3: PF.conv3d}

@@ -12,7 +12,7 @@ import psgfunc.functional as PF
 from psgfunc import per_sample_grads
 from tests.oracles import assert_tree_close, per_example_grads
 
-METHODS = ["vmap"]
+METHODS = ["vmap", "expanded"]
 DTYPES = [torch.float64, torch.float32]
 V, D = 7, 3
 

@@ -14,7 +14,7 @@ import psgfunc.functional as PF
 from psgfunc import per_sample_grads
 from tests.oracles import assert_tree_close, per_example_grads
 
-METHODS = ["vmap"]
+METHODS = ["vmap", "expanded"]
 DTYPES = [torch.float64, torch.float32]
 AFFINE = {  # name -> (elementwise_affine, bias)
     "affine": (True, True),
