@@ -6,6 +6,7 @@ Public API (DESIGN.md): ``per_sample_grads``, ``scan`` and the subpackages ``fun
 
 from psgfunc import functional
 from psgfunc.per_sample import per_sample_grads
+from psgfunc.scan import scan
 
-__all__ = ["per_sample_grads", "functional"]
+__all__ = ["per_sample_grads", "scan", "functional"]
 __version__ = "0.1.0"

@@ -5,9 +5,25 @@ wherever the matching torch op does, so it can be used under ``torch.func.vmap``
 ``torch.func.grad`` and inside :func:`psgfunc.per_sample_grads`.
 """
 
+from psgfunc.functional.conv import conv1d, conv2d, conv3d, init_conv
+from psgfunc.functional.embedding import embedding, init_embedding
 from psgfunc.functional.linear import init_linear, linear
+from psgfunc.functional.lstm import init_lstm, init_lstm_cell, lstm, lstm_cell
+from psgfunc.functional.normalization import init_layer_norm, layer_norm
 
 __all__ = [
     "linear",
     "init_linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "init_conv",
+    "embedding",
+    "init_embedding",
+    "layer_norm",
+    "init_layer_norm",
+    "lstm_cell",
+    "lstm",
+    "init_lstm",
+    "init_lstm_cell",
 ]

@@ -1,0 +1,473 @@
+"""LSTM cell and multi-layer (bidirectional) LSTM, as ``torch.nn.LSTMCell`` / ``torch.nn.LSTM``.
+
+The carry of every recurrent function here is ``(h, c)``: hidden state first, cell state
+second, as in torch.nn (DESIGN.md rule 3). One step of the cell, with ``sigma`` the logistic
+sigmoid and ``*`` the elementwise product, gates in torch's order ``i, f, g, o``::
+
+    gates      = x W_ih^T + b_ih + h W_hh^T + b_hh          # [*, 4H]
+    i, f, g, o = sigma(gates[0:H]), sigma(gates[H:2H]), tanh(gates[2H:3H]), sigma(gates[3H:4H])
+    c'         = f * c + i * g
+    h'         = o * tanh(c')
+
+:func:`lstm` is :func:`psgfunc.scan` of that step over time, once per layer and direction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from psgfunc._rules import dispatchable
+from psgfunc.functional.linear import _uniform
+from psgfunc.scan import scan
+
+__all__ = ["lstm_cell", "lstm", "init_lstm_cell", "init_lstm"]
+
+Carry = tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------- cell
+
+
+def _step(w_hh: torch.Tensor, carry: Carry, x_gates: torch.Tensor) -> tuple[Carry, torch.Tensor]:
+    """One LSTM step given the input part of the gates (``x W_ih^T + b_ih (+ b_hh)``)."""
+    h, c = carry
+    gates = x_gates + F.linear(h, w_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return (h, c), h
+
+
+@dispatchable
+def lstm_cell(
+    params: dict[str, torch.Tensor], carry: Carry | None, x: torch.Tensor
+) -> tuple[Carry, torch.Tensor]:
+    """One LSTM step, as ``torch.nn.LSTMCell``, in scan-body form ``(carry, x) -> (carry, h)``.
+
+    Shapes: one example ``[D] -> [H]``, a batch ``[B, D] -> [B, H]``; ``h`` and ``c`` are
+    ``[H]`` / ``[B, H]`` to match ``x``.
+
+    Math (gates in torch's order ``i, f, g, o``; ``sigma`` is the logistic sigmoid)::
+
+        gates = x W_ih^T + b_ih + h W_hh^T + b_hh
+        i, f, g, o = sigma(.), sigma(.), tanh(.), sigma(.)    # the 4 chunks of gates
+        c' = f * c + i * g
+        h' = o * tanh(c')
+
+    So ``scan(partial(lstm_cell, params), (h0, c0), xs)`` runs an LSTM over ``xs`` [T, ...].
+
+    Args:
+        params: ``{"weight_ih": [4H, D], "weight_hh": [4H, H], "bias_ih": [4H],
+            "bias_hh": [4H]}`` (nn.LSTMCell's names); either bias may be absent or None.
+        carry: ``(h, c)``, or None for zeros (as ``nn.LSTMCell(x, None)``).
+        x: the input ``[D]`` or ``[B, D]``.
+
+    Returns:
+        ``((h', c'), h')``: the new carry and, as the step's output, the new hidden state.
+
+    Raises:
+        ValueError: if ``x`` is not 1-D/2-D, its last size is not ``D``, or ``h``/``c`` are
+            not shaped ``x.shape[:-1] + (H,)``.
+    """
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    hidden, in_size = _cell_sizes(w_ih, w_hh, "weight_ih", "weight_hh", "lstm_cell")
+    if x.dim() not in (1, 2):
+        raise ValueError(
+            f"lstm_cell: x must be [D] (one example) or [B, D] (a batch), got shape "
+            f"{tuple(x.shape)}"
+        )
+    if x.shape[-1] != in_size:
+        raise ValueError(
+            f"lstm_cell: x has {x.shape[-1]} features in its last dim but weight_ih expects "
+            f"D={in_size} (weight_ih is [4H, D] = {tuple(w_ih.shape)})"
+        )
+    want = (*x.shape[:-1], hidden)
+    if carry is None:
+        carry = (x.new_zeros(want), x.new_zeros(want))
+    else:
+        if not isinstance(carry, (tuple, list)) or len(carry) != 2:
+            raise ValueError("lstm_cell: carry must be a pair (h, c) of tensors or None")
+        for name, t in zip(("h", "c"), carry):
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"lstm_cell: carry {name} has shape {tuple(t.shape)} but x of shape "
+                    f"{tuple(x.shape)} needs {want} (x.shape[:-1] + (H,))"
+                )
+    b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
+    x_gates = F.linear(x, w_ih, b_ih)
+    if b_hh is not None:
+        x_gates = x_gates + b_hh
+    return _step(w_hh, (carry[0], carry[1]), x_gates)
+
+
+def init_lstm_cell(
+    input_size: int,
+    hidden_size: int,
+    bias: bool = True,
+    *,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Params for :func:`lstm_cell` with ``torch.nn.LSTMCell``'s default initialisation.
+
+    Every tensor is drawn from ``U(-1/sqrt(H), 1/sqrt(H))`` in nn.LSTMCell's parameter
+    order, so with ``generator=None`` and the same ``torch.manual_seed`` the values equal
+    a fresh ``nn.LSTMCell(input_size, hidden_size, bias)``'s.
+
+    Returns:
+        ``{"weight_ih": [4H, D], "weight_hh": [4H, H], "bias_ih": [4H], "bias_hh": [4H]}``
+        (no bias keys when ``bias=False``).
+    """
+    _check_sizes(input_size, hidden_size, 1, "init_lstm_cell")
+    return _init_block(input_size, hidden_size, bias, "", dtype, device, generator)
+
+
+# --------------------------------------------------------------------------------------- LSTM
+
+
+@dispatchable
+def lstm(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    state: Carry | None = None,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    lengths: Any = None,
+) -> tuple[torch.Tensor, Carry]:
+    """Multi-layer, optionally bidirectional LSTM, as ``torch.nn.LSTM``.
+
+    Shapes (``P = 2`` if bidirectional else 1, ``L = num_layers``):
+
+    - batch: ``[T, B, D] -> out [T, B, P*H]`` (``[B, T, D] -> [B, T, P*H]`` with
+      ``batch_first``), ``h_n, c_n: [L*P, B, H]``;
+    - one example: ``[T, D] -> out [T, P*H]``, ``h_n, c_n: [L*P, H]`` (``batch_first`` is
+      then ignored, as in torch); this is the form a per-example loss sees under ``vmap``.
+
+    Each layer and direction is :func:`psgfunc.scan` of the :func:`lstm_cell` step (see the
+    module docstring for the math) with carry ``(h, c)``. The input projection
+    ``x W_ih^T + b_ih + b_hh`` is computed once for all ``T`` steps before the loop, so the
+    recurrence only computes ``h W_hh^T``. Layer ``l > 0`` reads the concatenation
+    ``[forward, reverse]`` of layer ``l - 1``'s outputs; ``h_n[l * P + d]`` is the final
+    state of layer ``l``, direction ``d`` (0 forward, 1 reverse).
+
+    Args:
+        params: nn.LSTM's parameter names: for each layer ``k`` and suffix ``s`` in
+            ``("",)`` or ``("", "_reverse")``: ``weight_ih_l{k}{s}`` ``[4H, D_k]`` (``D_0 = D``,
+            ``D_k = P*H``), ``weight_hh_l{k}{s}`` ``[4H, H]``, and optionally
+            ``bias_ih_l{k}{s}``, ``bias_hh_l{k}{s}`` ``[4H]``. So
+            ``dict(nn.LSTM(...).named_parameters())`` works. ``proj_size`` is not supported.
+        x: ``[T, B, D]``, ``[B, T, D]`` (batch_first) or ``[T, D]`` (one example).
+        state: ``(h0, c0)``, each ``[L*P, B, H]`` (``[L*P, H]`` for one example), or None
+            for zeros.
+        num_layers: ``L``; must match the layers present in ``params``.
+        bidirectional: run a reverse direction too; must match ``params``' ``_reverse`` keys.
+        batch_first: ``x`` and ``out`` are ``[B, T, ...]`` (``h_n``/``c_n`` are not affected).
+        dropout: probability in ``[0, 1)`` of zeroing an element of each layer's output
+            before it enters the next layer; never after the last layer, never inside
+            the recurrence, and only when ``training``. With the same ``torch.manual_seed``
+            it draws the same masks as nn.LSTM in train mode on CPU (unpacked input).
+            Under ``vmap`` it needs ``randomness="different"`` (or ``"same"``).
+        training: apply ``dropout`` (like ``module.train()``); False is nn.LSTM in eval.
+        lengths: valid length of each sequence: ``[B]`` integer tensor (or list of ints) for
+            a batch, a Python int or 0-dim integer tensor for one example; ``0 <= length
+            <= T``. Positions ``t >= length`` are padding: they do not update ``(h, c)``,
+            their outputs are exactly zero and they get no gradient, and the reverse
+            direction starts at each sequence's own last valid step; this equals nn.LSTM on
+            ``pack_padded_sequence(x, lengths, enforce_sorted=False)`` followed by
+            ``pad_packed_sequence(..., total_length=T)``. ``h_n``/``c_n`` are the states at
+            each sequence's last valid step (``h0``/``c0`` for a length of 0, which
+            pack_padded_sequence refuses). Under ``vmap`` the range is not checked.
+
+    Returns:
+        ``(out, (h_n, c_n))`` as nn.LSTM: ``out`` is the last layer's hidden state at every
+        step (``[forward, reverse]`` concatenated on the last dim); ``h_n``/``c_n`` are the
+        final states of every layer and direction. Dtype and device follow ``x``.
+
+    Raises:
+        ValueError: on ``x`` not 2-D/3-D, a feature size other than ``D``, a ``state``
+            shape or dtype mismatch, ``lengths`` of the wrong shape/dtype or out of
+            ``[0, T]``, ``dropout`` outside ``[0, 1)``, or ``params`` whose keys or shapes
+            do not match ``num_layers``/``bidirectional``.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"lstm: num_layers must be an int >= 1, got {num_layers!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"lstm: dropout must be a number in [0, 1), got {dropout!r}")
+    num_dir = 2 if bidirectional else 1
+    hidden, in_size = _lstm_sizes(params, num_layers, num_dir)
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"lstm: x must be [T, B, D] ([B, T, D] with batch_first) or [T, D] for one "
+            f"example, got {shape}"
+        )
+    if x.shape[-1] != in_size:
+        raise ValueError(
+            f"lstm: x has {x.shape[-1]} features in its last dim but weight_ih_l0 expects "
+            f"input_size D={in_size}; x must be [..., {in_size}]"
+        )
+    batched = x.dim() == 3
+    if batched:
+        x = x.transpose(0, 1) if batch_first else x
+    else:
+        x = x.unsqueeze(1)
+    steps, batch = x.shape[0], x.shape[1]
+
+    h0, c0 = _initial_state(state, x, num_layers * num_dir, batch, hidden, batched)
+    mask = _mask(lengths, steps, batch, batched, x.device)
+
+    def step_for(w_hh: torch.Tensor) -> Any:
+        if mask is None:
+            return lambda carry, xg: _step(w_hh, carry, xg)
+
+        def masked(carry: Carry, inp: tuple[torch.Tensor, torch.Tensor]) -> Any:
+            xg, valid = inp
+            (h, c), _ = _step(w_hh, carry, xg)
+            h_new = torch.where(valid, h, carry[0])
+            c_new = torch.where(valid, c, carry[1])
+            return (h_new, c_new), torch.where(valid, h, torch.zeros_like(h))
+
+        return masked
+
+    layer_in = x
+    h_n: list[torch.Tensor] = []
+    c_n: list[torch.Tensor] = []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(num_dir):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = params["weight_ih" + sfx], params["weight_hh" + sfx]
+            b_ih, b_hh = params.get("bias_ih" + sfx), params.get("bias_hh" + sfx)
+            bias = b_ih if b_hh is None else (b_hh if b_ih is None else b_ih + b_hh)
+            x_gates = F.linear(layer_in, w_ih, bias)  # [T, B, 4H], hoisted out of the loop
+            k = layer * num_dir + d
+            init = (h0[k], c0[k]) if h0 is not None else (x.new_zeros(batch, hidden),) * 2
+            xs = x_gates if mask is None else (x_gates, mask)
+            (h, c), out = scan(step_for(w_hh), init, xs, reverse=bool(d))
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_in = outs[0] if num_dir == 1 else torch.cat(outs, dim=-1)
+        if training and dropout > 0 and layer < num_layers - 1:
+            layer_in = F.dropout(layer_in, dropout, training=True)
+
+    out, hn, cn = layer_in, torch.stack(h_n), torch.stack(c_n)
+    if not batched:
+        return out.squeeze(1), (hn.squeeze(1), cn.squeeze(1))
+    return (out.transpose(0, 1) if batch_first else out), (hn, cn)
+
+
+def init_lstm(
+    input_size: int,
+    hidden_size: int,
+    num_layers: int = 1,
+    bias: bool = True,
+    bidirectional: bool = False,
+    *,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Params for :func:`lstm` with ``torch.nn.LSTM``'s names, key order and initialisation.
+
+    Every tensor is drawn from ``U(-1/sqrt(H), 1/sqrt(H))``, in nn.LSTM's
+    ``named_parameters()`` order (layer by layer, forward then reverse, each
+    ``weight_ih, weight_hh, bias_ih, bias_hh``), which is also the dict's key order. So
+    with ``generator=None`` and the same ``torch.manual_seed`` the values equal a fresh
+    ``nn.LSTM(input_size, hidden_size, num_layers, bias, bidirectional=...)``'s.
+
+    Returns:
+        ``{"weight_ih_l0": [4H, D], "weight_hh_l0": [4H, H], "bias_ih_l0": [4H],
+        "bias_hh_l0": [4H], ..., "bias_hh_l{L-1}_reverse": [4H]}``; layers ``k > 0`` take
+        ``P*H`` inputs; no bias keys when ``bias=False``.
+    """
+    _check_sizes(input_size, hidden_size, num_layers, "init_lstm")
+    num_dir = 2 if bidirectional else 1
+    params: dict[str, torch.Tensor] = {}
+    for layer in range(num_layers):
+        layer_in = input_size if layer == 0 else hidden_size * num_dir
+        for d in range(num_dir):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            params.update(_init_block(layer_in, hidden_size, bias, sfx, dtype, device, generator))
+    return params
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
+
+
+def _cell_sizes(
+    w_ih: torch.Tensor, w_hh: torch.Tensor, ih_name: str, hh_name: str, fn: str
+) -> tuple[int, int]:
+    """``(H, D)`` from ``weight_ih`` [4H, D] and ``weight_hh`` [4H, H], checking both."""
+    if w_hh.dim() != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
+        raise ValueError(f"{fn}: {hh_name} must be [4H, H], got {tuple(w_hh.shape)}")
+    hidden = w_hh.shape[1]
+    if w_ih.dim() != 2 or w_ih.shape[0] != 4 * hidden:
+        raise ValueError(
+            f"{fn}: {ih_name} must be [4H, D] = [{4 * hidden}, D] (H={hidden} from {hh_name}), "
+            f"got {tuple(w_ih.shape)}"
+        )
+    return hidden, w_ih.shape[1]
+
+
+def _lstm_sizes(params: dict[str, torch.Tensor], num_layers: int, num_dir: int) -> tuple[int, int]:
+    """Check ``params`` against ``num_layers``/``num_dir``; return ``(H, D)``."""
+    expected = set()
+    for layer in range(num_layers):
+        for d in range(num_dir):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            expected.update(n + sfx for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    extra = [k for k in params if k not in expected]
+    if extra:
+        hint = ""
+        if any("_hr_" in k for k in extra):
+            hint = " (weight_hr_* comes from proj_size > 0, which lstm does not support)"
+        elif any(k.endswith("_reverse") for k in extra) and num_dir == 1:
+            hint = " (params are bidirectional: pass bidirectional=True)"
+        elif any(_KEY.match(k) and int(_KEY.match(k).group(3)) >= num_layers for k in extra):
+            hint = f" (params have more than num_layers={num_layers} layers)"
+        raise ValueError(
+            f"lstm: unexpected params keys {sorted(extra)}{hint}; pass exactly the "
+            f"named_parameters() of nn.LSTM(..., num_layers={num_layers}, "
+            f"bidirectional={num_dir == 2})"
+        )
+    missing = [
+        k for k in sorted(expected) if k.startswith("weight") and params.get(k) is None
+    ]
+    if missing:
+        raise ValueError(
+            f"lstm: params lack {missing} needed for num_layers={num_layers}, "
+            f"bidirectional={num_dir == 2}; check both against the params"
+        )
+    hidden, in_size = _cell_sizes(
+        params["weight_ih_l0"], params["weight_hh_l0"], "weight_ih_l0", "weight_hh_l0", "lstm"
+    )
+    for layer in range(num_layers):
+        for d in range(num_dir):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            h, d_in = _cell_sizes(
+                params["weight_ih" + sfx], params["weight_hh" + sfx],
+                "weight_ih" + sfx, "weight_hh" + sfx, "lstm",
+            )
+            want_in = in_size if layer == 0 else num_dir * hidden
+            if h != hidden or d_in != want_in:
+                raise ValueError(
+                    f"lstm: weight_ih{sfx} is {tuple(params['weight_ih' + sfx].shape)} and "
+                    f"weight_hh{sfx} {tuple(params['weight_hh' + sfx].shape)}, but H={hidden} "
+                    f"and this layer's input size is {want_in}: expected [{4 * hidden}, "
+                    f"{want_in}] and [{4 * hidden}, {hidden}]"
+                )
+            for b in ("bias_ih" + sfx, "bias_hh" + sfx):
+                t = params.get(b)
+                if t is not None and tuple(t.shape) != (4 * hidden,):
+                    raise ValueError(f"lstm: {b} must be [{4 * hidden}], got {tuple(t.shape)}")
+    return hidden, in_size
+
+
+def _initial_state(
+    state: Any, x: torch.Tensor, n_states: int, batch: int, hidden: int, batched: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(h0, c0)`` as ``[L*P, B, H]`` tensors (None for zeros), checked."""
+    if state is None:
+        return None, None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise ValueError("lstm: state must be a pair (h0, c0) of tensors or None")
+    want = (n_states, batch, hidden) if batched else (n_states, hidden)
+    out = []
+    for name, t in zip(("h0", "c0"), state):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            what = "[L*P, B, H]" if batched else "[L*P, H] (x is one example [T, D])"
+            raise ValueError(f"lstm: state {name} must be {what} = {want}, got {got}")
+        if t.dtype != x.dtype:
+            raise ValueError(
+                f"lstm: state {name} has dtype {t.dtype} but x has {x.dtype}; cast one of them"
+            )
+        out.append(t if batched else t.unsqueeze(1))
+    return out[0], out[1]
+
+
+def _is_vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is (wrapped around) a vmap BatchedTensor, whose values cannot be read."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is None:
+        return False
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _mask(
+    lengths: Any, steps: int, batch: int, batched: bool, device: torch.device
+) -> torch.Tensor | None:
+    """``[T, B, 1]`` bool, True where ``t < lengths[b]``; None when ``lengths`` is None."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, bool):
+        raise ValueError(f"lstm: lengths must be integers, got {lengths!r}")
+    if not isinstance(lengths, torch.Tensor):
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"lstm: lengths must be a [B] integer tensor (or an int for one example), "
+                f"got {type(lengths).__name__}"
+            ) from None
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"lstm: lengths must have an integer dtype, got {lengths.dtype}")
+    want = (batch,) if batched else ()
+    if tuple(lengths.shape) != want:
+        what = f"[B] = [{batch}] for x of batch size {batch}" if batched else (
+            "a Python int or a 0-dim tensor for one example [T, D]"
+        )
+        raise ValueError(f"lstm: lengths must be {what}, got shape {tuple(lengths.shape)}")
+    if not _is_vmapped(lengths):
+        if bool((lengths < 0).any()) or bool((lengths > steps).any()):
+            raise ValueError(
+                f"lstm: lengths must lie in [0, T] = [0, {steps}], got "
+                f"min {int(lengths.min())} and max {int(lengths.max())}"
+            )
+    lengths = lengths.to(device).reshape(want)
+    valid = torch.arange(steps, device=device).unsqueeze(1) < lengths.reshape(1, -1)
+    return valid.unsqueeze(-1)
+
+
+def _check_sizes(input_size: int, hidden_size: int, num_layers: int, fn: str) -> None:
+    for name, value, low in (
+        ("input_size", input_size, 0), ("hidden_size", hidden_size, 1), ("num_layers", num_layers, 1)
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
+
+
+def _init_block(
+    input_size: int,
+    hidden_size: int,
+    bias: bool,
+    sfx: str,
+    dtype: torch.dtype | None,
+    device: Any,
+    generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """One cell's tensors, drawn in nn.LSTM's order: weight_ih, weight_hh, bias_ih, bias_hh."""
+    bound = 1.0 / math.sqrt(hidden_size)
+    kw = dict(dtype=dtype or torch.get_default_dtype(), device=device)
+    shapes = {"weight_ih": (4 * hidden_size, input_size), "weight_hh": (4 * hidden_size, hidden_size)}
+    if bias:
+        shapes.update(bias_ih=(4 * hidden_size,), bias_hh=(4 * hidden_size,))
+    return {name + sfx: _uniform(shape, bound, generator, **kw) for name, shape in shapes.items()}
