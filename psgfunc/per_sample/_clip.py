@@ -1,12 +1,14 @@
-"""Sum of clipped per-example gradients without materialising them (fast clipping).
+"""Per-example norms and re-weighted gradient sums without materialising per-sample gradients.
 
 One forward under vmap with expanded params and one backward, as the expanded method, but
 the rules record their pieces (layer inputs and output gradients) instead of building
-``[B, *shape]`` gradients (see :mod:`psgfunc.per_sample._kinds`). From the pieces come the
-per-example norms (Gram form where cheaper: ghost clipping, Li et al. 2021) and then the
-clipped sum in one contraction per parameter (book-keeping, Bu et al. 2023). A parameter that
-something other than a rule consumed (a function with no rule, or one rule plus a generic
-op) is materialised for that parameter alone, with a warning saying so.
+``[B, *shape]`` gradients (see :mod:`psgfunc.per_sample._kinds`). From the pieces come each
+parameter's per-example squared norms (Gram form where cheaper: ghost clipping, Li et al.
+2021) and then, for any per-example weights ``c``, ``sum_b c_b grad_b`` in one contraction per
+parameter (book-keeping, Bu et al. 2023). A parameter that something other than a rule
+consumed (a function with no rule, or a rule plus a generic op) is materialised for that
+parameter alone, with a warning saying so. ``psgfunc.dp.clipped_grad_sum`` builds clipping
+on top of this.
 """
 
 from __future__ import annotations
@@ -20,45 +22,45 @@ from psgfunc import _rules
 from psgfunc.per_sample._api import _prepare
 from psgfunc.per_sample._kinds import Collector
 
-__all__ = ["clipped_sum", "clip_factors"]
+__all__ = ["GradPieces", "grad_pieces"]
 
 
-def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """``min(1, C / norm)`` per example; a zero norm gives 1 (its gradient stays zero).
+class GradPieces:
+    """What one pass recorded, per parameter leaf (in optree order of the params).
 
-    Raises:
-        ValueError: if a norm is NaN or infinite (a non-finite gradient must never be
-            silently clipped away: it would break the privacy guarantee).
+    Attributes:
+        size: the batch size ``B``.
+        sq_norms: per leaf, ``[B]`` squared norms of that leaf's per-example gradient.
+        materialized: indices of the leaves that had to be materialised.
     """
-    bad = ~torch.isfinite(norms)
-    if bool(bad.any()):
-        raise ValueError(
-            f"{int(bad.sum())} of {norms.numel()} examples have a NaN or infinite gradient norm "
-            f"(examples {bad.nonzero().flatten().tolist()[:10]}); fix the loss or inputs (e.g. "
-            "log of 0, overflow in float16) before clipping"
-        )
-    return torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+
+    def __init__(self, prep: Any, plans: list[tuple[Any, ...]], sq_norms: list[torch.Tensor], materialized: list[int]):
+        self.prep, self.plans, self.sq_norms, self.materialized = prep, plans, sq_norms, materialized
+        self.size = prep.size
+
+    def weighted_sums(self, factors: list[torch.Tensor]) -> Any:
+        """``sum_b factors[i][b] * grad_b`` for every leaf ``i``; params' structure, no batch dim."""
+        out = []
+        for plan, c in zip(self.plans, factors):
+            if plan[0] == "kind":
+                out.append(plan[1].weighted_sum(plan[2], c))
+            else:
+                dense = plan[1]
+                out.append(torch.tensordot(c.to(dense.dtype), dense, dims=1))
+        return self.prep.unflatten(out)
 
 
-def clipped_sum(
-    fn: Any,
-    params: Any,
-    *batch: Any,
-    max_norm: float,
-    randomness: str = "different",
-) -> tuple[Any, torch.Tensor]:
-    """``(sum_b clip(grad_b), norms [B])`` for ``fn(params, *example) -> loss``.
+def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different") -> GradPieces:
+    """Run ``fn`` once forward and backward over the batch and keep per-parameter pieces.
 
-    Same ``fn``/``params``/``batch`` convention as :func:`psgfunc.per_sample_grads`. The sum
-    has params' structure and shapes (no batch dim); the norms are the per-example global L2
-    norms before clipping.
+    Same ``fn``/``params``/``batch`` convention as :func:`psgfunc.per_sample_grads`; ``B``
+    may be 0 (no pass is run).
     """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
     prep = _prepare(fn, params, batch, None, randomness)
     size = prep.size
     if size == 0:
-        return prep.unflatten([torch.zeros_like(p) for p in prep.p_leaves]), prep.p_leaves[0].new_zeros(0)
+        zeros = [p.new_zeros((0, *p.shape)) for p in prep.p_leaves]
+        return GradPieces(prep, [("dense", z) for z in zeros], [z.new_zeros(0) for z in zeros], [])
     views = [p.expand(size, *p.shape).requires_grad_(True) for p in prep.p_leaves]
     collector = Collector(views)
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
@@ -66,39 +68,29 @@ def clipped_sum(
         grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)
 
     plans: list[tuple[Any, ...]] = []
-    norm2 = None
-    materialized = []
+    sq_norms: list[torch.Tensor] = []
+    materialized: list[int] = []
     for i, (view, g) in enumerate(zip(views, grads)):
         records = collector.records[i]
-        kinds = {id(kind) for kind, _ in records}
-        if g is None and len(kinds) == 1:
+        if g is None and records and len({kind for kind, _ in records}) == 1:
             kind = records[0][0]
             datas = [data for _, data in records]
-            n2 = kind.norm2(datas)
+            sq_norms.append(kind.norm2(datas))
             plans.append(("kind", kind, datas))
-        else:
-            if g is not None:
-                materialized.append(i)
-            total = torch.zeros_like(view) if g is None else g
-            for kind, data in records:
-                total = total + kind.materialize(*data)
-            n2 = total.reshape(size, -1).pow(2).sum(1)
-            plans.append(("dense", total))
-        norm2 = n2 if norm2 is None else norm2 + n2
+            continue
+        if g is not None:
+            materialized.append(i)
+        total = torch.zeros_like(view) if g is None else g
+        for kind, data in records:
+            total = total + kind.materialize(*data)
+        sq_norms.append(total.reshape(size, -1).pow(2).sum(1))
+        plans.append(("dense", total))
     if materialized:
         warnings.warn(
-            f"clipped_grad_sum: {len(materialized)} of {len(views)} parameter leaves are used by "
-            "functions with no psgfunc rule, so their per-sample gradients were materialised "
-            "(correct, but B times their size in memory); use psgfunc.functional layers to avoid it",
+            f"psgfunc fast clipping: {len(materialized)} of {len(views)} parameter leaves are "
+            "used by functions with no psgfunc rule, so their per-sample gradients were "
+            "materialised (correct, but B times their size in memory); build the model from "
+            "psgfunc.functional layers to avoid it",
             stacklevel=3,
         )
-    norms = norm2.sqrt()
-    c = clip_factors(norms, max_norm)
-    out = []
-    for plan in plans:
-        if plan[0] == "kind":
-            out.append(plan[1].weighted_sum(plan[2], c))
-        else:
-            dense = plan[1]
-            out.append(torch.einsum("b,bk->k", c.to(dense.dtype), dense.reshape(size, -1)).reshape(dense.shape[1:]))
-    return prep.unflatten(out), norms
+    return GradPieces(prep, plans, sq_norms, materialized)

@@ -26,7 +26,17 @@ __all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector"]
 
 
 class GradKind:
-    """Base: a kind that can only materialise (norms and sums from the materialised form)."""
+    """Base: a kind that can only materialise (norms and sums from the materialised form).
+
+    Kinds compare equal when they are of one class with equal attributes, so the pieces of
+    several calls of one layer (each making its own kind object) are combined.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self.__dict__.items()))))
 
     def materialize(self, *data: Any) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,292 @@
+"""Per-example clipping and Gaussian noise over per-sample gradient pytrees.
+
+A per-sample gradient pytree has the structure of the params pytree with every leaf shaped
+``[B, *param_shape]`` (what :func:`psgfunc.per_sample_grads` returns). Clipping scales example
+``b``'s gradient by ``min(1, C / ||g_b||)`` where ``||g_b||`` is the L2 norm over all of its
+leaves together; the Gaussian mechanism then adds ``N(0, (sigma * C)^2)`` to every coordinate of
+the clipped sum (Abadi et al. 2016, "Deep Learning with Differential Privacy").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from numbers import Real
+from typing import Any, Union
+
+import optree
+import torch
+
+from psgfunc._tree import batch_size, tree_leaves, tree_map
+
+MaxNorm = Union[float, Mapping[Any, float]]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_positive_finite(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and ok):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value
+
+
+def _check_max_norm(max_norm: Any, grads: Any, where: str) -> float | dict[Any, float]:
+    """Validate ``max_norm``; a float, or a dict ``{top-level key of grads: C}``."""
+    if not isinstance(max_norm, Mapping):
+        return _check_positive_finite(max_norm, f"{where}: max_norm")
+    if not isinstance(grads, Mapping):
+        raise ValueError(
+            f"{where}: per-layer max_norm (a mapping) needs grads to be a mapping too (a params "
+            f"dict); got grads of type {type(grads).__name__}. Pass one float max_norm instead"
+        )
+    missing = [k for k in grads if k not in max_norm]
+    extra = [k for k in max_norm if k not in grads]
+    if missing or extra:
+        raise ValueError(
+            f"{where}: per-layer max_norm must have exactly the top-level keys of grads; "
+            f"missing {missing}, unknown {extra}. Give every parameter group its own C"
+        )
+    return {
+        k: _check_positive_finite(v, f"{where}: max_norm[{k!r}]") for k, v in max_norm.items()
+    }
+
+
+def total_max_norm(max_norm: float | Mapping[Any, float]) -> float:
+    """The per-example sensitivity: ``C``, or ``sqrt(sum_k C_k^2)`` for per-layer clipping."""
+    if isinstance(max_norm, Mapping):
+        return math.sqrt(sum(float(c) ** 2 for c in max_norm.values()))
+    return float(max_norm)
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def _rows(leaf: torch.Tensor) -> torch.Tensor:
+    """``[B, *shape] -> [B, prod(shape)]`` (works for ``B = 0`` and for 1-dim leaves)."""
+    return leaf.reshape(leaf.shape[0], math.prod(leaf.shape[1:]))
+
+
+def _acc_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
+    dtype = torch.float32
+    for leaf in leaves:
+        dtype = torch.promote_types(dtype, leaf.dtype)
+    return dtype
+
+
+def _check_leaves(grads: Any, where: str) -> tuple[list[torch.Tensor], int]:
+    leaves = tree_leaves(grads)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            raise ValueError(
+                f"{where}: grads leaf {i} is {type(leaf).__name__}"
+                f"{'' if not isinstance(leaf, torch.Tensor) else ' of dtype ' + str(leaf.dtype)}"
+                "; every leaf must be a floating tensor shaped [B, *param_shape]"
+            )
+    b = batch_size(grads, what="grads")
+    return leaves, b
+
+
+def _norms_of(
+    leaves: list[torch.Tensor],
+    b: int,
+    dtype: torch.dtype,
+    where: str,
+    all_leaves: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Global L2 norm per example over ``leaves``; raises on NaN/Inf, survives overflow.
+
+    ``all_leaves`` (default ``leaves``) are the leaves searched for NaN/Inf when a norm is not
+    finite, so that the error counts every bad example of the whole batch.
+    """
+    device = leaves[0].device if leaves else torch.device("cpu")
+    sq = torch.zeros(b, dtype=dtype, device=device)
+    for leaf in leaves:
+        sq = sq + _rows(leaf).to(dtype).square().sum(dim=1).to(device)
+    norms = sq.sqrt()
+    if bool(torch.isfinite(norms).all()):
+        return norms
+    # Slow path: either a gradient holds NaN/Inf (an error), or the sum of squares overflowed.
+    bad = torch.zeros(b, dtype=torch.bool, device=device)
+    for leaf in leaves if all_leaves is None else all_leaves:
+        bad |= ~torch.isfinite(_rows(leaf)).all(dim=1).to(device)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).flatten().tolist()
+        shown = ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+        raise ValueError(
+            f"{where}: {len(idx)} of {b} examples have NaN or Inf in their per-sample gradient "
+            f"(batch indices {shown}); clipping would silently hide them. Find the source (a "
+            "log(0) or division by zero in the loss, an exploding learning rate) or remove "
+            "those examples from the batch before clipping"
+        )
+    # Finite values whose squares overflow: rescale by the per-example max |g|.
+    scale = torch.zeros(b, dtype=dtype, device=device)
+    for leaf in leaves:
+        if leaf.numel():
+            scale = torch.maximum(scale, _rows(leaf).abs().amax(dim=1).to(dtype).to(device))
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    sq = torch.zeros(b, dtype=dtype, device=device)
+    for leaf in leaves:
+        sq = sq + (_rows(leaf).to(dtype) / safe[:, None].to(leaf.device)).square().sum(1).to(device)
+    return scale * sq.sqrt()
+
+
+def per_sample_norms(grads: Any) -> torch.Tensor:
+    """Global L2 norm of every example's gradient, over all leaves together.
+
+    Args:
+        grads: per-sample gradient pytree, leaves ``[B, *param_shape]``.
+
+    Returns:
+        ``[B]`` tensor ``||g_b|| = sqrt(sum over leaves of sum(g_b ** 2))``, in the promoted
+        dtype of the leaves and float32 (float16/bfloat16 leaves are summed in float32).
+        Sums of squares that overflow are recomputed with a per-example rescaling.
+
+    Raises:
+        ValueError: if leaves disagree on ``B``, a leaf is not a floating tensor, or an
+            example's gradient contains NaN or Inf.
+    """
+    leaves, b = _check_leaves(grads, "per_sample_norms")
+    return _norms_of(leaves, b, _acc_dtype(leaves), "per_sample_norms")
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def _clip_factors(
+    grads: Any, max_norm: MaxNorm, where: str
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-leaf ``[B]`` clip factors ``min(1, C / ||g_b||)`` and the global norms ``[B]``.
+
+    Factors are aligned with ``tree_leaves(grads)``; with per-layer ``max_norm`` every leaf
+    under top-level key ``k`` gets group ``k``'s factor.
+    """
+    checked = _check_max_norm(max_norm, grads, where)
+    leaves, b = _check_leaves(grads, where)
+    dtype = _acc_dtype(leaves)
+    if not isinstance(checked, dict):
+        norms = _norms_of(leaves, b, dtype, where)
+        # C / max(norm, C): exactly 1 when norm <= C (zero gradients included), else C / norm.
+        factor = checked / norms.clamp_min(checked)
+        return [factor] * len(leaves), norms
+    paths, _, _ = optree.tree_flatten_with_path(grads)
+    group_of = [path[0] for path in paths]
+    factors_by_key: dict[Any, torch.Tensor] = {}
+    sq = None
+    for key, c in checked.items():
+        group = [leaf for leaf, k in zip(leaves, group_of) if k == key]
+        if not group:
+            continue
+        norms_k = _norms_of(group, b, dtype, where, all_leaves=leaves)
+        factors_by_key[key] = c / norms_k.clamp_min(c)
+        sq = norms_k.square() if sq is None else sq + norms_k.square().to(sq.device)
+    norms = sq.sqrt() if sq is not None else torch.zeros(b, dtype=dtype)
+    return [factors_by_key[k] for k in group_of], norms
+
+
+def _scale(leaf: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.to(device=leaf.device, dtype=leaf.dtype)
+    return leaf * f.reshape(-1, *([1] * (leaf.dim() - 1)))
+
+
+def clip(grads: Any, max_norm: MaxNorm) -> Any:
+    """Clip every example's gradient to L2 norm at most ``max_norm``.
+
+    Example ``b`` is scaled by ``min(1, C / ||g_b||)`` with ``||g_b||`` the global norm over
+    all leaves (:func:`per_sample_norms`); an example with norm ``<= C`` (a zero gradient
+    included) is left unchanged.
+
+    Per-layer clipping: ``max_norm`` may be a dict ``{key: C_k}`` whose keys are exactly the
+    top-level keys of ``grads`` (a params dict such as ``{"fc1": {...}, "fc2": {...}}`` or
+    ``dict(model.named_parameters())``); each group's gradient, all leaves under ``key``, is
+    clipped to its own ``C_k``, so the whole example is bounded by ``sqrt(sum_k C_k^2)``.
+
+    Args:
+        grads: per-sample gradient pytree, leaves ``[B, *param_shape]``.
+        max_norm: ``C > 0`` (finite), or the per-layer dict described above.
+
+    Returns:
+        ``grads``' structure, leaves ``[B, *param_shape]``, clipped per example.
+
+    Raises:
+        ValueError: if ``max_norm`` is not finite and positive, a per-layer dict does not
+            match ``grads``' keys, leaves disagree on ``B``, or any example's gradient
+            contains NaN or Inf (the message says how many and which).
+    """
+    factors, _ = _clip_factors(grads, max_norm, "clip")
+    leaves, spec = optree.tree_flatten(grads)
+    return optree.tree_unflatten(spec, [_scale(g, f) for g, f in zip(leaves, factors)])
+
+
+def clipped_sum(grads: Any, max_norm: MaxNorm, where: str = "clipped_sum") -> tuple[Any, torch.Tensor]:
+    """``(sum_b clip(g)_b, norms [B])`` without materialising the clipped ``[B, ...]`` tree."""
+    factors, norms = _clip_factors(grads, max_norm, where)
+    leaves, spec = optree.tree_flatten(grads)
+    sums = [
+        torch.tensordot(f.to(device=g.device, dtype=g.dtype), g, dims=1)
+        for g, f in zip(leaves, factors)
+    ]
+    return optree.tree_unflatten(spec, sums), norms
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def add_noise(tree: Any, std: float, generator: torch.Generator | None) -> Any:
+    """``leaf + std * N(0, 1)`` for every leaf, drawn leaf by leaf in ``tree_leaves`` order.
+
+    With a generator the normal draws are made on the generator's device and moved to each
+    leaf's device, so a seed gives the same numbers wherever the parameters live. ``std == 0``
+    returns ``tree`` unchanged and draws nothing.
+    """
+    if std == 0:
+        return tree
+
+    def noisy(leaf: torch.Tensor) -> torch.Tensor:
+        if generator is None:
+            z = torch.randn(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+        else:
+            z = torch.randn(leaf.shape, dtype=leaf.dtype, device=generator.device, generator=generator)
+        return leaf + std * z.to(leaf.device)
+
+    return tree_map(noisy, tree)
+
+
+def privatize(
+    grads: Any,
+    max_norm: MaxNorm,
+    noise_multiplier: float,
+    *,
+    generator: torch.Generator | None = None,
+) -> Any:
+    """The Gaussian mechanism on clipped per-example gradients: a noisy SUM, no batch dim.
+
+    ``sum_b clip(g, C)_b + N(0, (sigma * C)^2)`` independently on every coordinate. With
+    per-layer ``max_norm`` (see :func:`clip`) the noise uses the total sensitivity
+    ``C = sqrt(sum_k C_k^2)``. Divide by the expected batch size yourself (or use
+    :func:`dp_sgd_transform`) to get an average.
+
+    Args:
+        grads: per-sample gradient pytree, leaves ``[B, *param_shape]``; ``B = 0`` (an empty
+            Poisson batch) gives pure noise of shape ``param_shape``.
+        max_norm: clipping bound ``C`` (float > 0) or a per-layer dict, as in :func:`clip`.
+        noise_multiplier: ``sigma >= 0``; 0 adds no noise (and draws no random numbers).
+        generator: the source of the noise; ``None`` uses torch's global generator. Noise
+            is drawn leaf by leaf in ``tree_leaves(grads)`` order (dict keys sorted).
+
+    Returns:
+        ``grads``' structure with leaves ``[*param_shape]``.
+
+    Raises:
+        ValueError: as :func:`clip`, and if ``noise_multiplier`` is negative or not finite.
+    """
+    sigma = _check_positive_finite(noise_multiplier, "privatize: noise_multiplier", allow_zero=True)
+    summed, _ = clipped_sum(grads, max_norm, "privatize")
+    return add_noise(summed, sigma * total_max_norm(max_norm), generator)

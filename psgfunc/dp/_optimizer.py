@@ -1,0 +1,284 @@
+"""``DPOptimizer``: DP-SGD around any ``torch.optim`` optimizer, reading ``p.grad_sample``.
+
+The optimizer is a thin stateful shell over :func:`dp_sgd_transform`: it gathers the
+trainable parameters' per-sample gradients in ``param_groups`` order, clips them per example
+across all parameters, keeps the running clipped sum over micro-batches, and on ``step()``
+asks the transform for the noisy average, writes it to ``p.grad`` and steps the inner
+optimizer. The numbers are therefore those of ``dp_sgd_transform(...).update`` applied to
+the list ``[p.grad_sample for p in params]`` with the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+
+from psgfunc._tree import batch_size, tree_flatten
+from psgfunc.dp._clip import _check_positive_finite, clipped_sum
+from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Differentially private wrapper of a ``torch.optim`` optimizer (DP-SGD, Abadi et al. 2016).
+
+    After ``loss.backward()`` every trainable parameter ``p`` holds ``p.grad_sample`` of shape
+    ``[B, *p.shape]`` (``psgfunc.nn`` shells set it; functional users call
+    :meth:`set_grad_sample`). ``step()`` then replaces ``p.grad`` by
+
+        (sum_b clip(g_b, C) + N(0, (sigma C)^2)) / expected_batch_size
+
+    with ``g_b`` example ``b``'s gradient over ALL parameters together, and steps the inner
+    optimizer. ``p.grad`` as left by ``backward`` (the non-private gradient) is never used.
+
+    Gradient accumulation (one logical batch in several physical micro-batches, e.g. to fit
+    in memory): after each micro-batch's backward call :meth:`accumulate`, which clips that
+    micro-batch's examples, adds them to a running clipped sum and clears ``grad_sample``;
+    ``step()`` accumulates whatever is left and adds noise ONCE for the logical batch::
+
+        for x, y in micro_batches(logical_batch):      # e.g. PoissonDataLoader batch, split
+            loss_fn(model(x), y).backward()
+            dp_opt.accumulate()
+        dp_opt.step()                                   # noise once, inner step once
+        dp_opt.zero_grad()
+
+    Clipping is per example, so the split never changes the result (up to float rounding) nor
+    the privacy analysis: account with the logical batch's ``sample_rate`` and one step per
+    ``step()`` call. ``expected_batch_size`` is the logical batch's expected size.
+
+    An empty Poisson batch (no parameter has ``grad_sample``, or all have a leading 0) makes
+    ``step()`` a pure-noise step, as the privacy analysis requires.
+
+    Learning-rate schedulers may be given the ``DPOptimizer`` or its ``.optimizer``:
+    ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        max_norm: per-example clipping bound ``C > 0`` (one float: global clipping).
+        noise_multiplier: ``sigma >= 0``.
+        expected_batch_size: expected logical batch size, ``sample_rate * dataset_size``.
+        seed: seeds the noise generator once (reproducible runs); ``None``: OS entropy.
+        secure: a fresh OS-entropy seed for every step's noise (production runs); see
+            :func:`dp_sgd_transform`.
+
+    Raises:
+        ValueError: for invalid ``max_norm``, ``noise_multiplier``, ``expected_batch_size``,
+            ``seed`` with ``secure=True``, or a per-layer (dict) ``max_norm`` (use
+            :func:`dp_sgd_transform` for per-layer clipping).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        seed: int | None = None,
+        secure: bool = False,
+    ) -> None:
+        # Deliberately no super().__init__: all optimizer state lives in `optimizer`.
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"DPOptimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(max_norm, Mapping):
+            raise ValueError(
+                "DPOptimizer: max_norm must be one float (global clipping); for per-layer "
+                "clipping use psgfunc.dp.dp_sgd_transform with a dict max_norm"
+            )
+        max_norm = _check_positive_finite(max_norm, "DPOptimizer: max_norm")
+        self.optimizer = optimizer
+        self.transform = dp_sgd_transform(
+            max_norm,
+            noise_multiplier,
+            expected_batch_size=expected_batch_size,
+            seed=seed,
+            secure=secure,
+        )
+        self.dp_state: DPSGDState = self.transform.init(self._trainable())
+        self._summed: list[torch.Tensor] | None = None
+        self.accumulated_examples = 0
+
+    # ----------------------------------------------------------------- torch.optim surface
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict (the noise generator is not included)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the inner optimizer's state dict."""
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the inner optimizer (before any :meth:`accumulate`)."""
+        if self._summed is not None:
+            raise ValueError(
+                "DPOptimizer.add_param_group: a logical batch is being accumulated; call "
+                "step() first, then add the group"
+            )
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"DPOptimizer({self.transform!r}, optimizer={self.optimizer!r})"
+
+    # ----------------------------------------------------------------- DP machinery
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self._all_params() if p.requires_grad]
+
+    def set_grad_sample(self, params: Any, grads: Any) -> None:
+        """Attach per-sample gradients to parameters, for functional users.
+
+        ``opt.set_grad_sample(params, pf.per_sample_grads(fn, params, x, y))`` sets
+        ``p.grad_sample = g`` leaf by leaf.
+
+        Args:
+            params: pytree of this optimizer's parameters, e.g. ``dict(model.named_parameters())``.
+            grads: pytree of the same structure with leaves ``[B, *p.shape]``.
+
+        Raises:
+            ValueError: if the structures differ, a leaf's shape is not ``[B, *p.shape]``, or
+                a parameter is not one of this optimizer's.
+        """
+        p_leaves, p_spec = tree_flatten(params)
+        g_leaves, g_spec = tree_flatten(grads)
+        if p_spec != g_spec:
+            raise ValueError(
+                f"DPOptimizer.set_grad_sample: grads must have params' structure; got {g_spec} "
+                f"for params {p_spec}"
+            )
+        mine = {id(p) for p in self._all_params()}
+        for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+            if id(p) not in mine:
+                raise ValueError(
+                    f"DPOptimizer.set_grad_sample: params leaf {i} (shape {tuple(p.shape)}) is not "
+                    "a parameter of the wrapped optimizer; pass the tensors the optimizer holds"
+                )
+            if g.dim() != p.dim() + 1 or g.shape[1:] != p.shape:
+                raise ValueError(
+                    f"DPOptimizer.set_grad_sample: grads leaf {i} has shape {tuple(g.shape)}, "
+                    f"expected [B, {', '.join(map(str, p.shape))}]"
+                )
+        for p, g in zip(p_leaves, g_leaves):
+            p.grad_sample = g
+
+    def _grad_samples(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        params = self._trainable()
+        samples = [getattr(p, "grad_sample", None) for p in params]
+        return params, samples
+
+    def accumulate(self) -> torch.Tensor:
+        """Clip the current micro-batch per example and add it to the logical batch's sum.
+
+        Reads ``p.grad_sample`` from every trainable parameter, then clears ``p.grad_sample``
+        and ``p.grad``. If no parameter has ``grad_sample`` the micro-batch is empty (a
+        no-op).
+
+        Returns:
+            ``[B]`` per-example gradient norms before clipping (for logging; computing
+            statistics from them is not private).
+
+        Raises:
+            ValueError: if some trainable parameters have ``grad_sample`` and others do not,
+                a ``grad_sample`` is not shaped ``[B, *p.shape]``, the ``B``'s differ, or an
+                example's gradient holds NaN or Inf.
+        """
+        params, samples = self._grad_samples()
+        present = [s is not None for s in samples]
+        if not any(present):
+            device = params[0].device if params else torch.device("cpu")
+            return torch.zeros(0, device=device)
+        if not all(present):
+            missing = [
+                f"#{i} shape {tuple(p.shape)}" for i, (p, ok) in enumerate(zip(params, present)) if not ok
+            ]
+            raise ValueError(
+                "DPOptimizer: trainable parameters "
+                + ", ".join(missing[:10])
+                + (" ..." if len(missing) > 10 else "")
+                + " (in param_groups order) have no grad_sample while others do; DP-SGD must "
+                "clip every example's whole gradient. Make sure every parameter gets per-sample "
+                "gradients (psgfunc.nn layers or set_grad_sample), or set requires_grad=False on "
+                "parameters that are not trained"
+            )
+        for i, (p, s) in enumerate(zip(params, samples)):
+            if not isinstance(s, torch.Tensor) or s.dim() != p.dim() + 1 or s.shape[1:] != p.shape:
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(
+                    f"DPOptimizer: parameter #{i}'s grad_sample has shape {got}, expected "
+                    f"[B, {', '.join(map(str, p.shape))}] for a parameter of shape {tuple(p.shape)}"
+                )
+        b = batch_size(samples, what="grad_sample")
+        summed, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
+        if self._summed is None:
+            self._summed = summed
+        else:
+            self._summed = [acc + s for acc, s in zip(self._summed, summed)]
+        self.accumulated_examples += b
+        for p in params:
+            p.grad_sample = None
+            p.grad = None
+        return norms
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Finish the logical batch: clip what is left, add noise once, step the inner optimizer.
+
+        Args:
+            closure: optional, re-evaluates the model and calls backward (run with gradients
+                enabled before the DP step); its return value is returned.
+
+        Returns:
+            ``closure()``'s value, or None.
+
+        Raises:
+            ValueError: as :meth:`accumulate`.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.accumulate()
+        params = self._trainable()
+        summed = self._summed
+        if summed is None:  # empty logical batch: the update is pure noise
+            summed = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        updates, self.dp_state = self.transform.update_from_sum(summed, self.dp_state)
+        for p, u in zip(params, updates):
+            p.grad = u.to(dtype=p.dtype)
+        self._summed = None
+        self.accumulated_examples = 0
+        self.optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` and ``p.grad_sample`` of every parameter.
+
+        The running clipped sum of :meth:`accumulate` is kept (only ``step()`` consumes it),
+        so calling ``zero_grad`` between micro-batches loses nothing.
+        """
+        for p in self._all_params():
+            p.grad_sample = None
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
