@@ -1,0 +1,172 @@
+"""Fast clipping (norms from activations and output gradients) equals materialise-then-clip.
+
+Every psgfunc layer, with sequence dims, several uses of one weight, and a parameter that no
+rule serves; float64 at 1e-10 relative (DESIGN.md rule 8).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import optree
+import pytest
+import torch
+import torch.nn.functional as F
+
+import psgfunc.dp as dp
+import psgfunc.functional as PF
+from psgfunc.per_sample import _kinds
+from tests.oracles import assert_tree_close, per_example_grads
+
+DT = torch.float64
+
+
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+def mlp():
+    g = gen()
+    params = {"a": PF.init_linear(6, 8, dtype=DT, generator=g), "b": PF.init_linear(8, 3, dtype=DT, generator=g)}
+
+    def fn(p, x, y):
+        return F.cross_entropy(PF.linear(p["b"], torch.tanh(PF.linear(p["a"], x))), y)
+
+    return fn, params, (torch.randn(5, 6, dtype=DT, generator=g), torch.randint(0, 3, (5,), generator=g))
+
+
+def sequence_linear(n):
+    """Linear over a sequence of n positions: Gram form for short, materialised for long."""
+    g = gen()
+    params = {"a": PF.init_linear(4, 5, dtype=DT, generator=g)}
+
+    def fn(p, x):
+        return torch.tanh(PF.linear(p["a"], x)).pow(2).sum()
+
+    return fn, params, (torch.randn(4, n, 4, dtype=DT, generator=g),)
+
+
+def tied():
+    """One weight used three times (as in an RNN unrolled by hand, or tied layers)."""
+    g = gen()
+    params = {"w": PF.init_linear(5, 5, dtype=DT, generator=g)}
+
+    def fn(p, x):
+        h = x
+        for _ in range(3):
+            h = torch.tanh(PF.linear(p["w"], h))
+        return h.pow(2).sum()
+
+    return fn, params, (torch.randn(4, 2, 5, dtype=DT, generator=g),)
+
+
+def cnn(dim):
+    g = gen()
+    k = (3,) * dim
+    params = {
+        "conv": PF.init_conv(2, 3, k, dtype=DT, generator=g),
+        "conv2": PF.init_conv(3, 4, k, groups=1, dtype=DT, generator=g),
+        "fc": PF.init_linear(4, 2, dtype=DT, generator=g),
+    }
+    conv = {1: PF.conv1d, 2: PF.conv2d, 3: PF.conv3d}[dim]
+
+    def fn(p, x, y):
+        h = torch.relu(conv(p["conv"], x, padding=1, padding_mode="reflect"))
+        h = torch.relu(conv(p["conv2"], h, stride=2, dilation=1))
+        h = h.flatten(1).mean(1)
+        return F.cross_entropy(PF.linear(p["fc"], h), y)
+
+    shape = (3, 2) + (7,) * dim
+    return fn, params, (torch.randn(*shape, dtype=DT, generator=g), torch.randint(0, 2, (3,), generator=g))
+
+
+def text(seq):
+    """Embedding (padding_idx) -> layer_norm -> linear; short and long sequences."""
+    g = gen()
+    params = {
+        "emb": PF.init_embedding(11, 4, padding_idx=0, dtype=DT, generator=g),
+        "ln": {"weight": 1 + 0.1 * torch.randn(4, dtype=DT, generator=g), "bias": 0.1 * torch.randn(4, dtype=DT, generator=g)},
+        "fc": PF.init_linear(4, 3, dtype=DT, generator=g),
+    }
+
+    def fn(p, ids, y):
+        h = PF.layer_norm(p["ln"], PF.embedding(p["emb"], ids, padding_idx=0), (4,))
+        return F.cross_entropy(PF.linear(p["fc"], h.mean(0)), y)
+
+    ids = torch.randint(0, 11, (4, seq), generator=g)
+    ids[0, :2] = 0
+    return fn, params, (ids, torch.randint(0, 3, (4,), generator=g))
+
+
+MODELS = {
+    "mlp": mlp,
+    "seq-short": lambda: sequence_linear(2),
+    "seq-long": lambda: sequence_linear(30),
+    "tied": tied,
+    "conv1d": lambda: cnn(1),
+    "conv2d": lambda: cnn(2),
+    "conv3d": lambda: cnn(3),
+    "text-short": lambda: text(3),
+    "text-long": lambda: text(12),
+}
+
+
+def reference(fn, params, batch, max_norm):
+    grads = per_example_grads(fn, params, *batch)
+    clipped = dp.clip(grads, max_norm)
+    return optree.tree_map(lambda t: t.sum(0), clipped), dp.per_sample_norms(grads)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("max_norm", ["median", 1e30])
+def test_fast_equals_materialize(name, max_norm):
+    fn, params, batch = MODELS[name]()
+    _, norms = reference(fn, params, batch, 1e30)
+    c = float(norms.median()) if max_norm == "median" else max_norm
+    expected, expected_norms = reference(fn, params, batch, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every parameter here has a rule: no fallback warning
+        summed, got_norms = dp.clipped_grad_sum(fn, params, *batch, max_norm=c, method="fast")
+    assert_tree_close(summed, expected)
+    torch.testing.assert_close(got_norms, expected_norms, rtol=1e-10, atol=0)
+    mat, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=c, method="materialize")
+    assert_tree_close(summed, mat)
+
+
+def test_dense_layers_never_materialise(monkeypatch):
+    """For linear layers without long sequences, no [B, O, I] weight gradient is built.
+
+    (Bias gradients [B, O] are built: they are the size of one activation.)
+    """
+
+    def refuse(self, *data):
+        raise AssertionError(f"{type(self).__name__} materialised a per-sample gradient")
+
+    for name in ["mlp", "seq-short", "tied"]:
+        fn, params, batch = MODELS[name]()
+        expected, _ = reference(fn, params, batch, 0.5)
+        with monkeypatch.context() as m:
+            m.setattr(_kinds.Outer, "materialize", refuse)
+            summed, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=0.5)
+        assert_tree_close(summed, expected)
+
+
+def test_parameter_without_a_rule_is_materialised_with_a_warning():
+    fn0, params, batch = mlp()
+    params = dict(params, scale=torch.tensor(1.5, dtype=DT))
+
+    def fn(p, x, y):
+        return fn0(p, x * p["scale"], y)
+
+    expected, _ = reference(fn, params, batch, 0.5)
+    with pytest.warns(UserWarning, match="1 of 5 parameter leaves"):
+        summed, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=0.5)
+    assert_tree_close(summed, expected)
+
+
+def test_per_layer_clipping_fast():
+    fn, params, batch = mlp()
+    max_norm = {"a": 0.2, "b": 0.3}
+    expected, _ = reference(fn, params, batch, max_norm)
+    summed, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=max_norm, method="fast")
+    assert_tree_close(summed, expected)
