@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector"]
+__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector", "LeafPieces"]
 
 
 class GradKind:
@@ -148,3 +148,42 @@ def emit(target: torch.Tensor, kind: GradKind, *data: Any) -> torch.Tensor | Non
         record(kind, tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in data))
         return None
     return kind.materialize(*data)
+
+
+class LeafPieces:
+    """One parameter's per-sample gradient as recorded pieces, plus any dense part.
+
+    Args:
+        records: ``(kind, data)`` pieces emitted by rules for this parameter.
+        dense: a materialised ``[B, *shape]`` contribution (from ops without a rule), or None.
+        size: the batch size ``B``.
+        shape: the parameter's shape.
+
+    If all records share one kind and there is no dense part, norms and sums come from the
+    kind without materialising; otherwise the pieces are added up densely.
+    """
+
+    def __init__(self, records: Sequence[tuple[GradKind, tuple[Any, ...]]], dense: torch.Tensor | None, size: int, shape: Sequence[int]):
+        self.size = size
+        self.materialized = dense is not None
+        if dense is None and records and len({kind for kind, _ in records}) == 1:
+            self.kind: GradKind | None = records[0][0]
+            self.datas = [data for _, data in records]
+            self.dense = None
+            self.sq_norm = self.kind.norm2(self.datas)
+            return
+        self.kind, self.datas = None, []
+        total = dense
+        for kind, data in records:
+            g = kind.materialize(*data)
+            total = g if total is None else total + g
+        if total is None:
+            raise ValueError(f"no gradient pieces for a parameter of shape {tuple(shape)}")
+        self.dense = total
+        self.sq_norm = total.reshape(size, -1).pow(2).sum(1) if size else total.new_zeros(0)
+
+    def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:
+        """``sum_b c_b grad_b``, shaped like the parameter."""
+        if self.kind is not None:
+            return self.kind.weighted_sum(self.datas, c)
+        return torch.tensordot(c.to(self.dense.dtype), self.dense, dims=1)
