@@ -18,6 +18,7 @@ import torch
 from psgfunc._tree import batch_size, tree_flatten
 from psgfunc.dp._clip import _check_positive_finite, clipped_sum
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
+from psgfunc.per_sample._kinds import LeafPieces
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -61,6 +62,14 @@ class DPOptimizer(torch.optim.Optimizer):
         seed: seeds the noise generator once (reproducible runs); ``None``: OS entropy.
         secure: a fresh OS-entropy seed for every step's noise (production runs); see
             :func:`dp_sgd_transform`.
+        fast_clipping: never build ``p.grad_sample`` for parameters of psgfunc layers
+            (``psgfunc.nn`` shells, ``expand_weights``-converted models, DPLSTM): their rules
+            record layer inputs and output gradients during backward, and :meth:`accumulate`
+            computes per-example norms from them (Gram form where cheaper) and the clipped sum
+            in one contraction per parameter (ghost clipping / book-keeping). Same numbers as
+            the default, far less memory and time for large layers. Parameters that get
+            ``grad_sample`` another way (``set_grad_sample``, ops without a rule) are used
+            densely. ``p.grad`` is not filled by backward in this mode.
 
     Raises:
         ValueError: for invalid ``max_norm``, ``noise_multiplier``, ``expected_batch_size``,
@@ -77,6 +86,7 @@ class DPOptimizer(torch.optim.Optimizer):
         expected_batch_size: float,
         seed: int | None = None,
         secure: bool = False,
+        fast_clipping: bool = False,
     ) -> None:
         # Deliberately no super().__init__: all optimizer state lives in `optimizer`.
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -100,6 +110,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.dp_state: DPSGDState = self.transform.init(self._trainable())
         self._summed: list[torch.Tensor] | None = None
         self.accumulated_examples = 0
+        self.fast_clipping = bool(fast_clipping)
+        if self.fast_clipping:
+            for p in self._trainable():
+                p._psg_pieces = []
 
     # ----------------------------------------------------------------- torch.optim surface
 
@@ -200,24 +214,15 @@ class DPOptimizer(torch.optim.Optimizer):
                 a ``grad_sample`` is not shaped ``[B, *p.shape]``, the ``B``'s differ, or an
                 example's gradient holds NaN or Inf.
         """
+        if self.fast_clipping:
+            return self._accumulate_pieces()
         params, samples = self._grad_samples()
         present = [s is not None for s in samples]
         if not any(present):
             device = params[0].device if params else torch.device("cpu")
             return torch.zeros(0, device=device)
         if not all(present):
-            missing = [
-                f"#{i} shape {tuple(p.shape)}" for i, (p, ok) in enumerate(zip(params, present)) if not ok
-            ]
-            raise ValueError(
-                "DPOptimizer: trainable parameters "
-                + ", ".join(missing[:10])
-                + (" ..." if len(missing) > 10 else "")
-                + " (in param_groups order) have no grad_sample while others do; DP-SGD must "
-                "clip every example's whole gradient. Make sure every parameter gets per-sample "
-                "gradients (psgfunc.nn layers or set_grad_sample), or set requires_grad=False on "
-                "parameters that are not trained"
-            )
+            raise self._missing_error(params, present)
         for i, (p, s) in enumerate(zip(params, samples)):
             if not isinstance(s, torch.Tensor) or s.dim() != p.dim() + 1 or s.shape[1:] != p.shape:
                 got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
@@ -233,6 +238,62 @@ class DPOptimizer(torch.optim.Optimizer):
             self._summed = [acc + s for acc, s in zip(self._summed, summed)]
         self.accumulated_examples += b
         for p in params:
+            p.grad_sample = None
+            p.grad = None
+        return norms
+
+    def _missing_error(self, params: list[torch.Tensor], present: list[bool]) -> ValueError:
+        missing = [f"#{i} shape {tuple(p.shape)}" for i, (p, ok) in enumerate(zip(params, present)) if not ok]
+        return ValueError(
+            "DPOptimizer: trainable parameters "
+            + ", ".join(missing[:10])
+            + (" ..." if len(missing) > 10 else "")
+            + " (in param_groups order) have no grad_sample while others do (no per-sample gradient); DP-SGD "
+            "must clip every example's whole gradient. Make sure every parameter gets per-sample "
+            "gradients (psgfunc.nn layers or set_grad_sample), or set requires_grad=False on "
+            "parameters that are not trained"
+        )
+
+    @torch.no_grad()
+    def _accumulate_pieces(self) -> torch.Tensor:
+        """:meth:`accumulate` for ``fast_clipping``: norms and clipped sums from recorded pieces."""
+        params = self._trainable()
+        pieces = [getattr(p, "_psg_pieces", None) or [] for p in params]
+        dense = [getattr(p, "grad_sample", None) for p in params]
+        present = [bool(r) or d is not None for r, d in zip(pieces, dense)]
+        if not any(present):
+            device = params[0].device if params else torch.device("cpu")
+            return torch.zeros(0, device=device)
+        if not all(present):
+            raise self._missing_error(params, present)
+        sizes = {p._psg_batch if r else d.shape[0] for p, r, d in zip(params, pieces, dense)}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"DPOptimizer: parameters saw different batch sizes {sorted(sizes)} in one "
+                "micro-batch; run one forward and backward per micro-batch, then accumulate()"
+            )
+        (size,) = sizes
+        leaves = [LeafPieces(r, d, size, p.shape) for p, r, d in zip(params, pieces, dense)]
+        sq = leaves[0].sq_norm
+        for leaf in leaves[1:]:
+            sq = sq + leaf.sq_norm
+        norms = sq.sqrt()
+        bad = ~torch.isfinite(norms)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"DPOptimizer: {len(idx)} of {size} examples have NaN or Inf in their per-sample "
+                f"gradient (batch indices {idx[:10]}); clipping would silently hide them. Find the "
+                "source (a log(0) or division by zero in the loss, an exploding learning rate) or "
+                "remove those examples from the batch"
+            )
+        c = self.transform.max_norm
+        factor = c / norms.clamp_min(c)
+        summed = [leaf.weighted_sum(factor).to(p.dtype) for leaf, p in zip(leaves, params)]
+        self._summed = summed if self._summed is None else [a + s for a, s in zip(self._summed, summed)]
+        self.accumulated_examples += size
+        for p in params:
+            p._psg_pieces = []
             p.grad_sample = None
             p.grad = None
         return norms
@@ -276,6 +337,8 @@ class DPOptimizer(torch.optim.Optimizer):
         """
         for p in self._all_params():
             p.grad_sample = None
+            if self.fast_clipping and getattr(p, "_psg_pieces", None):
+                p._psg_pieces = []
             if p.grad is not None:
                 if set_to_none:
                     p.grad = None

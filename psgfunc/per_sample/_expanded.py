@@ -132,7 +132,7 @@ class _VmapDispatch(torch.autograd.Function):
                 # unbatched: a constant the example shares (params: a closure weight)
                 moved.append(t.unsqueeze(0).expand(size, *t.shape))
             else:
-                moved.append(t.movedim(d, 0))
+                moved.append(t if d == 0 else t.movedim(d, 0))  # d == 0: keep the object (emit reads its attributes)
         params, args = meta.split(tuple(moved))
         out = NotImplemented
         if all(is_shared(p) for p in params.values()):
@@ -160,7 +160,9 @@ def expand_params(params: dict[str, torch.Tensor], size: int) -> dict[str, torch
 
 
 def _store_grad_sample(p: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    def hook(g: torch.Tensor) -> None:
+    def hook(g: torch.Tensor | None) -> None:
+        if g is None:  # fast clipping: the rule recorded pieces and passed nothing on
+            return
         g = g.detach()
         prev = getattr(p, "grad_sample", None)
         if prev is None:
@@ -188,7 +190,9 @@ def module_call(
 
     Each parameter ``p`` that requires grad is expanded to ``[size, *p.shape]`` (a view); a
     hook on the view adds the per-sample gradient to ``p.grad_sample`` during backward, and
-    the view's own backward (a sum over the batch) gives ``p.grad`` as usual.
+    the view's own backward (a sum over the batch) gives ``p.grad`` as usual. A parameter
+    that a fast-clipping ``DPOptimizer`` marked (``p._psg_pieces``, a list) gets the rules'
+    pieces appended there instead, and neither ``grad_sample`` nor ``grad`` from them.
     """
     expanded = {}
     for name, p in params.items():
@@ -197,7 +201,17 @@ def module_call(
             continue
         e = p.expand(size, *p.shape)
         if p.requires_grad and torch.is_grad_enabled():
-            e.register_hook(_store_grad_sample(p))
+            pieces = getattr(p, "_psg_pieces", None)
+            if pieces is not None:  # fast clipping (DPOptimizer): record pieces, build nothing
+                if pieces and p._psg_batch != size:
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} was used on batches of "
+                        f"{p._psg_batch} and {size} examples in one step; use one batch per "
+                        "backward and call DPOptimizer.accumulate() or step() in between"
+                    )
+                p._psg_batch = size
+                e._psg_record = lambda kind, data, pieces=pieces: pieces.append((kind, data))
+            e.register_hook(_store_grad_sample(p))  # gradients from ops without a rule
         expanded[name] = e
     with _rules.expanded_mode("batch"):
         return layer(expanded, *args, **kwargs)

@@ -1,0 +1,77 @@
+"""DPOptimizer(fast_clipping=True) on psgfunc.nn shells equals the grad_sample path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import psgfunc.dp as dp
+import psgfunc.nn as pnn
+
+DT = torch.float64
+
+
+def cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        pnn.Conv2d(1, 3, 3, max_batch_size=8, padding=1, padding_mode="circular"),
+        torch.nn.ReLU(),
+        pnn.LayerNorm([3, 5, 5], max_batch_size=8),
+        torch.nn.Flatten(),
+        pnn.Linear(3 * 5 * 5, 4, max_batch_size=8),
+    ).to(DT)
+
+
+def run(fast, micro_batches, noise=0.0):
+    model = cnn()
+    opt = dp.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        max_norm=0.05,
+        noise_multiplier=noise,
+        expected_batch_size=6,
+        seed=3,
+        fast_clipping=fast,
+    )
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1, 5, 5, dtype=DT, generator=gen)
+    y = torch.randint(0, 4, (6,), generator=gen)
+    norms = []
+    for idx in micro_batches:
+        F.cross_entropy(model(x[idx]), y[idx], reduction="sum").backward()
+        if fast:
+            assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+        norms.append(opt.accumulate())
+    opt.step()
+    return [p.detach().clone() for p in model.parameters()], torch.cat(norms)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+@pytest.mark.parametrize("split", [[slice(0, 6)], [slice(0, 2), slice(2, 6)]])
+def test_fast_clipping_equals_grad_sample_path(noise, split):
+    slow, slow_norms = run(False, split, noise)
+    fast, fast_norms = run(True, split, noise)
+    torch.testing.assert_close(fast_norms, slow_norms, rtol=1e-10, atol=0)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_fast_clipping_zero_grad_and_empty_batch():
+    model = cnn()
+    opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0,
+                         noise_multiplier=0.0, expected_batch_size=4, fast_clipping=True)
+    model(torch.randn(2, 1, 5, 5, dtype=DT)).sum().backward()
+    opt.zero_grad()  # drops the recorded pieces
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # empty logical batch, zero noise: nothing moves
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_fast_clipping_batch_size_change_in_one_step_is_an_error():
+    model = cnn()
+    dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0,
+                   noise_multiplier=0.0, expected_batch_size=4, fast_clipping=True)
+    model(torch.randn(2, 1, 5, 5, dtype=DT)).sum().backward()
+    with pytest.raises(ValueError, match="batches of 2 and 3 examples"):
+        model(torch.randn(3, 1, 5, 5, dtype=DT))
