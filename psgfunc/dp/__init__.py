@@ -13,11 +13,13 @@ when called).
 from psgfunc.dp._accounting import epsilon, noise_multiplier_for
 from psgfunc.dp._clip import clip, per_sample_norms, privatize
 from psgfunc.dp._clipped import clipped_grad_sum
+from psgfunc.dp._compiled import compiled_clipped_grad_sum
 from psgfunc.dp._optimizer import DPOptimizer
 from psgfunc.dp._sampling import PoissonBatchSampler, PoissonDataLoader, poisson_batches
 from psgfunc.dp._transform import DPSGDState, DPSGDTransform, dp_sgd_transform
 
 __all__ = [
+    "compiled_clipped_grad_sum",
     "per_sample_norms",
     "clip",
     "privatize",
