@@ -31,7 +31,7 @@ from torch.func import vmap
 
 from psgfunc import _rules
 
-__all__ = ["Rule", "call_rule", "module_call", "expand_params", "is_shared"]
+__all__ = ["Rule", "call_rule", "module_call", "is_shared", "shared"]
 
 
 class Rule:
@@ -59,6 +59,11 @@ class Rule:
         :meth:`batched`, which is right for layers whose batch dim is dim 0.
         """
         return self.batched(params, *args, **kwargs)
+
+
+def shared(t: torch.Tensor) -> torch.Tensor:
+    """The one tensor a ``[B, *shape]`` stride-0 expansion repeats (also for ``B = 0``)."""
+    return t.as_strided(t.shape[1:], t.stride()[1:], t.storage_offset())
 
 
 def is_shared(t: torch.Tensor) -> bool:
@@ -152,11 +157,6 @@ class _VmapDispatch(torch.autograd.Function):
         if isinstance(flat_out, torch.Tensor):
             return flat_out, 0
         return flat_out, tuple(None if o is None else 0 for o in flat_out)
-
-
-def expand_params(params: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
-    """``{name: p.expand(size, *p.shape)}``: differentiable stride-0 views, no copy."""
-    return {k: (None if p is None else p.expand(size, *p.shape)) for k, p in params.items()}
 
 
 def _store_grad_sample(p: torch.Tensor) -> Callable[[torch.Tensor], None]:

@@ -7,6 +7,7 @@ one batched contraction (Goodfellow 2015, "Efficient per-example gradient comput
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from psgfunc import _rules
 from psgfunc.functional.linear import linear
-from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, call_rule, is_shared, shared
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
 
 _OUTER, _ROWSUM = Outer(), RowSum()
@@ -25,7 +26,7 @@ class _LinearPerSample(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        return F.linear(x, w[0], None if b is None else b[0])
+        return F.linear(x, shared(w), None if b is None else shared(b))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -38,9 +39,10 @@ class _LinearPerSample(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         x, w = ctx.saved_tensors
         size, out_f, in_f = w.shape
-        gx = g @ w[0] if ctx.needs_input_grad[0] else None
-        g3 = g.reshape(size, -1, out_f)
-        gw = emit(w, _OUTER, g3, x.reshape(size, -1, in_f)) if ctx.needs_input_grad[1] else None
+        gx = g @ shared(w) if ctx.needs_input_grad[0] else None
+        n = math.prod(x.shape[1:-1])  # positions per example (explicit: B may be 0)
+        g3 = g.reshape(size, n, out_f)
+        gw = emit(w, _OUTER, g3, x.reshape(size, n, in_f)) if ctx.needs_input_grad[1] else None
         gb = emit(ctx.bias, _ROWSUM, g3) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
