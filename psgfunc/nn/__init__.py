@@ -1,0 +1,53 @@
+"""Module shells with per-sample gradients: BastionLab's ``psg.nn`` family on psgfunc's rules.
+
+Each shell has the constructor of its ``torch.nn`` counterpart plus ``max_batch_size`` (in
+the position BastionLab put it), the same parameters and ``state_dict`` (weights load both
+ways with ``strict=True``), and a forward that is one call into ``psgfunc.functional``
+through ``psgfunc.per_sample.module_call``. After ``loss.backward()`` on a batch of
+``B <= max_batch_size`` examples (batch dim first) every parameter ``p`` has
+
+* ``p.grad_sample`` ``[B, *p.shape]``: the gradient of the loss with respect to example b's
+  copy of ``p`` (a mean loss scales it by ``1/B``), and
+* ``p.grad``: the ordinary gradient (the sum of ``p.grad_sample`` over the batch).
+
+``.grad_sample`` accumulates across backward calls, like ``.grad``, and must be cleared
+between batches: ``psgfunc.nn.zero_grad(model)`` clears ``.grad`` and ``.grad_sample`` of
+every parameter of any model; a shell's own ``zero_grad()`` does the same for its
+parameters. ``optimizer.zero_grad()`` and a container's ``model.zero_grad()`` clear
+``.grad`` only. A second backward with a different batch size before clearing raises a
+ValueError.
+
+``expand_weights(model, max_batch_size)`` converts a ``torch.nn`` model's layers into these
+shells in place.
+"""
+
+from psgfunc.nn._base import ExpandedModule, zero_grad
+from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d, expanded_convolution
+from psgfunc.nn.convert import CONVERTERS, expand_weights
+from psgfunc.nn.embedding import Embedding
+from psgfunc.nn.linear import ConvLinear, Linear
+from psgfunc.nn.lstm import DPLSTM, BidirectionalDPLSTMLayer, DPLSTMCell, DPLSTMLayer, LSTMLinear
+from psgfunc.nn.normalization import LayerNorm
+
+__all__ = [
+    # BastionLab psg.nn family
+    "Linear",
+    "ConvLinear",
+    "Embedding",
+    "LayerNorm",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "expanded_convolution",
+    "expand_weights",
+    # Opacus DP-LSTM family
+    "DPLSTM",
+    "DPLSTMLayer",
+    "BidirectionalDPLSTMLayer",
+    "DPLSTMCell",
+    "LSTMLinear",
+    # helpers
+    "zero_grad",
+    "ExpandedModule",
+    "CONVERTERS",
+]

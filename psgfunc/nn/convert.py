@@ -1,0 +1,257 @@
+"""``expand_weights``: turn the layers of a ``torch.nn`` model into ``psgfunc.nn`` shells.
+
+Conversion is table-driven: :data:`CONVERTERS` maps a ``torch.nn`` layer type (matched
+exactly, so a subclass with its own forward is never converted by mistake) to a function
+``(layer, max_batch_size) -> shell``. To support another layer, add an entry::
+
+    from psgfunc.nn.convert import CONVERTERS
+    CONVERTERS[nn.LSTM] = lambda layer, max_batch_size: DPLSTM.from_lstm(layer, max_batch_size)
+
+A converter must return a shell (a :class:`~psgfunc.nn._base.ExpandedModule`) that holds the
+layer's own ``Parameter`` objects (use :func:`adopt_parameters`) and must raise ValueError,
+saying why, for a configuration it cannot serve.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from psgfunc.nn._base import ExpandedModule, check_max_batch_size
+from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
+from psgfunc.nn.embedding import Embedding
+from psgfunc.nn.linear import Linear
+from psgfunc.nn.lstm import DPLSTM, DPLSTMCell
+from psgfunc.nn.normalization import LayerNorm
+
+__all__ = ["expand_weights", "CONVERTERS", "HINTS", "adopt_parameters"]
+
+Converter = Callable[[nn.Module, int], nn.Module]
+
+
+def adopt_parameters(shell: nn.Module, layer: nn.Module) -> nn.Module:
+    """Move ``layer``'s ``Parameter`` objects and buffers into ``shell``; copy ``training``.
+
+    ``shell`` is built with the same constructor arguments (best on ``device="meta"``: no
+    memory, no draw from the random generator), so its parameter names match ``layer``'s.
+    The very same ``Parameter`` objects end up in ``shell``: an optimizer built on the model
+    before the conversion keeps updating the right tensors.
+    """
+    for registry in ("_parameters", "_buffers"):
+        mine, theirs = getattr(shell, registry), getattr(layer, registry)
+        if list(mine) != list(theirs):
+            raise ValueError(
+                f"adopt_parameters: {type(shell).__name__} has {registry[1:]} {list(mine)} but "
+                f"{type(layer).__name__} has {list(theirs)}; build the shell with the layer's "
+                "constructor arguments"
+            )
+        for name, value in theirs.items():
+            mine[name] = value
+    shell.train(layer.training)
+    return shell
+
+
+def _dtype(layer: nn.Module) -> Any:
+    p = next(layer.parameters(recurse=False), None)
+    return None if p is None else p.dtype
+
+
+def _linear(layer: nn.Linear, max_batch_size: int) -> nn.Module:
+    shell = Linear(
+        layer.in_features,
+        layer.out_features,
+        max_batch_size,
+        bias=layer.bias is not None,
+        device="meta",
+        dtype=_dtype(layer),
+    )
+    return adopt_parameters(shell, layer)
+
+
+def _conv(cls: type) -> Converter:
+    def convert(layer: nn.Module, max_batch_size: int) -> nn.Module:
+        shell = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            max_batch_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",
+            dtype=_dtype(layer),
+        )
+        return adopt_parameters(shell, layer)
+
+    return convert
+
+
+def _embedding(layer: nn.Embedding, max_batch_size: int) -> nn.Module:
+    shell = Embedding(
+        layer.num_embeddings,
+        layer.embedding_dim,
+        max_batch_size,
+        padding_idx=layer.padding_idx,
+        max_norm=layer.max_norm,
+        norm_type=layer.norm_type,
+        scale_grad_by_freq=layer.scale_grad_by_freq,
+        sparse=layer.sparse,
+        device="meta",
+        dtype=_dtype(layer),
+    )
+    return adopt_parameters(shell, layer)
+
+
+def _layer_norm(layer: nn.LayerNorm, max_batch_size: int) -> nn.Module:
+    shell = LayerNorm(
+        layer.normalized_shape,
+        max_batch_size,
+        eps=layer.eps,
+        elementwise_affine=layer.elementwise_affine,
+        device="meta",
+        dtype=_dtype(layer),
+        bias=getattr(layer, "bias", None) is not None,
+    )
+    return adopt_parameters(shell, layer)
+
+
+CONVERTERS: dict[type, Converter] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv(Conv1d),
+    nn.Conv2d: _conv(Conv2d),
+    nn.Conv3d: _conv(Conv3d),
+    nn.Embedding: _embedding,
+    nn.LayerNorm: _layer_norm,
+    nn.LSTM: DPLSTM.from_lstm,  # refuses proj_size != 0
+    nn.LSTMCell: DPLSTMCell.from_lstm_cell,
+}
+"""``torch.nn`` type (exact) -> ``(layer, max_batch_size) -> shell``. Add entries to extend."""
+
+HINTS: dict[type, str] = {
+    nn.GroupNorm: (
+        "psgfunc has no GroupNorm rule yet: use nn.GroupNorm(..., affine=False) (no "
+        "parameters) or nn.LayerNorm"
+    ),
+    nn.LSTM: "use psgfunc.nn.DPLSTM",
+    nn.LSTMCell: "use psgfunc.nn.DPLSTMCell",
+}
+"""Extra advice, by exact type, for layers with parameters that have no converter."""
+
+
+def _refusal(layer: nn.Module) -> str | None:
+    """Why ``layer`` (without a converter) cannot be kept, or None when it is fine as is."""
+    if isinstance(layer, _BatchNorm):
+        return (
+            "it normalises with statistics over the whole batch, so every output mixes "
+            "examples and per-sample gradients do not exist; replace it with nn.GroupNorm("
+            "num_groups, num_channels, affine=False) or nn.LayerNorm (psgfunc.nn.LayerNorm "
+            "after conversion), which normalise each example on its own"
+        )
+    if isinstance(layer, _InstanceNorm) and layer.track_running_stats:
+        return (
+            "with track_running_stats=True it keeps running statistics averaged over "
+            "the examples of each batch, a release of the training data outside DP-SGD's "
+            "accounting; build it with track_running_stats=False"
+        )
+    trainable = [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+    if trainable:
+        hint = HINTS.get(type(layer))
+        return (
+            f"it has trainable parameters {trainable} and no psgfunc converter, so they "
+            "would get no per-sample gradients; "
+            + (f"{hint}; or " if hint else "replace it with a supported layer ("
+               + ", ".join(t.__name__ for t in CONVERTERS) + "), ")
+            + "freeze them (p.requires_grad_(False)), or add a converter to "
+            "psgfunc.nn.convert.CONVERTERS"
+        )
+    return None
+
+
+def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
+    """Convert ``module``'s layers, in place and recursively, into ``psgfunc.nn`` shells.
+
+    Every submodule whose exact type is in :data:`CONVERTERS` (``nn.Linear``,
+    ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.LSTM``, ``nn.LSTMCell``) is
+    replaced in its parent by the matching shell, which holds the SAME ``Parameter`` objects (no copy: values, ``requires_grad``
+    and any optimizer already built on the model carry over) and the layer's ``training``
+    flag. Outputs are unchanged; after ``loss.backward()`` on a batch of ``B <=
+    max_batch_size`` examples every converted parameter has ``.grad_sample [B, *p.shape]``.
+    Shells already in the model get the new ``max_batch_size``. Parameter-free layers (ReLU,
+    Dropout, Flatten, pooling, ...) and layers whose parameters are all frozen stay as they
+    are.
+
+    Nothing is converted unless everything can be: a model with a layer that cannot give
+    per-sample gradients raises one ValueError listing every such layer by its qualified
+    name (``"features.3"``): BatchNorm (any variant; it mixes examples), InstanceNorm with
+    running statistics, and any other layer with trainable parameters and no converter.
+
+    Note: module hooks registered on a replaced layer are not carried over to its shell.
+
+    Args:
+        module: the model (changed in place).
+        max_batch_size: the largest batch the model will see.
+
+    Returns:
+        ``module`` itself, or, when ``module`` is itself a convertible layer (e.g. a bare
+        ``nn.Linear``), its new shell: always use the returned object.
+
+    Raises:
+        ValueError: a non-positive ``max_batch_size``, or layers that cannot be converted
+            (all listed, each with the reason and the fix).
+    """
+    max_batch_size = check_max_batch_size(max_batch_size, "expand_weights")
+    plan: list[tuple[nn.Module | None, str, nn.Module]] = []  # (parent or None for root, attr, shell)
+    existing: list[ExpandedModule] = []  # shells already there: they get the new max_batch_size
+    shells: dict[int, nn.Module] = {}  # id(layer) -> its shell (a layer used twice: one shell)
+    problems: list[str] = []
+    seen: set[int] = set()
+
+    def visit(parent: nn.Module | None, attr: str, qualname: str, layer: nn.Module) -> None:
+        label = qualname or "<root>"
+        if isinstance(layer, ExpandedModule):
+            existing.append(layer)
+        elif type(layer) in CONVERTERS:
+            if id(layer) not in shells:
+                try:
+                    shells[id(layer)] = CONVERTERS[type(layer)](layer, max_batch_size)
+                except ValueError as error:
+                    problems.append(f"{label} ({type(layer).__name__}): {error}")
+                    return
+            plan.append((parent, attr, shells[id(layer)]))
+            return
+        else:
+            reason = _refusal(layer)
+            if reason is not None:
+                if id(layer) not in seen:
+                    problems.append(f"{label} ({type(layer).__name__}): {reason}")
+                seen.add(id(layer))
+                return
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        # _modules, not named_children(): the latter drops a layer's second occurrence
+        for name, child in layer._modules.items():
+            if child is not None:
+                visit(layer, name, f"{qualname}.{name}" if qualname else name, child)
+
+    visit(None, "", "", module)
+    if problems:
+        raise ValueError(
+            f"expand_weights: {len(problems)} layer(s) cannot give per-sample gradients; "
+            "nothing was converted:\n  - " + "\n  - ".join(problems)
+        )
+    for layer in existing:
+        layer.max_batch_size = max_batch_size
+    result = module
+    for parent, attr, shell in plan:
+        if parent is None:
+            result = shell  # the root itself was a convertible layer
+        else:
+            setattr(parent, attr, shell)
+    return result

@@ -1,0 +1,156 @@
+"""Rule for :func:`psgfunc.functional.embedding`.
+
+Forward: the ordinary ``F.embedding`` lookup in the shared table ``w[0]``. Backward: example
+b's gradient is the scatter-add of its output gradient rows into its own copy of the table.
+All copies live in one ``[B*V, D]`` buffer, so the whole batch is a single ``index_add_``
+with example b's indices offset by ``b * V`` (``V = num_embeddings``). The offset is the
+table size, never the maximum batch size (using the latter sends the rows of different
+examples to the wrong copies whenever the two differ). The ``padding_idx`` row of every copy
+gets a zero gradient, as in ``torch.nn.Embedding``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import vmap
+
+from psgfunc import _rules
+from psgfunc.functional.embedding import _check_indices, _normalize_padding_idx, embedding
+from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._kinds import GradKind, emit
+
+__all__ = ["EmbeddingRule", "EmbeddingRows", "per_sample_embedding_grad"]
+
+
+def per_sample_embedding_grad(
+    idx: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int | None
+) -> torch.Tensor:
+    """Per-example gradients of an embedding table.
+
+    Shapes: ``idx [B, *]``, ``g [B, *, D] -> [B, V, D]``.
+
+    Args:
+        idx: integer indices in ``[0, V)``.
+        g: the gradient of the loss with respect to the looked-up rows.
+        num_embeddings: ``V``.
+        padding_idx: a row whose gradient is zero in every copy, or None.
+
+    Returns:
+        ``dW [B, V, D]`` with ``dW[b, v] = sum of g[b, t] over positions t with idx[b, t] == v``.
+    """
+    size, dim = idx.shape[0], g.shape[-1]
+    offsets = torch.arange(size, device=idx.device, dtype=torch.int64) * num_embeddings
+    rows = (idx.to(torch.int64) + offsets.view(size, *([1] * (idx.dim() - 1)))).reshape(-1)
+    gw = g.new_zeros(size * num_embeddings, dim)
+    gw.index_add_(0, rows, g.reshape(-1, dim))
+    gw = gw.view(size, num_embeddings, dim)
+    if padding_idx is not None:
+        gw[:, padding_idx] = 0
+    return gw
+
+
+class EmbeddingRows(GradKind):
+    """``grad_b`` of an embedding table from data ``(idx [B, *], g [B, *, D])``.
+
+    ``materialize``: :func:`per_sample_embedding_grad`. ``norm2``: with the positions of
+    example b flattened to ``t = 1..T``, ``|grad_b|^2 = sum_{t,t'} [idx_t == idx_t'] g_t . g_t'``
+    (a ``T x T`` Gram matrix instead of a ``V x D`` table, used when ``T * T < V``).
+    ``weighted_sum``: the ordinary embedding backward of ``c_b g_b`` (one ``index_add_``).
+    """
+
+    def __init__(self, num_embeddings: int, padding_idx: int | None):
+        self.num_embeddings, self.padding_idx = num_embeddings, padding_idx
+
+    def materialize(self, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return per_sample_embedding_grad(idx, g, self.num_embeddings, self.padding_idx)
+
+    def _flat(self, datas: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        size, dim = datas[0][1].shape[0], datas[0][1].shape[-1]
+        idx = torch.cat([i.reshape(size, -1) for i, _ in datas], dim=1)
+        g = torch.cat([gi.reshape(size, -1, dim) for _, gi in datas], dim=1)
+        if self.padding_idx is not None:
+            g = g * (idx != self.padding_idx).unsqueeze(-1).to(g.dtype)
+        return idx, g
+
+    def norm2(self, datas: Any) -> torch.Tensor:
+        idx, g = self._flat(datas)
+        if idx.shape[1] ** 2 >= self.num_embeddings:
+            return super().norm2(datas)
+        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g.dtype)  # [B, T, T]
+        return torch.einsum("bts,btd,bsd->b", same, g, g)
+
+    def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
+        idx, g = self._flat(datas)
+        g = g * c.to(g.dtype).view(-1, 1, 1)
+        out = g.new_zeros(self.num_embeddings, g.shape[-1])
+        return out.index_add_(0, idx.reshape(-1).to(torch.int64), g.reshape(-1, g.shape[-1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_kind(num_embeddings: int, padding_idx: int | None) -> EmbeddingRows:
+    return EmbeddingRows(num_embeddings, padding_idx)
+
+
+class _EmbeddingPerSample(torch.autograd.Function):
+    """``idx [B, *], w [B, V, D] (shared) -> [B, *, D]`` with per-sample table gradients."""
+
+    @staticmethod
+    def forward(idx: torch.Tensor, w: torch.Tensor, padding_idx: int | None) -> torch.Tensor:  # type: ignore[override]
+        table = w[0] if w.shape[0] > 0 else w.new_zeros(w.shape[1:])
+        return F.embedding(idx, table, padding_idx)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        idx, w, padding_idx = inputs
+        ctx.save_for_backward(idx, w)
+        ctx.num_embeddings, ctx.padding_idx = w.shape[1], padding_idx
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        idx, w = ctx.saved_tensors
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = emit(w, _rows_kind(ctx.num_embeddings, ctx.padding_idx), idx, g)
+        return None, gw, None
+
+
+class EmbeddingRule(Rule):
+    """Per-sample rule of :func:`psgfunc.functional.embedding` (batch dim 0 of ``idx``)."""
+
+    def batched(
+        self, params: dict[str, torch.Tensor], idx: torch.Tensor, *, padding_idx: int | None = None
+    ) -> torch.Tensor:
+        w = params.get("weight")
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            shape = None if not isinstance(w, torch.Tensor) else tuple(w.shape[1:])
+            raise ValueError(
+                f"embedding: params['weight'] must be [V, D] (2-D), got {shape}; build params "
+                "with init_embedding(num_embeddings, embedding_dim)"
+            )
+        if not isinstance(idx, torch.Tensor) or idx.dim() < 1 or idx.shape[0] != w.shape[0]:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(
+                f"embedding on a batch of {w.shape[0]} examples needs idx shaped [B, *] with "
+                f"B = {w.shape[0]}, got {shape}; add the batch dim (idx.unsqueeze(0) for one "
+                "example)"
+            )
+        num_embeddings = w.shape[1]
+        padding_idx = _normalize_padding_idx(padding_idx, num_embeddings, "embedding")
+        idx = _check_indices(idx, num_embeddings, "embedding")
+        if not is_shared(w):
+            return vmap(lambda p, i: self.plain(p, i, padding_idx=padding_idx))(params, idx)
+        return _EmbeddingPerSample.apply(idx, w, padding_idx)
+
+
+EMBEDDING = EmbeddingRule(embedding.plain)
+
+
+@_rules.register_rule(embedding)
+def _embedding(
+    params: dict[str, torch.Tensor], idx: torch.Tensor, *, padding_idx: int | None = None
+) -> torch.Tensor:
+    return call_rule(EMBEDDING, params, idx, padding_idx=padding_idx)

@@ -1,0 +1,127 @@
+"""Rule for :func:`psgfunc.functional.layer_norm`.
+
+LayerNorm is ``y = x_hat * weight + bias`` with ``x_hat`` the input normalised over the
+trailing ``N`` dims. The normalisation has no parameters and its statistics are per
+position, so it runs as the ordinary ``F.layer_norm`` without affine (ordinary autograd).
+Only the elementwise affine step needs per-sample gradients; for ``x_hat, g = dL/dy`` shaped
+``[B, *, *N]``::
+
+    dweight_b = sum over the middle dims * of g_b * x_hat_b        [B, *N]
+    dbias_b   = sum over the middle dims * of g_b                  [B, *N]
+
+computed in the affine op's backward with the forward run on the shared ``weight[0]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import vmap
+
+from psgfunc import _rules
+from psgfunc.functional.normalization import _normalized_shape, layer_norm
+from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._kinds import RowSum, emit
+
+__all__ = ["LayerNormRule"]
+
+
+@functools.lru_cache(maxsize=64)
+def _rowsum(shape: tuple[int, ...]) -> RowSum:
+    """``grad_b = sum_n data[b, n]`` reshaped to ``shape``; one object per shape."""
+    return RowSum(shape)
+
+
+def _first(p: torch.Tensor | None) -> torch.Tensor | None:
+    if p is None:
+        return None
+    return p[0] if p.shape[0] > 0 else p.new_zeros(p.shape[1:])
+
+
+class _AffinePerSample(torch.autograd.Function):
+    """``x_hat [B, *, *N], w [B, *N], b [B, *N] (shared) -> x_hat * w[0] + b[0]``."""
+
+    @staticmethod
+    def forward(x_hat: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        weight, bias = _first(w), _first(b)
+        if weight is None:
+            return x_hat + bias
+        if bias is None:
+            return x_hat * weight
+        return torch.addcmul(bias, x_hat, weight)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        x_hat, w, b = inputs
+        ctx.save_for_backward(x_hat if w is not None else None, w)
+        ctx.has_bias = b is not None
+        ctx.bias = b  # identity only, for emit's bookkeeping
+        ctx.shape = tuple((w if w is not None else b).shape)  # (B, *N)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        x_hat, w = ctx.saved_tensors
+        size, norm = ctx.shape[0], ctx.shape[1:]
+        positions = math.prod(g.shape[1 : g.dim() - len(norm)])
+        g3 = g.reshape(size, positions, math.prod(norm))  # [B, positions, K]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g if w is None else g * _first(w)
+        if w is not None and ctx.needs_input_grad[1]:
+            gw = emit(w, _rowsum(norm), g3 * x_hat.reshape(g3.shape))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = emit(ctx.bias, _rowsum(norm), g3)
+        return gx, gw, gb
+
+
+class LayerNormRule(Rule):
+    """Per-sample rule of :func:`psgfunc.functional.layer_norm` (batch dim 0 of ``x``)."""
+
+    def batched(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        normalized_shape: int | tuple[int, ...],
+        *,
+        eps: float = 1e-5,
+    ) -> torch.Tensor:
+        shape = _normalized_shape(normalized_shape, "layer_norm")
+        w, b = params.get("weight"), params.get("bias")
+        present = [p for p in (w, b) if p is not None]
+        if x.dim() < len(shape) + 1 or tuple(x.shape[x.dim() - len(shape) :]) != shape:
+            raise ValueError(
+                f"layer_norm on a batch needs x shaped [B, *, {', '.join(map(str, shape))}], "
+                f"got {tuple(x.shape)}; pass the trailing dims of x as normalized_shape and "
+                "keep the batch dim first"
+            )
+        for name, p in (("weight", w), ("bias", b)):
+            if p is not None and (tuple(p.shape[1:]) != shape or p.shape[0] != x.shape[0]):
+                raise ValueError(
+                    f"layer_norm: params[{name!r}] has per-example shape {tuple(p.shape[1:])} "
+                    f"for {p.shape[0]} examples, expected normalized_shape={shape} for the "
+                    f"{x.shape[0]} examples of x; build params with init_layer_norm({shape})"
+                )
+        if not present:
+            return F.layer_norm(x, shape, None, None, eps)
+        if not all(is_shared(p) for p in present):
+            return vmap(lambda p, xi: self.plain(p, xi, shape, eps=eps))(params, x)
+        x_hat = F.layer_norm(x, shape, None, None, eps)
+        return _AffinePerSample.apply(x_hat, w, b)
+
+
+LAYER_NORM = LayerNormRule(layer_norm.plain)
+
+
+@_rules.register_rule(layer_norm)
+def _layer_norm(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    normalized_shape: int | tuple[int, ...],
+    *,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    return call_rule(LAYER_NORM, params, x, normalized_shape, eps=eps)

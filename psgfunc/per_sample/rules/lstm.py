@@ -1,0 +1,379 @@
+"""Rules for :func:`psgfunc.functional.lstm` and :func:`psgfunc.functional.lstm_cell`.
+
+A weight used at every time step must not cost a ``[B, 4H, H]`` tensor per step. So, for
+each layer and direction:
+
+* ``W_ih``, ``b_ih``: the input projection of all ``T`` steps is one call of the linear rule,
+  ``x [B, T, D] -> x W_ih^T + b_ih [B, T, 4H]``, whose backward contracts over time:
+  ``dW_ih[b] = sum_t dz[b, t]^T x[b, t]`` in one batched product (Goodfellow 2015).
+* ``W_hh``, ``b_hh``: the recurrence is one ``autograd.Function`` (:class:`_Recurrence`)
+  whose forward runs the loop with the shared weight ``W_hh[0]`` and whose backward is
+  backpropagation through time by hand. It collects the gate gradients ``dz [B, T, 4H]``
+  and the hidden states each step started from, ``h_prev [B, T, H]``, and only then emits
+  ``dW_hh[b] = sum_t dz[b, t]^T h_prev[b, t]`` (:class:`~psgfunc.per_sample._kinds.Outer`)
+  and ``db_hh[b] = sum_t dz[b, t]`` (``RowSum``): once per layer and direction, one
+  contraction over time. Under fast clipping the same pieces give the norms in Gram form.
+
+Padded steps (``lengths``) have exactly zero ``dz``, so they add nothing to any gradient.
+Dropout between layers is ``F.dropout`` on the time-major layer output, as the plain layer
+(so a module shell draws the same masks as ``nn.LSTM`` under the same seed; under
+``per_sample_grads`` it draws independently per example, like ``randomness="different"``).
+
+The loops themselves are :func:`psgfunc.functional.lstm.direction_forward` /
+``direction_backward``, shared with the plain layer. The backward of :class:`_Recurrence`
+is not differentiable again (``once_differentiable``), like every expanded rule.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+import psgfunc.functional as PF
+from psgfunc import _rules
+from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._kinds import Outer, RowSum, emit
+
+# ``psgfunc.functional.lstm`` the module (the package re-exports a function of that name)
+_lstm_mod = sys.modules[PF.lstm.__module__]
+
+_OUTER, _ROWSUM = Outer(), RowSum()
+
+
+class _Recurrence(torch.autograd.Function):
+    """One layer/direction: ``x_gates [B, T, 4H] -> (out [B, T, H], h_n [B, H], c_n [B, H])``.
+
+    Inputs: ``x_gates`` (``x W_ih^T + b_ih``), ``h0``/``c0`` ``[B, H]``, the expanded
+    ``w_hh`` ``[B, 4H, H]`` and ``b_hh`` ``[B, 4H]`` (or None) whose dim 0 is shared,
+    ``mask`` ``[B, T, 1]`` bool or None, ``reverse``. The forward uses ``w_hh[0]`` and
+    ``b_hh[0]``; the backward returns the gradients of ``x_gates``, ``h0``, ``c0`` and,
+    through :func:`emit`, the per-sample gradients of ``w_hh`` and ``b_hh``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_gates, h0, c0, w_hh, b_hh, mask, reverse):  # type: ignore[override]
+        out, h_n, c_n, saved = _lstm_mod.direction_forward(
+            x_gates, h0, c0, w_hh[0], mask, reverse, True, None if b_hh is None else b_hh[0]
+        )
+        ctx.save_for_backward(h0, c0, *saved)
+        ctx.w_hh, ctx.b_hh, ctx.mask, ctx.reverse = w_hh, b_hh, mask, reverse
+        return out, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
+        h0, c0, *saved = ctx.saved_tensors
+        w_hh, b_hh = ctx.w_hh, ctx.b_hh
+        dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
+            tuple(saved), h0, c0, w_hh[0], ctx.mask, ctx.reverse, True, d_out, d_hn, d_cn
+        )
+        need = ctx.needs_input_grad
+        d_w = emit(w_hh, _OUTER, dz, h_prev) if need[3] else None
+        d_b = emit(b_hh, _ROWSUM, dz) if b_hh is not None and need[4] else None
+        return (
+            dz if need[0] else None,
+            dh0 if need[1] else None,
+            dc0 if need[2] else None,
+            d_w,
+            d_b,
+            None,
+            None,
+        )
+
+
+def _recurrence(
+    params: dict[str, torch.Tensor],
+    sfx: str,
+    layer_in: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    mask: torch.Tensor | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer/direction on ``layer_in [B, T, D]``; params named ``weight_ih{sfx}`` etc."""
+    proj = {"weight": params["weight_ih" + sfx]}
+    if params.get("bias_ih" + sfx) is not None:
+        proj["bias"] = params["bias_ih" + sfx]
+    x_gates = PF.linear(proj, layer_in)  # the linear rule (batch mode): [B, T, 4H]
+    return _Recurrence.apply(
+        x_gates, h0, c0, params["weight_hh" + sfx], params.get("bias_hh" + sfx), mask, reverse
+    )
+
+
+def _all_shared(params: dict[str, torch.Tensor | None]) -> bool:
+    return all(p is None or is_shared(p) for p in params.values())
+
+
+def _first(params: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """One example's params (``p[0]``): for the plain layer's shape checks."""
+    return {k: v[0] for k, v in params.items() if v is not None}
+
+
+class LSTMRule(Rule):
+    """Per-sample rule of :func:`psgfunc.functional.lstm`."""
+
+    def _core(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        h0: torch.Tensor | None,
+        c0: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        num_layers: int,
+        num_dir: int,
+        hidden: int,
+        dropout: float,
+        training: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, D]``, ``h0/c0 [L*P, B, H]`` -> ``out [B, T, P*H]``, ``h_n/c_n [L*P, B, H]``."""
+        batch = x.shape[0]
+        zeros = x.new_zeros(batch, hidden)
+        layer_in = x
+        h_n, c_n = [], []
+        for layer in range(num_layers):
+            outs = []
+            for d in range(num_dir):
+                k = layer * num_dir + d
+                init_h = zeros if h0 is None else h0[k]
+                init_c = zeros if c0 is None else c0[k]
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                out, h, c = _recurrence(params, sfx, layer_in, init_h, init_c, mask, bool(d))
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_in = outs[0] if num_dir == 1 else torch.cat(outs, dim=-1)
+            if training and dropout > 0 and layer < num_layers - 1:
+                # the plain layer's draw: F.dropout on the contiguous time-major output
+                tm = F.dropout(layer_in.transpose(0, 1).contiguous(), dropout, training=True)
+                layer_in = tm.transpose(0, 1)
+        return layer_in, torch.stack(h_n), torch.stack(c_n)
+
+    @staticmethod
+    def _options(params: dict[str, Any], num_layers: Any, bidirectional: bool, dropout: Any):
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"lstm: num_layers must be an int >= 1, got {num_layers!r}")
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1
+        ):
+            raise ValueError(f"lstm: dropout must be a number in [0, 1), got {dropout!r}")
+        num_dir = 2 if bidirectional else 1
+        hidden, in_size = _lstm_mod._lstm_sizes(_first(params), num_layers, num_dir)
+        return num_dir, hidden, in_size
+
+    def batched(  # type: ignore[override]
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        state: Any,
+        lengths: Any,
+        *,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        training: bool = False,
+    ) -> Any:
+        """The layer's own convention: ``x [T, B, D]`` (``[B, T, D]`` with ``batch_first``),
+        state ``[L*P, B, H]``; or one example ``x [T, D]``, state ``[L*P, H]`` when ``B == 1``.
+        """
+        opts = dict(num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
+                    training=training)
+        size = next(p.shape[0] for p in params.values() if p is not None)
+        if not _all_shared(params):
+            return self._vmap_fallback(params, x, state, lengths, batch_first, opts)
+        num_dir, hidden, in_size = self._options(params, num_layers, bidirectional, dropout)
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"lstm: x must be [T, B, D] ([B, T, D] with batch_first) or [T, D] for one "
+                f"example, got {shape}"
+            )
+        if x.shape[-1] != in_size:
+            raise ValueError(
+                f"lstm: x has {x.shape[-1]} features in its last dim but weight_ih_l0 expects "
+                f"input_size D={in_size}; x must be [..., {in_size}]"
+            )
+        one = x.dim() == 2
+        xb = x.unsqueeze(0) if one else (x if batch_first else x.transpose(0, 1))  # [B, T, D]
+        steps, batch = xb.shape[1], xb.shape[0]
+        if batch != size:
+            raise ValueError(
+                f"lstm: x holds {batch} examples but the params are expanded for {size}; the "
+                f"batch dim of x ({'one example' if one else 'dim 0' if batch_first else 'dim 1'}) "
+                "must equal the expanded size"
+            )
+        h0, c0 = _lstm_mod._initial_state(state, x, num_layers * num_dir, batch, hidden, not one)
+        if isinstance(lengths, int) and not isinstance(lengths, bool) and one:
+            lengths = torch.tensor([lengths])
+        elif one and isinstance(lengths, torch.Tensor) and lengths.dim() == 0:
+            lengths = lengths.reshape(1)
+        mask = _lstm_mod._mask(lengths, steps, batch, True, x.device)
+        mask = None if mask is None else mask.transpose(0, 1)  # [B, T, 1]
+        out, h_n, c_n = self._core(params, xb, h0, c0, mask, num_layers, num_dir, hidden,
+                                   dropout, training)
+        if one:
+            return out.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
+        if not batch_first:
+            out = out.transpose(0, 1).contiguous()
+        return out, (h_n, c_n)
+
+    def vmapped(  # type: ignore[override]
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        state: Any,
+        lengths: Any,
+        *,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        training: bool = False,
+    ) -> Any:
+        """Per-example ``x [T, D]`` stacked: ``[B, T, D]``; state leaves ``[B, L*P, H]``;
+        ``lengths [B]`` (or one int for all). Returns ``out [B, T, P*H]``, ``h_n/c_n
+        [B, L*P, H]``. Anything else (e.g. a per-example batch ``[T, B', D]``): the fallback.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return NotImplemented
+        num_dir, hidden, in_size = self._options(params, num_layers, bidirectional, dropout)
+        batch, steps = x.shape[0], x.shape[1]
+        if x.shape[-1] != in_size:
+            return NotImplemented  # the plain layer raises its own error
+        want = (batch, num_layers * num_dir, hidden)
+        h0 = c0 = None
+        if state is not None:
+            if not isinstance(state, (tuple, list)) or len(state) != 2 or any(
+                not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != x.dtype
+                for t in state
+            ):
+                return NotImplemented
+            h0, c0 = state[0].transpose(0, 1), state[1].transpose(0, 1)
+        if isinstance(lengths, int) and not isinstance(lengths, bool):
+            lengths = torch.full((batch,), lengths, dtype=torch.long, device=x.device)
+        if lengths is not None and (
+            not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (batch,)
+        ):
+            return NotImplemented
+        mask = _lstm_mod._mask(lengths, steps, batch, True, x.device)
+        mask = None if mask is None else mask.transpose(0, 1)
+        out, h_n, c_n = self._core(params, x, h0, c0, mask, num_layers, num_dir, hidden,
+                                   dropout, training)
+        return out, (h_n.transpose(0, 1), c_n.transpose(0, 1))
+
+    def _vmap_fallback(self, params, x, state, lengths, batch_first, opts):
+        """Batch mode with per-example (not shared) params: vmap of the plain layer."""
+        bdim = 0 if batch_first or x.dim() == 2 else 1
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+            state = None if state is None else tuple(t.unsqueeze(1) for t in state)
+        sdim = None if state is None else (1, 1)
+
+        def one(p, xe, s, n):
+            return self.plain(p, xe, s, n, **opts)
+
+        ldim = 0 if isinstance(lengths, torch.Tensor) and lengths.dim() == 1 else None
+        out, (h_n, c_n) = torch.func.vmap(
+            one, in_dims=(0, bdim, sdim, ldim), out_dims=(bdim, (1, 1)), randomness="different"
+        )(params, x, state, lengths)
+        return out, (h_n, c_n)
+
+
+class LSTMCellRule(Rule):
+    """Per-sample rule of :func:`psgfunc.functional.lstm_cell` (batch dim 0 everywhere).
+
+    The step is :class:`_Recurrence` with ``T = 1``: ``W_ih``/``b_ih`` through the linear
+    rule, ``W_hh``/``b_hh`` emitted by the recurrence's backward. A cell called in a user's
+    loop therefore pays one ``[B, 4H, H]`` per call for each weight; :func:`lstm` does not.
+    """
+
+    def batched(self, params, carry, x):  # type: ignore[override]
+        w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+        hidden, in_size = _lstm_mod._cell_sizes(w_ih[0], w_hh[0], "weight_ih", "weight_hh",
+                                                "lstm_cell")
+        size = w_ih.shape[0]
+        if not _all_shared(params):
+            return torch.func.vmap(self.plain, in_dims=(0, None if carry is None else 0, 0))(
+                params, carry, x if x.dim() == 2 else x.unsqueeze(0)
+            )
+        if not isinstance(x, torch.Tensor) or x.dim() not in (1, 2) or x.shape[-1] != in_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"lstm_cell: x must be [B, D] (or [D] for one example) with D={in_size}, "
+                f"got {shape}"
+            )
+        one = x.dim() == 1
+        xb = x.unsqueeze(0) if one else x
+        if xb.shape[0] != size:
+            raise ValueError(
+                f"lstm_cell: x holds {xb.shape[0]} examples (dim 0) but the params are expanded "
+                f"for {size}"
+            )
+        want = (size, hidden)
+        if carry is None:
+            h = c = xb.new_zeros(want)
+        else:
+            if not isinstance(carry, (tuple, list)) or len(carry) != 2:
+                raise ValueError("lstm_cell: carry must be a pair (h, c) of tensors or None")
+            h, c = (t.unsqueeze(0) if one else t for t in carry)
+            for name, t in (("h", h), ("c", c)):
+                if tuple(t.shape) != want:
+                    raise ValueError(
+                        f"lstm_cell: carry {name} has shape {tuple(t.shape)} but x of shape "
+                        f"{tuple(x.shape)} needs {tuple(x.shape[:-1]) + (hidden,)}"
+                    )
+        _, h_new, c_new = _recurrence(params, "", xb.unsqueeze(1), h, c, None, False)
+        if one:
+            h_new, c_new = h_new.squeeze(0), c_new.squeeze(0)
+        return (h_new, c_new), h_new
+
+    def vmapped(self, params, carry, x):  # type: ignore[override]
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            return NotImplemented
+        if carry is not None and (
+            not isinstance(carry, (tuple, list)) or len(carry) != 2
+            or any(not isinstance(t, torch.Tensor) or t.dim() != 2 for t in carry)
+        ):
+            return NotImplemented
+        return self.batched(params, carry, x)
+
+
+def _plain_lstm(params: dict[str, torch.Tensor], x: torch.Tensor, state: Any, lengths: Any,
+                **options: Any) -> Any:
+    """The plain layer with ``lengths`` positional, as the rule receives it."""
+    return PF.lstm.plain(params, x, state, lengths=lengths, **options)
+
+
+LSTM = LSTMRule(_plain_lstm)
+LSTM_CELL = LSTMCellRule(PF.lstm_cell.plain)
+
+
+@_rules.register_rule(PF.lstm)
+def _lstm(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    state: Any = None,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    batch_first: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    lengths: Any = None,
+) -> Any:
+    # tensors travel as positional args (vmap unwraps those); options as keywords
+    return call_rule(
+        LSTM, params, x, state, lengths, num_layers=num_layers, bidirectional=bidirectional,
+        batch_first=batch_first, dropout=dropout, training=training,
+    )
+
+
+@_rules.register_rule(PF.lstm_cell)
+def _lstm_cell(params: dict[str, torch.Tensor], carry: Any, x: torch.Tensor) -> Any:
+    return call_rule(LSTM_CELL, params, carry, x)
