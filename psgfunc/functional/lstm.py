@@ -36,7 +36,10 @@ Carry = tuple[torch.Tensor, torch.Tensor]
 def _step(w_hh: torch.Tensor, carry: Carry, x_gates: torch.Tensor) -> tuple[Carry, torch.Tensor]:
     """One LSTM step given the input part of the gates (``x W_ih^T + b_ih (+ b_hh)``)."""
     h, c = carry
-    gates = x_gates + F.linear(h, w_hh)
+    if h.dim() == 2:
+        gates = torch.addmm(x_gates, h, w_hh.t())
+    else:
+        gates = x_gates + F.linear(h, w_hh)
     i, f, g, o = gates.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
@@ -156,9 +159,14 @@ def lstm(
     Each layer and direction is :func:`psgfunc.scan` of the :func:`lstm_cell` step (see the
     module docstring for the math) with carry ``(h, c)``. The input projection
     ``x W_ih^T + b_ih + b_hh`` is computed once for all ``T`` steps before the loop, so the
-    recurrence only computes ``h W_hh^T``. Layer ``l > 0`` reads the concatenation
-    ``[forward, reverse]`` of layer ``l - 1``'s outputs; ``h_n[l * P + d]`` is the final
-    state of layer ``l``, direction ``d`` (0 forward, 1 reverse).
+    recurrence only computes ``h W_hh^T``. Outside ``torch.func`` transforms and forward-mode
+    AD, the same loop runs as one ``autograd.Function`` per layer and direction whose
+    backward is backpropagation through time written out (:func:`direction_backward`): the
+    same values, a fraction of the autograd overhead; a double backward recomputes it as a
+    differentiable scan. Under ``vmap``/``grad``/``jvp`` it is the scan itself. Layer
+    ``l > 0`` reads the concatenation ``[forward, reverse]`` of layer ``l - 1``'s outputs;
+    ``h_n[l * P + d]`` is the final state of layer ``l``, direction ``d`` (0 forward, 1
+    reverse).
 
     Args:
         params: nn.LSTM's parameter names: for each layer ``k`` and suffix ``s`` in
@@ -226,19 +234,11 @@ def lstm(
     h0, c0 = _initial_state(state, x, num_layers * num_dir, batch, hidden, batched)
     mask = _mask(lengths, steps, batch, batched, x.device)
 
-    def step_for(w_hh: torch.Tensor) -> Any:
-        if mask is None:
-            return lambda carry, xg: _step(w_hh, carry, xg)
-
-        def masked(carry: Carry, inp: tuple[torch.Tensor, torch.Tensor]) -> Any:
-            xg, valid = inp
-            (h, c), _ = _step(w_hh, carry, xg)
-            h_new = torch.where(valid, h, carry[0])
-            c_new = torch.where(valid, c, carry[1])
-            return (h_new, c_new), torch.where(valid, h, torch.zeros_like(h))
-
-        return masked
-
+    # Outside any torch.func transform, each layer/direction runs as one autograd.Function
+    # with a hand-written backward (same values, far fewer autograd nodes); under vmap/grad
+    # it is the scan of the step, which every transform understands.
+    fused = not _in_functorch()
+    mask_bt = None if mask is None or not fused else mask.transpose(0, 1)
     layer_in = x
     h_n: list[torch.Tensor] = []
     c_n: list[torch.Tensor] = []
@@ -252,8 +252,13 @@ def lstm(
             x_gates = F.linear(layer_in, w_ih, bias)  # [T, B, 4H], hoisted out of the loop
             k = layer * num_dir + d
             init = (h0[k], c0[k]) if h0 is not None else (x.new_zeros(batch, hidden),) * 2
-            xs = x_gates if mask is None else (x_gates, mask)
-            (h, c), out = scan(step_for(w_hh), init, xs, reverse=bool(d))
+            if fused:
+                out, h, c = _FusedDirection.apply(
+                    x_gates.transpose(0, 1), init[0], init[1], w_hh, mask_bt, bool(d)
+                )
+                out = out.transpose(0, 1)  # [T, B, H], contiguous (time-major storage)
+            else:
+                (h, c), out = _scan_direction(w_hh, x_gates, init, mask, bool(d))
             outs.append(out)
             h_n.append(h)
             c_n.append(c)
@@ -300,6 +305,276 @@ def init_lstm(
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             params.update(_init_block(layer_in, hidden_size, bias, sfx, dtype, device, generator))
     return params
+
+
+# ------------------------------------------------------- one layer and direction, two ways
+
+
+def _scan_direction(
+    w_hh: torch.Tensor,
+    x_gates: torch.Tensor,
+    init: Carry,
+    mask: torch.Tensor | None,
+    reverse: bool,
+) -> tuple[Carry, torch.Tensor]:
+    """``scan`` of the step over ``x_gates`` ``[T, B, 4H]`` (``mask`` ``[T, B, 1]`` bool)."""
+    if mask is None:
+        return scan(lambda carry, xg: _step(w_hh, carry, xg), init, x_gates, reverse=reverse)
+
+    def masked(carry: Carry, inp: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        xg, valid = inp
+        (h, c), _ = _step(w_hh, carry, xg)
+        h_new = torch.where(valid, h, carry[0])
+        c_new = torch.where(valid, c, carry[1])
+        return (h_new, c_new), torch.where(valid, h, torch.zeros_like(h))
+
+    return scan(masked, init, (x_gates, mask), reverse=reverse)
+
+
+def _in_functorch() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) or a forward-mode AD level
+    (``torch.autograd.forward_ad``) is active: then the layer runs as a plain scan."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and functorch.peek_interpreter_stack() is not None:
+        return True
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def _bt_buffer(like: torch.Tensor, batch: int, steps: int, size: int, time_major: bool) -> torch.Tensor:
+    """An uninitialised ``[B, T, size]`` tensor, stored time-major (``[T, B, size]``) or not."""
+    if time_major:
+        return like.new_empty(steps, batch, size).transpose(0, 1)
+    return like.new_empty(batch, steps, size)
+
+
+def direction_forward(
+    x_gates: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    mask: torch.Tensor | None,
+    reverse: bool,
+    time_major: bool,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One layer and direction of the LSTM over a batch, without autograd.
+
+    The loop does one ``addmm`` and six elementwise ops per step (one more with a mask)
+    and writes every intermediate the backward needs into preallocated ``[B, T, *]``
+    buffers; the per-step views of those buffers are made up front, outside the loop.
+
+    Args:
+        x_gates: ``[B, T, 4H]``, ``x W_ih^T`` plus both biases, any strides.
+        h0, c0: ``[B, H]``.
+        w_hh: ``[4H, H]``.
+        mask: ``[B, T, 1]`` bool, True at valid steps, or None (all valid).
+        reverse: run from ``t = T - 1`` down to 0.
+        time_major: store the buffers as ``[T, B, *]`` (then the returned ``[B, T, *]``
+            views have contiguous per-step slices and transpose to contiguous time-major).
+            Per-step slices with a row stride are slow for some ops (``tanh``), so the
+            loops are meant to run with ``time_major=True``.
+        bias: ``[4H]`` added to ``x_gates`` (e.g. ``b_hh``), or None.
+
+    Returns:
+        ``(out [B, T, H], h_n [B, H], c_n [B, H], saved)``; ``out`` is zero at masked steps,
+        where the carry is held; ``saved`` is for :func:`direction_backward`.
+    """
+    batch, steps, gates4 = x_gates.shape
+    hidden = gates4 // 4
+    act = _bt_buffer(x_gates, batch, steps, gates4, time_major)  # sigma(i, f, o), tanh(g)
+    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)
+    hs = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # carry h after each step
+    cs = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # carry c after each step
+    # tanh(z) = 2 sigmoid(2 z) - 1: one sigmoid over all four gates, with the g rows of
+    # the pre-activation doubled (exactly) up front; tanh on the strided g slice is slow.
+    sl_g = slice(2 * hidden, 3 * hidden)
+    scale = x_gates.new_ones(gates4)
+    scale[sl_g] = 2
+    w_t = (w_hh * scale.unsqueeze(1)).t()
+    minus_one, one = x_gates.new_tensor(-1.0), x_gates.new_tensor(1.0)
+    xs = _bt_buffer(x_gates, batch, steps, gates4, time_major)
+    if bias is None:
+        torch.mul(x_gates, scale, out=xs)
+    else:
+        torch.addcmul(bias * scale, x_gates, scale, out=xs)
+    xg_t, a_t, z_g_t = xs.unbind(1), act.unbind(1), act[..., sl_g].unbind(1)
+    i_t, f_t = act[..., :hidden].unbind(1), act[..., hidden : 2 * hidden].unbind(1)
+    o_t = act[..., 3 * hidden :].unbind(1)
+    tc_t, h_t, c_t = tanh_c.unbind(1), hs.unbind(1), cs.unbind(1)
+    m_t = None if mask is None else mask.unbind(1)
+    h, c = h0, c0
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        gates = torch.addmm(xg_t[t], h, w_t)
+        torch.sigmoid(gates, out=a_t[t])
+        torch.lerp(minus_one, one, z_g_t[t], out=z_g_t[t])
+        if m_t is None:
+            c = torch.addcmul(f_t[t] * c, i_t[t], z_g_t[t], out=c_t[t])
+            torch.tanh(c, out=tc_t[t])
+            h = torch.mul(o_t[t], tc_t[t], out=h_t[t])
+        else:
+            c_new = torch.addcmul(f_t[t] * c, i_t[t], z_g_t[t])
+            torch.tanh(c_new, out=tc_t[t])
+            h = torch.where(m_t[t], o_t[t] * tc_t[t], h, out=h_t[t])
+            c = torch.where(m_t[t], c_new, c, out=c_t[t])
+    out = hs if mask is None else hs.masked_fill(~mask, 0)
+    return out, h.clone(), c.clone(), (act, tanh_c, hs, cs)
+
+
+def _previous(carries: torch.Tensor, first: torch.Tensor, reverse: bool, time_major: bool) -> torch.Tensor:
+    """``[B, T, H]``: the carry each step started from (``first`` for the first step)."""
+    if time_major:
+        tm, f = carries.transpose(0, 1), first.unsqueeze(0)
+        parts = [tm[1:], f] if reverse else [f, tm[:-1]]
+        return torch.cat(parts, 0).transpose(0, 1)
+    f = first.unsqueeze(1)
+    parts = [carries[:, 1:], f] if reverse else [f, carries[:, :-1]]
+    return torch.cat(parts, 1)
+
+
+def direction_backward(
+    saved: tuple[torch.Tensor, ...],
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    mask: torch.Tensor | None,
+    reverse: bool,
+    time_major: bool,
+    d_out: torch.Tensor | None,
+    d_hn: torch.Tensor | None,
+    d_cn: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backpropagation through time for :func:`direction_forward`, without autograd.
+
+    With ``(i, f, g, o) = (sigma(z_i), sigma(z_f), tanh(z_g), sigma(z_o))``,
+    ``c' = f c + i g`` and ``h' = o tanh(c')``, each step (the latest first) does::
+
+        dc     = dc' + dh' * o * (1 - tanh(c')^2)
+        dz     = (dc * g * i(1-i),  dc * c * f(1-f),  dc * i * (1-g^2),  dh' * tanh(c') * o(1-o))
+        dh, dc = dz W_hh,  dc * f
+
+    where the factors not involving ``dh'``/``dc`` are computed for all steps at once
+    beforehand. At masked steps ``dz`` is exactly zero and ``dh``/``dc`` pass through.
+
+    Returns:
+        ``(dz [B, T, 4H], h_prev [B, T, H], dh0 [B, H], dc0 [B, H])``: ``dz`` is the gradient
+        of the gate pre-activations (so of ``x_gates``; a bias gets ``dz`` summed over
+        steps), and the gradient of ``W_hh`` is ``sum_t dz_t^T h_prev_t`` (per example, or
+        summed over the batch too).
+    """
+    act, tanh_c, hs, cs = saved
+    batch, steps, gates4 = act.shape
+    hidden = gates4 // 4
+    dh = torch.zeros_like(h0) if d_hn is None else d_hn
+    dc = torch.zeros_like(c0) if d_cn is None else d_cn
+    dz = _bt_buffer(act, batch, steps, gates4, time_major)
+    if steps == 0:
+        return dz, _bt_buffer(act, batch, 0, hidden, time_major), dh, dc
+    h_prev = _previous(hs, h0, reverse, time_major)
+    c_prev = _previous(cs, c0, reverse, time_major)
+    sl_i, sl_f = slice(0, hidden), slice(hidden, 2 * hidden)
+    sl_g, sl_o = slice(2 * hidden, 3 * hidden), slice(3 * hidden, gates4)
+    i, g, o = act[..., sl_i], act[..., sl_g], act[..., sl_o]
+    # p: dz / d(dc) for i, f, g and dz / d(dh') for o;  k: d(c') / d(h') through h' = o tanh(c')
+    one = act.new_tensor(1.0)
+    p = torch.addcmul(act, act, act, value=-1)  # a (1 - a): sigma' for i, f, o
+    torch.addcmul(one, g, g, value=-1, out=p[..., sl_g])  # tanh' for g
+    p[..., sl_i].mul_(g)
+    p[..., sl_f].mul_(c_prev)
+    p[..., sl_g].mul_(i)
+    p[..., sl_o].mul_(tanh_c)
+    k = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)
+    if d_out is None:
+        d_out = torch.zeros_like(hs)
+    keep_t = hold_t = None
+    if mask is not None:
+        p = p.masked_fill(~mask, 0)
+        keep = mask.to(act.dtype)
+        d_out = d_out * keep
+        keep_t, hold_t = keep.unbind(1), (1 - keep).unbind(1)
+    p4 = p.unflatten(-1, (4, hidden))
+    dz4 = dz.unflatten(-1, (4, hidden))
+    p3_t, po_t = p4[:, :, :3].unbind(1), p4[:, :, 3].unbind(1)
+    dz_t, dz3_t, dzo_t = dz.unbind(1), dz4[:, :, :3].unbind(1), dz4[:, :, 3].unbind(1)
+    k_t, f_t, dout_t = k.unbind(1), act[..., sl_f].unbind(1), d_out.unbind(1)
+    order = list(range(steps) if reverse else range(steps - 1, -1, -1))
+    if keep_t is None:
+        dh_c = dh + dout_t[order[0]]  # dh' of the step being processed
+        for n, t in enumerate(order):
+            dc = torch.addcmul(dc, dh_c, k_t[t])
+            torch.mul(p3_t[t], dc.unsqueeze(1), out=dz3_t[t])
+            torch.mul(po_t[t], dh_c, out=dzo_t[t])
+            dc = dc * f_t[t]
+            if n + 1 < steps:
+                dh_c = torch.addmm(dout_t[order[n + 1]], dz_t[t], w_hh)
+            else:
+                dh = torch.mm(dz_t[t], w_hh)
+        return dz, h_prev, dh, dc
+    for t in order:
+        dh_c, dc_c = torch.addcmul(dout_t[t], dh, keep_t[t]), dc * keep_t[t]
+        dc_tot = torch.addcmul(dc_c, dh_c, k_t[t])
+        torch.mul(p3_t[t], dc_tot.unsqueeze(1), out=dz3_t[t])
+        torch.mul(po_t[t], dh_c, out=dzo_t[t])
+        dh = torch.mm(dz_t[t], w_hh).addcmul_(dh, hold_t[t])
+        dc = (dc_tot * f_t[t]).addcmul_(dc, hold_t[t])
+    return dz, h_prev, dh, dc
+
+
+class _FusedDirection(torch.autograd.Function):
+    """One layer/direction with a hand-written BPTT backward (ordinary autograd only).
+
+    ``(x_gates [B, T, 4H], h0 [B, H], c0 [B, H], w_hh [4H, H], mask, reverse) ->
+    (out [B, T, H], h_n, c_n)``; buffers are stored time-major. A double backward
+    (``create_graph=True``) recomputes the direction as a differentiable scan.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_gates, h0, c0, w_hh, mask, reverse):  # type: ignore[override]
+        out, h_n, c_n, saved = direction_forward(x_gates, h0, c0, w_hh, mask, reverse, True)
+        ctx.save_for_backward(x_gates, h0, c0, w_hh, *saved)
+        ctx.mask, ctx.reverse = mask, reverse
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
+        x_gates, h0, c0, w_hh, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
+            return _recompute_grads(ctx, x_gates, h0, c0, w_hh, d_out, d_hn, d_cn) + (None, None)
+        dz, h_prev, dh0, dc0 = direction_backward(
+            tuple(saved), h0, c0, w_hh, ctx.mask, ctx.reverse, True, d_out, d_hn, d_cn
+        )
+        d_w = None
+        if need[3]:
+            gates4, hidden = w_hh.shape
+            d_w = dz.transpose(0, 1).reshape(-1, gates4).t() @ h_prev.transpose(0, 1).reshape(-1, hidden)
+        return (
+            dz if need[0] else None,
+            dh0 if need[1] else None,
+            dc0 if need[2] else None,
+            d_w,
+            None,
+            None,
+        )
+
+
+def _recompute_grads(ctx, x_gates, h0, c0, w_hh, d_out, d_hn, d_cn) -> tuple[Any, ...]:
+    """Gradients of :class:`_FusedDirection` via a differentiable scan (for double backward)."""
+    mask = ctx.mask
+    inputs = (x_gates, h0, c0, w_hh)
+    with torch.enable_grad():
+        (h, c), out = _scan_direction(
+            w_hh, x_gates.transpose(0, 1), (h0, c0),
+            None if mask is None else mask.transpose(0, 1), ctx.reverse,
+        )
+        wanted = [k for k in range(4) if ctx.needs_input_grad[k]]
+        grads = torch.autograd.grad(
+            (out.transpose(0, 1), h, c), [inputs[k] for k in wanted], (d_out, d_hn, d_cn),
+            create_graph=True, allow_unused=True,
+        )
+    result: list[Any] = [None] * 4
+    for k, g in zip(wanted, grads):
+        result[k] = torch.zeros_like(inputs[k]) if g is None else g
+    return tuple(result)
 
 
 # ------------------------------------------------------------------------------------ helpers
