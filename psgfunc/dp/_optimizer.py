@@ -62,6 +62,12 @@ class DPOptimizer(torch.optim.Optimizer):
         seed: seeds the noise generator once (reproducible runs); ``None``: OS entropy.
         secure: a fresh OS-entropy seed for every step's noise (production runs); see
             :func:`dp_sgd_transform`.
+        loss_reduction: how the loss that is backpropagated reduces over the batch.
+            ``"sum"`` (default): ``p.grad_sample[b]`` is example b's gradient as it is.
+            ``"mean"``: the loss was averaged over the ``B`` examples of the micro-batch, so
+            ``grad_sample`` holds ``g_b / B``; it is multiplied by ``B`` before clipping, as
+            Opacus does. Getting this wrong does not break privacy but silently clips
+            ``B`` times too loosely and shrinks the signal against the noise.
         fast_clipping: never build ``p.grad_sample`` for parameters of psgfunc layers
             (``psgfunc.nn`` shells, ``expand_weights``-converted models, DPLSTM): their rules
             record layer inputs and output gradients during backward, and :meth:`accumulate`
@@ -86,6 +92,7 @@ class DPOptimizer(torch.optim.Optimizer):
         expected_batch_size: float,
         seed: int | None = None,
         secure: bool = False,
+        loss_reduction: str = "sum",
         fast_clipping: bool = False,
     ) -> None:
         # Deliberately no super().__init__: all optimizer state lives in `optimizer`.
@@ -99,6 +106,12 @@ class DPOptimizer(torch.optim.Optimizer):
                 "clipping use psgfunc.dp.dp_sgd_transform with a dict max_norm"
             )
         max_norm = _check_positive_finite(max_norm, "DPOptimizer: max_norm")
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(
+                f"DPOptimizer: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}; "
+                "say how the loss you call backward() on reduces over the batch"
+            )
+        self.loss_reduction = loss_reduction
         self.optimizer = optimizer
         self.transform = dp_sgd_transform(
             max_norm,
@@ -231,6 +244,8 @@ class DPOptimizer(torch.optim.Optimizer):
                     f"[B, {', '.join(map(str, p.shape))}] for a parameter of shape {tuple(p.shape)}"
                 )
         b = batch_size(samples, what="grad_sample")
+        if self.loss_reduction == "mean":
+            samples = [s * b for s in samples]
         summed, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
         if self._summed is None:
             self._summed = summed
@@ -277,7 +292,8 @@ class DPOptimizer(torch.optim.Optimizer):
         sq = leaves[0].sq_norm
         for leaf in leaves[1:]:
             sq = sq + leaf.sq_norm
-        norms = sq.sqrt()
+        scale = size if self.loss_reduction == "mean" else 1  # gradients of a mean loss are g_b / B
+        norms = sq.sqrt() * scale
         bad = ~torch.isfinite(norms)
         if bool(bad.any()):
             idx = bad.nonzero().flatten().tolist()
@@ -288,7 +304,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "remove those examples from the batch"
             )
         c = self.transform.max_norm
-        factor = c / norms.clamp_min(c)
+        factor = c / norms.clamp_min(c) * scale
         summed = [leaf.weighted_sum(factor).to(p.dtype) for leaf, p in zip(leaves, params)]
         self._summed = summed if self._summed is None else [a + s for a, s in zip(self._summed, summed)]
         self.accumulated_examples += size

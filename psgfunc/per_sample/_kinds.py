@@ -18,11 +18,18 @@ then asks the kinds for norms and the clipped sum.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 __all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector", "LeafPieces"]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[B, *shape] -> [B, prod(shape)]``, also for ``B = 0``."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 class GradKind:
@@ -45,13 +52,13 @@ class GradKind:
         total = self.materialize(*datas[0])
         for data in datas[1:]:
             total = total + self.materialize(*data)
-        return total.reshape(total.shape[0], -1).pow(2).sum(1)
+        return _rows(total).pow(2).sum(1)
 
     def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
         total = None
         for data in datas:
             g = self.materialize(*data)
-            s = torch.einsum("b,bk->k", c.to(g.dtype), g.reshape(g.shape[0], -1)).reshape(g.shape[1:])
+            s = torch.tensordot(c.to(g.dtype), g, dims=1)
             total = s if total is None else total + s
         return total
 
@@ -88,7 +95,7 @@ class Outer(GradKind):
             gram_g = torch.einsum("bno,bmo->bnm", g, g)
             gram_x = torch.einsum("bni,bmi->bnm", x, x)
             return torch.einsum("bnm,bnm->b", gram_g, gram_x)
-        return torch.einsum("bno,bni->boi", g, x).flatten(1).pow(2).sum(1)
+        return _rows(torch.einsum("bno,bni->boi", g, x)).pow(2).sum(1)
 
     def weighted_sum(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -166,6 +173,13 @@ class LeafPieces:
     def __init__(self, records: Sequence[tuple[GradKind, tuple[Any, ...]]], dense: torch.Tensor | None, size: int, shape: Sequence[int]):
         self.size = size
         self.materialized = dense is not None
+        if size == 0:  # an empty (Poisson) batch: nothing to ask the kinds
+            floats = [t for _, data in records for t in data if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            ref = dense if dense is not None else floats[0]
+            self.kind, self.datas = None, []
+            self.dense = ref.new_zeros((0, *shape))
+            self.sq_norm = ref.new_zeros(0)
+            return
         if dense is None and records and len({kind for kind, _ in records}) == 1:
             self.kind: GradKind | None = records[0][0]
             self.datas = [data for _, data in records]
@@ -180,7 +194,7 @@ class LeafPieces:
         if total is None:
             raise ValueError(f"no gradient pieces for a parameter of shape {tuple(shape)}")
         self.dense = total
-        self.sq_norm = total.reshape(size, -1).pow(2).sum(1) if size else total.new_zeros(0)
+        self.sq_norm = _rows(total).pow(2).sum(1)
 
     def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:
         """``sum_b c_b grad_b``, shaped like the parameter."""

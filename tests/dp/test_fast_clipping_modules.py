@@ -75,3 +75,42 @@ def test_fast_clipping_batch_size_change_in_one_step_is_an_error():
     model(torch.randn(2, 1, 5, 5, dtype=DT)).sum().backward()
     with pytest.raises(ValueError, match="batches of 2 and 3 examples"):
         model(torch.randn(3, 1, 5, 5, dtype=DT))
+
+
+def test_fast_clipping_empty_batch_through_the_model():
+    """A Poisson batch of 0 examples goes through forward/backward; the step is pure noise."""
+    model = cnn()
+    emb = pnn.Embedding(10, 3, max_batch_size=8).to(DT)
+    params = list(model.parameters()) + list(emb.parameters())
+    opt = dp.DPOptimizer(torch.optim.SGD(params, lr=1.0), max_norm=1.0, noise_multiplier=1.0,
+                         expected_batch_size=4, seed=0, fast_clipping=True)
+    before = [p.detach().clone() for p in params]
+    out = model(torch.zeros(0, 1, 5, 5, dtype=DT)).sum() + emb(torch.zeros(0, 2, dtype=torch.long)).sum()
+    out.backward()
+    assert opt.accumulate().shape == (0,)
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(params, before))  # noise moved every param
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_mean_loss_reduction_equals_sum(fast):
+    """loss_reduction="mean" undoes the 1/B of a mean loss: same step as a summed loss."""
+    results = []
+    for reduction in ["sum", "mean"]:
+        model = cnn()
+        opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), max_norm=0.05,
+                             noise_multiplier=0.0, expected_batch_size=6,
+                             loss_reduction=reduction, fast_clipping=fast)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(6, 1, 5, 5, dtype=DT, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+        F.cross_entropy(model(x), y, reduction=reduction).backward()
+        norms = opt.accumulate()
+        opt.step()
+        results.append(([p.detach().clone() for p in model.parameters()], norms))
+    (ps, ns), (pm, nm) = results
+    torch.testing.assert_close(nm, ns, rtol=1e-10, atol=0)
+    for a, b in zip(pm, ps):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), max_norm=1.0,
+                       noise_multiplier=0.0, expected_batch_size=6, loss_reduction="avg")
