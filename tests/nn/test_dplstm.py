@@ -445,3 +445,16 @@ def test_dp_optimizer_fast_clipping_equals_grad_sample_path():
     torch.testing.assert_close(fast_norms, slow_norms, rtol=1e-10, atol=0)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_empty_batch_as_nn_lstm():
+    """Poisson sampling draws empty batches: B = 0 gives nn.LSTM's shapes and [0, *shape]."""
+    ours, ref = pair(2, True, batch_first=True)
+    out, (h_n, _) = ours(torch.zeros(0, T, D, dtype=F64))
+    ref_out, (ref_h, _) = ref(torch.zeros(0, T, D, dtype=F64))
+    assert out.shape == ref_out.shape and h_n.shape == ref_h.shape
+    (out.sum() + h_n.sum()).backward()
+    assert all(p.grad_sample.shape == (0, *p.shape) for p in ours.parameters())
+    cell = pnn.DPLSTMCell(D, H, dtype=F64)
+    sum(t.sum() for t in cell(torch.zeros(0, D, dtype=F64))).backward()
+    assert cell.weight_hh.grad_sample.shape == (0, 4 * H, H)

@@ -7,7 +7,7 @@ each layer and direction:
   ``x [B, T, D] -> x W_ih^T + b_ih [B, T, 4H]``, whose backward contracts over time:
   ``dW_ih[b] = sum_t dz[b, t]^T x[b, t]`` in one batched product (Goodfellow 2015).
 * ``W_hh``, ``b_hh``: the recurrence is one ``autograd.Function`` (:class:`_Recurrence`)
-  whose forward runs the loop with the shared weight ``W_hh[0]`` and whose backward is
+  whose forward runs the loop with the one shared ``W_hh`` and whose backward is
   backpropagation through time by hand. It collects the gate gradients ``dz [B, T, 4H]``
   and the hidden states each step started from, ``h_prev [B, T, H]``, and only then emits
   ``dW_hh[b] = sum_t dz[b, t]^T h_prev[b, t]`` (:class:`~psgfunc.per_sample._kinds.Outer`)
@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 import psgfunc.functional as PF
 from psgfunc import _rules
-from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, call_rule, is_shared, shared
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
 
 # ``psgfunc.functional.lstm`` the module (the package re-exports a function of that name)
@@ -49,15 +49,15 @@ class _Recurrence(torch.autograd.Function):
 
     Inputs: ``x_gates`` (``x W_ih^T + b_ih``), ``h0``/``c0`` ``[B, H]``, the expanded
     ``w_hh`` ``[B, 4H, H]`` and ``b_hh`` ``[B, 4H]`` (or None) whose dim 0 is shared,
-    ``mask`` ``[B, T, 1]`` bool or None, ``reverse``. The forward uses ``w_hh[0]`` and
-    ``b_hh[0]``; the backward returns the gradients of ``x_gates``, ``h0``, ``c0`` and,
+    ``mask`` ``[B, T, 1]`` bool or None, ``reverse``. The forward uses the shared ``W_hh``
+    and ``b_hh`` (``shared``: also for ``B = 0``); the backward returns the gradients of ``x_gates``, ``h0``, ``c0`` and,
     through :func:`emit`, the per-sample gradients of ``w_hh`` and ``b_hh``.
     """
 
     @staticmethod
     def forward(ctx: Any, x_gates, h0, c0, w_hh, b_hh, mask, reverse):  # type: ignore[override]
         out, h_n, c_n, saved = _lstm_mod.direction_forward(
-            x_gates, h0, c0, w_hh[0], mask, reverse, True, None if b_hh is None else b_hh[0]
+            x_gates, h0, c0, shared(w_hh), mask, reverse, True, None if b_hh is None else shared(b_hh)
         )
         ctx.save_for_backward(h0, c0, *saved)
         ctx.w_hh, ctx.b_hh, ctx.mask, ctx.reverse = w_hh, b_hh, mask, reverse
@@ -69,7 +69,7 @@ class _Recurrence(torch.autograd.Function):
         h0, c0, *saved = ctx.saved_tensors
         w_hh, b_hh = ctx.w_hh, ctx.b_hh
         dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
-            tuple(saved), h0, c0, w_hh[0], ctx.mask, ctx.reverse, True, d_out, d_hn, d_cn
+            tuple(saved), h0, c0, shared(w_hh), ctx.mask, ctx.reverse, True, d_out, d_hn, d_cn
         )
         need = ctx.needs_input_grad
         d_w = emit(w_hh, _OUTER, dz, h_prev) if need[3] else None
@@ -109,8 +109,8 @@ def _all_shared(params: dict[str, torch.Tensor | None]) -> bool:
 
 
 def _first(params: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    """One example's params (``p[0]``): for the plain layer's shape checks."""
-    return {k: v[0] for k, v in params.items() if v is not None}
+    """One example's params (the shared tensor): for the plain layer's shape checks."""
+    return {k: shared(v) for k, v in params.items() if v is not None}
 
 
 class LSTMRule(Rule):
@@ -295,8 +295,8 @@ class LSTMCellRule(Rule):
 
     def batched(self, params, carry, x):  # type: ignore[override]
         w_ih, w_hh = params["weight_ih"], params["weight_hh"]
-        hidden, in_size = _lstm_mod._cell_sizes(w_ih[0], w_hh[0], "weight_ih", "weight_hh",
-                                                "lstm_cell")
+        hidden, in_size = _lstm_mod._cell_sizes(shared(w_ih), shared(w_hh), "weight_ih",
+                                                "weight_hh", "lstm_cell")
         size = w_ih.shape[0]
         if not _all_shared(params):
             return torch.func.vmap(self.plain, in_dims=(0, None if carry is None else 0, 0))(
