@@ -48,6 +48,11 @@ class GradKind:
     def materialize(self, *data: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefers_dense(self, datas: Sequence[tuple[Any, ...]]) -> bool:
+        """Whether materialising is the cheapest way to this parameter's norms (then the
+        dense gradient is built once and also serves the weighted sum)."""
+        return type(self).norm2 is GradKind.norm2
+
     def norm2(self, datas: Sequence[tuple[Any, ...]]) -> torch.Tensor:
         total = self.materialize(*datas[0])
         for data in datas[1:]:
@@ -84,6 +89,11 @@ class Outer(GradKind):
     def materialize(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out = torch.einsum("bno,bni->boi", g, x)
         return out if self.shape is None else out.reshape(out.shape[0], *self.shape)
+
+    def prefers_dense(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        n = sum(d[0].shape[1] for d in datas)
+        o, i = datas[0][0].shape[2], datas[0][1].shape[2]
+        return n > 1 and n * (o + i) >= o * i
 
     def norm2(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         g = torch.cat([d[0] for d in datas], dim=1) if len(datas) > 1 else datas[0][0]
@@ -180,7 +190,8 @@ class LeafPieces:
             self.dense = ref.new_zeros((0, *shape))
             self.sq_norm = ref.new_zeros(0)
             return
-        if dense is None and records and len({kind for kind, _ in records}) == 1:
+        one_kind = dense is None and records and len({kind for kind, _ in records}) == 1
+        if one_kind and not records[0][0].prefers_dense([data for _, data in records]):
             self.kind: GradKind | None = records[0][0]
             self.datas = [data for _, data in records]
             self.dense = None
