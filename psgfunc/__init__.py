@@ -4,9 +4,9 @@ Public API (DESIGN.md): ``per_sample_grads``, ``scan`` and the subpackages ``fun
 (pure layers), ``nn`` (module shells), ``dp`` (DP-SGD).
 """
 
-from psgfunc import dp, functional
+from psgfunc import dp, functional, nn
 from psgfunc.per_sample import per_sample_grads
 from psgfunc.scan import scan
 
-__all__ = ["per_sample_grads", "scan", "functional", "dp"]
+__all__ = ["per_sample_grads", "scan", "functional", "nn", "dp"]
 __version__ = "0.1.0"

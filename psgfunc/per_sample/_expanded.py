@@ -171,7 +171,8 @@ def _store_grad_sample(p: torch.Tensor) -> Callable[[torch.Tensor], None]:
             raise ValueError(
                 f"a parameter of shape {tuple(p.shape)} already holds grad_sample for a batch "
                 f"of {prev.shape[0]} examples and now gets one for {g.shape[0]}; clear it "
-                "between batches with psgfunc.nn.zero_grad(model) or optimizer.zero_grad()"
+                "between batches with psgfunc.nn.zero_grad(model) or DPOptimizer.zero_grad() (a plain "
+                "torch optimizer's zero_grad clears .grad only)"
             )
         else:
             p.grad_sample = prev + g

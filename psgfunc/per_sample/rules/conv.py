@@ -19,18 +19,27 @@ Backward, for ``x [B, C, *S]``, ``g = dL/dy [B, O, *S']`` and ``G`` groups:
   over which the weight gradient sums;
 * per-sample bias gradient: ``g`` summed over its spatial dims.
 
-Choice of the weight-gradient contraction, by measurement (2 CPU threads, float32; the
-comparison is the second table of ``benchmarks/layers.py``, saved as
-``benchmarks/results/conv_weight_grad.csv``): the grouped convolution was at or below
-``unfold`` + ``einsum`` (im2col, then a batched matmul) wherever the two differed beyond
-noise: about 5x faster on Opacus' 64->64 k=8 layer on 50x100 inputs (B=16: 0.19 s against
-0.97 s; B=64: 1.0 s against 8.2 s), about 2x on mid-size 3x3 layers, 3-4x with stride 2,
-over 10x on grouped/depthwise layers (unfold builds a ``C/G*K x L`` patch matrix per example
-and cannot skip the zero blocks between groups), about 3x on a 3-D layer, and tied on tiny
-first layers (C = 1 or 3) and 1-D layers. Unfold also materialises the patches
-(``B*C*K*L`` floats) as a tensor; the grouped convolution leaves its work layout to the
-convolution kernel. So the rule always uses the grouped convolution; no size-based switch
-was worth its complexity.
+Choice of the weight-gradient contraction, by measurement (2 CPU threads, float32, on an
+otherwise idle 2-core machine; the comparison is the second table of
+``benchmarks/layers.py``, saved as ``benchmarks/results/conv_weight_grad.csv``), grouped
+convolution against ``unfold`` + ``einsum`` (im2col, then a batched matmul):
+
+=============================  ===  ===========  =============
+layer                           B    grouped      unfold+einsum
+=============================  ===  ===========  =============
+Opacus 64->64 k8 on 50x100      16   180 ms       920 ms
+3->32 k3 on 32x32               64   4.3 ms       6.7 ms
+1->16 k8 stride 2 on 28x28      64   0.81 ms      0.56 ms
+32->64 k3 on 16x16              64   6.9 ms       15 ms
+depthwise 64, k3 on 16x16       64   1.9 ms       18 ms
+1-D 64->64 k5 on 200            64   7.6 ms       9.1 ms
+3-D 8->16 k3 on 16^3            16   4.5 ms       46 ms
+=============================  ===  ===========  =============
+
+(minimum of 15 interleaved runs; 3 for the first row). Unfold also materialises the
+patches (``B*C*K*L`` floats; ~1 GB peak on the first row against ~70 MB) and cannot skip the
+zero blocks between groups. It wins only on the tiny MNIST-like first layer, by 0.25 ms, so
+the rule always uses the grouped convolution: no size-based switch is worth its complexity.
 """
 
 from __future__ import annotations
