@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import psgfunc.dp as dp
 import psgfunc.functional as PF
 from psgfunc.per_sample import _kinds
+from psgfunc.per_sample.rules.embedding import EmbeddingRows
 from tests.oracles import assert_tree_close, per_example_grads
 
 DT = torch.float64
@@ -134,7 +135,7 @@ def test_fast_equals_materialize(name, max_norm):
 
 
 def test_dense_layers_never_materialise(monkeypatch):
-    """For linear layers without long sequences, no [B, O, I] weight gradient is built.
+    """Linear layers without long sequences and embeddings build no [B, O, I] / [B, V, D].
 
     (Bias gradients [B, O] are built: they are the size of one activation.)
     """
@@ -142,11 +143,12 @@ def test_dense_layers_never_materialise(monkeypatch):
     def refuse(self, *data):
         raise AssertionError(f"{type(self).__name__} materialised a per-sample gradient")
 
-    for name in ["mlp", "seq-short", "tied"]:
+    for name in ["mlp", "seq-short", "tied", "text-short", "text-long"]:
         fn, params, batch = MODELS[name]()
         expected, _ = reference(fn, params, batch, 0.5)
         with monkeypatch.context() as m:
             m.setattr(_kinds.Outer, "materialize", refuse)
+            m.setattr(EmbeddingRows, "materialize", refuse)
             summed, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=0.5)
         assert_tree_close(summed, expected)
 

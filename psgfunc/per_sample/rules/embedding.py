@@ -58,7 +58,8 @@ class EmbeddingRows(GradKind):
 
     ``materialize``: :func:`per_sample_embedding_grad`. ``norm2``: with the positions of
     example b flattened to ``t = 1..T``, ``|grad_b|^2 = sum_{t,t'} [idx_t == idx_t'] g_t . g_t'``
-    (a ``T x T`` Gram matrix instead of a ``V x D`` table, used when ``T * T < V``).
+    (a ``T x T`` Gram matrix instead of a ``V x D`` table, used when ``T * T < V``; longer
+    sequences add up each example's rows per distinct index instead, ``B*T*D`` work).
     ``weighted_sum``: the ordinary embedding backward of ``c_b g_b`` (one ``index_add_``).
     """
 
@@ -78,10 +79,17 @@ class EmbeddingRows(GradKind):
 
     def norm2(self, datas: Any) -> torch.Tensor:
         idx, g = self._flat(datas)
-        if idx.shape[1] ** 2 >= self.num_embeddings:
-            return super().norm2(datas)
-        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g.dtype)  # [B, T, T]
-        return torch.einsum("bts,btd,bsd->b", same, g, g)
+        size, positions, dim = g.shape
+        if positions**2 < self.num_embeddings:
+            same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g.dtype)  # [B, T, T]
+            return torch.einsum("bts,btd,bsd->b", same, g, g)
+        # long sequences: add up each example's rows per distinct index (B*T*D work, never
+        # the [B, V, D] table), then square
+        offsets = torch.arange(size, device=idx.device).unsqueeze(1) * self.num_embeddings
+        keys, inverse = torch.unique((idx.to(torch.int64) + offsets).reshape(-1), return_inverse=True)
+        rows = g.new_zeros(keys.numel(), dim).index_add_(0, inverse, g.reshape(-1, dim))
+        example = torch.div(keys, self.num_embeddings, rounding_mode="floor")
+        return g.new_zeros(size).index_add_(0, example, rows.pow(2).sum(1))
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
         idx, g = self._flat(datas)
