@@ -30,14 +30,16 @@ as many more as fit in ``--min-time`` (1 s; at most 100 steps) for fast layers, 
 shared machine, other processes on the same cores inflate small steps a lot (two OpenMP
 threads wait for each other across time slices): compare ratios from one run.
 
-Memory: the peak resident-set growth of ONE step, ``ru_maxrss`` after the step minus
-``ru_maxrss`` before it, in a fresh child process forked (before any torch op ran) for each
-(layer, batch, method), with the layer, inputs and target already built and after one step
-on a single example (which pays one-time costs: lazy imports, kernel caches). It counts every
-byte the step touched (activations, saved tensors, per-sample gradients, kernel workspaces,
-allocator slack), at page granularity; it cannot see memory freed and reused inside the step
-below the high-water mark, which is what a peak is. A small layer's step can stay within
-pages the process already had: those read 0.
+Memory (:func:`step_peak_mb`): the peak resident-set growth of ONE step, in a fresh child
+process forked (before any torch op ran) for each (layer, batch, method), with the layer,
+inputs and target already built and after one step on a single example (which pays one-time
+costs: lazy imports, kernel caches). On Linux, just before the step the child returns its
+free heap pages to the OS (``malloc_trim``), resets its peak RSS (``/proc/self/clear_refs``)
+and reads its RSS; the figure is the peak RSS during the step (``VmHWM``) minus that RSS. It
+counts every byte the step needs at its high-water mark beyond the live model and inputs
+(activations, saved tensors, per-sample gradients, kernel workspaces, allocator slack), at
+page granularity. Elsewhere it falls back to the growth of ``ru_maxrss`` over the step,
+which misses memory the step reuses from pages the process already touched.
 
 A second table compares, for the convolution rule, the two ways of contracting each
 example's weight gradient (grouped convolution with the batch as groups, which the rule
@@ -49,6 +51,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import ctypes.util
+import gc
 import math
 import multiprocessing as mp
 import os
@@ -223,6 +228,38 @@ def make_wgrad_step(cfg: dict[str, Any], variant: str, batch: int) -> Callable[[
 # ---------------------------------------------------------------------------- measurement
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def step_peak_mb(step: Callable[[], Any]) -> float:
+    """Run ``step()`` once; return its peak resident-set growth in MB (see the module doc).
+
+    Linux: free heap pages go back to the OS first (``malloc_trim(0)``), so the step must
+    fault in all it uses; the peak RSS is reset to the current RSS (writing ``5`` to
+    ``/proc/self/clear_refs``); the result is ``VmHWM`` after the step minus ``VmRSS``
+    before it. Elsewhere: the growth of ``ru_maxrss`` (a lower bound)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kb("VmRSS")
+        if _status_kb("VmHWM") > before + 1024:  # the reset did not take (kernel < 4.0)
+            raise OSError("clear_refs")
+    except (OSError, AttributeError):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    step()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
 def _child(conn, builder, args, threads, warmup, repeats, min_ms):
     """In a fresh forked process (the parent never ran torch's thread pool, see
     ``_grad_sample_module``): a one-example step (one-time initialisation), one step for
@@ -237,9 +274,7 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms):
         tiny()
         del tiny
         step = builder(*args)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step()
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        peak_mb = step_peak_mb(step)
         for _ in range(warmup):
             step()
         times: list[float] = []

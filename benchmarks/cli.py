@@ -1,0 +1,237 @@
+"""``python -m benchmarks``: every method against a non-private step, on layers, models, an LSTM.
+
+Commands::
+
+    python -m benchmarks                              # full run: all suites, B = 16, 64
+    python -m benchmarks --quick                      # tiny shapes, 1 repeat: a smoke run (seconds)
+    python -m benchmarks --suite layers --batch-sizes 16,64,256 --repeats 9
+    python -m benchmarks.report benchmarks/results/bench.csv   # Markdown again, from the CSV
+
+Suites (configurations in the format of :mod:`benchmarks.methods`):
+
+* ``layers``: Opacus's micro-benchmark shapes, from :func:`benchmarks.layers.layer_configs`:
+  Linear 512->512, Conv2d 64->64 k=8 on 50x100, LayerNorm 64, Embedding 20000x100;
+* ``models``: :func:`benchmarks.models.model_configs`: an MLP, the digits CNN, an
+  Embedding+LSTM text classifier, a transformer block;
+* ``lstm``: one LSTM layer, T = 128, D = H = 100 (:func:`benchmarks.lstm.lstm_configs`).
+
+Methods (:data:`benchmarks.methods.METHODS`): the non-private ``torch.nn`` step, psgfunc's
+``per_sample_grads`` (vmap / expanded / auto), the ``psgfunc.nn`` shells, fast clipping
+(``clipped_grad_sum`` and ``DPOptimizer(fast_clipping=True)``, and ``DPOptimizer`` without it),
+torch's expanded weights, and, when Opacus is installed, its GradSampleModule in the modes
+hooks / functorch / ew and ghost clipping. A method that does not support a configuration
+gets its error message in the CSV and ``n/a`` in the tables.
+
+Measurement (:func:`benchmarks.layers.measure`): every (configuration, batch size, method)
+runs in its own freshly forked process with ``torch.set_num_threads(--threads)``. Time: the
+median of ``--repeats`` steps (and of as many more as fit in ``--min-time`` seconds, at most
+100) after ``--warmup`` steps. Memory (:func:`benchmarks.layers.step_peak_mb`): the peak
+resident-set growth of ONE step over the live model and inputs, after a one-example step
+(Linux: free heap pages returned to the OS, peak RSS reset, then ``VmHWM`` after the step
+minus ``VmRSS`` before it): every byte the step needs at its high-water mark (activations,
+saved tensors, per-sample gradients, workspaces, allocator slack), at page granularity.
+Memory ratios are given only where the non-private step grows by at least 1 MB. Before each
+measurement the run waits (up to ``--max-wait`` s) until other processes leave the CPU quiet
+(``busy_before`` in the CSV).
+
+Outputs, in ``--out``: ``<name>.csv`` (every number), ``<name>.md`` (tables with ratios to
+the non-private step, see :mod:`benchmarks.report`) and ``<name>_<suite>.png`` (time and peak
+memory against batch size, one panel per layer or model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import math
+import os
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from benchmarks import layers, lstm, models
+from benchmarks.methods import METHODS, make_step
+
+FIELDS = [
+    "suite", "config", "desc", "batch", "method", "ms", "min_ms", "repeats", "peak_mb",
+    "time_ratio", "mem_ratio", "busy_before", "error", "threads", "torch", "opacus", "cpus", "quick",
+]
+MIN_BASE_MB = 1.0  # below this non-private peak growth, memory ratios are not meaningful
+
+
+SUITES: dict[str, Callable[[bool], dict[str, dict[str, Any]]]] = {
+    "layers": layers.layer_configs,
+    "models": models.model_configs,
+    "lstm": lstm.lstm_configs,
+}
+
+
+def build_step(suite: str, name: str, quick: bool, method: str, batch: int) -> Any:
+    """The builder :func:`benchmarks.layers.measure` calls in the child (batch size last)."""
+    return make_step(SUITES[suite](quick)[name], method, batch)
+
+
+def _measure(args: tuple[Any, ...], opts: argparse.Namespace, warmup: int, repeats: int,
+             min_ms: float) -> dict[str, Any]:
+    try:
+        result = layers.measure(build_step, args, opts.threads, warmup, repeats, min_ms)
+    except EOFError:  # the child died without reporting (killed, e.g. out of memory)
+        return dict(error="the measuring process died (out of memory?)")
+    return result if result is not None else dict(error="not available")
+
+
+def _prewarm(methods: list[str], has_opacus: bool) -> None:
+    """For 1-thread runs: import Opacus and take one tiny step of every method here, once,
+    so that the forked children inherit the lazy imports and first-call set-up (up to a
+    second each) instead of paying them in every measurement.
+
+    Not done with more threads: importing Opacus and running torch ops start torch's
+    intra-op thread pool, and children forked from a process with a started pool are slow
+    (see ``benchmarks.layers._grad_sample_module``). With ONE thread no pool is started.
+    Each child still takes its own one-example step before it measures."""
+    import torch
+
+    torch.set_num_threads(1)
+    if has_opacus:
+        import opacus  # noqa: F401
+    tiny = layers.layer_configs(True)["Linear"]
+    for method in methods:
+        try:
+            make_step(tiny, method, 1)()
+        except Exception:  # the measurement reports it
+            pass
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--suite", default=",".join(SUITES), help="comma-separated suites (default: %(default)s)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 16,64; quick 4,8)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: %(default)s")
+    parser.add_argument("--configs", default="", help="comma-separated subset of layer/model names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat, no waiting: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps at least (default 5, quick 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1, quick 0)")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="repeat fast steps until this many seconds, at most 100 steps (default 1, quick 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 2, quick 1)")
+    parser.add_argument("--max-busy", type=float, default=0.25,
+                        help="wait while other processes keep more than this fraction of the CPU busy")
+    parser.add_argument("--max-wait", type=float, default=None,
+                        help="seconds to wait for a quiet CPU before measuring anyway (default 120, quick 0)")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
+    parser.add_argument("--name", default=None, help="file stem (default: bench, quick: bench-quick)")
+    parser.add_argument("--no-plots", action="store_true", help="CSV and Markdown only")
+    opts = parser.parse_args(argv)
+    opts.suites = _csv_list(opts.suite)
+    if opts.batch_sizes is None:
+        opts.batch_sizes = "4,8" if opts.quick else "16,64"
+    opts.batches = [int(b) for b in _csv_list(opts.batch_sizes)]
+    if opts.threads is None:
+        opts.threads = 1 if opts.quick else 2
+    opts.method_list = _csv_list(opts.methods)
+    opts.config_list = _csv_list(opts.configs)
+    for kind, given, known in (("suite", opts.suites, SUITES), ("method", opts.method_list, METHODS)):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            parser.error(f"unknown {kind} {unknown}; choose from {list(known)}")
+    if "nn" not in opts.method_list:
+        opts.method_list.insert(0, "nn")  # the reference of every ratio
+    if opts.name is None:
+        opts.name = "bench-quick" if opts.quick else "bench"
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    warmup = opts.warmup if opts.warmup is not None else (0 if opts.quick else 1)
+    repeats = opts.repeats if opts.repeats is not None else (1 if opts.quick else 5)
+    min_ms = 1e3 * (opts.min_time if opts.min_time is not None else (0.0 if opts.quick else 1.0))
+    max_wait = opts.max_wait if opts.max_wait is not None else (0.0 if opts.quick else 120.0)
+    has_opacus = importlib.util.find_spec("opacus") is not None
+    methods = [m for m in opts.method_list if has_opacus or not m.startswith("opacus")]
+    if opts.threads == 1:
+        _prewarm(methods, has_opacus)
+    meta = dict(threads=opts.threads, torch=_version("torch"), opacus=_version("opacus"),
+                cpus=os.cpu_count(), quick=int(opts.quick))
+
+    jobs = []
+    for suite in opts.suites:
+        configs = SUITES[suite](opts.quick)
+        for name, cfg in configs.items():
+            if opts.config_list and name not in opts.config_list:
+                continue
+            for batch in opts.batches:
+                jobs += [(suite, name, cfg["desc"], batch, method) for method in methods]
+    if not jobs:
+        print("nothing to run: check --suite and --configs", file=sys.stderr)
+        return 2
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"psgfunc benchmark ({'quick' if opts.quick else 'full'}): {len(jobs)} measurements; "
+          f"torch {meta['torch']}, opacus {meta['opacus'] or 'not installed'}, {opts.threads} threads, "
+          f"{meta['cpus']} CPUs; median of >= {repeats} after {warmup} warm-up", flush=True)
+    rows: list[dict[str, Any]] = []
+    base: dict[tuple[str, str, int], dict[str, Any]] = {}
+    start = time.perf_counter()
+    bar = tqdm(jobs, unit="run", dynamic_ncols=True)
+    for suite, name, desc, batch, method in bar:
+        bar.set_description(f"{name} B={batch} {method}")
+        busy = layers.wait_for_quiet(opts.max_busy, max_wait)
+        result = _measure((suite, name, opts.quick, method, batch), opts, warmup, repeats, min_ms)
+        row = dict(suite=suite, config=name, desc=desc, batch=batch, method=method,
+                   ms=result.get("ms", math.nan), min_ms=result.get("min_ms", math.nan),
+                   repeats=result.get("n", 0), peak_mb=result.get("peak_mb", math.nan),
+                   time_ratio=math.nan, mem_ratio=math.nan,
+                   busy_before="" if math.isnan(busy) else round(busy, 2),
+                   error=" ".join(str(result.get("error", "")).split())[:300], **meta)
+        key = (suite, name, batch)
+        if method == "nn":
+            base[key] = row
+        ref = base.get(key)
+        if ref is not None and not row["error"] and not ref["error"]:
+            row["time_ratio"] = row["ms"] / ref["ms"]
+            if ref["peak_mb"] >= MIN_BASE_MB:
+                row["mem_ratio"] = row["peak_mb"] / ref["peak_mb"]
+        rows.append(row)
+        tqdm.write(f"  {name:<11} B={batch:<4d} {method:<16} "
+                   + (f"ERROR {row['error'][:90]}" if row["error"] else
+                      f"{row['ms']:10.2f} ms  x{row['time_ratio']:<6.2f} {row['peak_mb']:8.1f} MB"))
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    csv_path = out / f"{opts.name}.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    from benchmarks import report  # matplotlib is imported only now, after every child ran
+
+    written = [csv_path]
+    plots = [] if opts.no_plots else report.plot(report.load(csv_path), out / opts.name)
+    md_path = out / f"{opts.name}.md"
+    md_path.write_text(report.markdown(report.load(csv_path), plots=plots, details=True,
+                                       relative_to=out))
+    written += [md_path, *plots]
+    print(f"\n{len(rows)} measurements in {elapsed:.0f} s; wrote " + ", ".join(map(str, written)))
+    return 0

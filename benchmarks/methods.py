@@ -1,0 +1,216 @@
+"""The methods the benchmark compares: one step builder for every way of getting gradients.
+
+A *configuration* is a dict (the format of :func:`benchmarks.layers.layer_configs`, plus two
+optional keys) describing one layer or model:
+
+* ``desc``: a one-line description (shapes);
+* ``nn()``: the plain ``torch.nn`` module, ``[B, ...] -> [B, ...]`` (a tensor);
+* ``shell(b)``: the same architecture built from ``psgfunc.nn`` shells for batches of up to
+  ``b`` (optional: default ``psgfunc.nn.expand_weights(nn(), b)``);
+* ``fn(params, x)``: the same forward for ONE example with ``psgfunc.functional``, on
+  ``params = dict(nn().named_parameters())`` (detached);
+* ``x(b)``: an input batch;
+* ``opacus_nn()``: the module Opacus wraps, when it differs from ``nn()`` (Opacus needs its
+  own ``opacus.layers.DPLSTM`` in place of ``nn.LSTM``; optional).
+
+Every method runs the same step: the forward, the loss ``sum(out * target)`` with a fixed
+random ``target`` shaped like the output (one scalar per example, summed over the batch),
+and the backward, leaving what the method promises (see :data:`METHODS`). The weights of the
+shell are loaded from the ``nn`` module; Opacus's modules keep their own random weights
+(timings do not depend on the values).
+
+Opacus is imported in the measuring child only (see ``benchmarks.layers._grad_sample_module``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import psgfunc.nn as pnn
+from psgfunc import per_sample_grads
+from psgfunc.dp import DPOptimizer, clipped_grad_sum
+
+MAX_NORM = 1.0  # clipping bound of the clipping methods (any value costs the same)
+
+METHODS: dict[str, str] = {
+    "nn": "torch.nn forward + backward: the ordinary gradient (non-private reference)",
+    "vmap": "psgfunc.per_sample_grads(method='vmap'): per-sample gradients",
+    "expanded": "psgfunc.per_sample_grads(method='expanded'): per-sample gradients",
+    "auto": "psgfunc.per_sample_grads(method='auto'): per-sample gradients",
+    "shell": "psgfunc.nn shells, forward + loss.backward(): p.grad_sample and p.grad",
+    "dpopt": "shells + psgfunc.dp.DPOptimizer.accumulate(): per-sample gradients, clipped sum",
+    "dpopt-fast": "shells + DPOptimizer(fast_clipping=True).accumulate(): clipped sum, no per-sample gradients",
+    "clip-fast": "psgfunc.dp.clipped_grad_sum(method='fast'): clipped sum, no per-sample gradients",
+    "torch-ew": "torch.nn.utils._per_sample_grad.call_for_per_sample_grads (expanded weights): p.grad_sample",
+    "opacus-hooks": "opacus GradSampleModule, grad_sample_mode='hooks': p.grad_sample",
+    "opacus-functorch": "opacus GradSampleModule, grad_sample_mode='functorch': p.grad_sample",
+    "opacus-ew": "opacus GradSampleModuleExpandedWeights, grad_sample_mode='ew': p.grad_sample",
+    "opacus-ghost": "opacus GradSampleModuleFastGradientClipping (ghost clipping, two backward passes): clipped sum in p.grad",
+}
+"""Method name -> what one step computes. ``nn`` is the reference of every ratio."""
+
+Step = Callable[[], Any]
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out * target).sum()
+
+
+def _per_example_losses(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out * target).flatten(1).sum(1)  # [B]
+
+
+def _clear(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+        if getattr(p, "grad_sample", None) is not None:
+            p.grad_sample = None
+
+
+def _shell(cfg: dict[str, Any], module: nn.Module, batch: int) -> nn.Module:
+    """The psgfunc.nn version of ``module`` holding ``module``'s weights (copied)."""
+    shell = cfg["shell"](batch) if "shell" in cfg else pnn.expand_weights(cfg["nn"](), batch)
+    shell.load_state_dict(module.state_dict())
+    return shell
+
+
+def _opacus(mode: str, module: nn.Module) -> nn.Module:
+    from opacus.grad_sample.utils import prepare_module
+
+    kwargs: dict[str, Any] = dict(batch_first=True, loss_reduction="sum")
+    if mode == "ghost":
+        kwargs.update(max_grad_norm=MAX_NORM, use_ghost_clipping=True)
+    return prepare_module(module, mode, **kwargs)
+
+
+def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
+    """Build everything for one (configuration, method, batch size); return the step to time.
+
+    Raises:
+        ValueError: for an unknown ``method``. Any other exception means the method does not
+            support this configuration (the benchmark records its message).
+    """
+    if method not in METHODS:
+        raise ValueError(f"make_step: unknown method {method!r}; use one of {list(METHODS)}")
+    warnings.simplefilter("ignore")  # Opacus and torch warn on every wrap; keep the log short
+    torch.manual_seed(0)
+    module = cfg["nn"]()
+    x = cfg["x"](batch)
+    with torch.no_grad():
+        target = torch.randn_like(module(x))
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    forward = cfg["fn"]
+    weights = list(module.parameters())  # the tensors the step differentiates
+
+    def fn(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+        return _loss(forward(p, xi), ti)
+
+    if method == "nn":
+
+        def step() -> Any:
+            _clear(weights)
+            _loss(module(x), target).backward()
+            return [p.grad for p in weights]
+
+    elif method in ("vmap", "expanded", "auto"):
+
+        def step() -> Any:
+            return per_sample_grads(fn, params, x, target, method=method)
+
+    elif method == "clip-fast":
+
+        def step() -> Any:
+            return clipped_grad_sum(fn, params, x, target, max_norm=MAX_NORM, method="fast")
+
+    elif method in ("shell", "dpopt", "dpopt-fast"):
+        shell = _shell(cfg, module, batch)
+        weights = list(shell.parameters())
+        if method == "shell":
+
+            def step() -> Any:
+                _clear(weights)
+                _loss(shell(x), target).backward()
+                return [p.grad_sample for p in weights]
+
+        else:
+            opt = DPOptimizer(
+                torch.optim.SGD(weights, lr=0.0),
+                max_norm=MAX_NORM,
+                noise_multiplier=0.0,
+                expected_batch_size=batch,
+                fast_clipping=method == "dpopt-fast",
+            )
+
+            def step() -> Any:
+                opt.zero_grad()
+                _loss(shell(x), target).backward()
+                return opt.accumulate()
+
+    elif method == "torch-ew":
+        from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+        wrapped = call_for_per_sample_grads(module, batch_size=batch, loss_reduction="sum")
+
+        def step() -> Any:
+            _clear(weights)
+            _loss(wrapped(x), target).backward()
+            return [p.grad_sample for p in weights]
+
+    else:  # opacus-*
+        mode = method.split("-", 1)[1]
+        base = cfg["opacus_nn"]() if "opacus_nn" in cfg else module
+        weights = [p for p in base.parameters() if p.requires_grad]
+        gsm = _opacus(mode, base)
+        if mode != "ghost":
+
+            def step() -> Any:
+                _clear(weights)
+                _loss(gsm(x), target).backward()
+                return [p.grad_sample for p in weights]
+
+        else:
+
+            def step() -> Any:
+                _clear(weights)
+                losses = _per_example_losses(gsm(x), target)
+                losses.sum().backward(retain_graph=True)  # pass 1: per-example norms
+                coef = gsm.get_clipping_coef()
+                _clear(weights)
+                gsm.disable_hooks()
+                (coef * losses).sum().backward()  # pass 2: the clipped sum
+                gsm.enable_hooks()
+                return [p.grad for p in weights]
+
+    return _checked(step, method, batch, [p.shape for p in weights])
+
+
+def _checked(step: Step, method: str, batch: int, shapes: list[torch.Size]) -> Step:
+    """``step``, whose first call checks that the method delivered what it promises (every
+    parameter's per-sample gradient ``[B, *shape]``, norms ``[B]``, or gradients ``[*shape]``),
+    so that a method silently skipping a layer fails instead of looking fast."""
+    first = True
+
+    def run() -> Any:
+        nonlocal first
+        out = step()
+        if first:
+            first = False
+            if method in ("dpopt", "dpopt-fast"):
+                got, want = [tuple(out.shape)], [(batch,)]
+            elif method == "clip-fast":
+                got = [tuple(t.shape) for t in out[0].values()] + [tuple(out[1].shape)]
+                want = [tuple(s) for s in shapes] + [(batch,)]
+            else:
+                leaves = list(out.values()) if isinstance(out, dict) else list(out)
+                got = [None if t is None else tuple(t.shape) for t in leaves]
+                per_sample = method not in ("nn", "opacus-ghost")
+                want = [((batch,) if per_sample else ()) + tuple(s) for s in shapes]
+            if got != want:
+                raise RuntimeError(f"{method} returned shapes {got}, expected {want}")
+        return out
+
+    return run
