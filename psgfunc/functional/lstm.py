@@ -207,23 +207,7 @@ def lstm(
             ``[0, T]``, ``dropout`` outside ``[0, 1)``, or ``params`` whose keys or shapes
             do not match ``num_layers``/``bidirectional``.
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"lstm: num_layers must be an int >= 1, got {num_layers!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"lstm: dropout must be a number in [0, 1), got {dropout!r}")
-    num_dir = 2 if bidirectional else 1
-    hidden, in_size = _lstm_sizes(params, num_layers, num_dir)
-    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(
-            f"lstm: x must be [T, B, D] ([B, T, D] with batch_first) or [T, D] for one "
-            f"example, got {shape}"
-        )
-    if x.shape[-1] != in_size:
-        raise ValueError(
-            f"lstm: x has {x.shape[-1]} features in its last dim but weight_ih_l0 expects "
-            f"input_size D={in_size}; x must be [..., {in_size}]"
-        )
+    num_dir, hidden, _ = _check_lstm_args(params, x, num_layers, bidirectional, dropout)
     batched = x.dim() == 3
     if batched:
         x = x.transpose(0, 1) if batch_first else x
@@ -270,6 +254,36 @@ def lstm(
     if not batched:
         return out.squeeze(1), (hn.squeeze(1), cn.squeeze(1))
     return (out.transpose(0, 1) if batch_first else out), (hn, cn)
+
+
+def _check_lstm_args(
+    params: dict[str, torch.Tensor], x: Any, num_layers: Any, bidirectional: bool, dropout: Any
+) -> tuple[int, int, int]:
+    """Validate :func:`lstm`'s options and ``x`` (``[T, B, D]``/``[B, T, D]``/``[T, D]``).
+
+    Shared with the expanded rule, which passes the shared (unexpanded) params.
+
+    Returns:
+        ``(num_dir, hidden_size, input_size)``.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"lstm: num_layers must be an int >= 1, got {num_layers!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"lstm: dropout must be a number in [0, 1), got {dropout!r}")
+    num_dir = 2 if bidirectional else 1
+    hidden, in_size = _lstm_sizes(params, num_layers, num_dir)
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"lstm: x must be [T, B, D] ([B, T, D] with batch_first) or [T, D] for one "
+            f"example, got {shape}"
+        )
+    if x.shape[-1] != in_size:
+        raise ValueError(
+            f"lstm: x has {x.shape[-1]} features in its last dim but weight_ih_l0 expects "
+            f"input_size D={in_size}; x must be [..., {in_size}]"
+        )
+    return num_dir, hidden, in_size
 
 
 def init_lstm(

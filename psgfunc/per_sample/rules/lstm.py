@@ -152,20 +152,6 @@ class LSTMRule(Rule):
                 layer_in = tm.transpose(0, 1)
         return layer_in, torch.stack(h_n), torch.stack(c_n)
 
-    @staticmethod
-    def _options(params: dict[str, Any], num_layers: Any, bidirectional: bool, dropout: Any):
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"lstm: num_layers must be an int >= 1, got {num_layers!r}")
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0 <= dropout < 1
-        ):
-            raise ValueError(f"lstm: dropout must be a number in [0, 1), got {dropout!r}")
-        num_dir = 2 if bidirectional else 1
-        hidden, in_size = _lstm_mod._lstm_sizes(_first(params), num_layers, num_dir)
-        return num_dir, hidden, in_size
-
     def batched(  # type: ignore[override]
         self,
         params: dict[str, torch.Tensor],
@@ -187,18 +173,9 @@ class LSTMRule(Rule):
         size = next(p.shape[0] for p in params.values() if p is not None)
         if not _all_shared(params):
             return self._vmap_fallback(params, x, state, lengths, batch_first, opts)
-        num_dir, hidden, in_size = self._options(params, num_layers, bidirectional, dropout)
-        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"lstm: x must be [T, B, D] ([B, T, D] with batch_first) or [T, D] for one "
-                f"example, got {shape}"
-            )
-        if x.shape[-1] != in_size:
-            raise ValueError(
-                f"lstm: x has {x.shape[-1]} features in its last dim but weight_ih_l0 expects "
-                f"input_size D={in_size}; x must be [..., {in_size}]"
-            )
+        num_dir, hidden, _ = _lstm_mod._check_lstm_args(
+            _first(params), x, num_layers, bidirectional, dropout
+        )
         one = x.dim() == 2
         xb = x.unsqueeze(0) if one else (x if batch_first else x.transpose(0, 1))  # [B, T, D]
         steps, batch = xb.shape[1], xb.shape[0]
@@ -242,10 +219,13 @@ class LSTMRule(Rule):
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             return NotImplemented
-        num_dir, hidden, in_size = self._options(params, num_layers, bidirectional, dropout)
-        batch, steps = x.shape[0], x.shape[1]
-        if x.shape[-1] != in_size:
+        try:
+            num_dir, hidden, _ = _lstm_mod._check_lstm_args(
+                _first(params), x, num_layers, bidirectional, dropout
+            )
+        except ValueError:
             return NotImplemented  # the plain layer raises its own error
+        batch, steps = x.shape[0], x.shape[1]
         want = (batch, num_layers * num_dir, hidden)
         h0 = c0 = None
         if state is not None:
