@@ -32,7 +32,9 @@ minus ``VmRSS`` before it): every byte the step needs at its high-water mark (ac
 saved tensors, per-sample gradients, workspaces, allocator slack), at page granularity.
 Memory ratios are given only where the non-private step grows by at least 1 MB. Before each
 measurement the run waits (up to ``--max-wait`` s) until other processes leave the CPU quiet
-(``busy_before`` in the CSV).
+(``busy_before`` in the CSV), and measures a cell again (up to ``--retries`` times) when other
+processes kept more than ``--max-busy`` of the CPU busy during it (``busy_during``,
+``attempts``).
 
 Outputs, in ``--out``: ``<name>.csv`` (every number), ``<name>.md`` (tables with ratios to
 the non-private step, see :mod:`benchmarks.report`) and ``<name>_<suite>.png`` (time and peak
@@ -46,6 +48,7 @@ import csv
 import importlib.util
 import math
 import os
+import resource
 import sys
 import time
 from importlib import metadata
@@ -59,7 +62,7 @@ from benchmarks.methods import METHODS, make_step
 
 FIELDS = [
     "suite", "config", "desc", "batch", "method", "ms", "min_ms", "repeats", "peak_mb",
-    "time_ratio", "mem_ratio", "busy_before", "error", "threads", "torch", "opacus", "cpus", "quick",
+    "time_ratio", "mem_ratio", "busy_before", "busy_during", "attempts", "error", "threads", "torch", "opacus", "cpus", "quick",
 ]
 MIN_BASE_MB = 1.0  # below this non-private peak growth, memory ratios are not meaningful
 
@@ -77,12 +80,34 @@ def build_step(suite: str, name: str, quick: bool, method: str, batch: int) -> A
 
 
 def _measure(args: tuple[Any, ...], opts: argparse.Namespace, warmup: int, repeats: int,
-             min_ms: float) -> dict[str, Any]:
+             min_ms: float) -> tuple[dict[str, Any], float]:
+    """One measurement (a forked child), and the fraction of all cores that OTHER processes
+    kept busy meanwhile: busy ticks (``/proc/stat``) minus this process's and the child's
+    CPU time (``getrusage``), over the elapsed ticks; NaN where ``/proc/stat`` is missing."""
+    try:
+        total0, idle0 = layers.cpu_ticks()
+    except OSError:  # pragma: no cover - not Linux
+        total0 = idle0 = None
+    cpu0 = _own_cpu_seconds()
     try:
         result = layers.measure(build_step, args, opts.threads, warmup, repeats, min_ms)
     except EOFError:  # the child died without reporting (killed, e.g. out of memory)
-        return dict(error="the measuring process died (out of memory?)")
-    return result if result is not None else dict(error="not available")
+        result = dict(error="the measuring process died (out of memory?)")
+    if result is None:
+        result = dict(error="not available")
+    if total0 is None:
+        return result, math.nan
+    total1, idle1 = layers.cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = ((total1 - total0) - (idle1 - idle0)) / hz
+    others = max(0.0, busy - (_own_cpu_seconds() - cpu0)) / max((total1 - total0) / hz, 1e-9)
+    return result, others
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _prewarm(methods: list[str], has_opacus: bool) -> None:
@@ -137,6 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="wait while other processes keep more than this fraction of the CPU busy")
     parser.add_argument("--max-wait", type=float, default=None,
                         help="seconds to wait for a quiet CPU before measuring anyway (default 120, quick 0)")
+    parser.add_argument("--retries", type=int, default=None,
+                        help="measure a cell again (up to this many times) when other processes kept "
+                             "more than --max-busy of the CPU busy during it (default 2, quick 0)")
     parser.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
     parser.add_argument("--name", default=None, help="file stem (default: bench, quick: bench-quick)")
     parser.add_argument("--no-plots", action="store_true", help="CSV and Markdown only")
@@ -147,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.batches = [int(b) for b in _csv_list(opts.batch_sizes)]
     if opts.threads is None:
         opts.threads = 1 if opts.quick else 2
+    if opts.retries is None:
+        opts.retries = 0 if opts.quick else 2
     opts.method_list = _csv_list(opts.methods)
     opts.config_list = _csv_list(opts.configs)
     for kind, given, known in (("suite", opts.suites, SUITES), ("method", opts.method_list, METHODS)):
@@ -196,13 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(jobs, unit="run", dynamic_ncols=True)
     for suite, name, desc, batch, method in bar:
         bar.set_description(f"{name} B={batch} {method}")
-        busy = layers.wait_for_quiet(opts.max_busy, max_wait)
-        result = _measure((suite, name, opts.quick, method, batch), opts, warmup, repeats, min_ms)
+        for attempt in range(1, opts.retries + 2):
+            busy = layers.wait_for_quiet(opts.max_busy, max_wait)
+            result, during = _measure((suite, name, opts.quick, method, batch), opts, warmup, repeats, min_ms)
+            if not during > opts.max_busy or attempt > opts.retries:
+                break
+            tqdm.write(f"  {name:<11} B={batch:<4d} {method:<16} other processes kept "
+                       f"{during:.0%} of the CPU busy: measuring again")
         row = dict(suite=suite, config=name, desc=desc, batch=batch, method=method,
                    ms=result.get("ms", math.nan), min_ms=result.get("min_ms", math.nan),
                    repeats=result.get("n", 0), peak_mb=result.get("peak_mb", math.nan),
                    time_ratio=math.nan, mem_ratio=math.nan,
                    busy_before="" if math.isnan(busy) else round(busy, 2),
+                   busy_during="" if math.isnan(during) else round(during, 2), attempts=attempt,
                    error=" ".join(str(result.get("error", "")).split())[:300], **meta)
         key = (suite, name, batch)
         if method == "nn":

@@ -289,17 +289,19 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms):
         conn.close()
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """``(total, idle + iowait)`` clock ticks of all cores since boot (Linux ``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
 def cpu_busy(window: float = 0.5) -> float:
     """Fraction of all cores busy during ``window`` seconds (Linux ``/proc/stat``; 0 elsewhere)."""
-    def ticks() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
     try:
-        total0, idle0 = ticks()
+        total0, idle0 = cpu_ticks()
         time.sleep(window)
-        total1, idle1 = ticks()
+        total1, idle1 = cpu_ticks()
     except OSError:  # pragma: no cover
         return 0.0
     return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)

@@ -27,6 +27,7 @@ from benchmarks.methods import METHODS
 BEGIN = "<!-- benchmark-results:begin -->"
 END = "<!-- benchmark-results:end -->"
 _NUMERIC = ("batch", "ms", "min_ms", "repeats", "peak_mb", "time_ratio", "mem_ratio", "threads", "cpus", "quick")
+_INTS = ("batch", "repeats", "threads", "cpus", "quick")
 _SUITE_TITLES = {
     "layers": "Layers (Opacus's benchmark shapes)",
     "models": "Models",
@@ -42,7 +43,7 @@ def load(path: str | Path) -> list[dict[str, Any]]:
         for key in _NUMERIC:
             if key in row:
                 value = float(row[key]) if row[key] not in ("", None) else math.nan
-                row[key] = int(value) if key in ("batch", "repeats", "threads", "cpus", "quick") and not math.isnan(value) else value
+                row[key] = int(value) if key in _INTS and not math.isnan(value) else value
     return rows
 
 
@@ -154,13 +155,14 @@ def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = ()
         out += [f"- `{m}` on {c}: {e[:160]}" for m, c, e in failures]
     if details:
         out += ["", "#### Every measurement", "",
-                "| suite | config | B | method | median (ms) | min (ms) | steps | x time | peak (MB) | x memory | CPU busy before | error |",
-                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "| suite | config | B | method | median (ms) | min (ms) | steps | x time | peak (MB) | x memory | others' CPU before / during | attempts | error |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             out.append(
                 f"| {r['suite']} | {r['config']} | {r['batch']} | {r['method']} | {_num(r['ms'])} | "
                 f"{_num(r['min_ms'])} | {r['repeats']} | {_num(r['time_ratio'])} | {_mb(r['peak_mb'])} | "
-                f"{_num(r['mem_ratio'])} | {r['busy_before']} | {r['error'][:80]} |"
+                f"{_num(r['mem_ratio'])} | {r['busy_before']} / {r.get('busy_during', '')} | {r.get('attempts', '')} | "
+                f"{r['error'][:80]} |"
             )
     return "\n".join(out) + "\n"
 
