@@ -174,13 +174,13 @@ def test_conv_fallback_for_params_computed_in_fn(monkeypatch):
     """A weight that fn computes from the params is not a stride-0 view: the generic vmap
     fallback runs (not the rule's shared-weight op) and the result is still exact."""
     calls = Counter()
-    original = conv_rule._ConvPerSample.apply
+    original = conv_rule._ConvPerSample.forward
 
     def counting(*args):
         calls["rule"] += 1
         return original(*args)
 
-    monkeypatch.setattr(conv_rule._ConvPerSample, "apply", counting)
+    monkeypatch.setattr(conv_rule._ConvPerSample, "forward", staticmethod(counting))
     params = conv_params(2, 3, 4, (3, 3))
     x = torch.randn(4, 3, 6, 6, dtype=F64)
 
@@ -192,6 +192,25 @@ def test_conv_fallback_for_params_computed_in_fn(monkeypatch):
     assert calls["rule"] == 0
     check_both_methods(lambda p, xi: torch.tanh(PF.conv2d(p, xi)).sum(), params, x)
     assert calls["rule"] == 1
+
+
+def test_rules_reach_the_batch_without_the_generic_function_route(monkeypatch):
+    """Shared params under our vmap take the direct route (unwrap, rule, wrap); a layer under
+    a second vmap inside fn (params batched at the outer level only) takes the generic
+    autograd.Function route. Both are exact."""
+    from psgfunc.per_sample import _expanded
+
+    calls = Counter()
+    original = _expanded._VmapDispatch.vmap
+    monkeypatch.setattr(_expanded._VmapDispatch, "vmap",
+                        staticmethod(lambda *a: calls.update(["generic"]) or original(*a)))
+    gen = torch.Generator().manual_seed(0)
+    params = {"weight": torch.randn(3, 4, dtype=F64, generator=gen), "bias": torch.randn(3, dtype=F64, generator=gen)}
+    x = torch.randn(5, 6, 4, dtype=F64, generator=gen)  # B = 5 examples of 6 rows
+    check_both_methods(lambda p, xi: torch.tanh(PF.linear(p, xi)).sum(), params, x)
+    assert calls["generic"] == 0
+    check_both_methods(lambda p, xi: torch.func.vmap(lambda r: torch.tanh(PF.linear(p, r)))(xi).sum(), params, x)
+    assert calls["generic"] > 0
 
 
 def test_batch_mode_fallback_with_per_example_params():
@@ -276,13 +295,15 @@ def test_batch_mode_embedding_needs_batch_dim():
 
 def test_embedding_fallback_for_computed_table(monkeypatch):
     calls = Counter()
-    original = embedding_rule._EmbeddingPerSample.apply
-    monkeypatch.setattr(embedding_rule._EmbeddingPerSample, "apply",
-                        lambda *a: calls.update(["rule"]) or original(*a))
+    original = embedding_rule._EmbeddingPerSample.forward
+    monkeypatch.setattr(embedding_rule._EmbeddingPerSample, "forward",
+                        staticmethod(lambda *a: calls.update(["rule"]) or original(*a)))
     params = {"weight": torch.randn(6, 2, dtype=F64)}
     idx = torch.randint(0, 6, (4, 3))
     check_both_methods(lambda p, i: PF.embedding({"weight": p["weight"].exp()}, i).sin().sum(), params, idx)
     assert calls["rule"] == 0
+    check_both_methods(lambda p, i: PF.embedding(p, i).sin().sum(), params, idx)
+    assert calls["rule"] == 1  # the counter sees the rule when it does run
 
 
 # ----------------------------------------------------------------------------- layer_norm

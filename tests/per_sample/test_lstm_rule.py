@@ -88,9 +88,9 @@ GRID = list(itertools.product([1, 2], [False, True], [False, True], [False, True
 def recurrences(monkeypatch):
     """Counts the layer/direction recurrences the rule runs (0: the fallback served)."""
     count = []
-    original = lstm_rule._Recurrence.apply
-    monkeypatch.setattr(lstm_rule._Recurrence, "apply",
-                        lambda *a: count.append(1) or original(*a))
+    original = lstm_rule._Recurrence.forward
+    monkeypatch.setattr(lstm_rule._Recurrence, "forward",
+                        staticmethod(lambda *a: count.append(1) or original(*a)))
     return count
 
 

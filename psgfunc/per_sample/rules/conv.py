@@ -61,7 +61,7 @@ from psgfunc.functional.conv import (
     conv2d,
     conv3d,
 )
-from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import GradKind, RowSum, emit
 
 __all__ = ["ConvRule", "ConvWeight", "per_sample_conv_weight_grad"]
@@ -232,7 +232,7 @@ class ConvRule(Rule):
             padding, tuple(w.shape[3:]), stride_t, dilation_t, padding_mode, fn
         )
         x = _pad_input(x, pad, padding_mode)  # the only padding: once, by ordinary autograd
-        return _ConvPerSample.apply(x, w, b, n, stride_t, conv_padding, dilation_t, groups)
+        return apply_function(_ConvPerSample, x, w, b, n, stride_t, conv_padding, dilation_t, groups)
 
     def _fallback(self, params: dict[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> Any:
         plain = self.plain

@@ -20,7 +20,7 @@ from torch.func import vmap
 
 from psgfunc import _rules
 from psgfunc.functional.embedding import _check_indices, _normalize_padding_idx, embedding
-from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import GradKind, emit
 
 __all__ = ["EmbeddingRule", "EmbeddingRows", "per_sample_embedding_grad"]
@@ -151,7 +151,7 @@ class EmbeddingRule(Rule):
         idx = _check_indices(idx, num_embeddings, "embedding")
         if not is_shared(w):
             return vmap(lambda p, i: self.plain(p, i, padding_idx=padding_idx))(params, idx)
-        return _EmbeddingPerSample.apply(idx, w, padding_idx)
+        return apply_function(_EmbeddingPerSample, idx, w, padding_idx)
 
 
 EMBEDDING = EmbeddingRule(embedding.plain)

@@ -24,7 +24,7 @@ from torch.func import vmap
 
 from psgfunc import _rules
 from psgfunc.functional.normalization import _normalized_shape, layer_norm
-from psgfunc.per_sample._expanded import Rule, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import RowSum, emit
 
 __all__ = ["LayerNormRule"]
@@ -110,7 +110,7 @@ class LayerNormRule(Rule):
         if not all(is_shared(p) for p in present):
             return vmap(lambda p, xi: self.plain(p, xi, shape, eps=eps))(params, x)
         x_hat = F.layer_norm(x, shape, None, None, eps)
-        return _AffinePerSample.apply(x_hat, w, b)
+        return apply_function(_AffinePerSample, x_hat, w, b)
 
 
 LAYER_NORM = LayerNormRule(layer_norm.plain)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from psgfunc import _rules
 from psgfunc.functional.linear import linear
-from psgfunc.per_sample._expanded import Rule, call_rule, is_shared, shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
 
 _OUTER, _ROWSUM = Outer(), RowSum()
@@ -58,7 +58,7 @@ class LinearRule(Rule):
                 f"{w.shape[-1]}] with B = {w.shape[0]}, got {tuple(x.shape)}"
             )
         if is_shared(w) and (b is None or is_shared(b)):
-            return _LinearPerSample.apply(x, w, b)
+            return apply_function(_LinearPerSample, x, w, b)
         out = torch.einsum("bni,boi->bno", x.reshape(x.shape[0], -1, x.shape[-1]), w)
         out = out.reshape(*x.shape[:-1], w.shape[1])
         if b is not None:

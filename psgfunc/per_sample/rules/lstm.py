@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 import psgfunc.functional as PF
 from psgfunc import _rules
-from psgfunc.per_sample._expanded import Rule, call_rule, is_shared, shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
 
 # ``psgfunc.functional.lstm`` the module (the package re-exports a function of that name)
@@ -99,7 +99,8 @@ def _recurrence(
     if params.get("bias_ih" + sfx) is not None:
         proj["bias"] = params["bias_ih" + sfx]
     x_gates = PF.linear(proj, layer_in)  # the linear rule (batch mode): [B, T, 4H]
-    return _Recurrence.apply(
+    return apply_function(
+        _Recurrence,
         x_gates, h0, c0, params["weight_hh" + sfx], params.get("bias_hh" + sfx), mask, reverse
     )
 
