@@ -17,7 +17,7 @@ from typing import Any, Union
 import optree
 import torch
 
-from psgfunc._tree import batch_size, tree_leaves, tree_map
+from psgfunc._tree import batch_size, row_sq_norms, tree_leaves, tree_map
 
 MaxNorm = Union[float, Mapping[Any, float]]
 
@@ -109,7 +109,7 @@ def _norms_of(
     device = leaves[0].device if leaves else torch.device("cpu")
     sq = torch.zeros(b, dtype=dtype, device=device)
     for leaf in leaves:
-        sq = sq + _rows(leaf).to(dtype).square().sum(dim=1).to(device)
+        sq = sq + row_sq_norms(leaf, dtype=dtype).to(device)
     norms = sq.sqrt()
     if bool(torch.isfinite(norms).all()):
         return norms

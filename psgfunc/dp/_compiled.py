@@ -24,7 +24,7 @@ import optree
 import torch
 from torch.func import grad, vmap
 
-from psgfunc._tree import batch_size
+from psgfunc._tree import batch_size, row_sq_norms
 from psgfunc.dp._clip import _check_positive_finite
 
 __all__ = ["compiled_clipped_grad_sum"]
@@ -60,7 +60,7 @@ def compiled_clipped_grad_sum(
         leaves, spec = optree.tree_flatten(grads)
         sq = None
         for g in leaves:
-            s = g.reshape(g.shape[0], -1).pow(2).sum(1)
+            s = row_sq_norms(g)
             sq = s if sq is None else sq + s
         norms = sq.sqrt()
         factor = c / norms.clamp_min(c)

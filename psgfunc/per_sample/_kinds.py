@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from psgfunc._tree import row_sq_norms
+
 __all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector", "LeafPieces"]
 
 
@@ -57,7 +59,7 @@ class GradKind:
         total = self.materialize(*datas[0])
         for data in datas[1:]:
             total = total + self.materialize(*data)
-        return _rows(total).pow(2).sum(1)
+        return row_sq_norms(total)
 
     def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -100,12 +102,12 @@ class Outer(GradKind):
         x = torch.cat([d[1] for d in datas], dim=1) if len(datas) > 1 else datas[0][1]
         n, o, i = g.shape[1], g.shape[2], x.shape[2]
         if n == 1:
-            return g[:, 0].pow(2).sum(1) * x[:, 0].pow(2).sum(1)
+            return row_sq_norms(g[:, 0]) * row_sq_norms(x[:, 0])
         if n * (o + i) < o * i:
             gram_g = torch.einsum("bno,bmo->bnm", g, g)
             gram_x = torch.einsum("bni,bmi->bnm", x, x)
             return torch.einsum("bnm,bnm->b", gram_g, gram_x)
-        return _rows(torch.einsum("bno,bni->boi", g, x)).pow(2).sum(1)
+        return row_sq_norms(torch.bmm(g.transpose(1, 2), x))
 
     def weighted_sum(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -205,7 +207,7 @@ class LeafPieces:
         if total is None:
             raise ValueError(f"no gradient pieces for a parameter of shape {tuple(shape)}")
         self.dense = total
-        self.sq_norm = _rows(total).pow(2).sum(1)
+        self.sq_norm = row_sq_norms(total)
 
     def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:
         """``sum_b c_b grad_b``, shaped like the parameter."""

@@ -78,10 +78,17 @@ def cut(opts, dim):
     return {k: (v[:dim] if isinstance(v, tuple) else v) for k, v in opts.items()}
 
 
+@pytest.fixture(params=["unfold", "grouped"])
+def wgrad(request, monkeypatch):
+    """Either per-sample weight-gradient contraction (unfold applies to 1-d/2-d, groups=1)."""
+    monkeypatch.setattr(conv_rule, "_UNFOLD_MAX", 1 << 40 if request.param == "unfold" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("opts", CONV_CASES, ids=str)
 @pytest.mark.parametrize("rows", [None, 2], ids=["example_CS", "example_NCS"])
-def test_conv_rule_matches_oracle_and_vmap(dim, opts, rows):
+def test_conv_rule_matches_oracle_and_vmap(dim, opts, rows, wgrad):
     """Examples shaped [C, *S] and [N, C, *S] (N rows summed into one gradient)."""
     opts = cut(opts, dim)
     params = conv_params(dim, 4, 4, (3, 2, 4), groups=opts.get("groups", 1))
@@ -168,6 +175,27 @@ def test_per_sample_conv_weight_grad_sums_rows():
     kind = ConvWeight((6, 2, 3), (2,), (0,), (1,), 2)
     c = torch.tensor([0.5, -2.0], dtype=F64)
     torch.testing.assert_close(kind.weighted_sum([(x, g)], c), torch.einsum("b,b...->...", c, gw))
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_unfold_and_grouped_weight_grads_agree(dim, monkeypatch):
+    """The two contractions of per_sample_conv_weight_grad on ungrouped layers, with rows,
+    stride, padding and dilation, against torch's conv weight gradient per example."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, *(11, 9)[:dim], dtype=F64, generator=gen)  # N=3, B=2, C=4
+    conf = ((2, 1)[:dim], (1, 0)[:dim], (1, 2)[:dim])  # stride, padding, dilation
+    wshape = (5, 4, *(3, 2)[:dim])
+    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, st, p, d, k in zip(x.shape[3:], *conf, wshape[2:])]
+    g = torch.randn(3, 2, 5, *out, dtype=F64, generator=gen)
+    results = {}
+    for name, limit in (("unfold", 1 << 40), ("grouped", 0)):
+        monkeypatch.setattr(conv_rule, "_UNFOLD_MAX", limit)
+        results[name] = per_sample_conv_weight_grad(x, g, wshape, *conf, 1)
+    weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}[dim]
+    for b in range(2):
+        expected = weight_grad(x[:, b], wshape, g[:, b], stride=conf[0], padding=conf[1], dilation=conf[2])
+        for got in results.values():
+            torch.testing.assert_close(got[b], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_conv_fallback_for_params_computed_in_fn(monkeypatch):

@@ -45,6 +45,7 @@ the rule always uses the grouped convolution: no size-based switch is worth its 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -99,6 +100,8 @@ def per_sample_conv_weight_grad(
     out_channels = g.shape[2]
     if size == 0 or n == 0:
         return g.new_zeros((size, *weight_shape))
+    if groups == 1 and len(stride) <= 2 and x.numel() * math.prod(weight_shape[2:]) <= _UNFOLD_MAX:
+        return _unfold_weight_grad(x, g, weight_shape, stride, padding, dilation)
     xr = x.reshape(n, size * channels, *x.shape[3:])
     gr = g.reshape(n, size * out_channels, *g.shape[3:])
     # only the weight's shape is read when output_mask asks for the weight gradient alone
@@ -108,6 +111,31 @@ def per_sample_conv_weight_grad(
         [0] * len(stride), size * groups, [False, True, False],
     )
     return gw.view(size, *weight_shape)
+
+
+_UNFOLD_MAX = 1 << 20
+"""Largest patch matrix (elements, ``~ N*B*C*K*L``) for which the weight gradient uses
+``unfold`` + one batched matmul instead of the grouped convolution gradient: on small
+layers (the digits CNN's 16->32 conv on 4x4 at B = 64: 0.7 ms against 1.9 ms) the grouped
+call's per-group overhead dominates, on large ones the patches cost memory and time (see
+the table above)."""
+
+
+def _unfold_weight_grad(x, g, weight_shape, stride, padding, dilation):
+    """:func:`per_sample_conv_weight_grad` for 1-d/2-d, ungrouped layers via im2col:
+    ``dW_b = g_b [O, N*L] @ patches_b [N*L, C*K]``."""
+    n, size, channels = x.shape[:3]
+    kernel = tuple(weight_shape[2:])
+    if len(kernel) == 1:  # a 1-d conv is a 2-d conv of height 1
+        x, g = x.unsqueeze(-2), g.unsqueeze(-2)
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    patches = torch.nn.functional.unfold(
+        x.reshape(n * size, *x.shape[2:]), kernel, dilation=dilation, padding=padding, stride=stride
+    )  # [N*B, C*K, L]
+    length = patches.shape[-1]
+    patches = patches.view(n, size, -1, length).permute(1, 0, 3, 2).reshape(size, n * length, -1)
+    grads = g.reshape(n, size, g.shape[2], length).permute(1, 2, 0, 3).reshape(size, g.shape[2], n * length)
+    return torch.bmm(grads, patches).view(size, *weight_shape)
 
 
 class ConvWeight(GradKind):

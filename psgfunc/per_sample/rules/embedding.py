@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from psgfunc import _rules
+from psgfunc._tree import row_sq_norms
 from psgfunc.functional.embedding import _check_indices, _normalize_padding_idx, embedding
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import GradKind, emit
@@ -89,7 +90,7 @@ class EmbeddingRows(GradKind):
         keys, inverse = torch.unique((idx.to(torch.int64) + offsets).reshape(-1), return_inverse=True)
         rows = g.new_zeros(keys.numel(), dim).index_add_(0, inverse, g.reshape(-1, dim))
         example = torch.div(keys, self.num_embeddings, rounding_mode="floor")
-        return g.new_zeros(size).index_add_(0, example, rows.pow(2).sum(1))
+        return g.new_zeros(size).index_add_(0, example, row_sq_norms(rows))
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
         idx, g = self._flat(datas)
