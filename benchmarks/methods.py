@@ -32,7 +32,7 @@ from torch import nn
 
 import psgfunc.nn as pnn
 from psgfunc import per_sample_grads
-from psgfunc.dp import DPOptimizer, clipped_grad_sum
+from psgfunc.dp import DPOptimizer, clipped_grad_sum, compiled_clipped_grad_sum
 
 MAX_NORM = 1.0  # clipping bound of the clipping methods (any value costs the same)
 
@@ -45,6 +45,7 @@ METHODS: dict[str, str] = {
     "dpopt": "shells + psgfunc.dp.DPOptimizer.accumulate(): per-sample gradients, clipped sum",
     "dpopt-fast": "shells + DPOptimizer(fast_clipping=True).accumulate(): clipped sum, no per-sample gradients",
     "clip-fast": "psgfunc.dp.clipped_grad_sum(method='fast'): clipped sum, no per-sample gradients",
+    "clip-compiled": "psgfunc.dp.compiled_clipped_grad_sum (torch.compile of vmap(grad) + clip + sum; compiled before timing): clipped sum",
     "torch-ew": "torch.nn.utils._per_sample_grad.call_for_per_sample_grads (expanded weights): p.grad_sample",
     "opacus-hooks": "opacus GradSampleModule, grad_sample_mode='hooks': p.grad_sample",
     "opacus-functorch": "opacus GradSampleModule, grad_sample_mode='functorch': p.grad_sample",
@@ -126,6 +127,13 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
         def step() -> Any:
             return clipped_grad_sum(fn, params, x, target, max_norm=MAX_NORM, method="fast")
 
+    elif method == "clip-compiled":
+        compiled = compiled_clipped_grad_sum(fn, MAX_NORM, dynamic=False)
+        compiled(params, x, target)  # compile here, for this batch size: not part of a step
+
+        def step() -> Any:
+            return compiled(params, x, target)
+
     elif method in ("shell", "dpopt", "dpopt-fast"):
         shell = _shell(cfg, module, batch)
         weights = list(shell.parameters())
@@ -201,7 +209,7 @@ def _checked(step: Step, method: str, batch: int, shapes: list[torch.Size]) -> S
             first = False
             if method in ("dpopt", "dpopt-fast"):
                 got, want = [tuple(out.shape)], [(batch,)]
-            elif method == "clip-fast":
+            elif method in ("clip-fast", "clip-compiled"):
                 got = [tuple(t.shape) for t in out[0].values()] + [tuple(out[1].shape)]
                 want = [tuple(s) for s in shapes] + [(batch,)]
             else:

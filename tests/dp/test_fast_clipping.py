@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import psgfunc.dp as dp
 import psgfunc.functional as PF
 from psgfunc.per_sample import _kinds
+from psgfunc.per_sample.rules.conv import ConvWeight
 from psgfunc.per_sample.rules.embedding import EmbeddingRows
 from tests.oracles import assert_tree_close, per_example_grads
 
@@ -81,6 +82,23 @@ def cnn(dim):
     return fn, params, (torch.randn(*shape, dtype=DT, generator=g), torch.randint(0, 2, (3,), generator=g))
 
 
+def conv_ghost(dim, rows):
+    """An ungrouped conv, used twice, whose output positions are few (2 T^2 < O C K): its
+    norms take the Gram (ghost) form; ``rows``: examples shaped [N, C, *S]."""
+    g = gen()
+    params = {"conv": PF.init_conv(8, 8, (3,) * dim, dtype=DT, generator=g), "fc": PF.init_linear(8, 2, dtype=DT, generator=g)}
+    conv = {1: PF.conv1d, 2: PF.conv2d}[dim]
+
+    def fn(p, x, y):
+        h = torch.tanh(conv(p["conv"], x, stride=2, padding=1))
+        h = torch.tanh(conv(p["conv"], h, padding=2, dilation=2))  # the same weight again
+        h = h.movedim(-1 - dim, -1).reshape(-1, 8).mean(0)
+        return F.cross_entropy(PF.linear(p["fc"], h), y)
+
+    shape = (3, *((rows,) if rows else ()), 8) + (4,) * dim
+    return fn, params, (torch.randn(*shape, dtype=DT, generator=g), torch.randint(0, 2, (3,), generator=g))
+
+
 def text(seq):
     """Embedding (padding_idx) -> layer_norm -> linear; short and long sequences."""
     g = gen()
@@ -107,6 +125,9 @@ MODELS = {
     "conv1d": lambda: cnn(1),
     "conv2d": lambda: cnn(2),
     "conv3d": lambda: cnn(3),
+    "conv1d-ghost": lambda: conv_ghost(1, None),
+    "conv2d-ghost": lambda: conv_ghost(2, None),
+    "conv2d-ghost-rows": lambda: conv_ghost(2, 2),
     "text-short": lambda: text(3),
     "text-long": lambda: text(12),
 }
@@ -135,7 +156,8 @@ def test_fast_equals_materialize(name, max_norm):
 
 
 def test_dense_layers_never_materialise(monkeypatch):
-    """Linear layers without long sequences and embeddings build no [B, O, I] / [B, V, D].
+    """Linear layers without long sequences, embeddings and convs with few output positions
+    build no [B, O, I] / [B, V, D] / [B, O, C, *k].
 
     (Bias gradients [B, O] are built: they are the size of one activation.)
     """
@@ -143,12 +165,14 @@ def test_dense_layers_never_materialise(monkeypatch):
     def refuse(self, *data):
         raise AssertionError(f"{type(self).__name__} materialised a per-sample gradient")
 
-    for name in ["mlp", "seq-short", "tied", "text-short", "text-long"]:
+    for name in ["mlp", "seq-short", "tied", "text-short", "text-long", "conv1d-ghost", "conv2d-ghost",
+                 "conv2d-ghost-rows"]:
         fn, params, batch = MODELS[name]()
         expected, _ = reference(fn, params, batch, 0.5)
         with monkeypatch.context() as m:
             m.setattr(_kinds.Outer, "materialize", refuse)
             m.setattr(EmbeddingRows, "materialize", refuse)
+            m.setattr(ConvWeight, "materialize", refuse)
             summed, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=0.5)
         assert_tree_close(summed, expected)
 

@@ -172,9 +172,11 @@ def test_per_sample_conv_weight_grad_sums_rows():
     for b in range(2):
         expected = torch.nn.grad.conv1d_weight(x[:, b], (6, 2, 3), g[:, b], stride=2, groups=2)
         torch.testing.assert_close(gw[b], expected, rtol=1e-12, atol=1e-12)
-    kind = ConvWeight((6, 2, 3), (2,), (0,), (1,), 2)
+    kind = ConvWeight((6, 2, 3), 2)
     c = torch.tensor([0.5, -2.0], dtype=F64)
-    torch.testing.assert_close(kind.weighted_sum([(x, g)], c), torch.einsum("b,b...->...", c, gw))
+    data = (x, g, ((2,), (0,), (1,)))
+    torch.testing.assert_close(kind.materialize(*data), gw)
+    torch.testing.assert_close(kind.weighted_sum([data], c), torch.einsum("b,b...->...", c, gw))
 
 
 @pytest.mark.parametrize("dim", [1, 2])

@@ -124,57 +124,86 @@ the table above)."""
 def _unfold_weight_grad(x, g, weight_shape, stride, padding, dilation):
     """:func:`per_sample_conv_weight_grad` for 1-d/2-d, ungrouped layers via im2col:
     ``dW_b = g_b [O, N*L] @ patches_b [N*L, C*K]``."""
-    n, size, channels = x.shape[:3]
+    size = x.shape[1]
+    patches = _patches(x, weight_shape, stride, padding, dilation)
+    return torch.bmm(_positions(g).transpose(1, 2), patches).view(size, *weight_shape)
+
+
+def _patches(x, weight_shape, stride, padding, dilation) -> torch.Tensor:
+    """``x [N, B, C, *S] -> [B, N*L, C*K]``: every example's input patches (1-d/2-d)."""
+    n, size = x.shape[:2]
     kernel = tuple(weight_shape[2:])
     if len(kernel) == 1:  # a 1-d conv is a 2-d conv of height 1
-        x, g = x.unsqueeze(-2), g.unsqueeze(-2)
+        x = x.unsqueeze(-2)
         kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
     patches = torch.nn.functional.unfold(
         x.reshape(n * size, *x.shape[2:]), kernel, dilation=dilation, padding=padding, stride=stride
     )  # [N*B, C*K, L]
     length = patches.shape[-1]
-    patches = patches.view(n, size, -1, length).permute(1, 0, 3, 2).reshape(size, n * length, -1)
-    grads = g.reshape(n, size, g.shape[2], length).permute(1, 2, 0, 3).reshape(size, g.shape[2], n * length)
-    return torch.bmm(grads, patches).view(size, *weight_shape)
+    return patches.view(n, size, -1, length).permute(1, 0, 3, 2).reshape(size, n * length, -1)
+
+
+def _positions(g: torch.Tensor) -> torch.Tensor:
+    """``g [N, B, O, *S'] -> [B, N*L, O]``: every example's output gradient per position."""
+    n, size, out_channels = g.shape[:3]
+    return g.reshape(n, size, out_channels, -1).permute(1, 0, 3, 2).reshape(size, -1, out_channels)
 
 
 class ConvWeight(GradKind):
-    """``grad_b`` of a convolution weight from data ``(x [N, B, C, *S], g [N, B, O, *S'])``.
+    """``grad_b`` of a convolution weight from data ``(x [N, B, C, *S], g [N, B, O, *S'],
+    conf)``, ``conf = (stride, padding, dilation)`` of that call (one weight may be used by
+    calls with different configurations).
 
     ``materialize`` is :func:`per_sample_conv_weight_grad`; ``weighted_sum`` needs no
     per-sample tensor at all: ``sum_b c_b dW_b`` is the ORDINARY weight gradient of the
-    convolution with ``g_b`` scaled by ``c_b`` (one ``convolution_backward``). Norms are taken
-    from the materialised form.
+    convolution with ``g_b`` scaled by ``c_b`` (one ``convolution_backward`` per call). Norms:
+    with ``u`` the input patches ``[B, T, C*K]`` and ``g`` the output gradients ``[B, T, O]``
+    at the ``T`` output positions of all calls, ``||dW_b||^2 = sum_{t,s} (g_bt . g_bs)(u_bt .
+    u_bs)`` (ghost clipping) where ``2 T^2 < O*C*K`` (the "mixed" rule of Bu et al.: the two
+    ``[B, T, T]`` Grams are smaller than the ``[B, O, C*K]`` gradient), for ungrouped 1-d/2-d
+    layers whose patches fit the unfold budget; otherwise from the materialised form.
     """
 
-    def __init__(self, weight_shape, stride, padding, dilation, groups):
-        self.weight_shape, self.stride, self.padding = weight_shape, stride, padding
-        self.dilation, self.groups = dilation, groups
+    def __init__(self, weight_shape: tuple[int, ...], groups: int):
+        self.weight_shape, self.groups = weight_shape, groups
 
-    def materialize(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return per_sample_conv_weight_grad(
-            x, g, self.weight_shape, self.stride, self.padding, self.dilation, self.groups
-        )
+    def materialize(self, x: torch.Tensor, g: torch.Tensor, conf: tuple[Any, ...]) -> torch.Tensor:
+        return per_sample_conv_weight_grad(x, g, self.weight_shape, *conf, self.groups)
+
+    def prefers_dense(self, datas: Any) -> bool:
+        if self.groups != 1 or len(self.weight_shape) > 4:
+            return True
+        if sum(x.numel() for x, _, _ in datas) * math.prod(self.weight_shape[2:]) > _UNFOLD_MAX:
+            return True
+        positions = sum(g.shape[0] * math.prod(g.shape[3:]) for _, g, _ in datas)
+        return 2 * positions**2 >= math.prod(self.weight_shape)
+
+    def norm2(self, datas: Any) -> torch.Tensor:
+        if self.prefers_dense(datas):
+            return super().norm2(datas)
+        u = torch.cat([_patches(x, self.weight_shape, *conf) for x, _, conf in datas], 1)
+        g = torch.cat([_positions(g) for _, g, _ in datas], 1)
+        return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(u, u.transpose(1, 2))).sum((1, 2))
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
         total = None
-        for x, g in datas:
+        for x, g, (stride, padding, dilation) in datas:
             n, size = x.shape[:2]
             scaled = g * c.to(g.dtype).view(1, size, *([1] * (g.dim() - 2)))
             w_stub = g.new_empty(()).expand(*self.weight_shape)
             _, s, _ = torch.ops.aten.convolution_backward(
                 scaled.reshape(n * size, *g.shape[2:]), x.reshape(n * size, *x.shape[2:]),
-                w_stub, None, list(self.stride), list(self.padding), list(self.dilation),
-                False, [0] * len(self.stride), self.groups, [False, True, False],
+                w_stub, None, list(stride), list(padding), list(dilation),
+                False, [0] * len(stride), self.groups, [False, True, False],
             )
             total = s if total is None else total + s
         return total
 
 
 @functools.lru_cache(maxsize=256)
-def _conv_weight_kind(weight_shape, stride, padding, dilation, groups) -> ConvWeight:
-    """One kind object per configuration (a layer applied twice records under one kind)."""
-    return ConvWeight(weight_shape, stride, padding, dilation, groups)
+def _conv_weight_kind(weight_shape: tuple[int, ...], groups: int) -> ConvWeight:
+    """One kind object per weight shape and groups (a layer applied twice records under one kind)."""
+    return ConvWeight(weight_shape, groups)
 
 
 class _ConvPerSample(torch.autograd.Function):
@@ -221,8 +250,7 @@ class _ConvPerSample(torch.autograd.Function):
             # [B*N, ...] -> [N, B, ...]: the N rows of an example are the conv batch
             xs = x.view(size, n, *x.shape[1:]).transpose(0, 1)
             gs = g.view(size, n, *g.shape[1:]).transpose(0, 1)
-            kind = _conv_weight_kind(tuple(w.shape[1:]), stride, padding, dilation, groups)
-            gw = emit(w, kind, xs, gs)
+            gw = emit(w, _conv_weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             spatial = tuple(range(2, g.dim()))
             gb = emit(ctx.bias, _ROWSUM, g.sum(dim=spatial).view(size, n, g.shape[1]))
