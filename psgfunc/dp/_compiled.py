@@ -8,8 +8,12 @@ contractions with the clipping, so the ``[B, *shape]`` tensors need not be held 
 When it helps: models whose per-sample gradients are large compared with the activations
 (big dense layers, small sequence lengths), repeated many times with the same shapes
 (compilation takes seconds to tens of seconds, and every new batch size recompiles unless
-``dynamic=True``). For models built from psgfunc layers, ``clipped_grad_sum(method="fast")``
-is usually as fast with no compilation; benchmark both (``python -m benchmarks``).
+``dynamic=True``), on an accelerator where Inductor's generated kernels are fast. On the
+2-core CPU of ``python -m benchmarks`` it did NOT help: 2-22x the non-private step (MLP,
+digits CNN, Embedding+DPLSTM, Transformer) against 0.8-3.3x for the eager
+``clipped_grad_sum(method="fast")``, because the graph still materialises the per-sample
+gradients and Inductor's CPU code for them is slower than MKL. Benchmark both
+(``python -m benchmarks --methods nn,clip-fast,clip-compiled``) before choosing.
 
 Validation that cannot run inside a graph stays outside: the batch is checked before the
 call, and NaN/Inf norms raise ``ValueError`` after it.

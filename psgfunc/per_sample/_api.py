@@ -49,12 +49,10 @@ def per_sample_grads(
             psgfunc layers compute their forward with the shared weight and their
             per-sample gradient in one contraction, other functions fall back to vmap over
             the views. ``"auto"``: ``"expanded"``. Measured (``python -m benchmarks``
-            and ``examples/notebooks/vmap_vs_expanded.ipynb``): 3-5x faster and 6-20x less
-            memory than ``"vmap"`` on the LSTM, 0.4-0.8x of its time on Linear, up to 2x
-            faster on large convolutions; on small convolutions and LayerNorm ``"vmap"`` is
-            1.0-1.7x faster (fixed per-call costs), which ``"auto"`` accepts for one
-            choice that never builds per-step weight gradients. Use ``"vmap"`` when ``fn``
-            must be transformed again (see Notes).
+            and ``examples/notebooks/vmap_vs_expanded.ipynb``): 2.4-7x faster and 6-20x
+            less memory than ``"vmap"`` on the LSTM, 0.45-0.86x of its time on Linear, a
+            tie (within run-to-run noise) on convolutions, LayerNorm and embeddings. Use
+            ``"vmap"`` when ``fn`` must be transformed again (see Notes).
         chunk_size: process the batch in chunks of this many examples (bounds peak
             memory; the result is the same). None: the whole batch at once.
         randomness: vmap's treatment of random ops inside ``fn`` (e.g. dropout):
