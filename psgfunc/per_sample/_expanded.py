@@ -23,6 +23,7 @@ expanded views: correct first, just without the shared-weight shortcut.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable
 
 import optree
@@ -40,7 +41,23 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover - the generic route still works
     _functorch = None
 
-__all__ = ["Rule", "call_rule", "apply_function", "module_call", "is_shared", "shared"]
+__all__ = ["Rule", "call_rule", "apply_function", "module_call", "is_shared", "shared", "vmap_randomness"]
+
+_RANDOMNESS: contextvars.ContextVar[str] = contextvars.ContextVar("psgfunc_vmap_randomness", default="different")
+
+
+def vmap_randomness() -> str:
+    """``randomness`` of the vmap whose batch a rule is computing (``"error"``, ``"same"`` or
+    ``"different"``); ``"different"`` in batch mode (shells), as a batched forward draws.
+
+    A rule that draws random numbers itself (the LSTM's dropout between layers) must follow
+    it: ``"error"`` raises, ``"same"`` draws one mask for every example.
+    """
+    return _RANDOMNESS.get()
+
+
+def _randomness_name(value: Any) -> str:
+    return value if isinstance(value, str) else str(value.name).lower()
 
 
 class Rule:
@@ -134,12 +151,15 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     if not batched or not all(is_shared(p) for p in batch_params.values()):
         return NotImplemented
     batch_args = optree.tree_unflatten(arg_spec, moved[n:])
+    randomness = _randomness_name(_functorch.CVmapInterpreterPtr(interpreter).randomness())
+    token = _RANDOMNESS.set(randomness)
     saved = _functorch.pop_dynamic_layer_stack()
     try:
         with _rules.expanded_mode("batch"):
             out = rule.vmapped(batch_params, *batch_args, **kwargs)
     finally:
         _functorch.push_dynamic_layer_stack(saved)
+        _RANDOMNESS.reset(token)
     if out is NotImplemented:
         return NotImplemented
     return optree.tree_map(
@@ -221,8 +241,12 @@ class _VmapDispatch(torch.autograd.Function):
         )  # a vmap inside fn: tensors still batched at the outer level reach the plain layer
         if not nested and all(is_shared(p) for p in params.values()):
             # layers the rule calls on the batch run their own rules in batch mode
-            with _rules.expanded_mode("batch"):
-                out = meta.rule.vmapped(params, *args, **meta.kwargs)
+            token = _RANDOMNESS.set(_randomness_name(info.randomness))
+            try:
+                with _rules.expanded_mode("batch"):
+                    out = meta.rule.vmapped(params, *args, **meta.kwargs)
+            finally:
+                _RANDOMNESS.reset(token)
         if out is NotImplemented:
             plain, kwargs = meta.rule.plain, meta.kwargs
 

@@ -286,6 +286,28 @@ def test_fast_clipping_records_one_piece_per_lstm_weight(monkeypatch):
     assert len(lstm_pieces) == 8 and all(len(r) == 1 for r in lstm_pieces)
 
 
+@pytest.mark.parametrize("method", ["vmap", "expanded"])
+def test_dropout_follows_randomness(method):
+    """Dropout between layers under per_sample_grads: "error" raises, "same" draws one mask
+    for every example (identical examples get identical gradients), "different" draws each
+    example's own mask."""
+    params = lstm_params(2, False)
+    x = torch.randn(1, T, D, dtype=F64).expand(4, T, D)  # four copies of one example
+
+    def fn(p, xe):
+        return PF.lstm(p, xe, num_layers=2, dropout=0.5, training=True)[0].pow(2).sum()
+
+    with pytest.raises((ValueError, RuntimeError), match="randomness"):
+        per_sample_grads(fn, params, x, method=method, randomness="error")
+    torch.manual_seed(0)
+    same = per_sample_grads(fn, params, x, method=method, randomness="same")
+    torch.manual_seed(0)
+    different = per_sample_grads(fn, params, x, method=method, randomness="different")
+    for k in params:
+        torch.testing.assert_close(same[k], same[k][:1].expand_as(same[k]), rtol=1e-12, atol=1e-12)
+    assert any(not torch.allclose(different[k][0], different[k][1]) for k in params)
+
+
 # ------------------------------------------------------------------------ batch mode (shells)
 
 

@@ -17,7 +17,8 @@ each layer and direction:
 Padded steps (``lengths``) have exactly zero ``dz``, so they add nothing to any gradient.
 Dropout between layers is ``F.dropout`` on the time-major layer output, as the plain layer
 (so a module shell draws the same masks as ``nn.LSTM`` under the same seed; under
-``per_sample_grads`` it draws independently per example, like ``randomness="different"``).
+``per_sample_grads`` it follows the call's ``randomness``: ``"different"`` draws each
+example's mask, ``"same"`` one mask for all, ``"error"`` raises ``ValueError``).
 
 The loops themselves are :func:`psgfunc.functional.lstm.direction_forward` /
 ``direction_backward``, shared with the plain layer. The backward of :class:`_Recurrence`
@@ -35,7 +36,14 @@ from torch.autograd.function import once_differentiable
 
 import psgfunc.functional as PF
 from psgfunc import _rules
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
+from psgfunc.per_sample._expanded import (
+    Rule,
+    apply_function,
+    call_rule,
+    is_shared,
+    shared,
+    vmap_randomness,
+)
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
 
 # ``psgfunc.functional.lstm`` the module (the package re-exports a function of that name)
@@ -105,6 +113,23 @@ def _recurrence(
     )
 
 
+def _dropout_between_layers(layer_in: torch.Tensor, p: float) -> torch.Tensor:
+    """``[B, T, F] -> [B, T, F]``: dropout of one layer's output, drawn as the enclosing
+    vmap's ``randomness`` says (see :func:`vmap_randomness`)."""
+    randomness = vmap_randomness()
+    if randomness == "error":
+        raise ValueError(
+            "lstm: dropout between layers draws random numbers, and per_sample_grads was called "
+            "with randomness='error'; pass randomness='different' (each example its own mask, "
+            "as in a batched forward) or 'same' (one mask for every example), or dropout=0.0"
+        )
+    if randomness == "same":  # one [T, F] mask, the same for every example
+        keep = F.dropout(layer_in.new_ones(1, *layer_in.shape[1:]), p, training=True)
+        return layer_in * keep
+    # the plain layer's draw: F.dropout on the contiguous time-major output
+    return F.dropout(layer_in.transpose(0, 1).contiguous(), p, training=True).transpose(0, 1)
+
+
 def _all_shared(params: dict[str, torch.Tensor | None]) -> bool:
     return all(p is None or is_shared(p) for p in params.values())
 
@@ -148,9 +173,7 @@ class LSTMRule(Rule):
                 c_n.append(c)
             layer_in = outs[0] if num_dir == 1 else torch.cat(outs, dim=-1)
             if training and dropout > 0 and layer < num_layers - 1:
-                # the plain layer's draw: F.dropout on the contiguous time-major output
-                tm = F.dropout(layer_in.transpose(0, 1).contiguous(), dropout, training=True)
-                layer_in = tm.transpose(0, 1)
+                layer_in = _dropout_between_layers(layer_in, dropout)
         return layer_in, torch.stack(h_n), torch.stack(c_n)
 
     def batched(  # type: ignore[override]
@@ -261,7 +284,7 @@ class LSTMRule(Rule):
 
         ldim = 0 if isinstance(lengths, torch.Tensor) and lengths.dim() == 1 else None
         out, (h_n, c_n) = torch.func.vmap(
-            one, in_dims=(0, bdim, sdim, ldim), out_dims=(bdim, (1, 1)), randomness="different"
+            one, in_dims=(0, bdim, sdim, ldim), out_dims=(bdim, (1, 1)), randomness=vmap_randomness()
         )(params, x, state, lengths)
         return out, (h_n, c_n)
 
