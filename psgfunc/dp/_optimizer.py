@@ -143,12 +143,41 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.optimizer.defaults
 
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict (the noise generator is not included)."""
-        return self.optimizer.state_dict()
+        """The inner optimizer's state dict plus ``"psgfunc_dp"``: the number of DP steps
+        taken and, unless ``secure=True``, the noise generator's state, so that a run resumed
+        with :meth:`load_state_dict` draws the noise the uninterrupted run would have drawn.
+
+        With ``secure=True`` the generator is left out on purpose: its state would reveal
+        the last step's noise to whoever reads the checkpoint.
+
+        Raises:
+            ValueError: while a logical batch is being accumulated (its partial clipped sum
+                is not saved); call ``step()`` first.
+        """
+        if self._summed is not None:
+            raise ValueError(
+                "DPOptimizer.state_dict: a logical batch is half accumulated and its clipped sum "
+                "would be lost; call step() first, then save"
+            )
+        state = self.optimizer.state_dict()
+        dp_state: dict[str, Any] = {"step": self.dp_state.step}
+        if not self.transform.secure:
+            dp_state["generator"] = self.dp_state.generator.get_state()
+        state["psgfunc_dp"] = dp_state
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the inner optimizer's state dict."""
+        """Load a state dict saved by :meth:`state_dict` (or a plain one of the inner optimizer,
+        which leaves the noise generator and step count as they are)."""
+        state_dict = dict(state_dict)
+        dp_state = state_dict.pop("psgfunc_dp", None)
         self.optimizer.load_state_dict(state_dict)
+        if dp_state is not None:
+            generator = self.dp_state.generator
+            if "generator" in dp_state and not self.transform.secure:
+                generator = torch.Generator(device=generator.device)
+                generator.set_state(dp_state["generator"])
+            self.dp_state = DPSGDState(generator, int(dp_state["step"]))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer (before any :meth:`accumulate`)."""

@@ -275,3 +275,41 @@ def test_add_param_group_during_accumulation_raises():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     opt.step()
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+def test_state_dict_resumes_the_noise_stream():
+    """A run saved after two steps and resumed in a fresh optimizer draws the same noise as
+    the uninterrupted run; with secure=True the generator is not saved; a half-accumulated
+    logical batch refuses to be saved."""
+    params, x, y = make(4)
+    grads = per_example_grads(loss_fn, params, x, y)
+    kw = dict(max_norm=0.5, noise_multiplier=1.0, expected_batch_size=4)
+
+    def step(ps, opt):
+        for p, g in zip(ps, grads):
+            p.grad_sample = g
+        opt.step()
+
+    ps, opt = dp_opt_for(params, seed=3, **kw)
+    step(ps, opt)
+    step(ps, opt)
+    saved = {"params": [p.detach().clone() for p in ps], "opt": opt.state_dict()}
+    step(ps, opt)
+    assert saved["opt"]["psgfunc_dp"]["step"] == 2
+
+    resumed, opt2 = dp_opt_for(saved["params"], seed=99, **kw)  # another seed: restored below
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.dp_state.step == 2
+    step(resumed, opt2)
+    assert_tree_close([p.detach() for p in resumed], [p.detach() for p in ps], rtol=1e-12)
+
+    plain = dp_opt_for(params, seed=3, **kw)[1]
+    plain.load_state_dict(opt.optimizer.state_dict())  # a plain torch state dict still loads
+    secure = dp_opt_for(params, secure=True, **kw)[1]
+    assert "generator" not in secure.state_dict()["psgfunc_dp"]
+
+    for p, g in zip(ps, grads):
+        p.grad_sample = g[:2]
+    opt.accumulate()
+    with pytest.raises(ValueError, match="half accumulated"):
+        opt.state_dict()
