@@ -143,7 +143,7 @@ class RowSum(GradKind):
     def weighted_sum(self, datas: Sequence[tuple[torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
         total = None
         for (g,) in datas:
-            s = (c.to(g.dtype) @ g.transpose(0, 1)).sum(0)  # [N, B, K] @ [B] -> [N, K]
+            s = (c.to(g.dtype) @ g.transpose(0, 1)).sum(0)  # [B] @ [N, B, K] -> [N, K] -> [K]
             total = s if total is None else total + s
         return total if self.shape is None else total.reshape(self.shape)
 
