@@ -130,7 +130,8 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     if interpreter is None or interpreter.key() != _functorch.TransformType.Vmap:
         return NotImplemented
     level = interpreter.level()
-    size = _functorch.CVmapInterpreterPtr(interpreter).batchSize()
+    vmap_info = _functorch.CVmapInterpreterPtr(interpreter)
+    size = vmap_info.batchSize()
     names = [k for k, v in params.items() if v is not None]
     arg_leaves, arg_spec = optree.tree_flatten(args, none_is_leaf=True)
     moved, batched = [], False
@@ -151,8 +152,7 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     if not batched or not all(is_shared(p) for p in batch_params.values()):
         return NotImplemented
     batch_args = optree.tree_unflatten(arg_spec, moved[n:])
-    randomness = _randomness_name(_functorch.CVmapInterpreterPtr(interpreter).randomness())
-    token = _RANDOMNESS.set(randomness)
+    token = _RANDOMNESS.set(_randomness_name(vmap_info.randomness()))
     saved = _functorch.pop_dynamic_layer_stack()
     try:
         with _rules.expanded_mode("batch"):
