@@ -8,7 +8,8 @@ contractions with the clipping, so the ``[B, *shape]`` tensors need not be held 
 When it helps: models whose per-sample gradients are large compared with the activations
 (big dense layers, small sequence lengths), repeated many times with the same shapes
 (compilation takes seconds to tens of seconds, and every new batch size recompiles unless
-``dynamic=True``), on an accelerator where Inductor's generated kernels are fast. On the
+``dynamic=True``), possibly on an accelerator where Inductor's generated kernels are fast
+(not measured: no GPU was available to this project). On the
 2-core CPU of ``python -m benchmarks`` it did NOT help: 2-22x the non-private step (MLP,
 digits CNN, Embedding+DPLSTM, Transformer) against 0.8-3.3x for the eager
 ``clipped_grad_sum(method="fast")``, because the graph still materialises the per-sample
