@@ -15,7 +15,7 @@ import contextvars
 import functools
 from typing import Any, Callable, Iterator
 
-__all__ = ["dispatchable", "register_rule", "expanded_mode", "expanded_mode_kind", "rule_for"]
+__all__ = ["dispatchable", "register_rule", "expanded_mode", "expanded_mode_kind", "rule_for", "enter_mode", "exit_mode"]
 
 _RULES: dict[Callable[..., Any], Callable[..., Any]] = {}
 # None: plain layers. "vmap": the per-example fn runs under vmap with expanded params
@@ -76,3 +76,14 @@ def expanded_mode(kind: str | None = "vmap") -> Iterator[None]:
         yield
     finally:
         _EXPANDED.reset(token)
+
+
+def enter_mode(kind: str | None) -> contextvars.Token:
+    """:func:`expanded_mode` without the context manager (for per-layer-call hot paths):
+    returns the token for :func:`exit_mode`. ``kind`` is not checked."""
+    return _EXPANDED.set(kind)
+
+
+def exit_mode(token: contextvars.Token) -> None:
+    """Restore the mode :func:`enter_mode` replaced."""
+    _EXPANDED.reset(token)

@@ -18,7 +18,7 @@ import torch
 from psgfunc._tree import batch_size, tree_flatten
 from psgfunc.dp._clip import _check_positive_finite, clipped_sum
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
-from psgfunc.per_sample._kinds import LeafPieces
+from psgfunc.per_sample._kinds import leaf_pieces
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -317,7 +317,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "micro-batch; run one forward and backward per micro-batch, then accumulate()"
             )
         (size,) = sizes
-        leaves = [LeafPieces(r, d, size, p.shape) for p, r, d in zip(params, pieces, dense)]
+        leaves = leaf_pieces(pieces, dense, size, [p.shape for p in params])
         sq = leaves[0].sq_norm
         for leaf in leaves[1:]:
             sq = sq + leaf.sq_norm

@@ -20,7 +20,7 @@ import torch
 
 from psgfunc import _rules
 from psgfunc.per_sample._api import _prepare
-from psgfunc.per_sample._kinds import Collector, LeafPieces
+from psgfunc.per_sample._kinds import Collector, LeafPieces, leaf_pieces
 
 __all__ = ["GradPieces", "grad_pieces"]
 
@@ -60,12 +60,12 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
         losses = prep.expanded_losses(views, prep.b_leaves)
         grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)
-    leaves = []
-    for view, g, records in zip(views, grads, collector.records):
-        unused = g is None and not records  # the loss does not depend on this leaf
-        leaf = LeafPieces(records, torch.zeros_like(view) if unused else g, size, view.shape[1:])
-        leaf.materialized = leaf.materialized and not unused
-        leaves.append(leaf)
+    # the loss may not depend on a leaf at all (no gradient, no records): zeros
+    unused = [g is None and not records for g, records in zip(grads, collector.records)]
+    dense = [torch.zeros_like(v) if u else g for v, g, u in zip(views, grads, unused)]
+    leaves = leaf_pieces(collector.records, dense, size, [v.shape[1:] for v in views])
+    for leaf, u in zip(leaves, unused):
+        leaf.materialized = leaf.materialized and not u
     pieces = GradPieces(prep, leaves)
     if pieces.materialized:
         warnings.warn(

@@ -56,8 +56,18 @@ def vmap_randomness() -> str:
     return _RANDOMNESS.get()
 
 
+_RANDOMNESS_NAMES: dict[Any, str] = {}
+
+
 def _randomness_name(value: Any) -> str:
-    return value if isinstance(value, str) else str(value.name).lower()
+    """``"error"``/``"same"``/``"different"`` from functorch's enum (its ``.name`` lookup is
+    slow enough to show on every layer call, so the names are remembered)."""
+    if isinstance(value, str):
+        return value
+    name = _RANDOMNESS_NAMES.get(value)
+    if name is None:
+        name = _RANDOMNESS_NAMES[value] = str(value.name).lower()
+    return name
 
 
 class Rule:
@@ -154,14 +164,17 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     batch_args = optree.tree_unflatten(arg_spec, moved[n:])
     token = _RANDOMNESS.set(_randomness_name(vmap_info.randomness()))
     saved = _functorch.pop_dynamic_layer_stack()
+    mode = _rules.enter_mode("batch")
     try:
-        with _rules.expanded_mode("batch"):
-            out = rule.vmapped(batch_params, *batch_args, **kwargs)
+        out = rule.vmapped(batch_params, *batch_args, **kwargs)
     finally:
+        _rules.exit_mode(mode)
         _functorch.push_dynamic_layer_stack(saved)
         _RANDOMNESS.reset(token)
     if out is NotImplemented:
         return NotImplemented
+    if isinstance(out, torch.Tensor):
+        return _functorch._add_batch_dim(out, 0, level)
     return optree.tree_map(
         lambda o: _functorch._add_batch_dim(o, 0, level) if isinstance(o, torch.Tensor) else o,
         out, none_is_leaf=True,

@@ -26,7 +26,7 @@ import torch
 
 from psgfunc._tree import row_sq_norms
 
-__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector", "LeafPieces"]
+__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector", "LeafPieces", "leaf_pieces"]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,27 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _time_major(t: torch.Tensor) -> bool:
     """Whether ``t [B, N, K]`` is a transposed view of a contiguous ``[N, B, K]``."""
     return t.shape[0] > 1 and t.shape[1] > 1 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
+
+
+def _key(t: Any) -> Any:
+    """Identity of a piece's tensor (storage, offset, shape, strides), for :func:`_shared`."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _shared(cache: dict | None, key: Any, compute: Any) -> Any:
+    """``compute()``, or its result from an earlier call with the same ``key`` on ``cache``."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _sq1(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
+    """``[B]`` squared norms of ``t [B, 1, K]`` (one position per example), shared via ``cache``."""
+    return _shared(cache, ("sq1", _key(t)), lambda: row_sq_norms(t[:, 0]))
 
 
 class GradKind:
@@ -60,7 +81,9 @@ class GradKind:
         dense gradient is built once and also serves the weighted sum)."""
         return type(self).norm2 is GradKind.norm2
 
-    def norm2(self, datas: Sequence[tuple[Any, ...]]) -> torch.Tensor:
+    def norm2(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> torch.Tensor:
+        """``[B]`` squared norms of the summed pieces; ``cache`` (see :func:`leaf_pieces`)
+        lets parameters whose pieces share a tensor compute what depends on it once."""
         total = self.materialize(*datas[0])
         for data in datas[1:]:
             total = total + self.materialize(*data)
@@ -102,15 +125,17 @@ class Outer(GradKind):
         o, i = datas[0][0].shape[2], datas[0][1].shape[2]
         return n > 1 and n * (o + i) >= o * i
 
-    def norm2(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def norm2(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], cache: dict | None = None) -> torch.Tensor:
         g = torch.cat([d[0] for d in datas], dim=1) if len(datas) > 1 else datas[0][0]
         x = torch.cat([d[1] for d in datas], dim=1) if len(datas) > 1 else datas[0][1]
         n, o, i = g.shape[1], g.shape[2], x.shape[2]
-        if n == 1:
-            return row_sq_norms(g[:, 0]) * row_sq_norms(x[:, 0])
+        if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
+            return _sq1(cache, g) * _sq1(cache, x)
         if n * (o + i) < o * i:
-            gram_g = torch.bmm(g, g.transpose(1, 2))  # [B, N, N]
-            gram_x = torch.bmm(x, x.transpose(1, 2))
+            # [B, N, N] each; an LSTM's W_ih and W_hh share g (the gate gradients): one Gram
+            one = len(datas) == 1
+            gram_g = _shared(cache if one else None, ("gram", _key(g)), lambda: torch.bmm(g, g.transpose(1, 2)))
+            gram_x = _shared(cache if one else None, ("gram", _key(x)), lambda: torch.bmm(x, x.transpose(1, 2)))
             return (gram_g * gram_x).sum((1, 2))
         return row_sq_norms(torch.bmm(g.transpose(1, 2), x))
 
@@ -139,6 +164,18 @@ class RowSum(GradKind):
     def materialize(self, g: torch.Tensor) -> torch.Tensor:
         out = g.sum(1)
         return out if self.shape is None else out.reshape(out.shape[0], *self.shape)
+
+    def prefers_dense(self, datas: Sequence[tuple[torch.Tensor]]) -> bool:
+        return len(datas) > 1  # one piece: norms below; several: add them up densely
+
+    def norm2(self, datas: Sequence[tuple[torch.Tensor]], cache: dict | None = None) -> torch.Tensor:
+        if len(datas) > 1:
+            return super().norm2(datas)
+        (g,) = datas[0]
+        if g.shape[1] == 1:
+            return _sq1(cache, g)
+        # the [B, K] gradient is the cheap form; an LSTM's b_ih and b_hh share it (both dz)
+        return _shared(cache, ("rowsum", _key(g)), lambda: row_sq_norms(g.sum(1)))
 
     def weighted_sum(self, datas: Sequence[tuple[torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -190,12 +227,20 @@ class LeafPieces:
         dense: a materialised ``[B, *shape]`` contribution (from ops without a rule), or None.
         size: the batch size ``B``.
         shape: the parameter's shape.
+        cache: shared by the parameters of one pass (:func:`leaf_pieces`), or None.
 
     If all records share one kind and there is no dense part, norms and sums come from the
     kind without materialising; otherwise the pieces are added up densely.
     """
 
-    def __init__(self, records: Sequence[tuple[GradKind, tuple[Any, ...]]], dense: torch.Tensor | None, size: int, shape: Sequence[int]):
+    def __init__(
+        self,
+        records: Sequence[tuple[GradKind, tuple[Any, ...]]],
+        dense: torch.Tensor | None,
+        size: int,
+        shape: Sequence[int],
+        cache: dict | None = None,
+    ):
         self.size = size
         self.materialized = dense is not None
         if size == 0:  # an empty (Poisson) batch: nothing to ask the kinds
@@ -205,12 +250,14 @@ class LeafPieces:
             self.dense = ref.new_zeros((0, *shape))
             self.sq_norm = ref.new_zeros(0)
             return
-        one_kind = dense is None and records and len({kind for kind, _ in records}) == 1
-        if one_kind and not records[0][0].prefers_dense([data for _, data in records]):
-            self.kind: GradKind | None = records[0][0]
+        first = records[0][0] if records else None
+        # kinds compare by value (GradKind.__eq__), rules mostly reuse one object: `is` first
+        one_kind = dense is None and first is not None and all(k is first or k == first for k, _ in records)
+        if one_kind and not first.prefers_dense([data for _, data in records]):
+            self.kind: GradKind | None = first
             self.datas = [data for _, data in records]
             self.dense = None
-            self.sq_norm = self.kind.norm2(self.datas)
+            self.sq_norm = first.norm2(self.datas, cache)
             return
         self.kind, self.datas = None, []
         total = dense
@@ -226,4 +273,18 @@ class LeafPieces:
         """``sum_b c_b grad_b``, shaped like the parameter."""
         if self.kind is not None:
             return self.kind.weighted_sum(self.datas, c)
-        return torch.tensordot(c.to(self.dense.dtype), self.dense, dims=1)
+        dense = self.dense
+        return (c.to(dense.dtype) @ _rows(dense)).reshape(dense.shape[1:])
+
+
+def leaf_pieces(
+    records: Sequence[Sequence[tuple[GradKind, tuple[Any, ...]]]],
+    dense: Sequence[torch.Tensor | None],
+    size: int,
+    shapes: Sequence[Sequence[int]],
+) -> list[LeafPieces]:
+    """:class:`LeafPieces` for several parameters of one pass, computing what their pieces
+    share once (the Gram of an output gradient that two weights see, the norms of a layer's
+    output gradient for its bias and its weight)."""
+    cache: dict = {}
+    return [LeafPieces(r, d, size, s, cache) for r, d, s in zip(records, dense, shapes)]

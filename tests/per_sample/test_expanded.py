@@ -85,6 +85,21 @@ def wgrad(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("conf", [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (1, 2)), ((1, 3), (2, 0), (2, 1))], ids=str)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_channels_last_patches_have_the_patch_gram(dim, conf, rows):
+    """The ghost norm's patches: features in another order, the same Gram as F.unfold's."""
+    stride, padding, dilation = (tuple(c[:dim]) for c in conf)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, 3, 4, *(9, 7)[:dim], dtype=F64, generator=gen)  # [N, B, C, *S]
+    weight_shape = (5, 4, *(3, 2)[:dim])
+    u = conv_rule._patches(x, weight_shape, stride, padding, dilation)
+    v = conv_rule._patches_channels_last(x, weight_shape, stride, padding, dilation)
+    assert u.shape == v.shape
+    torch.testing.assert_close(v @ v.transpose(1, 2), u @ u.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("opts", CONV_CASES, ids=str)
 @pytest.mark.parametrize("rows", [None, 2], ids=["example_CS", "example_NCS"])
@@ -300,13 +315,15 @@ def test_embedding_copies_are_offset_by_table_size(num_embeddings, batch, max_ba
         assert torch.equal(shell.weight.grad_sample[b], expected)
 
 
-@pytest.mark.parametrize("num_embeddings", [3, 100])  # Gram norm when T*T < V, else dense
+# Gram norm when T <= 16 and T*T < V (100, 5); rows added per distinct index otherwise
+@pytest.mark.parametrize("num_embeddings, positions", [(3, 5), (100, 5), (1000, 20)])
 @pytest.mark.parametrize("padding_idx", [None, 1])
-def test_embedding_kind_norms_and_weighted_sum(num_embeddings, padding_idx):
+def test_embedding_kind_norms_and_weighted_sum(num_embeddings, positions, padding_idx):
     gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, num_embeddings, (4, 5), generator=gen)
-    idx[:, 1] = idx[:, 0]  # repeated rows: the Gram form must add them before squaring
-    g = torch.randn(4, 5, 3, dtype=F64, generator=gen)
+    idx = torch.randint(0, num_embeddings, (4, positions), generator=gen)
+    idx[:, 1] = idx[:, 0]  # repeated rows: both forms must add them before squaring
+    idx[:, 3] = 1  # the padding row (when padding_idx is 1) in every example
+    g = torch.randn(4, positions, 3, dtype=F64, generator=gen)
     kind = EmbeddingRows(num_embeddings, padding_idx)
     datas = [(idx[:, :2], g[:, :2]), (idx[:, 2:], g[:, 2:])]
     dense = kind.materialize(*datas[0]) + kind.materialize(*datas[1])

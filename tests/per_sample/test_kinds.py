@@ -1,0 +1,69 @@
+"""Gradient kinds (``psgfunc.per_sample._kinds``): what parameters of one pass share."""
+
+from __future__ import annotations
+
+import torch
+
+from psgfunc.per_sample._kinds import LeafPieces, Outer, RowSum, leaf_pieces
+
+F64 = torch.float64
+
+
+def _lstm_like_pieces(batch=3, steps=3, gates=16, inputs=6, hidden=5):
+    """An LSTM layer's pieces: W_ih (dz, x), W_hh (dz, h_prev), b_ih and b_hh (dz): one dz."""
+    gen = torch.Generator().manual_seed(0)
+    dz = torch.randn(steps, batch, gates, dtype=F64, generator=gen).transpose(0, 1)  # time-major
+    x = torch.randn(batch, steps, inputs, dtype=F64, generator=gen)
+    h_prev = torch.randn(batch, steps, hidden, dtype=F64, generator=gen)
+    records = [[(Outer(), (dz, x))], [(Outer(), (dz, h_prev))], [(RowSum(), (dz,))], [(RowSum(), (dz,))]]
+    shapes = [(gates, inputs), (gates, hidden), (gates,), (gates,)]
+    dense = [
+        torch.einsum("btg,bti->bgi", dz, x),
+        torch.einsum("btg,bth->bgh", dz, h_prev),
+        dz.sum(1),
+        dz.sum(1),
+    ]
+    return records, shapes, dense, batch
+
+
+def test_leaf_pieces_share_what_parameters_have_in_common(monkeypatch):
+    records, shapes, dense, batch = _lstm_like_pieces()
+    # N (O + I) < O I for both weights: Gram norms, whose dz Gram is computed once
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape) or bmm(a, b))
+    shared = leaf_pieces(records, [None] * 4, batch, shapes)
+    assert len(calls) == 3  # Gram of dz, of x, of h_prev
+    calls.clear()
+    alone = [LeafPieces(r, None, batch, s) for r, s in zip(records, shapes)]
+    assert len(calls) == 4
+    c = torch.rand(batch, dtype=F64)
+    for leaf, own, expected in zip(shared, alone, dense):
+        torch.testing.assert_close(leaf.sq_norm, expected.flatten(1).pow(2).sum(1), rtol=1e-10, atol=0)
+        torch.testing.assert_close(own.sq_norm, leaf.sq_norm, rtol=1e-10, atol=0)
+        torch.testing.assert_close(leaf.weighted_sum(c), torch.einsum("b,b...->...", c, expected),
+                                   rtol=1e-10, atol=1e-12)
+    # the two biases' norms come from one [B, 4H] gradient between them
+    assert shared[2].sq_norm is shared[3].sq_norm
+
+
+def test_linear_bias_reuses_the_output_gradient_norm():
+    gen = torch.Generator().manual_seed(1)
+    g, x = torch.randn(4, 1, 3, dtype=F64, generator=gen), torch.randn(4, 1, 5, dtype=F64, generator=gen)
+    weight, bias = leaf_pieces([[(Outer(), (g, x))], [(RowSum(), (g,))]], [None, None], 4, [(3, 5), (3,)])
+    torch.testing.assert_close(bias.sq_norm, g[:, 0].pow(2).sum(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(weight.sq_norm, bias.sq_norm * x[:, 0].pow(2).sum(1), rtol=1e-12, atol=0)
+    c = torch.rand(4, dtype=F64, generator=gen)
+    torch.testing.assert_close(bias.weighted_sum(c), c @ g[:, 0], rtol=1e-12, atol=0)
+
+
+def test_leaf_pieces_do_not_share_different_tensors():
+    records, shapes, dense, batch = _lstm_like_pieces()
+    other = records[0][0][1][0].clone()  # equal values, another tensor: computed on its own
+    records[1] = [(Outer(), (other, records[1][0][1][1]))]
+    records[3] = [(RowSum(), (other * 2,))]
+    dense[3] = dense[3] * 2
+    leaves = leaf_pieces(records, [None] * 4, batch, shapes)
+    assert leaves[2].sq_norm is not leaves[3].sq_norm
+    for leaf, expected in zip(leaves, dense):
+        torch.testing.assert_close(leaf.sq_norm, expected.flatten(1).pow(2).sum(1), rtol=1e-10, atol=0)
