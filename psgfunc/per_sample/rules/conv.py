@@ -128,17 +128,28 @@ def _unfold_weight_grad(x, g, weight_shape, stride, padding, dilation):
     """:func:`per_sample_conv_weight_grad` for 1-d/2-d, ungrouped layers via im2col:
     ``dW_b = g_b [O, N*L] @ patches_b [N*L, C*K]``."""
     size = x.shape[1]
+    if x.shape[0] == 1:  # one row per example: unfold's [B, C*K, L] and g's [B, O, L] as they are
+        kernel, stride_, padding_, dilation_ = _as_2d(tuple(weight_shape[2:]), stride, padding, dilation)
+        xs = x[0] if len(weight_shape) == 4 else x[0].unsqueeze(-2)
+        cols = torch.nn.functional.unfold(xs, kernel, dilation=dilation_, padding=padding_, stride=stride_)
+        return torch.bmm(g[0].reshape(size, g.shape[2], -1), cols.transpose(1, 2)).view(size, *weight_shape)
     patches = _patches(x, weight_shape, stride, padding, dilation)
     return torch.bmm(_positions(g).transpose(1, 2), patches).view(size, *weight_shape)
+
+
+def _as_2d(kernel, stride, padding, dilation):
+    """A 1-d conv's configuration as a 2-d conv of height 1 (2-d: unchanged)."""
+    if len(kernel) == 1:
+        return (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    return kernel, stride, padding, dilation
 
 
 def _patches(x, weight_shape, stride, padding, dilation) -> torch.Tensor:
     """``x [N, B, C, *S] -> [B, N*L, C*K]``: every example's input patches (1-d/2-d)."""
     n, size = x.shape[:2]
-    kernel = tuple(weight_shape[2:])
-    if len(kernel) == 1:  # a 1-d conv is a 2-d conv of height 1
+    if len(weight_shape) == 3:  # a 1-d conv is a 2-d conv of height 1
         x = x.unsqueeze(-2)
-        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    kernel, stride, padding, dilation = _as_2d(tuple(weight_shape[2:]), stride, padding, dilation)
     patches = torch.nn.functional.unfold(
         x.reshape(n * size, *x.shape[2:]), kernel, dilation=dilation, padding=padding, stride=stride
     )  # [N*B, C*K, L]
@@ -153,10 +164,9 @@ def _patches_channels_last(x, weight_shape, stride, padding, dilation) -> torch.
     values at a time, ``F.unfold`` one kernel row (2.3x faster on the digits CNN's 16->32
     conv at B = 64, where the patches are most of the ghost norm's cost)."""
     n, size, channels = x.shape[:3]
-    kernel = tuple(weight_shape[2:])
-    if len(kernel) == 1:  # a 1-d conv is a 2-d conv of height 1
+    if len(weight_shape) == 3:  # a 1-d conv is a 2-d conv of height 1
         x = x.unsqueeze(-2)
-        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    kernel, stride, padding, dilation = _as_2d(tuple(weight_shape[2:]), stride, padding, dilation)
     flat = x.reshape(n * size, channels, *x.shape[-2:])
     if any(padding):
         flat = torch.nn.functional.pad(flat, (padding[1], padding[1], padding[0], padding[0]))
@@ -210,8 +220,8 @@ class ConvWeight(GradKind):
     def norm2(self, datas: Any, cache: dict | None = None) -> torch.Tensor:
         if self.prefers_dense(datas):
             return super().norm2(datas)
-        u = torch.cat([_patches_channels_last(x, self.weight_shape, *conf) for x, _, conf in datas], 1)
-        g = torch.cat([_positions(g) for _, g, _ in datas], 1)
+        u = _cat1([_patches_channels_last(x, self.weight_shape, *conf) for x, _, conf in datas])
+        g = _cat1([_positions(g) for _, g, _ in datas])
         return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(u, u.transpose(1, 2))).sum((1, 2))
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
@@ -227,6 +237,11 @@ class ConvWeight(GradKind):
             )
             total = s if total is None else total + s
         return total
+
+
+def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, 1)`` without the copy when there is one part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 @functools.lru_cache(maxsize=256)
