@@ -405,7 +405,7 @@ def direction_forward(
     scale = x_gates.new_ones(gates4)
     scale[sl_g] = 2
     w_t = (w_hh * scale.unsqueeze(1)).t()
-    minus_one, one = x_gates.new_tensor(-1.0), x_gates.new_tensor(1.0)
+    minus_one = x_gates.new_tensor(-1.0)
     xs = _bt_buffer(x_gates, batch, steps, gates4, time_major)
     if bias is None:
         torch.mul(x_gates, scale, out=xs)
@@ -420,7 +420,8 @@ def direction_forward(
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         gates = torch.addmm(xg_t[t], h, w_t)
         torch.sigmoid(gates, out=a_t[t])
-        torch.lerp(minus_one, one, z_g_t[t], out=z_g_t[t])
+        # tanh(z_g) = -1 + 2 s; lerp(-1, 1, s) on this strided slice was ~10x slower
+        torch.add(minus_one, z_g_t[t], alpha=2, out=z_g_t[t])
         if m_t is None:
             c = torch.addcmul(f_t[t] * c, i_t[t], z_g_t[t], out=c_t[t])
             torch.tanh(c, out=tc_t[t])
