@@ -2,7 +2,9 @@
 
 Checked against the float64 per-example loop and ``method="vmap"`` (1e-10 relative), under
 fast clipping against materialise-then-clip, and for the cost trap: the per-sample
-``W_hh`` gradient is built once per layer and direction, not once per step.
+``W_hh`` gradient is built once per layer and direction, not once per step. Unmasked layers
+are checked both ways: the Python loop and torch's fused LSTM forward with a recomputing
+backward (``_FusedLayer``; by default only used when no gradient is taken).
 """
 
 from __future__ import annotations
@@ -86,20 +88,36 @@ GRID = list(itertools.product([1, 2], [False, True], [False, True], [False, True
 
 @pytest.fixture
 def recurrences(monkeypatch):
-    """Counts the layer/direction recurrences the rule runs (0: the fallback served)."""
-    count = []
-    original = lstm_rule._Recurrence.forward
-    monkeypatch.setattr(lstm_rule._Recurrence, "forward",
-                        staticmethod(lambda *a: count.append(1) or original(*a)))
-    return count
+    """The layer/direction recurrences the rule runs, in order: ``"loop"`` for
+    :class:`_Recurrence`, ``"fused"`` for :class:`_FusedLayer` (none: the fallback served)."""
+    ran = []
+    for cls, name in ((lstm_rule._Recurrence, "loop"), (lstm_rule._FusedLayer, "fused")):
+        original = cls.forward
+        monkeypatch.setattr(cls, "forward", staticmethod(
+            lambda *a, name=name, original=original: ran.append(name) or original(*a)
+        ))
+    return ran
+
+
+@pytest.fixture(params=[False, True], ids=["loop", "fused"])
+def fused(request, monkeypatch):
+    """Whether unmasked layers run torch's fused LSTM (:class:`_FusedLayer`) also when a
+    gradient is taken (the rule's default: only without one)."""
+    monkeypatch.setattr(lstm_rule, "_FUSED_WITH_GRAD", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize(("num_layers", "bidirectional", "lengths", "state"), GRID)
-def test_expanded_equals_vmap_and_oracle(num_layers, bidirectional, lengths, state, recurrences):
+def test_expanded_equals_vmap_and_oracle(num_layers, bidirectional, lengths, state, recurrences,
+                                         fused):
     params = lstm_params(num_layers, bidirectional)
     fn = sequence_loss(num_layers, bidirectional)
     grads = check_both_methods(fn, params, *sequence_batch(num_layers, bidirectional, lengths, state))
-    assert len(recurrences) == num_layers * (2 if bidirectional else 1)  # the rule ran
+    # the rule ran, each layer/direction once: the loop with lengths (the batch passes
+    # lengths whenever it passes a state), else as the switch says
+    masked = lengths or state
+    expected = "fused" if fused and not masked else "loop"
+    assert recurrences == [expected] * num_layers * (2 if bidirectional else 1)
     assert list(grads) == list(params)
     if lengths:  # the example of length 0 has no parameter gradient at all
         assert all(bool(torch.all(g[2] == 0)) for g in grads.values())
@@ -203,13 +221,13 @@ def test_cell_in_a_scan_matches_oracle(with_carry, bias, recurrences):
 
     xs = torch.randn(B, 3, D, generator=gen, dtype=F64)
     check_both_methods(fn, params, xs, *(torch.randn(B, H, generator=gen, dtype=F64) for _ in range(2)))
-    assert len(recurrences) == 3  # the cell rule ran at every call
+    assert recurrences == ["loop"] * 3  # the cell rule ran at every call
 
 
 # ------------------------------------------------------------------------------ the cost trap
 
 
-def test_w_hh_gradient_is_built_once_per_layer_and_direction(monkeypatch):
+def test_w_hh_gradient_is_built_once_per_layer_and_direction(monkeypatch, fused):
     calls = []
     original = _kinds.Outer.materialize
 
@@ -311,7 +329,7 @@ def test_dropout_follows_randomness(method):
 # ------------------------------------------------------------------------ batch mode (shells)
 
 
-def test_batch_mode_dropout_draws_the_plain_layers_masks():
+def test_batch_mode_dropout_draws_the_plain_layers_masks(fused):
     params = {k: v.requires_grad_(True) for k, v in lstm_params(3, True).items()}
     x = torch.randn(T, B, D, dtype=F64)
     torch.manual_seed(7)
@@ -329,6 +347,152 @@ def test_batch_mode_dropout_draws_the_plain_layers_masks():
     for k, v in params.items():
         torch.testing.assert_close(got[k][0], v.grad, rtol=0, atol=1e-12)
         torch.testing.assert_close(got[k][1].sum(0), v.grad, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------- torch's fused LSTM forward (_FusedLayer)
+
+
+@pytest.fixture
+def vf_calls(monkeypatch):
+    """Counts calls of ``torch._VF.lstm`` (the fused forward _FusedLayer runs)."""
+    calls = []
+    original = torch._VF.lstm
+    monkeypatch.setattr(torch._VF, "lstm", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def two_layer_loss(p, x, lengths=None):
+    out, (h_n, c_n) = PF.lstm(p, x, num_layers=2, bidirectional=True, lengths=lengths)
+    return out.pow(2).sum() + h_n.sum() + c_n.sin().sum()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_layer_runs_for_unmasked_layers_only(masked, monkeypatch, recurrences, vf_calls):
+    monkeypatch.setattr(lstm_rule, "_FUSED_WITH_GRAD", True)
+    params = lstm_params(2, True)
+    x, _, lengths = sequence_batch(2, True, True, False)
+    per_sample_grads(two_layer_loss, params, x, *([lengths] if masked else []), method="expanded")
+    assert recurrences == ["loop" if masked else "fused"] * 4
+    assert len(vf_calls) == (0 if masked else 4)
+
+
+def test_fused_layer_without_grad_by_default(recurrences, vf_calls):
+    """By default the fused forward serves calls no backward follows (no_grad, inference
+    through the shells); those that need gradients run the loop."""
+    assert lstm_rule._FUSED_WITH_GRAD is False
+    params = {k: v.requires_grad_(True) for k, v in lstm_params(2, True).items()}
+    x = torch.randn(T, B, D, dtype=F64)
+    h0, c0 = (torch.randn(4, B, H, dtype=F64) for _ in range(2))
+    call = lambda: module_call(PF.lstm, params, B, x, (h0, c0), num_layers=2, bidirectional=True)
+    with torch.no_grad():
+        out, (h_n, c_n) = call()
+    assert recurrences == ["fused"] * 4 and len(vf_calls) == 4
+    ref, (ref_h, ref_c) = PF.lstm(params, x, (h0, c0), num_layers=2, bidirectional=True)
+    for got, want in ((out, ref), (h_n, ref_h), (c_n, ref_c)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    recurrences.clear()
+    call()
+    assert recurrences == ["loop"] * 4
+
+
+def bias_variant(params, bias):
+    """``params`` with both biases, none, or only ``bias_ih`` / ``bias_hh``."""
+    drop = {"both": (), "none": ("bias_ih", "bias_hh"), "ih": ("bias_hh",), "hh": ("bias_ih",)}
+    return {k: v for k, v in params.items() if not k.startswith(drop[bias])}
+
+
+def grads_both_ways(monkeypatch, fn, params, *batch, method="expanded"):
+    got = {}
+    for flag in (False, True):
+        monkeypatch.setattr(lstm_rule, "_FUSED_WITH_GRAD", flag)
+        got[flag] = per_sample_grads(fn, params, *batch, method=method)
+    return got[False], got[True]
+
+
+@pytest.mark.parametrize(("num_layers", "bidirectional", "state", "bias"), [
+    *itertools.product([1, 2], [False, True], [False, True], ["both"]),
+    *itertools.product([1], [True], [True], ["none", "ih", "hh"]),
+])
+def test_fused_layer_equals_the_loop_in_float64(num_layers, bidirectional, state, bias,
+                                                monkeypatch, recurrences):
+    """Per-sample gradients of every weight, of the input and of h0/c0 (through a shared
+    linear map of them): the fused forward with the recomputing backward vs the loop."""
+    params = bias_variant(lstm_params(num_layers, bidirectional), bias)
+    gen = torch.Generator().manual_seed(4)
+    p = 2 if bidirectional else 1
+    x = torch.randn(B, T, D, generator=gen, dtype=F64)
+    s = torch.randn(B, num_layers * p, H, generator=gen, dtype=F64)
+    params["mix"] = torch.randn(H, H, generator=gen, dtype=F64)
+    params["emb"] = torch.randn(D, D, generator=gen, dtype=F64)
+
+    def fn(q, xe, se):
+        q = dict(q)
+        mix, emb = q.pop("mix"), q.pop("emb")
+        init = (se @ mix, (se @ mix.t()).cos()) if state else None
+        out, (h_n, c_n) = PF.lstm(q, xe @ emb, init, num_layers=num_layers,
+                                  bidirectional=bidirectional)
+        return out.tanh().sum() + (out[-1] ** 2).sum() + h_n.sin().sum() + (c_n * c_n).sum()
+
+    loop, fused = grads_both_ways(monkeypatch, fn, params, x, s)
+    assert recurrences == ["loop"] * (num_layers * p) + ["fused"] * (num_layers * p)
+    assert_tree_close(fused, loop, rtol=1e-10)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_fused_layer_forward_equals_the_loop_in_float32(batch_first, monkeypatch):
+    """Values in float32 (torch's fused LSTM takes oneDNN's kernel there) agree within
+    rounding, and so do the per-sample gradients."""
+    params = lstm_params(2, True, dtype=torch.float32)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    x = torch.randn(B, T, D) if batch_first else torch.randn(T, B, D)
+    results = []
+    for flag in (False, True):
+        monkeypatch.setattr(lstm_rule, "_FUSED_WITH_GRAD", flag)
+        out, (h_n, c_n) = module_call(PF.lstm, params, B, x, num_layers=2, bidirectional=True,
+                                      batch_first=batch_first)
+        (out.pow(2).sum() + h_n.sum() + c_n.sum()).backward()
+        results.append(((out, h_n, c_n), {k: v.grad_sample for k, v in params.items()}))
+        for v in params.values():
+            v.grad, v.grad_sample = None, None
+    (loop_vals, loop_grads), (fused_vals, fused_grads) = results
+    for got, want in zip(fused_vals, loop_vals):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_tree_close(fused_grads, loop_grads, dtype=torch.float32)
+
+
+def emb_lstm_model():
+    """Embedding -> LSTM(batch_first) -> Linear on the last step (the benchmarks' EmbLSTM;
+    the per-example ``fn`` sees one sequence ``[T, D]``, for which batch_first is moot)."""
+    gen = torch.Generator().manual_seed(2)
+    params = {
+        "emb": PF.init_embedding(11, D, dtype=F64, generator=gen),
+        "lstm": PF.init_lstm(D, H, dtype=F64, generator=gen),
+        "fc": PF.init_linear(H, 3, dtype=F64, generator=gen),
+    }
+
+    def fn(p, ids, y):
+        x = PF.embedding(p["emb"], ids)
+        out, _ = PF.lstm(p["lstm"], x, batch_first=True)
+        return F.cross_entropy(PF.linear(p["fc"], out[-1]), y)
+
+    ids = torch.randint(0, 11, (B, T), generator=gen)
+    return fn, params, (ids, torch.randint(0, 3, (B,), generator=gen))
+
+
+def test_fused_layer_fast_clipping_equals_materialize(monkeypatch, recurrences):
+    monkeypatch.setattr(lstm_rule, "_FUSED_WITH_GRAD", True)
+    fn, params, batch = emb_lstm_model()
+    norms = dp.per_sample_norms(per_example_grads(fn, params, *batch))
+    c = float(norms.median())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every parameter is served by a rule
+        fast, fast_norms = dp.clipped_grad_sum(fn, params, *batch, max_norm=c, method="fast")
+    dense, dense_norms = dp.clipped_grad_sum(fn, params, *batch, max_norm=c,
+                                            method="materialize")
+    assert recurrences == ["fused"] * 2
+    assert_tree_close(fast, dense, rtol=1e-10)
+    torch.testing.assert_close(fast_norms, dense_norms, rtol=1e-10, atol=0)
+    torch.testing.assert_close(fast_norms, norms, rtol=1e-10, atol=0)
 
 
 # ----------------------------------------------------------------- the plain layer's fused path

@@ -23,6 +23,18 @@ example's mask, ``"same"`` one mask for all, ``"error"`` raises ``ValueError``).
 The loops themselves are :func:`psgfunc.functional.lstm.direction_forward` /
 ``direction_backward``, shared with the plain layer. The backward of :class:`_Recurrence`
 is not differentiable again (``once_differentiable``), like every expanded rule.
+
+A layer without ``lengths`` can instead run as :class:`_FusedLayer`: the forward is one call
+of torch's fused C++ LSTM (``torch._VF.lstm``) with the shared weights, keeping only the
+hidden states ``hs``; the backward recomputes what ``direction_forward`` would have saved
+from them (:func:`_replay`: with ``h_prev`` known for every step, the pre-activations
+``x W_ih^T + h_prev W_hh^T + b`` are two matmuls over all ``B * T`` rows and the gates one
+sigmoid; only the cell state is a scan, one op per step), then runs the same
+``direction_backward`` and emits the same four pieces as above, ``W_ih``'s included. It
+serves every unmasked call that no backward follows (``no_grad``, inference through the
+shells), where it is about twice as fast as the loop. With a backward it is off
+(``_FUSED_WITH_GRAD``): the recomputation's two matmuls cost about what the fused forward
+saves, so on CPU a training step came out even (see the comment at the switch).
 """
 
 from __future__ import annotations
@@ -50,6 +62,15 @@ from psgfunc.per_sample._kinds import Outer, RowSum, emit
 _lstm_mod = sys.modules[PF.lstm.__module__]
 
 _OUTER, _ROWSUM = Outer(), RowSum()
+_NAMES = ("weight_ih", "bias_ih", "weight_hh", "bias_hh")  # _FusedLayer's order
+
+# Whether an unmasked layer whose gradient will be taken also runs :class:`_FusedLayer`.
+# Off: on CPU (one thread, EmbLSTM's LSTM(100, 100), T = 64) the fused forward saves what
+# the loop's per-step ops cost, but the backward's recomputation costs two [B*T]-row
+# matmuls, about as much: fwd+bwd and clipped_grad_sum came out even (a few % faster at
+# B = 16, a few % slower at B = 64). Without a backward (no_grad, inference through the
+# shells) the fused forward is used regardless: it is twice as fast as the loop.
+_FUSED_WITH_GRAD = False
 
 
 class _Recurrence(torch.autograd.Function):
@@ -91,6 +112,156 @@ class _Recurrence(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _fused_weights(w_ih, b_ih, w_hh, b_hh) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """The shared ``(W_ih, W_hh[, b_ih, b_hh])`` as ``torch._VF.lstm`` takes them, and
+    ``has_biases``; one missing bias (of two) is passed as zeros."""
+    if b_ih is None and b_hh is None:
+        return (shared(w_ih), shared(w_hh)), False
+    zeros = None
+    if b_ih is None or b_hh is None:
+        zeros = shared(w_hh).new_zeros(shared(w_hh).shape[0])
+    b1 = zeros if b_ih is None else shared(b_ih)
+    b2 = zeros if b_hh is None else shared(b_hh)
+    return (shared(w_ih), shared(w_hh), b1, b2), True
+
+
+def _replay(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    hs: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    bias: torch.Tensor | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, ...]:
+    """What :func:`~psgfunc.functional.lstm.direction_forward` saves, recomputed from the
+    hidden states ``hs [B, T, H]`` (time-major storage) of the fused forward.
+
+    ``x [B, T, D]``, ``h0/c0 [B, H]``, the shared ``w_ih [4H, D]``, ``w_hh [4H, H]`` and
+    ``bias`` (``b_ih + b_hh``, ``[4H]``, or None). Every step's pre-activation is known
+    once ``hs`` is: ``z = x W_ih^T + h_prev W_hh^T + b`` is two matmuls over all ``T * B``
+    rows, the gates one sigmoid over all steps; only the cell state is a scan, one
+    ``addcmul`` per step. Returns ``(act, tanh_c, hs, cs)``, all ``[B, T, *]`` views of
+    time-major buffers, as ``direction_forward`` lays them out.
+    """
+    batch, steps, in_size = x.shape
+    gates4, hidden = w_hh.shape
+    # tanh(z) = 2 sigmoid(2 z) - 1: one sigmoid over all four gates, with the g rows of the
+    # weights and bias doubled (exactly); tanh on the strided g slice is several times slower
+    sl_g = slice(2 * hidden, 3 * hidden)
+    scale = w_hh.new_ones(gates4, 1)
+    scale[sl_g] = 2
+    x_tm = x.transpose(0, 1).reshape(steps * batch, in_size)  # a copy unless time-major
+    if bias is None:
+        z = torch.mm(x_tm, (w_ih * scale).t())
+    else:
+        z = torch.addmm(bias * scale[:, 0], x_tm, (w_ih * scale).t())
+    z = z.view(steps, batch, gates4)
+    hs_tm, w_hh_t = hs.transpose(0, 1), (w_hh * scale).t()
+    # the carry each step started from: the neighbouring step's h (in processing order),
+    # h0 for the first step processed; written straight into z's time slices
+    first, rest = (steps - 1, slice(0, steps - 1)) if reverse else (0, slice(1, steps))
+    done = slice(1, steps) if reverse else slice(0, steps - 1)
+    if steps > 1:
+        z[rest].view(-1, gates4).addmm_(hs_tm[done].reshape(-1, hidden), w_hh_t)
+    z[first].addmm_(h0, w_hh_t)
+    act = torch.sigmoid(z, out=z)  # [T, B, 4H]: sigma(i, f, o), and sigma(2 z_g) for now
+    # -1 + 2 s by add with alpha: lerp(-1, 1, s) on the strided slice is ~10x slower
+    minus_one = act.new_tensor(-1.0)
+    torch.add(minus_one, act[..., sl_g], alpha=2, out=act[..., sl_g])  # tanh(z_g)
+    ig = act[..., :hidden] * act[..., sl_g]
+    f_t, ig_t = act[..., hidden : 2 * hidden].unbind(0), ig.unbind(0)
+    cs = torch.empty_like(ig)
+    cs_t = cs.unbind(0)
+    c = c0
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        c = torch.addcmul(ig_t[t], f_t[t], c, out=cs_t[t])
+    tanh_c = torch.sigmoid(cs + cs)  # tanh(c) = 2 sigmoid(2 c) - 1; tanh is ~3x slower
+    torch.add(minus_one, tanh_c, alpha=2, out=tanh_c)
+    return act.transpose(0, 1), tanh_c.transpose(0, 1), hs, cs.transpose(0, 1)
+
+
+class _FusedLayer(torch.autograd.Function):
+    """One layer/direction without a mask: ``x [B, T, D] -> (out [B, T, H], h_n, c_n [B, H])``.
+
+    Inputs: ``x``, ``h0``/``c0`` ``[B, H]``, the expanded ``w_ih [B, 4H, D]``, ``b_ih
+    [B, 4H]`` (or None), ``w_hh [B, 4H, H]``, ``b_hh`` (or None), whose dim 0 is shared,
+    and ``reverse``. The forward is one call of torch's fused LSTM (``torch._VF.lstm``,
+    one layer, one direction, the shared weights; the reverse direction on ``x`` flipped in
+    time), which saves nothing the backward could use. The backward recomputes the gate
+    activations and cell states from the saved ``hs`` (:func:`_replay`), runs
+    :func:`~psgfunc.functional.lstm.direction_backward` and emits the pieces of all four
+    weights, the same pieces the linear rule and :class:`_Recurrence` emit.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, h0, c0, w_ih, b_ih, w_hh, b_hh, reverse):  # type: ignore[override]
+        weights, has_biases = _fused_weights(w_ih, b_ih, w_hh, b_hh)
+        # args after has_biases: num_layers, dropout, train, bidirectional, batch_first
+        out, h_n, c_n = torch._VF.lstm(
+            x.flip(1) if reverse else x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights,
+            has_biases, 1, 0.0, False, False, True,
+        )
+        # out is a [B, T, H] view of time-major storage (flip keeps the strides): hs in the
+        # layout direction_backward wants, in natural time order for both directions
+        out = out.flip(1) if reverse else out
+        ctx.save_for_backward(x, h0, c0, out)
+        ctx.params, ctx.reverse = (w_ih, b_ih, w_hh, b_hh), reverse
+        return out, h_n[0], c_n[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
+        x, h0, c0, hs = ctx.saved_tensors
+        w_ih, b_ih, w_hh, b_hh = ctx.params
+        bias = None
+        for b in (b_ih, b_hh):
+            if b is not None:
+                bias = shared(b) if bias is None else bias + shared(b)
+        saved = _replay(x, h0, c0, hs, shared(w_ih), shared(w_hh), bias, ctx.reverse)
+        dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
+            saved, h0, c0, shared(w_hh), None, ctx.reverse, True, d_out, d_hn, d_cn
+        )
+        need = ctx.needs_input_grad
+        dx = None
+        if need[0]:  # dz @ W_ih over all rows, in dz's time-major storage order
+            batch, steps, gates4 = dz.shape
+            dx = (dz.transpose(0, 1).reshape(-1, gates4) @ shared(w_ih))
+            dx = dx.view(steps, batch, -1).transpose(0, 1)
+        # dz stays the time-major view: Outer.weighted_sum contracts it without a copy
+        return (
+            dx,
+            dh0 if need[1] else None,
+            dc0 if need[2] else None,
+            emit(w_ih, _OUTER, dz, x) if need[3] else None,
+            emit(b_ih, _ROWSUM, dz) if b_ih is not None and need[4] else None,
+            emit(w_hh, _OUTER, dz, h_prev) if need[5] else None,
+            emit(b_hh, _ROWSUM, dz) if b_hh is not None and need[6] else None,
+            None,
+        )
+
+
+def _direction(
+    params: dict[str, torch.Tensor],
+    sfx: str,
+    layer_in: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    mask: torch.Tensor | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer/direction of :func:`lstm` (``layer_in [B, T, D] -> out [B, T, H], h_n,
+    c_n [B, H]``): :class:`_FusedLayer` when there is no mask, nothing is empty and either
+    no gradient will be taken or ``_FUSED_WITH_GRAD`` is set; else the projection and
+    :class:`_Recurrence` (:func:`_recurrence`). Both give the same values and gradients."""
+    tensors = (layer_in, h0, c0, *(params.get(n + sfx) for n in _NAMES))
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if (grads and not _FUSED_WITH_GRAD) or mask is not None or 0 in layer_in.shape[:2]:
+        return _recurrence(params, sfx, layer_in, h0, c0, mask, reverse)
+    return apply_function(_FusedLayer, *tensors, reverse)
 
 
 def _recurrence(
@@ -167,7 +338,7 @@ class LSTMRule(Rule):
                 init_h = zeros if h0 is None else h0[k]
                 init_c = zeros if c0 is None else c0[k]
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                out, h, c = _recurrence(params, sfx, layer_in, init_h, init_c, mask, bool(d))
+                out, h, c = _direction(params, sfx, layer_in, init_h, init_c, mask, bool(d))
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
