@@ -146,7 +146,8 @@ class _Prepared:
         """Per-example losses ``[B]`` of ``fn`` under vmap over expanded ``views``."""
         if not _flat_vmap_ready():
             return vmap(self.loss, in_dims=(0, *self.b_dims), randomness=self.randomness)(views, *b_leaves)
-        size = views[0].shape[0] if views else self.size
+        # this chunk's size (the batch leaves carry it, also when params has no leaves)
+        size = next((t.shape[0] for t, d in zip(b_leaves, self.b_dims) if d is not None), self.size)
         level = _functorch._vmap_increment_nesting(size, self.randomness)
         try:
             wrapped = [_functorch._add_batch_dim(v, 0, level) for v in views]
