@@ -69,14 +69,6 @@ def test_chunking_gives_the_same_result(method):
     assert_tree_close(chunked, whole)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_params_without_leaves_in_chunks(method):
-    """Nothing to differentiate: an empty result, also when each chunk is smaller than B."""
-    x = torch.randn(7, 4, dtype=torch.float64)
-    for _ in range(2):  # the expanded method enters vmap differently from its second call on
-        assert pf.per_sample_grads(lambda p, xi: xi.sum(), {}, x, method=method, chunk_size=3) == {}
-
-
 def test_expanded_equals_vmap_on_a_sequence_model_with_tied_weights():
     params = {"w": PF.init_linear(5, 5, dtype=torch.float64)}
 
