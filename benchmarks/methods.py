@@ -45,7 +45,8 @@ METHODS: dict[str, str] = {
     "dpopt": "shells + psgfunc.dp.DPOptimizer.accumulate(): per-sample gradients, clipped sum",
     "dpopt-fast": "shells + DPOptimizer(fast_clipping=True).accumulate(): clipped sum, no per-sample gradients",
     "clip-fast": "psgfunc.dp.clipped_grad_sum(method='fast'): clipped sum, no per-sample gradients",
-    "clip-compiled": "psgfunc.dp.compiled_clipped_grad_sum (torch.compile of vmap(grad) + clip + sum; compiled before timing): clipped sum",
+    "clip-fast-compiled": "psgfunc.dp.compiled_clipped_grad_sum(method='fast') (torch.compile of the fast-clipping step: tapped layer outputs, norms, clipped sums; compiled before timing): clipped sum",
+    "clip-compiled": "psgfunc.dp.compiled_clipped_grad_sum(method='materialize') (torch.compile of vmap(grad) + clip + sum; compiled before timing): clipped sum",
     "torch-ew": "torch.nn.utils._per_sample_grad.call_for_per_sample_grads (expanded weights): p.grad_sample",
     "opacus-hooks": "opacus GradSampleModule, grad_sample_mode='hooks': p.grad_sample",
     "opacus-functorch": "opacus GradSampleModule, grad_sample_mode='functorch': p.grad_sample",
@@ -127,8 +128,9 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
         def step() -> Any:
             return clipped_grad_sum(fn, params, x, target, max_norm=MAX_NORM, method="fast")
 
-    elif method == "clip-compiled":
-        compiled = compiled_clipped_grad_sum(fn, MAX_NORM, dynamic=False)
+    elif method in ("clip-compiled", "clip-fast-compiled"):
+        how = "fast" if method == "clip-fast-compiled" else "materialize"
+        compiled = compiled_clipped_grad_sum(fn, MAX_NORM, method=how, dynamic=False)
         compiled(params, x, target)  # compile here, for this batch size: not part of a step
 
         def step() -> Any:
@@ -209,7 +211,7 @@ def _checked(step: Step, method: str, batch: int, shapes: list[torch.Size]) -> S
             first = False
             if method in ("dpopt", "dpopt-fast"):
                 got, want = [tuple(out.shape)], [(batch,)]
-            elif method in ("clip-fast", "clip-compiled"):
+            elif method in ("clip-fast", "clip-compiled", "clip-fast-compiled"):
                 got = [tuple(t.shape) for t in out[0].values()] + [tuple(out[1].shape)]
                 want = [tuple(s) for s in shapes] + [(batch,)]
             else:

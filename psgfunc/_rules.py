@@ -15,7 +15,10 @@ import contextvars
 import functools
 from typing import Any, Callable, Iterator
 
-__all__ = ["dispatchable", "register_rule", "expanded_mode", "expanded_mode_kind", "rule_for", "enter_mode", "exit_mode"]
+__all__ = [
+    "dispatchable", "register_rule", "expanded_mode", "expanded_mode_kind", "rule_for", "enter_mode", "exit_mode",
+    "current_tap", "set_tap",
+]
 
 _RULES: dict[Callable[..., Any], Callable[..., Any]] = {}
 # None: plain layers. "vmap": the per-example fn runs under vmap with expanded params
@@ -26,6 +29,30 @@ _EXPANDED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+class _TapSlot:
+    """Where the active output tap lives (see ``psgfunc.per_sample._tap``).
+
+    A plain attribute rather than a ContextVar: torch.compile traces attribute reads and
+    writes inside ``torch.func`` transforms, but not ``ContextVar.set``."""
+
+    current: Any = None
+
+
+_TAP = _TapSlot()
+
+
+def current_tap() -> Any:
+    """The active tap (rules tap their layer's output instead of running a rule), or None."""
+    return _TAP.current
+
+
+def set_tap(tap: Any) -> Any:
+    """Make ``tap`` the active tap (None: none); returns the one it replaces."""
+    prev = _TAP.current
+    _TAP.current = tap
+    return prev
+
+
 def dispatchable(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a functional layer so that a per-sample rule can stand in for it.
 
@@ -34,7 +61,7 @@ def dispatchable(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def layer(*args: Any, **kwargs: Any) -> Any:
-        if _EXPANDED.get() is not None:
+        if _TAP.current is not None or _EXPANDED.get() is not None:
             rule = _RULES.get(layer)
             if rule is not None:
                 return rule(*args, **kwargs)

@@ -1,20 +1,31 @@
 """A ``torch.compile`` route for the whole clipped-sum step.
 
 ``compiled_clipped_grad_sum(fn, max_norm)`` returns a function ``(params, *batch) -> (sum,
-norms)`` that computes ``vmap(grad(fn))``, the per-example norms, the clip factors and the
-clipped sum inside ONE compiled graph. Inductor can then fuse the per-sample gradient
-contractions with the clipping, so the ``[B, *shape]`` tensors need not be held all at once.
+norms)`` that runs the forward, the backward, the per-example norms, the clip factors and the
+clipped sum inside ONE compiled graph.
 
-When it helps: models whose per-sample gradients are large compared with the activations
-(big dense layers, small sequence lengths), repeated many times with the same shapes
-(compilation takes seconds to tens of seconds, and every new batch size recompiles unless
-``dynamic=True``), possibly on an accelerator where Inductor's generated kernels are fast
-(not measured: no GPU was available to this project). On the
-2-core CPU of ``python -m benchmarks`` it did NOT help: 2-22x the non-private step (MLP,
-digits CNN, Embedding+DPLSTM, Transformer) against 0.8-3.3x for the eager
-``clipped_grad_sum(method="fast")``, because the graph still materialises the per-sample
-gradients and Inductor's CPU code for them is slower than MKL. Benchmark both
-(``python -m benchmarks --methods nn,clip-fast,clip-compiled``) before choosing.
+``method="fast"`` (what ``"auto"`` picks) compiles fast clipping: psgfunc layers tap their
+outputs (:mod:`psgfunc.per_sample._tap`: a zero tensor added to each layer output, whose
+per-example gradient is the layer's output gradient), so the graph holds layer inputs and
+output gradients, never a ``[B, *shape]`` gradient of a psgfunc layer's params, and the
+norms and sums are the eager fast path's formulas (Gram or materialised per layer, one
+contraction per clipped sum). Linear, conv1d/2d/3d, embedding and layer_norm are tapped;
+params of other functions (``lstm``, ``lstm_cell``, plain torch ops) are differentiated per
+example inside the graph, with a warning. Which calls are tapped is planned by one eager run
+of ``fn`` on the first example, per input signature (shapes, dtypes, structure): each new
+signature (e.g. a new batch size) plans and compiles again.
+
+``method="materialize"`` compiles ``vmap(grad(fn))``, the norms and the clipped sum; Inductor
+may fuse the per-sample gradients with the clipping, but on CPU the graph still materialises
+them.
+
+When it helps (``python -m benchmarks``, 2-core CPU, torch 2.13): fast clipping compiled
+removes the per-layer Python work of the eager step, which dominates small models: see the
+README's tables for the MLP and digits CNN rows (``clip-fast-compiled`` against
+``clip-fast``). Compilation takes seconds to minutes, so it pays for many steps of one
+shape. Recurrent models (the LSTM's loop unrolls into the graph) compile slowly and run
+faster eagerly (``clipped_grad_sum(method="fast")``); ``method="materialize"`` did not help
+on this CPU. Benchmark before choosing.
 
 Validation that cannot run inside a graph stays outside: the batch is checked before the
 call, and NaN/Inf norms raise ``ValueError`` after it.
@@ -22,6 +33,7 @@ call, and NaN/Inf norms raise ``ValueError`` after it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +43,10 @@ from torch.func import grad, vmap
 
 from psgfunc._tree import batch_size, row_sq_norms
 from psgfunc.dp._clip import _check_positive_finite
+from psgfunc.per_sample._api import _prepare
+from psgfunc.per_sample._tap import discover, tap_pieces
+
+_METHODS = ("auto", "fast", "materialize")
 
 __all__ = ["compiled_clipped_grad_sum"]
 
@@ -38,15 +54,21 @@ __all__ = ["compiled_clipped_grad_sum"]
 def compiled_clipped_grad_sum(
     fn: Callable[..., torch.Tensor],
     max_norm: float,
+    *,
+    method: str = "auto",
     **compile_kwargs: Any,
 ) -> Callable[..., tuple[Any, torch.Tensor]]:
     """Compile ``sum_b clip(grad fn(params, *example_b))`` into one graph.
 
     Args:
         fn: ``fn(params, *example) -> 0-dim loss`` of ONE example, as for
-            :func:`psgfunc.per_sample_grads`.
+            :func:`psgfunc.per_sample_grads`. Random ops draw independently per example
+            (vmap ``randomness="different"``, as :func:`clipped_grad_sum`).
         max_norm: clipping bound ``C > 0`` (one float).
-        **compile_kwargs: passed to ``torch.compile`` (e.g. ``dynamic=True``,
+        method: ``"fast"``: fast clipping in the graph (psgfunc layers' per-sample gradients
+            are never built; see the module docstring). ``"materialize"``: ``vmap(grad)``,
+            clip and sum. ``"auto"``: ``"fast"``.
+        **compile_kwargs: passed to ``torch.compile`` (e.g. ``dynamic=False``,
             ``mode="max-autotune"``).
 
     Returns:
@@ -54,10 +76,14 @@ def compiled_clipped_grad_sum(
         ``psgfunc.dp.clipped_grad_sum(fn, params, *batch, max_norm=C)`` up to float rounding.
 
     Raises:
-        ValueError: (from ``step``) mismatched batch sizes, an empty batch, or a non-finite
-            per-example norm.
+        ValueError: an unknown ``method`` or invalid ``max_norm``; (from ``step``) mismatched
+            batch sizes, an empty batch, or a non-finite per-example norm.
     """
+    if method not in _METHODS:
+        raise ValueError(f"compiled_clipped_grad_sum: unknown method {method!r}; use one of {_METHODS}")
     c = _check_positive_finite(max_norm, "compiled_clipped_grad_sum: max_norm")
+    if method != "materialize":
+        return _fast_step(fn, c, compile_kwargs)
 
     def graph(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
         in_dims = tuple(optree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, b) for b in batch)
@@ -76,19 +102,85 @@ def compiled_clipped_grad_sum(
 
     def step(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
         if batch_size(*batch) == 0:
-            raise ValueError(
-                "compiled_clipped_grad_sum: the batch is empty; use clipped_grad_sum for B = 0 "
-                "(a pure-noise step) rather than compiling a graph for it"
-            )
+            raise _empty_error()
         params = optree.tree_map(lambda p: p.detach(), params)
         summed, norms = compiled(params, *batch)
-        bad = ~torch.isfinite(norms)
-        if bool(bad.any()):
-            raise ValueError(
-                f"compiled_clipped_grad_sum: {int(bad.sum())} of {norms.numel()} examples have a "
-                f"NaN or Inf gradient (batch indices {bad.nonzero().flatten().tolist()[:10]}); fix "
-                "the loss or inputs before clipping"
+        return summed, _check_finite(norms)
+
+    return step
+
+
+def _empty_error() -> ValueError:
+    return ValueError(
+        "compiled_clipped_grad_sum: the batch is empty; use clipped_grad_sum for B = 0 "
+        "(a pure-noise step) rather than compiling a graph for it"
+    )
+
+
+def _check_finite(norms: torch.Tensor) -> torch.Tensor:
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):
+        raise ValueError(
+            f"compiled_clipped_grad_sum: {int(bad.sum())} of {norms.numel()} examples have a "
+            f"NaN or Inf gradient (batch indices {bad.nonzero().flatten().tolist()[:10]}); fix "
+            "the loss or inputs before clipping"
+        )
+    return norms
+
+
+def _signature(prep: Any) -> tuple[Any, ...]:
+    """What a plan and a compiled graph depend on: structure, shapes, dtypes, constants."""
+
+    def leaf(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return (tuple(t.shape), t.dtype, t.device)
+        try:
+            hash(t)
+            return ("value", t)
+        except TypeError:
+            return ("id", id(t))
+
+    return (prep.p_spec, tuple(map(leaf, prep.p_leaves)), prep.b_spec, tuple(map(leaf, prep.b_leaves)))
+
+
+def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """``step`` of ``method="fast"``: one plan and one compiled graph per input signature."""
+    graphs: dict[Any, Callable[..., Any]] = {}
+
+    def build(prep: Any) -> Callable[..., Any]:
+        plan = discover(prep)
+        if plan.materialized:
+            warnings.warn(
+                f"psgfunc fast clipping (compiled): {len(plan.materialized)} of "
+                f"{len(prep.p_leaves)} parameter leaves are used by functions without a tap "
+                "(psgfunc.functional.linear, conv*, embedding and layer_norm have one), so their "
+                "per-sample gradients are materialised in the graph",
+                stacklevel=4,
             )
-        return summed, norms
+        def graph(params: Any, *batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+            # flattened inside: the compiler traces optree with its own tree specs
+            inner = _prepare(fn, params, batch, None, "different")
+            leaves = tap_pieces(inner, plan, inner.p_leaves, inner.b_leaves)
+            sq = leaves[0].sq_norm
+            for leaf in leaves[1:]:
+                sq = sq + leaf.sq_norm
+            norms = sq.sqrt()
+            factor = c / norms.clamp_min(c)
+            return [leaf.weighted_sum(factor) for leaf in leaves], norms
+
+        return torch.compile(graph, **compile_kwargs)
+
+    def step(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
+        prep = _prepare(fn, params, batch, None, "different")
+        if prep.size == 0:
+            raise _empty_error()
+        if not prep.p_leaves:
+            raise ValueError("compiled_clipped_grad_sum: params has no tensor leaves; nothing to differentiate")
+        key = _signature(prep)
+        graph = graphs.get(key)
+        if graph is None:
+            graph = graphs[key] = build(prep)
+        summed, norms = graph(prep.unflatten(prep.p_leaves), *batch)
+        return prep.unflatten(summed), _check_finite(norms)
 
     return step

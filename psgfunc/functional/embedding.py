@@ -31,7 +31,8 @@ def _check_indices(idx: torch.Tensor, num_embeddings: int, fn: str = "embedding"
 
     The range check reads ``idx.aminmax()`` (one cheap reduction). Under ``torch.func.vmap``
     the values of a batched tensor cannot be read in Python, so there the range check is left
-    to the lookup itself (which raises an ``IndexError``); the dtype check always runs.
+    to the lookup itself (which raises an ``IndexError``), as it is while ``torch.compile``
+    traces (a value read would split the graph); the dtype check always runs.
     Integer dtypes other than int32/int64 are cast to int64, as ``F.embedding`` needs.
 
     Raises:
@@ -44,7 +45,7 @@ def _check_indices(idx: torch.Tensor, num_embeddings: int, fn: str = "embedding"
         raise TypeError(f"{fn}: idx has dtype {idx.dtype}; pass integer indices (e.g. idx.long())")
     if idx.dtype not in (torch.int32, torch.int64):
         idx = idx.long()
-    if idx.numel() == 0:
+    if idx.numel() == 0 or torch.compiler.is_compiling():  # compiled: the lookup checks
         return idx
     lo_hi = idx.aminmax()
     try:

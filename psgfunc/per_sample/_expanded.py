@@ -96,6 +96,17 @@ class Rule:
         """
         return self.batched(params, *args, **kwargs)
 
+    def tapped(self, tap: Any, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The layer on ONE example with its output tapped (``psgfunc.per_sample._tap``).
+
+        Computes the plain layer with the params detached and returns ``tap.out(y, saved,
+        build)``; ``build(saved, g)`` later turns the batched ``saved`` tensors and the output
+        gradient ``g`` into ``(leaf index, kind, data)`` pieces, those a backward would
+        :func:`~psgfunc.per_sample._kinds.emit`. Returns ``NotImplemented`` (the default) to
+        run the plain layer with ordinary autograd: its params are then materialised.
+        """
+        return NotImplemented
+
 
 def shared(t: torch.Tensor) -> torch.Tensor:
     """The one tensor a ``[B, *shape]`` stride-0 expansion repeats (also for ``B = 0``)."""
@@ -109,6 +120,10 @@ def is_shared(t: torch.Tensor) -> bool:
 
 def call_rule(rule: Rule, params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
     """Entry point of a registered rule, in whichever expanded mode is active."""
+    tap = _rules.current_tap()
+    if tap is not None:
+        out = rule.tapped(tap, params, *args, **kwargs)
+        return rule.plain(params, *args, **kwargs) if out is NotImplemented else out
     mode = _rules.expanded_mode_kind()
     if mode == "batch":
         return rule.batched(params, *args, **kwargs)

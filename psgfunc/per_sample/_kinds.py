@@ -46,10 +46,12 @@ def _key(t: Any) -> Any:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _shared(cache: dict | None, key: Any, compute: Any) -> Any:
-    """``compute()``, or its result from an earlier call with the same ``key`` on ``cache``."""
+def _shared(cache: dict | None, tag: str, t: torch.Tensor, compute: Any) -> Any:
+    """``compute()``, or its result from an earlier call for the same ``tag`` and tensor ``t``
+    on ``cache`` (None: no sharing)."""
     if cache is None:
         return compute()
+    key = (tag, _key(t))
     if key not in cache:
         cache[key] = compute()
     return cache[key]
@@ -57,7 +59,7 @@ def _shared(cache: dict | None, key: Any, compute: Any) -> Any:
 
 def _sq1(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
     """``[B]`` squared norms of ``t [B, 1, K]`` (one position per example), shared via ``cache``."""
-    return _shared(cache, ("sq1", _key(t)), lambda: row_sq_norms(t[:, 0]))
+    return _shared(cache, "sq1", t, lambda: row_sq_norms(t[:, 0]))
 
 
 class GradKind:
@@ -134,8 +136,8 @@ class Outer(GradKind):
         if n * (o + i) < o * i:
             # [B, N, N] each; an LSTM's W_ih and W_hh share g (the gate gradients): one Gram
             one = len(datas) == 1
-            gram_g = _shared(cache if one else None, ("gram", _key(g)), lambda: torch.bmm(g, g.transpose(1, 2)))
-            gram_x = _shared(cache if one else None, ("gram", _key(x)), lambda: torch.bmm(x, x.transpose(1, 2)))
+            gram_g = _shared(cache if one else None, "gram", g, lambda: torch.bmm(g, g.transpose(1, 2)))
+            gram_x = _shared(cache if one else None, "gram", x, lambda: torch.bmm(x, x.transpose(1, 2)))
             return (gram_g * gram_x).sum((1, 2))
         return row_sq_norms(torch.bmm(g.transpose(1, 2), x))
 
@@ -175,7 +177,7 @@ class RowSum(GradKind):
         if g.shape[1] == 1:
             return _sq1(cache, g)
         # the [B, K] gradient is the cheap form; an LSTM's b_ih and b_hh share it (both dz)
-        return _shared(cache, ("rowsum", _key(g)), lambda: row_sq_norms(g.sum(1)))
+        return _shared(cache, "rowsum", g, lambda: row_sq_norms(g.sum(1)))
 
     def weighted_sum(self, datas: Sequence[tuple[torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -285,6 +287,7 @@ def leaf_pieces(
 ) -> list[LeafPieces]:
     """:class:`LeafPieces` for several parameters of one pass, computing what their pieces
     share once (the Gram of an output gradient that two weights see, the norms of a layer's
-    output gradient for its bias and its weight)."""
-    cache: dict = {}
+    output gradient for its bias and its weight). Under ``torch.compile`` nothing is shared
+    by identity (traced tensors have no storage; the compiler merges equal work itself)."""
+    cache: dict | None = None if torch.compiler.is_compiling() else {}
     return [LeafPieces(r, d, size, s, cache) for r, d, s in zip(records, dense, shapes)]

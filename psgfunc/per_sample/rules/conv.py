@@ -326,13 +326,53 @@ class ConvRule(Rule):
         if b is not None:
             example["bias"] = b[0] if b.shape[0] else b.new_zeros(b.shape[1:])
         _check_conv(example, x, dim, groups, fn)
-        stride_t = _ntuple(stride, dim, "stride", fn, minimum=1)
-        dilation_t = _ntuple(dilation, dim, "dilation", fn, minimum=1)
-        pad, conv_padding = _resolve_padding(
-            padding, tuple(w.shape[3:]), stride_t, dilation_t, padding_mode, fn
-        )
+        stride_t, dilation_t, pad, conv_padding = self._conf(tuple(w.shape[3:]), stride, padding, dilation, padding_mode)
         x = _pad_input(x, pad, padding_mode)  # the only padding: once, by ordinary autograd
         return apply_function(_ConvPerSample, x, w, b, n, stride_t, conv_padding, dilation_t, groups)
+
+    def _conf(self, kernel: tuple[int, ...], stride: Any, padding: Any, dilation: Any, padding_mode: str) -> Any:
+        """``(stride, dilation, explicit input padding, the convolution's own padding)``."""
+        stride_t = _ntuple(stride, self.dim, "stride", self.name, minimum=1)
+        dilation_t = _ntuple(dilation, self.dim, "dilation", self.name, minimum=1)
+        pad, conv_padding = _resolve_padding(padding, kernel, stride_t, dilation_t, padding_mode, self.name)
+        return stride_t, dilation_t, pad, conv_padding
+
+    def tapped(
+        self,
+        tap: Any,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        *,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> Any:
+        w, b = params["weight"], params.get("bias")
+        iw, ib = tap.index(w), tap.index(b)
+        rows = x.dim() - self.dim - 1  # 0: one example [C, *S]; 1: [N, C, *S]
+        if iw is None or (b is not None and ib is None) or rows not in (0, 1):
+            return NotImplemented  # the plain layer raises its own errors
+        detached = {"weight": w.detach(), "bias": None if b is None else b.detach()}
+        y = self.plain(detached, x, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                       padding_mode=padding_mode)
+        stride_t, dilation_t, pad, conv_padding = self._conf(tuple(w.shape[2:]), stride, padding, dilation, padding_mode)
+        kind = ConvWeight(tuple(w.shape), groups)  # not the lru_cache: torch.compile traces this
+
+        def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+            size = g.shape[0]
+            xb = saved[0].reshape(-1, *saved[0].shape[1 + rows:])  # [B*N, C, *S]
+            xb = _pad_input(xb, pad, padding_mode)
+            xs = xb.view(size, -1, *xb.shape[1:]).transpose(0, 1)  # [N, B, C, *S]
+            gs = g.reshape(size, -1, *g.shape[1 + rows:]).transpose(0, 1)  # [N, B, O, *S']
+            out = [(iw, kind, (xs, gs, (stride_t, conv_padding, dilation_t)))]
+            if ib is not None:
+                spatial = tuple(range(3, gs.dim()))
+                out.append((ib, _ROWSUM, (gs.sum(dim=spatial).transpose(0, 1),)))
+            return out
+
+        return tap.out(y, (x,), build)
 
     def _fallback(self, params: dict[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> Any:
         plain = self.plain

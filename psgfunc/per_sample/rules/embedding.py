@@ -81,7 +81,8 @@ class EmbeddingRows(GradKind):
     def norm2(self, datas: Any, cache: dict | None = None) -> torch.Tensor:
         idx, g = self._flat(datas)
         size, positions, dim = g.shape
-        if positions <= _GRAM_MAX_POSITIONS and positions**2 < self.num_embeddings:
+        gram = positions <= _GRAM_MAX_POSITIONS or torch.compiler.is_compiling()  # unique: not traceable
+        if gram and positions**2 < self.num_embeddings:
             same = idx.unsqueeze(2) == idx.unsqueeze(1)  # [B, T, T]
             return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
         # longer sequences: add up each example's rows per distinct index (B*T*D work, never
@@ -159,6 +160,17 @@ class EmbeddingRule(Rule):
         if not is_shared(w):
             return vmap(lambda p, i: self.plain(p, i, padding_idx=padding_idx))(params, idx)
         return apply_function(_EmbeddingPerSample, idx, w, padding_idx)
+
+    def tapped(
+        self, tap: Any, params: dict[str, torch.Tensor], idx: torch.Tensor, *, padding_idx: int | None = None
+    ) -> Any:
+        w = params.get("weight")
+        i = tap.index(w)
+        if i is None or w.dim() != 2:
+            return NotImplemented
+        y = self.plain({"weight": w.detach()}, idx, padding_idx=padding_idx)
+        kind = EmbeddingRows(w.shape[0], _normalize_padding_idx(padding_idx, w.shape[0], "embedding"))
+        return tap.out(y, (idx,), lambda saved, g: [(i, kind, (saved[0], g))])
 
 
 EMBEDDING = EmbeddingRule(embedding.plain)

@@ -42,17 +42,21 @@ def _first(p: torch.Tensor | None) -> torch.Tensor | None:
     return p[0] if p.shape[0] > 0 else p.new_zeros(p.shape[1:])
 
 
+def _affine(x_hat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x_hat * weight + bias`` (either may be None)."""
+    if weight is None:
+        return x_hat + bias
+    if bias is None:
+        return x_hat * weight
+    return torch.addcmul(bias, x_hat, weight)
+
+
 class _AffinePerSample(torch.autograd.Function):
     """``x_hat [B, *, *N], w [B, *N], b [B, *N] (shared) -> x_hat * w[0] + b[0]``."""
 
     @staticmethod
     def forward(x_hat: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        weight, bias = _first(w), _first(b)
-        if weight is None:
-            return x_hat + bias
-        if bias is None:
-            return x_hat * weight
-        return torch.addcmul(bias, x_hat, weight)
+        return _affine(x_hat, _first(w), _first(b))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -111,6 +115,33 @@ class LayerNormRule(Rule):
             return vmap(lambda p, xi: self.plain(p, xi, shape, eps=eps))(params, x)
         x_hat = F.layer_norm(x, shape, None, None, eps)
         return apply_function(_AffinePerSample, x_hat, w, b)
+
+    def tapped(
+        self,
+        tap: Any,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        normalized_shape: int | tuple[int, ...],
+        *,
+        eps: float = 1e-5,
+    ) -> Any:
+        w, b = params.get("weight"), params.get("bias")
+        iw, ib = tap.index(w), tap.index(b)
+        if (w is None and b is None) or (w is not None and iw is None) or (b is not None and ib is None):
+            return NotImplemented
+        shape = _normalized_shape(normalized_shape, "layer_norm")
+        if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+            return NotImplemented  # the plain layer raises its own error
+        x_hat = F.layer_norm(x, shape, None, None, eps)
+        y = _affine(x_hat, None if w is None else w.detach(), None if b is None else b.detach())
+        kind = RowSum(shape)  # not the lru_cache: torch.compile traces this
+
+        def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+            g3 = g.reshape(g.shape[0], -1, math.prod(shape))  # [B, positions, K]
+            out = [] if iw is None else [(iw, kind, (g3 * saved[0].reshape(g3.shape),))]
+            return out + ([] if ib is None else [(ib, kind, (g3,))])
+
+        return tap.out(y, (x_hat,), build)
 
 
 LAYER_NORM = LayerNormRule(layer_norm.plain)

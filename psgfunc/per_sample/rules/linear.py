@@ -40,11 +40,17 @@ class _LinearPerSample(torch.autograd.Function):
         x, w = ctx.saved_tensors
         size, out_f, in_f = w.shape
         gx = g @ shared(w) if ctx.needs_input_grad[0] else None
-        n = math.prod(x.shape[1:-1])  # positions per example (explicit: B may be 0)
-        g3 = g.reshape(size, n, out_f)
-        gw = emit(w, _OUTER, g3, x.reshape(size, n, in_f)) if ctx.needs_input_grad[1] else None
+        g3, x3 = _positions(g, x, size)
+        gw = emit(w, _OUTER, g3, x3) if ctx.needs_input_grad[1] else None
         gb = emit(ctx.bias, _ROWSUM, g3) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
+
+
+def _positions(g: torch.Tensor, x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g [B, *, O], x [B, *, I] -> [B, N, O], [B, N, I]`` (N positions per example; explicit
+    sizes: B may be 0)."""
+    n = math.prod(x.shape[1:-1])
+    return g.reshape(size, n, g.shape[-1]), x.reshape(size, n, x.shape[-1])
 
 
 class LinearRule(Rule):
@@ -64,6 +70,19 @@ class LinearRule(Rule):
         if b is not None:
             out = out + b.reshape(b.shape[0], *([1] * (x.dim() - 2)), b.shape[1])
         return out
+
+    def tapped(self, tap: Any, params: dict[str, torch.Tensor], x: torch.Tensor) -> Any:
+        w, b = params["weight"], params.get("bias")
+        iw, ib = tap.index(w), tap.index(b)
+        if iw is None or (b is not None and ib is None):
+            return NotImplemented
+        y = self.plain({"weight": w.detach(), "bias": None if b is None else b.detach()}, x)
+
+        def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+            g3, x3 = _positions(g, saved[0], g.shape[0])
+            return [(iw, _OUTER, (g3, x3))] + ([] if ib is None else [(ib, _ROWSUM, (g3,))])
+
+        return tap.out(y, (x,), build)
 
 
 LINEAR = LinearRule(linear.plain)
