@@ -276,10 +276,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.loss_reduction == "mean":
             samples = [s * b for s in samples]
         summed, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
-        if self._summed is None:
-            self._summed = summed
-        else:
-            self._summed = [acc + s for acc, s in zip(self._summed, summed)]
+        self._add_to_sum(summed)
         self.accumulated_examples += b
         for p in params:
             p.grad_sample = None
@@ -335,7 +332,7 @@ class DPOptimizer(torch.optim.Optimizer):
         c = self.transform.max_norm
         factor = c / norms.clamp_min(c) * scale
         summed = [leaf.weighted_sum(factor).to(p.dtype) for leaf, p in zip(leaves, params)]
-        self._summed = summed if self._summed is None else [a + s for a, s in zip(self._summed, summed)]
+        self._add_to_sum(summed)
         self.accumulated_examples += size
         for p in params:
             p._psg_pieces = []
@@ -373,6 +370,15 @@ class DPOptimizer(torch.optim.Optimizer):
         self.accumulated_examples = 0
         self.optimizer.step()
         return loss
+
+    def _add_to_sum(self, summed: list[torch.Tensor]) -> None:
+        """Add one micro-batch's clipped sums to the running sum, in place (the sums are this
+        optimizer's own tensors: no new parameter-sized tensor per micro-batch)."""
+        if self._summed is None:
+            self._summed = summed
+        else:
+            for acc, s in zip(self._summed, summed):
+                acc.add_(s)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad`` and ``p.grad_sample`` of every parameter.
