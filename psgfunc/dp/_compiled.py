@@ -69,7 +69,15 @@ def compiled_clipped_grad_sum(
             are never built; see the module docstring). ``"materialize"``: ``vmap(grad)``,
             clip and sum. ``"auto"``: ``"fast"``.
         **compile_kwargs: passed to ``torch.compile`` (e.g. ``dynamic=False``,
-            ``mode="max-autotune"``).
+            ``mode="max-autotune"``, ``backend="eager"`` to check tracing without Inductor).
+
+    ``method="fast"`` plans each input signature once (which layer calls are tapped, which
+    leaves some other op also uses), so ``fn`` must make the same psgfunc layer calls with the
+    same shapes on every call of that signature; a pass that does not follows no plan and
+    raises ValueError, and a pass that swaps which params a layer uses is followed (the
+    compiler retraces on the changed Python state and the pieces come from that trace). If
+    ``fn`` may start using a params leaf in a plain torch op that it did not use that way when
+    planned, build a new step.
 
     Returns:
         ``step(params, *batch) -> (clipped_sum, norms [B])``, equal to

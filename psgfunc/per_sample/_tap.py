@@ -49,6 +49,7 @@ class Tap:
     def __init__(self, candidates: list[torch.Tensor | None], zs: list[torch.Tensor] | None):
         self.candidates, self.zs = candidates, zs
         self.saved: list[tuple[torch.Tensor, ...]] = []
+        self.builds: list[Build] = []
         self.calls: list[tuple[tuple[int, ...], torch.dtype, Build]] = []
 
     def index(self, t: Any) -> int | None:
@@ -64,6 +65,7 @@ class Tap:
         """Tap ``y`` (one example's layer output): ``y + z_k``, keeping ``saved`` for ``build``."""
         k = len(self.saved)
         self.saved.append(tuple(saved))
+        self.builds.append(build)
         if self.zs is None:
             self.calls.append((tuple(y.shape), y.dtype, build))
             return y
@@ -127,12 +129,15 @@ def tap_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor], b_leaves: li
     for i in dense_idx:
         candidates[i] = None
 
+    traced: list[list[Build]] = []  # this pass's builds: its leaf indices, not the plan's
+
     def example_loss(zs: list[torch.Tensor], dense: list[torch.Tensor], *example: Any) -> Any:
         leaves = list(p_leaves)
         for i, d in zip(dense_idx, dense):
             leaves[i] = d
         tap = Tap(candidates, zs)
         loss = _run(prep, tap, leaves, list(example))
+        traced.append(tap.builds)
         if len(tap.saved) != len(zs):
             raise ValueError(
                 "psgfunc fast clipping (compiled): fn made "
@@ -148,7 +153,7 @@ def tap_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor], b_leaves: li
         zs, [p_leaves[i] for i in dense_idx], *b_leaves
     )
     records: list[list[tuple[Any, tuple[Any, ...]]]] = [[] for _ in p_leaves]
-    for (_, _, build), s, g in zip(plan.calls, saved, g_z):
+    for build, s, g in zip(traced[-1], saved, g_z):
         for i, kind, data in build(s, g):
             records[i].append((kind, data))
     dense: list[torch.Tensor | None] = [None] * len(p_leaves)

@@ -183,3 +183,24 @@ def test_compiled_embedding_refuses_out_of_range_indices():
     bad[1, 1] = 11
     with pytest.raises((IndexError, RuntimeError, ValueError)):
         step(params, bad, y)
+
+
+def test_compiled_fast_follows_a_changed_fn_of_the_same_shapes():
+    """fn reads a flag that swaps two same-shaped layers between calls: the compiler retraces
+    (its guards see the flag) and the pieces follow the leaves of the traced pass, not those
+    of the planning run (which would credit each layer's gradient to the other weight)."""
+    g = gen()
+    params = {n: PF.init_linear(4, 4, dtype=DT, generator=g) for n in ("a", "b")}
+    x, y = torch.randn(5, 4, dtype=DT, generator=g), torch.randn(5, 4, dtype=DT, generator=g)
+    flag = {"swap": False}
+
+    def fn(p, xi, yi):
+        first, second = (p["b"], p["a"]) if flag["swap"] else (p["a"], p["b"])
+        return (PF.linear(second, torch.tanh(PF.linear(first, xi))) - yi).pow(2).sum()
+
+    step = dp.compiled_clipped_grad_sum(fn, 0.5, backend="eager")
+    for swap in (False, True):
+        flag["swap"] = swap
+        expected, _ = reference(fn, params, (x, y), 0.5)
+        summed, _ = step(params, x, y)
+        assert_tree_close(summed, expected)
