@@ -60,6 +60,13 @@ def test_empty_batch_returns_empty_leaves(method):
     assert grads["l1"]["weight"].shape == (0, 6, 4) and grads["scale"][0].shape == (0,)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_params_without_leaves_give_an_empty_tree(method):
+    """Nothing to differentiate: every method returns the (empty) structure, as vmap(grad) does."""
+    assert pf.per_sample_grads(lambda p, x: x.sum(), {}, torch.randn(3, 2), method=method) == {}
+    assert pf.per_sample_grads(lambda p, x: x.sum(), {"a": []}, torch.randn(3, 2), method=method) == {"a": []}
+
+
 @pytest.mark.parametrize("method", ["vmap", "expanded"])
 def test_chunking_gives_the_same_result(method):
     params = mlp_params(torch.float64)

@@ -52,12 +52,14 @@ def clipped_grad_sum(
         the ``[B]`` global norms of the unclipped per-example gradients.
 
     Raises:
-        ValueError: for an unknown ``method``, an invalid ``max_norm``, mismatched batch
-            sizes, or NaN/Inf in a per-example gradient.
+        ValueError: for an unknown ``method``, an invalid ``max_norm``, params without
+            tensor leaves, mismatched batch sizes, or NaN/Inf in a per-example gradient.
     """
     if method not in _METHODS:
         raise ValueError(f"clipped_grad_sum: unknown method {method!r}; use one of {_METHODS}")
     checked = _check_max_norm(max_norm, params, "clipped_grad_sum")
+    if not optree.tree_leaves(params):
+        raise ValueError("clipped_grad_sum: params has no tensor leaves; there is no gradient to clip")
     if method == "materialize":
         return clipped_sum(per_sample_grads(fn, params, *batch, method="auto"), max_norm, "clipped_grad_sum")
     pieces = grad_pieces(fn, params, *batch)

@@ -197,6 +197,8 @@ def _vmap_grads(prep: _Prepared, b_leaves, size):
 
 
 def _expanded_grads(prep: _Prepared, b_leaves, size):
+    if not prep.p_leaves:  # nothing to differentiate (as vmap(grad) of no params: no leaves)
+        return []
     views = [p.expand(size, *p.shape).requires_grad_(True) for p in prep.p_leaves]
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
         losses = prep.expanded_losses(views, b_leaves)

@@ -56,6 +56,9 @@ def test_empty_batch():
 
 def test_errors():
     params, x, y = make(3)
+    for method in ("fast", "materialize"):
+        with pytest.raises(ValueError, match="no tensor leaves"):
+            dp.clipped_grad_sum(loss_fn, {}, x, y, max_norm=1.0, method=method)
     with pytest.raises(ValueError, match="unknown method 'hooks'"):
         dp.clipped_grad_sum(loss_fn, params, x, y, max_norm=1.0, method="hooks")
     with pytest.raises(ValueError, match="max_norm"):
