@@ -204,3 +204,16 @@ def test_compiled_fast_follows_a_changed_fn_of_the_same_shapes():
         expected, _ = reference(fn, params, (x, y), 0.5)
         summed, _ = step(params, x, y)
         assert_tree_close(summed, expected)
+
+
+def test_tapped_layers_keep_the_plain_layers_errors():
+    """A tapped call validates as the plain layer does (a mis-shaped LayerNorm weight would
+    otherwise broadcast silently)."""
+    x = torch.randn(3, 2, 4, dtype=DT)
+    bad = {"weight": torch.ones(1, dtype=DT), "bias": torch.zeros(4, dtype=DT)}
+
+    def fn(p, xi):
+        return PF.layer_norm(p, xi, (4,)).pow(2).sum()
+
+    with pytest.raises(ValueError, match="layer_norm"):
+        tapped_sum(fn, bad, (x,), 1.0)

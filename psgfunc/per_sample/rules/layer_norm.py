@@ -130,7 +130,8 @@ class LayerNormRule(Rule):
         if (w is None and b is None) or (w is not None and iw is None) or (b is not None and ib is None):
             return NotImplemented
         shape = _normalized_shape(normalized_shape, "layer_norm")
-        if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        if (x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape
+                or any(p is not None and tuple(p.shape) != shape for p in (w, b))):
             return NotImplemented  # the plain layer raises its own error
         x_hat = F.layer_norm(x, shape, None, None, eps)
         y = _affine(x_hat, None if w is None else w.detach(), None if b is None else b.detach())
