@@ -207,6 +207,24 @@ def lstm(
             ``[0, T]``, ``dropout`` outside ``[0, 1)``, or ``params`` whose keys or shapes
             do not match ``num_layers``/``bidirectional``.
     """
+    return _lstm(params, x, state, num_layers, bidirectional, batch_first, dropout, training, lengths)
+
+
+def _lstm(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    state: Carry | None,
+    num_layers: int,
+    bidirectional: bool,
+    batch_first: bool,
+    dropout: float,
+    training: bool,
+    lengths: Any,
+    direction: Any = None,
+) -> tuple[torch.Tensor, Carry]:
+    """:func:`lstm`; ``direction(sfx, layer_in, x_gates, init, run)``, if given, runs each
+    layer and direction instead of ``run(x_gates) -> ((h, c), out)`` (the output tap of the
+    compiled fast-clipping route adds to ``x_gates`` and keeps what its pieces need)."""
     num_dir, hidden, _ = _check_lstm_args(params, x, num_layers, bidirectional, dropout)
     batched = x.dim() == 3
     if batched:
@@ -236,13 +254,14 @@ def lstm(
             x_gates = F.linear(layer_in, w_ih, bias)  # [T, B, 4H], hoisted out of the loop
             k = layer * num_dir + d
             init = (h0[k], c0[k]) if h0 is not None else (x.new_zeros(batch, hidden),) * 2
-            if fused:
-                out, h, c = _FusedDirection.apply(
-                    x_gates.transpose(0, 1), init[0], init[1], w_hh, mask_bt, bool(d)
-                )
-                out = out.transpose(0, 1)  # [T, B, H], contiguous (time-major storage)
-            else:
-                (h, c), out = _scan_direction(w_hh, x_gates, init, mask, bool(d))
+
+            def run(xg: torch.Tensor, w_hh=w_hh, init=init, reverse=bool(d)) -> tuple[Carry, torch.Tensor]:
+                if fused:
+                    out, h, c = _FusedDirection.apply(xg.transpose(0, 1), init[0], init[1], w_hh, mask_bt, reverse)
+                    return (h, c), out.transpose(0, 1)  # [T, B, H], contiguous (time-major storage)
+                return _scan_direction(w_hh, xg, init, mask, reverse)
+
+            (h, c), out = run(x_gates) if direction is None else direction(sfx, layer_in, x_gates, init, run)
             outs.append(out)
             h_n.append(h)
             c_n.append(c)

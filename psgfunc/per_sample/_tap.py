@@ -48,7 +48,7 @@ class Tap:
 
     def __init__(self, candidates: list[torch.Tensor | None], zs: list[torch.Tensor] | None):
         self.candidates, self.zs = candidates, zs
-        self.saved: list[tuple[torch.Tensor, ...]] = []
+        self.saved: list[Any] = []
         self.builds: list[Build] = []
         self.calls: list[tuple[tuple[int, ...], torch.dtype, Build]] = []
 
@@ -61,10 +61,11 @@ class Tap:
                 return i
         return None
 
-    def out(self, y: torch.Tensor, saved: tuple[torch.Tensor, ...], build: Build) -> torch.Tensor:
-        """Tap ``y`` (one example's layer output): ``y + z_k``, keeping ``saved`` for ``build``."""
+    def out(self, y: torch.Tensor, saved: Any, build: Build) -> torch.Tensor:
+        """Tap ``y`` (one example's layer output): ``y + z_k``, keeping ``saved`` (a tuple, or
+        a list the layer may still append to until its call returns) for ``build``."""
         k = len(self.saved)
-        self.saved.append(tuple(saved))
+        self.saved.append(saved)
         self.builds.append(build)
         if self.zs is None:
             self.calls.append((tuple(y.shape), y.dtype, build))
@@ -144,7 +145,7 @@ def tap_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor], b_leaves: li
                 f"{len(tap.saved)} psgfunc layer calls, the planning run {len(zs)}; fn must call "
                 "the same layers with the same shapes for every example"
             )
-        return loss, tap.saved
+        return loss, [tuple(t) for t in tap.saved]
 
     device = p_leaves[0].device if p_leaves else None
     zs = [torch.zeros((size, *shape), dtype=dtype, device=device) for shape, dtype, _ in plan.calls]

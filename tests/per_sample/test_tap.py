@@ -46,6 +46,23 @@ def lstm_model():
     return fn, params, (torch.randn(3, 5, 3, dtype=DT, generator=g), torch.randint(0, 2, (3,), generator=g))
 
 
+def deep_lstm(lengths):
+    """Two bidirectional layers with an initial state; with ``lengths`` (padding) the LSTM
+    is not tapped and its parameters are materialised."""
+    g = gen()
+    params = {"lstm": PF.init_lstm(3, 4, num_layers=2, bidirectional=True, dtype=DT, generator=g),
+              "fc": PF.init_linear(8, 2, dtype=DT, generator=g)}
+    h0 = 0.1 * torch.randn(3, 4, 4, dtype=DT, generator=g)
+
+    def fn(p, x, h, n, y):
+        out = PF.lstm(p["lstm"], x, (h, torch.tanh(h)), num_layers=2, bidirectional=True,
+                      lengths=n if lengths else None)[0]
+        return F.cross_entropy(PF.linear(p["fc"], out.mean(0)), y)
+
+    n = torch.tensor([5, 3, 4])
+    return fn, params, (torch.randn(3, 5, 3, dtype=DT, generator=g), h0, n, torch.randint(0, 2, (3,), generator=g))
+
+
 def shared_with_plain_op():
     """``a.weight`` feeds a linear layer AND a plain op; ``scale`` only a plain op."""
     fn0, params, batch = mlp()
@@ -69,8 +86,14 @@ def computed_weight():
     return fn, params, batch
 
 
-EXTRA = {"lstm": lstm_model, "shared-with-plain-op": shared_with_plain_op, "computed-weight": computed_weight}
-MATERIALISED = {"lstm": 4, "shared-with-plain-op": 3, "computed-weight": 2}
+EXTRA = {
+    "lstm": lstm_model,
+    "lstm-deep": lambda: deep_lstm(False),
+    "lstm-lengths": lambda: deep_lstm(True),
+    "shared-with-plain-op": shared_with_plain_op,
+    "computed-weight": computed_weight,
+}
+MATERIALISED = {"lstm-lengths": 16, "shared-with-plain-op": 3, "computed-weight": 2}
 """Leaves each extra model must materialise (the others none)."""
 
 
@@ -102,11 +125,11 @@ def test_tapped_layers_never_materialise(monkeypatch):
         assert plan.materialized == []
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv2d-ghost-rows", "text-long", "tied"])
+@pytest.mark.parametrize("name", ["mlp", "conv2d-ghost-rows", "text-long", "tied", "lstm"])
 def test_compiled_fast_is_one_graph_and_exact(name):
     """Dynamo traces the whole step (fullgraph) and, run by its eager backend, the float64
     result is the oracle's at 1e-10."""
-    fn, params, batch = MODELS[name]()
+    fn, params, batch = (MODELS.get(name) or EXTRA[name])()
     _, norms = reference(fn, params, batch, 1e30)
     c = float(norms.median())
     expected, expected_norms = reference(fn, params, batch, c)

@@ -459,6 +459,50 @@ class LSTMRule(Rule):
         )(params, x, state, lengths)
         return out, (h_n, c_n)
 
+    def tapped(  # type: ignore[override]
+        self,
+        tap: Any,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        state: Any,
+        lengths: Any,
+        *,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        training: bool = False,
+    ) -> Any:
+        """One example ``x [T, D]`` without ``lengths``: each layer and direction adds its tap
+        to the gate pre-activations ``[T, 4H]`` (whose gradient is every step's ``dz``) and
+        keeps its input and ``h_prev``: the pieces of :meth:`_Recurrence.backward`'s emits."""
+        index = {k: tap.index(v) for k, v in params.items() if v is not None}
+        if lengths is not None or not isinstance(x, torch.Tensor) or x.dim() != 2 or None in index.values():
+            return NotImplemented
+
+        def direction(sfx: str, layer_in: torch.Tensor, x_gates: torch.Tensor, init: Any, run: Any) -> Any:
+            # one example runs as a batch of one: layer_in [T, 1, D], x_gates [T, 1, 4H]
+            keys = [k + sfx for k in _NAMES]  # weight_ih, bias_ih, weight_hh, bias_hh
+
+            def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+                size, steps = g.shape[:2]
+                dz = g.reshape(size, steps, -1)
+                x3, h3 = (t.reshape(size, steps, -1) for t in saved)
+                found = [(index.get(k), kind, data) for k, kind, data in
+                         zip(keys, (_OUTER, _ROWSUM, _OUTER, _ROWSUM), ((dz, x3), (dz,), (dz, h3), (dz,)))]
+                return [piece for piece in found if piece[0] is not None]
+
+            saved = [layer_in]
+            (h, c), out = run(tap.out(x_gates, saved, build))
+            first = init[0].unsqueeze(0)  # [1, 1, H]
+            reverse = sfx.endswith("_reverse")
+            saved.append(torch.cat([out[1:], first]) if reverse else torch.cat([first, out[:-1]]))
+            return (h, c), out
+
+        detached = {k: None if v is None else v.detach() for k, v in params.items()}
+        return _lstm_mod._lstm(detached, x, state, num_layers, bidirectional, batch_first, dropout, training,
+                               None, direction)
+
 
 class LSTMCellRule(Rule):
     """Per-sample rule of :func:`psgfunc.functional.lstm_cell` (batch dim 0 everywhere).
