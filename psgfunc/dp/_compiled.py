@@ -9,11 +9,17 @@ outputs (:mod:`psgfunc.per_sample._tap`: a zero tensor added to each layer outpu
 per-example gradient is the layer's output gradient), so the graph holds layer inputs and
 output gradients, never a ``[B, *shape]`` gradient of a psgfunc layer's params, and the
 norms and sums are the eager fast path's formulas (Gram or materialised per layer, one
-contraction per clipped sum). Linear, conv1d/2d/3d, embedding and layer_norm are tapped;
-params of other functions (``lstm``, ``lstm_cell``, plain torch ops) are differentiated per
-example inside the graph, with a warning. Which calls are tapped is planned by one eager run
+contraction per clipped sum). Linear, conv1d/2d/3d, embedding, layer_norm and lstm (one
+example ``[T, D]`` without ``lengths``: the tap sits on the gate pre-activations) are tapped;
+params of other calls (``lstm`` with ``lengths``, ``lstm_cell``, plain torch ops) are
+differentiated per example inside the graph, with a warning. Which calls are tapped is planned by one eager run
 of ``fn`` on the first example, per input signature (shapes, dtypes, structure): each new
-signature (e.g. a new batch size) plans and compiles again.
+signature plans and compiles again. The batch size is not part of the plan, but each new
+batch size compiles again (``vmap`` traces with a concrete size): with Poisson sampling
+expect one compilation per distinct batch size (the graphs are kept, and sizes near the
+expected one recur), and prefer the eager :func:`clipped_grad_sum` where compilation is slow
+(seconds for the MLP and the digits CNN here, about two minutes for the Embedding+LSTM
+model).
 
 ``method="materialize"`` compiles ``vmap(grad(fn))``, the norms and the clipped sum; Inductor
 may fuse the per-sample gradients with the clipping, but on CPU the graph still materialises
@@ -139,34 +145,45 @@ def _check_finite(norms: torch.Tensor) -> torch.Tensor:
 
 
 def _signature(prep: Any) -> tuple[Any, ...]:
-    """What a plan and a compiled graph depend on: structure, shapes, dtypes, constants."""
+    """What a plan depends on: structure, per-example shapes, dtypes, constants (not the
+    batch size: one plan serves every batch size)."""
 
-    def leaf(t: Any) -> Any:
+    def leaf(t: Any, batched: bool) -> Any:
         if isinstance(t, torch.Tensor):
-            return (tuple(t.shape), t.dtype, t.device)
+            return (tuple(t.shape[1:] if batched else t.shape), t.dtype, t.device)
         try:
             hash(t)
             return ("value", t)
         except TypeError:
             return ("id", id(t))
 
-    return (prep.p_spec, tuple(map(leaf, prep.p_leaves)), prep.b_spec, tuple(map(leaf, prep.b_leaves)))
+    params = tuple(leaf(t, False) for t in prep.p_leaves)
+    batch = tuple(leaf(t, d == 0) for t, d in zip(prep.b_leaves, prep.b_dims))
+    return (prep.p_spec, params, prep.b_spec, batch)
 
 
 def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[str, Any]) -> Callable[..., Any]:
-    """``step`` of ``method="fast"``: one plan and one compiled graph per input signature."""
+    """``step`` of ``method="fast"``: one plan per input signature, and one compiled graph
+    per signature and batch size (``vmap`` traces with a concrete batch size; a compiled
+    function of its own per size also keeps clear of the compiler's recompile limit)."""
+    plans: dict[Any, Any] = {}
     graphs: dict[Any, Callable[..., Any]] = {}
 
-    def build(prep: Any) -> Callable[..., Any]:
-        plan = discover(prep)
-        if plan.materialized:
-            warnings.warn(
-                f"psgfunc fast clipping (compiled): {len(plan.materialized)} of "
-                f"{len(prep.p_leaves)} parameter leaves are used by functions without a tap "
-                "(psgfunc.functional.linear, conv*, embedding and layer_norm have one), so their "
-                "per-sample gradients are materialised in the graph",
-                stacklevel=4,
-            )
+    def plan_for(prep: Any, key: Any) -> Any:
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = discover(prep)
+            if plan.materialized:
+                warnings.warn(
+                    f"psgfunc fast clipping (compiled): {len(plan.materialized)} of "
+                    f"{len(prep.p_leaves)} parameter leaves are used by functions without a tap "
+                    "(psgfunc.functional.linear, conv*, embedding, layer_norm and lstm without "
+                    "lengths have one), so their per-sample gradients are materialised in the graph",
+                    stacklevel=4,
+                )
+        return plan
+
+    def build(plan: Any) -> Callable[..., Any]:
         def graph(params: Any, *batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
             # flattened inside: the compiler traces optree with its own tree specs
             inner = _prepare(fn, params, batch, None, "different")
@@ -187,9 +204,9 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
         if not prep.p_leaves:
             raise ValueError("compiled_clipped_grad_sum: params has no tensor leaves; nothing to differentiate")
         key = _signature(prep)
-        graph = graphs.get(key)
+        graph = graphs.get((key, prep.size))
         if graph is None:
-            graph = graphs[key] = build(prep)
+            graph = graphs[key, prep.size] = build(plan_for(prep, key))
         summed, norms = graph(prep.unflatten(prep.p_leaves), *batch)
         return prep.unflatten(summed), _check_finite(norms)
 

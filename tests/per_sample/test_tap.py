@@ -152,14 +152,21 @@ def test_compiled_fast_warns_and_materialises_leaves_without_a_tap():
     assert_tree_close(summed, expected)
 
 
-def test_compiled_fast_plans_again_for_a_new_batch_size():
+def test_compiled_fast_plans_once_for_every_batch_size(monkeypatch):
+    """Batch sizes vary under Poisson sampling: one plan serves them all (each size gets a
+    compiled graph of its own), and every size gets its exact sum."""
+    from psgfunc.dp import _compiled
+
+    calls = []
+    monkeypatch.setattr(_compiled, "discover", lambda prep: calls.append(prep.size) or discover(prep))
     fn, params, (x, y) = mlp()
     step = dp.compiled_clipped_grad_sum(fn, 0.5, backend="eager")
-    for n in (5, 3):
+    for n in (5, 3, 4):
         expected, _ = reference(fn, params, (x[:n], y[:n]), 0.5)
         summed, norms = step(params, x[:n], y[:n])
         assert norms.shape == (n,)
         assert_tree_close(summed, expected)
+    assert calls == [5]
 
 
 def test_compiled_fast_refuses_bad_input():
