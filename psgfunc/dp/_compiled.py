@@ -25,15 +25,14 @@ model).
 may fuse the per-sample gradients with the clipping, but on CPU the graph still materialises
 them.
 
-When it helps (``python -m benchmarks``, 2-core CPU, torch 2.13, ratios to the eager
-non-private step): fast clipping compiled removes the per-layer Python and vmap dispatch of
-the eager step, which dominates small models: MLP 0.5-0.7x (eager ``clipped_grad_sum``
-1.4x), digits CNN 1.2-1.7x (eager 2.5-2.8x), a transformer block 1.2-1.6x (eager 1.3-2.8x),
-each after 5-30 s of compilation per input signature, so it pays for many steps of one
-shape. Recurrent models gain nothing (the LSTM is not tapped: its loop unrolls into the
-graph, which takes minutes to compile and runs no faster than the eager fast path);
-``method="materialize"`` ran 3-29x the non-private step. Benchmark before choosing
-(``python -m benchmarks --suite models --methods nn,clip-fast,clip-fast-compiled``).
+When it helps (``python -m benchmarks``, 2-core CPU, torch 2.13, ratios to the EAGER
+non-private step): compiled fast clipping removes the per-layer Python and vmap dispatch of
+the eager step, which dominates small models: MLP 0.5-1.4x (eager ``clipped_grad_sum``
+1.4-2.2x), digits CNN 1.2-1.7x (eager 2.2-2.8x), Embedding+DPLSTM 1.2-1.6x (eager 1.5-3.0x),
+a transformer block 1.0-1.6x (eager 1.2-2.8x). Compilation takes seconds (MLP, CNN) to
+about two minutes (the LSTM's loop unrolls into the graph) per batch size, so it pays for
+many steps. ``method="materialize"`` ran 2.3-37x the non-private step. Benchmark before
+choosing (``python -m benchmarks --suite models --methods nn,clip-fast,clip-fast-compiled``).
 
 Validation that cannot run inside a graph stays outside: the batch is checked before the
 call, and NaN/Inf norms raise ``ValueError`` after it.
