@@ -133,6 +133,22 @@ MODELS = {
 }
 
 
+NEVER_MATERIALISED = ["mlp", "seq-short", "tied", "text-short", "text-long", "conv1d-ghost", "conv2d-ghost",
+                      "conv2d-ghost-rows"]
+"""Models whose layers all take the Gram / norm-product forms (nothing ``[B, *shape]``)."""
+
+
+def forbid_materialising(m):
+    """Make every weight kind fail if asked to materialise a per-sample gradient (``m``: a
+    ``monkeypatch.context()``)."""
+
+    def refuse(self, *data):
+        raise AssertionError(f"{type(self).__name__} materialised a per-sample gradient")
+
+    for kind in (_kinds.Outer, EmbeddingRows, ConvWeight):
+        m.setattr(kind, "materialize", refuse)
+
+
 def reference(fn, params, batch, max_norm):
     grads = per_example_grads(fn, params, *batch)
     clipped = dp.clip(grads, max_norm)
@@ -162,17 +178,11 @@ def test_dense_layers_never_materialise(monkeypatch):
     (Bias gradients [B, O] are built: they are the size of one activation.)
     """
 
-    def refuse(self, *data):
-        raise AssertionError(f"{type(self).__name__} materialised a per-sample gradient")
-
-    for name in ["mlp", "seq-short", "tied", "text-short", "text-long", "conv1d-ghost", "conv2d-ghost",
-                 "conv2d-ghost-rows"]:
+    for name in NEVER_MATERIALISED:
         fn, params, batch = MODELS[name]()
         expected, _ = reference(fn, params, batch, 0.5)
         with monkeypatch.context() as m:
-            m.setattr(_kinds.Outer, "materialize", refuse)
-            m.setattr(EmbeddingRows, "materialize", refuse)
-            m.setattr(ConvWeight, "materialize", refuse)
+            forbid_materialising(m)
             summed, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=0.5)
         assert_tree_close(summed, expected)
 
