@@ -50,7 +50,7 @@ class Tap:
         self.candidates, self.zs = candidates, zs
         self.saved: list[Any] = []
         self.builds: list[Build] = []
-        self.calls: list[tuple[tuple[int, ...], torch.dtype, Build]] = []
+        self.calls: list[tuple[tuple[int, ...], torch.dtype]] = []
 
     def index(self, t: Any) -> int | None:
         """The params leaf ``t`` is, or None (not a leaf, a transformed leaf, or excluded)."""
@@ -68,7 +68,7 @@ class Tap:
         self.saved.append(saved)
         self.builds.append(build)
         if self.zs is None:
-            self.calls.append((tuple(y.shape), y.dtype, build))
+            self.calls.append((tuple(y.shape), y.dtype))
             return y
         if k >= len(self.zs) or tuple(self.zs[k].shape) != tuple(y.shape):
             raise ValueError(
@@ -80,9 +80,10 @@ class Tap:
 
 
 class Plan(NamedTuple):
-    """What :func:`discover` found: the tapped calls in order and the leaves to materialise."""
+    """What :func:`discover` found: the tapped calls' output shapes and dtypes (one example),
+    in order, and the leaves to materialise."""
 
-    calls: list[tuple[tuple[int, ...], torch.dtype, Build]]
+    calls: list[tuple[tuple[int, ...], torch.dtype]]
     materialized: list[int]
 
 
@@ -148,7 +149,7 @@ def tap_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor], b_leaves: li
         return loss, [tuple(t) for t in tap.saved]
 
     device = p_leaves[0].device if p_leaves else None
-    zs = [torch.zeros((size, *shape), dtype=dtype, device=device) for shape, dtype, _ in plan.calls]
+    zs = [torch.zeros((size, *shape), dtype=dtype, device=device) for shape, dtype in plan.calls]
     per_example = grad(example_loss, argnums=(0, 1), has_aux=True)
     (g_z, g_dense), saved = vmap(per_example, in_dims=(0, None, *prep.b_dims), randomness=prep.randomness)(
         zs, [p_leaves[i] for i in dense_idx], *b_leaves

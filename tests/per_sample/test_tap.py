@@ -198,7 +198,7 @@ def test_a_pass_that_does_not_follow_its_plan_is_refused():
         tap_pieces(prep, plan._replace(calls=plan.calls[:1]), prep.p_leaves, prep.b_leaves)
     with pytest.raises(ValueError, match="the same layers"):
         tap_pieces(prep, plan._replace(calls=plan.calls + plan.calls[:1]), prep.p_leaves, prep.b_leaves)
-    wrong = plan._replace(calls=[((5,), DT, plan.calls[0][2])] + plan.calls[1:])
+    wrong = plan._replace(calls=[((5,), DT)] + plan.calls[1:])
     with pytest.raises(ValueError, match="the same layers"):
         tap_pieces(prep, wrong, prep.p_leaves, prep.b_leaves)
 
