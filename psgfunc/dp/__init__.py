@@ -15,6 +15,7 @@ from psgfunc.dp._clip import clip, per_sample_norms, privatize
 from psgfunc.dp._clipped import clipped_grad_sum
 from psgfunc.dp._compiled import compiled_clipped_grad_sum
 from psgfunc.dp._optimizer import DPOptimizer
+from psgfunc.dp._private import VirtualBatchLoader, make_private, physical_batches
 from psgfunc.dp._sampling import PoissonBatchSampler, PoissonDataLoader, poisson_batches
 from psgfunc.dp._transform import DPSGDState, DPSGDTransform, dp_sgd_transform
 
@@ -33,4 +34,7 @@ __all__ = [
     "poisson_batches",
     "PoissonBatchSampler",
     "PoissonDataLoader",
+    "make_private",
+    "VirtualBatchLoader",
+    "physical_batches",
 ]

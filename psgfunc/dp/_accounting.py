@@ -246,3 +246,17 @@ def _root(private_enough, start: float, factor: float, rtol: float) -> float | N
         else:
             lo = mid
     return hi
+
+
+class PrivacyAccountant:  # TEMPORARY stand-in until the accountant object lands
+    def __init__(self, noise_multiplier, sample_rate, *, accountant="pld"):
+        self.noise_multiplier, self.sample_rate, self.accountant = noise_multiplier, sample_rate, accountant
+        self.steps = 0
+
+    def step(self, n=1):
+        self.steps += n
+
+    def epsilon(self, delta):
+        if self.steps == 0:
+            return 0.0
+        return epsilon(self.noise_multiplier, self.sample_rate, self.steps, delta, accountant=self.accountant)

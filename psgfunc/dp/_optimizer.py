@@ -124,6 +124,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._summed: list[torch.Tensor] | None = None
         self.accumulated_examples = 0
         self.fast_clipping = bool(fast_clipping)
+        self.accountant: Any = None  # a PrivacyAccountant (make_private sets one): step() counts
+        self._logical_batch_open = False  # a VirtualBatchLoader's slice that does not end its batch
         if self.fast_clipping:
             for p in self._trainable():
                 p._psg_pieces = []
@@ -359,6 +361,8 @@ class DPOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.accumulate()
+        if self._logical_batch_open:  # more physical batches of this logical batch follow
+            return loss
         params = self._trainable()
         summed = self._summed
         if summed is None:  # empty logical batch: the update is pure noise
@@ -369,7 +373,15 @@ class DPOptimizer(torch.optim.Optimizer):
         self._summed = None
         self.accumulated_examples = 0
         self.optimizer.step()
+        if self.accountant is not None:
+            self.accountant.step()
         return loss
+
+    def _end_of_logical_batch(self, last: bool) -> None:
+        """Told by a :class:`~psgfunc.dp.VirtualBatchLoader` before each physical batch:
+        whether it is the last of its logical batch (``step()`` after the others only clips
+        and accumulates)."""
+        self._logical_batch_open = not last
 
     def _add_to_sum(self, summed: list[torch.Tensor]) -> None:
         """Add one micro-batch's clipped sums to the running sum, in place (the sums are this
