@@ -68,7 +68,7 @@ def test_epsilon_follows_the_steps_taken():
     model, opt, loader = pf.dp.make_private(model, opt, loader, max_norm=1.0, noise_multiplier=1.3,
                                             max_physical_batch_size=4)
     assert opt.accountant.epsilon(1e-5) == 0.0
-    for i, (x, y) in enumerate(loader):
+    for x, y in loader:
         F.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
