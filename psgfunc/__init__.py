@@ -1,6 +1,6 @@
 """psgfunc: per-sample gradients in PyTorch the way JAX users write them.
 
-Public API (DESIGN.md): ``per_sample_grads``, ``scan`` and the subpackages ``functional``
+Public API (ARCHITECTURE.md, rule 1): ``per_sample_grads``, ``scan`` and the subpackages ``functional``
 (pure layers), ``nn`` (module shells), ``dp`` (DP-SGD).
 """
 

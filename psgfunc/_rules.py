@@ -4,7 +4,7 @@ This floor sits under ``functional`` so that layers can mark themselves without 
 ``per_sample``. A layer decorated with :func:`dispatchable` behaves exactly like the plain
 function, except while :func:`expanded_mode` is active (``per_sample_grads(method="expanded")``
 turns it on): then the rule registered for that layer runs instead. Rules are keyed by the
-public function they serve (DESIGN.md rule 5), so a model built from these functions gets
+public function they serve (ARCHITECTURE.md rule 5), so a model built from these functions gets
 its rule for free, whatever module or closure calls them.
 """
 

@@ -1,4 +1,4 @@
-"""Slow references the fast paths are checked against (DESIGN.md rule 8).
+"""Slow references the fast paths are checked against (ARCHITECTURE.md rule 8).
 
 ``per_example_grads`` is a plain Python loop over the batch that calls
 ``torch.autograd.grad`` on one example at a time, in float64. It uses no torch.func

@@ -1,6 +1,6 @@
 """The benchmark CLI runs end to end (--quick) and its configurations compute what they say.
 
-Never asserts on time or memory (DESIGN.md, style 10): only that every file is written, every
+Never asserts on time or memory (ARCHITECTURE.md rule 10): only that every file is written, every
 requested cell is filled, and the Markdown regenerates from the CSV.
 """
 

@@ -2,7 +2,7 @@
 
 The notebook's first cell reads ``PSGFUNC_NOTEBOOK_SMALL=1`` (toy sizes, seconds); its own
 assertion checks that vmap and expanded per-sample gradients agree. Nothing here looks at
-the timings (DESIGN.md, style 10).
+the timings (ARCHITECTURE.md rule 10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``scan`` against the reference Python loop of its docstring (DESIGN.md rule 4)."""
+"""``scan`` against the reference Python loop of its docstring (ARCHITECTURE.md rule 4)."""
 
 from __future__ import annotations
 

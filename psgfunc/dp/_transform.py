@@ -1,4 +1,4 @@
-"""DP-SGD as an explicit ``(init, update)`` gradient transformation (DESIGN rule 6).
+"""DP-SGD as an explicit ``(init, update)`` gradient transformation (ARCHITECTURE.md rule 6).
 
 The state carries the noise generator, so the noise is a function of the state alone:
 ``update`` never touches a global generator and never mutates the state it is given (it

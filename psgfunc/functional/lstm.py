@@ -1,7 +1,7 @@
 """LSTM cell and multi-layer (bidirectional) LSTM, as ``torch.nn.LSTMCell`` / ``torch.nn.LSTM``.
 
 The carry of every recurrent function here is ``(h, c)``: hidden state first, cell state
-second, as in torch.nn (DESIGN.md rule 3). One step of the cell, with ``sigma`` the logistic
+second, as in torch.nn (ARCHITECTURE.md rule 3). One step of the cell, with ``sigma`` the logistic
 sigmoid and ``*`` the elementwise product, gates in torch's order ``i, f, g, o``::
 
     gates      = x W_ih^T + b_ih + h W_hh^T + b_hh          # [*, 4H]

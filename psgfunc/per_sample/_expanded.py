@@ -5,7 +5,7 @@ consumes that view as example b's weight gets the gradient of example b's loss a
 single backward pass leaves the per-sample gradients ``[B, *W.shape]`` in it.
 
 How a layer consumes the view is decided by a :class:`Rule`, registered for the functional
-layer it serves (DESIGN.md rule 5). A rule computes the layer with the ordinary shared-weight
+layer it serves (ARCHITECTURE.md rule 5). A rule computes the layer with the ordinary shared-weight
 op (no per-example weight copies in the forward) and produces the per-sample gradient in its
 backward, in one contraction. Two drivers use the same rules:
 

@@ -1,4 +1,4 @@
-"""Clipping and the Gaussian mechanism: analytic values checked by hand (DESIGN rule 8)."""
+"""Clipping and the Gaussian mechanism: analytic values checked by hand (ARCHITECTURE.md rule 8)."""
 
 from __future__ import annotations
 

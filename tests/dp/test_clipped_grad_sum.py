@@ -1,4 +1,4 @@
-"""clipped_grad_sum against the float64 per-example loop oracle (DESIGN rule 8)."""
+"""clipped_grad_sum against the float64 per-example loop oracle (ARCHITECTURE.md rule 8)."""
 
 from __future__ import annotations
 

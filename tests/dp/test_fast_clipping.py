@@ -1,7 +1,7 @@
 """Fast clipping (norms from activations and output gradients) equals materialise-then-clip.
 
 Every psgfunc layer, with sequence dims, several uses of one weight, and a parameter that no
-rule serves; float64 at 1e-10 relative (DESIGN.md rule 8).
+rule serves; float64 at 1e-10 relative (ARCHITECTURE.md rule 8).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Noise: std sigma * C, reproducible from a seed, fresh with secure=True (DESIGN rule 8)."""
+"""Noise: std sigma * C, reproducible from a seed, fresh with secure=True (ARCHITECTURE.md rule 8)."""
 
 from __future__ import annotations
 
