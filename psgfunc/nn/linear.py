@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import psgfunc.functional as PF
+from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import module_call
 
@@ -49,7 +50,7 @@ class Linear(ExpandedModule, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = self._batch_size(x, min_dim=2, expected=f"[B, *, {self.in_features}]")
-        return module_call(PF.linear, self._expanded_params(), size, x)
+        return _forward.produce(self, module_call(PF.linear, self._expanded_params(), size, x), 0)
 
 
 class ConvLinear(Linear):

@@ -34,6 +34,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import psgfunc.functional as PF
 from psgfunc import _rules
+from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import module_call
 
@@ -214,9 +215,10 @@ class DPLSTM(_AnyBatch, nn.LSTM):
         if isinstance(x, PackedSequence):
             padded, lengths = pad_packed_sequence(x)  # [T, B, D], the caller's batch order
             size = self._check_batch(padded.shape[1], "the PackedSequence")
+            _forward.consume(self, x, size, None)
             out, (h_n, c_n) = module_call(PF.lstm, params, size, padded, state,
                                           lengths=lengths, **options)
-            return _repack(out, lengths, x), (h_n, c_n)
+            return _repack(out, lengths, x), (_forward.produce(self, h_n, 1), c_n)
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
@@ -224,10 +226,16 @@ class DPLSTM(_AnyBatch, nn.LSTM):
                 f"batch_first), a PackedSequence, or one unbatched sequence [T, "
                 f"{self.input_size}]; got {shape}"
             )
-        size = 1 if x.dim() == 2 else x.shape[0 if self.batch_first else 1]
+        batch_dim = None if x.dim() == 2 else 0 if self.batch_first else 1
+        size = 1 if batch_dim is None else x.shape[batch_dim]
         self._check_batch(size, "x")
-        return module_call(PF.lstm, params, size, x, state, batch_first=self.batch_first,
-                           **options)
+        _forward.consume(self, x, size, batch_dim)  # time-major: see the class docstring
+        out, (h_n, c_n) = module_call(PF.lstm, params, size, x, state,
+                                      batch_first=self.batch_first, **options)
+        if batch_dim is not None:
+            _forward.produce(self, out, batch_dim)
+            _forward.produce(self, h_n, 1)
+        return out, (h_n, c_n)
 
 
 def _repack(out: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
@@ -307,6 +315,7 @@ class _LayerBase(_AnyBatch):
         owner = type(self).__name__
         padded, lengths = _padded(x, batch_sizes, owner)
         size = self._check_batch(padded.shape[1], "x")
+        _forward.consume(self, x, size, 1 if lengths is None else None)  # time-major
         inp = _flip(padded, lengths) if reverse else padded
         out, (h_n, c_n) = module_call(
             PF.lstm, self._expanded_params(), size, inp, state, bidirectional=self.bidirectional,
@@ -318,6 +327,9 @@ class _LayerBase(_AnyBatch):
             out = F.dropout(out, self.dropout, training=True)
         if lengths is not None:
             out = _unpadded(out, lengths, x)
+        else:
+            _forward.produce(self, out, 1)
+        _forward.produce(self, h_n, 1)  # [P, B, H]
         return out, (h_n, c_n)
 
 
