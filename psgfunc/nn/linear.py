@@ -20,6 +20,9 @@ class Linear(ExpandedModule, nn.Linear):
 
     Shapes: ``[B, *, in_features] -> [B, *, out_features]``; dim 0 is always the batch (one
     example must be passed as ``x.unsqueeze(0)``), ``B <= max_batch_size``.
+    In a model converted by :func:`psgfunc.nn.expand_weights`, an input that is a time-major
+    ``[T, B, H]`` recurrent output (not transposed) raises a ValueError, also when ``T == B``
+    (see :mod:`psgfunc.nn._forward`); elsewhere dim 0 is taken as given.
 
     The forward is ``F.linear`` with the shared weight (no per-example copy); in the
     backward each example's weight gradient ``g_b^T x_b`` comes out of one batched

@@ -20,6 +20,17 @@ after the last layer); every output keeps the input's dtype (Opacus returns a fl
 ``h_n`` for float64 packed input); an unbatched ``[T, D]`` input is one sequence, exactly
 as in ``nn.LSTM`` (Opacus reads it as ``[T, B]``), and its ``grad_sample`` has ``B = 1``;
 ``DPLSTM``'s ``state_dict`` has ``nn.LSTM``'s keys in ``nn.LSTM``'s order.
+
+Time-major tensors: ``DPLSTM`` with ``batch_first=False``, ``DPLSTMLayer`` and
+``BidirectionalDPLSTMLayer`` read the batch from dim 1 and return ``[T, B, *]``; every other
+shell reads dim 0. In a model converted by :func:`psgfunc.nn.expand_weights` each forward is
+recorded (:mod:`psgfunc.nn._forward`): a shell whose input has the leading sizes of a
+recurrent output with the batch at the other dim must get it transposed, else a ValueError
+(use ``batch_first=True``, or ``out.transpose(0, 1)``). With ``T == B`` the sizes cannot
+tell, so the transpose must show in the memory layout (a transposed view, or elementwise ops
+on one); ``out.transpose(0, 1).contiguous()`` is then refused rather than guessed. The same
+holds the other way: ``[T, B]`` ids through an ``Embedding`` (batch at dim 0) into a
+time-major LSTM raise. Shells called outside such a model are not checked.
 """
 
 from __future__ import annotations
@@ -123,7 +134,9 @@ class DPLSTM(_AnyBatch, nn.LSTM):
         hidden_size: ``H``.
         num_layers: ``L``.
         bias: use ``b_ih`` and ``b_hh``.
-        batch_first: ``x``/``output`` are ``[B, T, *]`` (not ``h_n``/``c_n``).
+        batch_first: ``x``/``output`` are ``[B, T, *]`` (not ``h_n``/``c_n``). Without it the
+            output is time-major: transpose it before a batch-first layer (in a converted
+            model an untransposed one raises; see the module docstring).
         dropout: probability of zeroing each element of every layer's output except the
             last's, in training mode (``nn.LSTM``'s dropout, same masks under one seed).
         bidirectional: add a reverse direction.
