@@ -88,7 +88,10 @@ def _hint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
 
 def _open(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     record = _CURRENT.get()
-    if record is None:
+    if record is None or record.root is module:
+        # a new forward; also when `module`'s own record is still open: torch runs forward
+        # hooks after an Exception but not after a KeyboardInterrupt, so a record left open
+        # by an interrupted forward ends when its model is called again
         _CURRENT.set(Record(module, _hint(args, kwargs)))
     else:  # a converted model called inside another one's forward: one record for both
         record.depth += 1
@@ -98,7 +101,7 @@ def _close(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out
     record = _CURRENT.get()
     if record is not None:
         record.depth -= 1
-        if record.depth <= 0:
+        if record.depth <= 0 or record.root is module:
             _CURRENT.set(None)
 
 

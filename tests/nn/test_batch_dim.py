@@ -304,3 +304,18 @@ def test_shared_ids_outside_a_converted_model_are_one_example():
     assert out.shape == (1, 4, 3)
     out.sum().backward()
     assert pos.weight.grad_sample.shape == (1, 6, 3)
+
+
+def test_a_record_left_open_by_an_interrupted_forward_ends_at_the_next_call():
+    model = pnn.expand_weights(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), 8)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt  # torch runs no forward hook after it
+
+    handle = model[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(4, 3))
+    handle.remove()
+    assert _forward.current() is not None and _forward.current().batch == 4
+    model(torch.randn(2, 3)).sum().backward()  # a new record: batch 2, no stale mismatch
+    assert model[0].weight.grad_sample.shape[0] == 2 and _forward.current() is None
