@@ -32,12 +32,16 @@ one is open, every shell call:
   it, else the leading size of the model's first tensor input.
 
 Outside such a forward (shells called directly, in a model not passed to ``expand_weights``)
-nothing is recorded and every shell reads its own batch as documented.
+there is no record to compare batch sizes with; only the most direct case is caught: a
+batch-first shell given a time-major shell's output, or a view of it (same storage, same
+leading sizes), that is still alive and not transposed. What passes through other ops
+(dropout, activations) is not seen there.
 """
 
 from __future__ import annotations
 
 import contextvars
+import weakref
 from typing import Any
 
 import optree
@@ -53,7 +57,7 @@ class Record:
 
     __slots__ = ("root", "depth", "hint", "batch", "source", "outputs")
 
-    def __init__(self, root: nn.Module, hint: int | None):
+    def __init__(self, root: nn.Module | None, hint: int | None):
         self.root, self.depth, self.hint = root, 1, hint
         self.batch: int | None = None  # the forward's batch size, once a shell has read it
         self.source: tuple[nn.Module, int | None] | None = None  # who read it first, at which dim
@@ -62,6 +66,8 @@ class Record:
 
     def name(self, module: nn.Module) -> str:
         """``module``'s qualified name in the model, for messages."""
+        if self.root is None:
+            return type(module).__name__
         for qualname, m in self.root.named_modules(remove_duplicate=False):
             if m is module:
                 return f"{type(m).__name__} {qualname!r}" if qualname else f"{type(m).__name__} (the model)"
@@ -69,6 +75,10 @@ class Record:
 
 
 _CURRENT: contextvars.ContextVar[Record | None] = contextvars.ContextVar("psgfunc_nn_forward", default=None)
+
+_LOOSE: list[tuple[weakref.ref, nn.Module]] = []
+"""Time-major shell outputs made outside any record (weak: they end with the tensors)."""
+_LOOSE_MAX = 32
 
 
 def current() -> Record | None:
@@ -144,6 +154,8 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None) -> None:
     """
     record = _CURRENT.get()
     if record is None:
+        if _LOOSE and batch_dim == 0 and isinstance(x, torch.Tensor) and x.dim() >= 2:
+            _check_loose(shell, x)
         return
     if batch_dim is not None and isinstance(x, torch.Tensor) and x.dim() >= 2:
         found = record.outputs.get((x.dim(), x.shape[0], x.shape[1]))
@@ -197,9 +209,26 @@ def _check_crossing(
         )
 
 
+def _check_loose(shell: nn.Module, x: torch.Tensor) -> None:
+    """Outside a record: ``x`` must not be a live time-major output (or a view of it) as is."""
+    storage = x.untyped_storage().data_ptr()
+    for ref, producer in list(_LOOSE):
+        out = ref()
+        if out is None:
+            continue
+        same = out.dim() == x.dim() and out.shape[:2] == x.shape[:2]
+        if same and out.untyped_storage().data_ptr() == storage and x.shape[:2] != (1, 1):
+            _check_crossing(Record(None, None), shell, producer, x, 0, 1)
+
+
 def produce(shell: nn.Module, out: Any, batch_dim: int) -> Any:
     """Note ``out`` (batch at ``batch_dim``) as a shell output of this forward; returns it."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return out
     record = _CURRENT.get()
-    if record is not None and isinstance(out, torch.Tensor) and out.dim() >= 2:
+    if record is not None:
         record.outputs[(out.dim(), out.shape[0], out.shape[1])] = (batch_dim, shell)
+    elif batch_dim == 1:
+        _LOOSE[:] = [(r, m) for r, m in _LOOSE if r() is not None][-(_LOOSE_MAX - 1):]
+        _LOOSE.append((weakref.ref(out), shell))
     return out

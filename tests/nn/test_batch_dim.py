@@ -212,10 +212,23 @@ def test_record_scope_nesting_and_hooks_installed_once():
     assert _forward.current() is None
 
 
-def test_shells_outside_a_converted_model_read_their_own_batch():
-    lstm, fc = pnn.DPLSTM(3, 4), pnn.Linear(4, 2, max_batch_size=8)
-    fc(lstm(torch.randn(5, 5, 3))[0]).sum().backward()  # no record: dim 0 (= T) as documented
+@pytest.mark.parametrize("kind", ["DPLSTM", "DPLSTMLayer", "BidirectionalDPLSTMLayer"])
+@pytest.mark.parametrize("steps", [5, 3])
+def test_shells_outside_a_converted_model_refuse_a_time_major_output_as_is(kind, steps):
+    rnn, width = rnn_for(kind)
+    fc = pnn.Linear(width, 2, max_batch_size=8)
+    out = rnn(torch.randn(steps, 5, 3))[0]
+    for x in (out, out[:, :, :2].unsqueeze(-1)[..., 0], out[1:]):  # itself, views
+        fc = pnn.Linear(x.shape[-1], 2, max_batch_size=8)
+        if x.shape[:2] == out.shape[:2]:
+            with pytest.raises(ValueError, match=TIME_MAJOR):
+                fc(x)
+    fc = pnn.Linear(width, 2, max_batch_size=8)
+    fc(out.transpose(0, 1)).sum().backward()  # transposed: fine
     assert fc.weight.grad_sample.shape[0] == 5
+    fc(torch.relu(out.transpose(0, 1).contiguous()))  # a new tensor: not seen without a record
+    del out
+    fc(torch.randn(steps, 5, width))  # unrelated batch-first data after the output is gone
 
 
 # --------------------------------------------------------- item 10a: shared position ids
