@@ -183,7 +183,7 @@ class _Prepared:
             raise ValueError(
                 f"fn fails on a single example ({type(again).__name__}: {again}). "
                 f"per_sample_grads calls fn(params, *example) on ONE example with the batch dim "
-                f"removed: {_example_shapes(self.b_spec, b_leaves, self.b_dims)}. If fn expects a "
+                f"removed: {_example_shapes(self.b_spec, self.b_leaves, self.b_dims)}. If fn expects a "
                 "batch dim, add it inside fn (x.unsqueeze(0)); if a batch argument is a single "
                 "example without its batch dim, add it before the call (x.unsqueeze(0))"
             ) from err
