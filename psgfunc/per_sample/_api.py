@@ -77,7 +77,11 @@ def per_sample_grads(
     Raises:
         ValueError: unknown ``method``/``randomness``, ``chunk_size < 1``, batch leaves with
             different leading sizes or without a batch dim, non-tensor or non-floating
-            params, or ``fn`` not returning one scalar per example.
+            params, or ``fn`` not returning one scalar per example; ``fn`` failing on a
+            single example (e.g. it expects a batch dim; torch's error is the cause); torch
+            layers that cannot give per-sample gradients (BatchNorm in training mode,
+            InstanceNorm with running stats, embeddings with ``max_norm``); token ids outside
+            an embedding table. Every method raises the same errors.
 
     Notes:
         To use an ``nn.Module``, make it a pure function with
@@ -90,7 +94,9 @@ def per_sample_grads(
             grads = pf.per_sample_grads(fn, params, X, Y)
 
         (modules that need a batch dim get one via ``unsqueeze(0)``; BatchNorm mixes
-        examples and cannot give per-sample gradients.) ``method="expanded"`` differentiates
+        examples and cannot give per-sample gradients.) torch functions whose batched
+        gradient needs care (``F.embedding``'s ``padding_idx``, ``sparse``, ...) go through
+        :mod:`psgfunc.per_sample._torch_ops` while ``fn`` runs. ``method="expanded"`` differentiates
         with ordinary autograd, so ``fn`` must not be wrapped in another torch.func
         transform by the caller; ``"vmap"`` composes with further transforms.
     """
@@ -146,7 +152,7 @@ class _Prepared:
 
     def expanded_losses(self, views, b_leaves):
         """Per-example losses ``[B]`` of ``fn`` under vmap over expanded ``views``."""
-        with _torch_ops.active("expanded"), _explained(self, b_leaves):
+        with _explained(self, b_leaves), _torch_ops.active("expanded"):
             return self._expanded_losses(views, b_leaves)
 
     def _expanded_losses(self, views, b_leaves):
@@ -246,7 +252,7 @@ def _prepare(fn, params, batch, chunk_size, randomness) -> _Prepared:
 
 def _vmap_grads(prep: _Prepared, b_leaves, size):
     g = vmap(grad(prep.loss), in_dims=(None, *prep.b_dims), randomness=prep.randomness)
-    with _rules.expanded_mode(None), _torch_ops.active("vmap"), _explained(prep, b_leaves):
+    with _explained(prep, b_leaves), _rules.expanded_mode(None), _torch_ops.active("vmap"):
         return list(g(prep.p_leaves, *b_leaves))
 
 
