@@ -7,11 +7,12 @@ calls torch's functions instead, and inside ``fn`` those run under ``torch.func.
 ``[B, *shape]`` expanded params. For most functions that is exact. For a few it is not, or it
 fails with an error that does not say what to do:
 
-* ``F.embedding(padding_idx=p)`` with a batched weight (the expanded params): torch's
-  batching rule looks up a ``[B*V, D]`` flattened table with example b's indices offset by
-  ``b*V`` but keeps ``padding_idx = p``, so only the FIRST example's padding row gets the zero
-  gradient; every later example that holds a padding token gets a nonzero gradient there. It
-  also copies the table B times in the forward. Under ``"expanded"`` the call is routed to
+* ``F.embedding(padding_idx=p)`` with a batched weight (the expanded params) and batched
+  indices: torch's batching rule for ``aten::embedding`` (functorch's BatchRulesModules)
+  looks up ONE flattened ``[B*V, D]`` table with example b's indices offset by ``b*V`` but
+  keeps ``padding_idx = p``, so its backward zeroes row p of the flattened table, the FIRST
+  example's padding row only; every later example that holds a padding token gets a nonzero
+  gradient there. It also copies the stride-0 table B times in the forward. Under ``"expanded"`` the call is routed to
   psgfunc's embedding rule (shared-table lookup, per-sample gradient in one ``index_add_``,
   fast-clipping pieces), elsewhere the padding positions' output is detached (exact zeros).
 * ``max_norm=`` (F.embedding, F.embedding_bag) renormalises rows of the weight IN PLACE during
