@@ -36,7 +36,7 @@ from psgfunc._tree import tree_flatten, tree_unflatten
 _NOT_INITIALISED = (
     "no torch.distributed process group is initialised; call "
     "torch.distributed.init_process_group(backend=...) in every process first (e.g. under "
-    "torchrun), or pass distributed=False"
+    "torchrun), or run in one process (distributed=False)"
 )
 
 _DDP_ADVICE = (
@@ -127,7 +127,12 @@ def all_reduce_sum(tree: Any, group: Any = None) -> Any:
     Raises:
         ValueError: if no process group is initialised.
     """
-    group = resolve_group(True if group is None else group, "all_reduce_sum")
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"all_reduce_sum: {_NOT_INITIALISED}")
+        group = dist.group.WORLD
+    else:
+        group = resolve_group(group, "all_reduce_sum")
     leaves, spec = tree_flatten(tree)
     out: list[Any] = list(leaves)
     for idx in _flat_groups(leaves).values():
@@ -177,13 +182,28 @@ def check_not_ddp(model: Any) -> None:
             raise ValueError(f"check_not_ddp: {what} {_DDP_ADVICE}")
 
 
+def _live_ddp_modules(ddp: Any) -> list[Any]:
+    """The live instances of ``ddp`` and its subclasses.
+
+    An instance refers to its class (the garbage collector traverses that reference), so one
+    C-level ``gc.get_referrers`` pass over the classes finds them, with no Python loop over
+    the interpreter's objects.
+    """
+    classes, todo = [], [ddp]
+    while todo:
+        cls = todo.pop()
+        classes.append(cls)
+        todo.extend(cls.__subclasses__())
+    return [obj for obj in gc.get_referrers(*classes) if isinstance(obj, ddp)]
+
+
 def check_params_not_ddp(params: list[torch.Tensor], where: str) -> None:
     """Refuse parameters that a live ``DistributedDataParallel`` module holds.
 
     DDP leaves no mark on the parameter tensors themselves (its reducer hooks live in C++),
-    so the live DDP modules are found through the garbage collector, and only when a process
-    group is initialised (DDP cannot be built without one): this costs one pass over the
-    interpreter's objects, once, at optimizer construction.
+    so the live DDP modules are found through the garbage collector (one pass over the
+    interpreter's objects, in C), and only when a process group is initialised (DDP cannot
+    be built without one).
 
     Raises:
         ValueError: if one of ``params`` belongs to a live DDP module.
@@ -192,8 +212,8 @@ def check_params_not_ddp(params: list[torch.Tensor], where: str) -> None:
     if ddp is None or not dist.is_initialized() or not params:
         return
     mine = {id(p) for p in params}
-    for obj in gc.get_objects():
-        if issubclass(type(obj), ddp) and any(id(p) in mine for p in obj.parameters()):
+    for module in _live_ddp_modules(ddp):
+        if any(id(p) in mine for p in module.parameters()):
             raise ValueError(f"{where}: the model of these parameters {_DDP_ADVICE}")
 
 
