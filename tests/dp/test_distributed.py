@@ -18,6 +18,7 @@ Bounded: ``init_process_group(timeout=60 s)`` and a join deadline; nothing but 1
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import socket
 import sys
@@ -172,6 +173,16 @@ def _check_ddp(rank: int, out: dict[str, Any]) -> None:
     check_not_ddp(model)  # the unwrapped module itself is fine to check
 
 
+def _check_example(rank: int, out: dict[str, Any]) -> None:
+    """examples/dp_cnn_digits_ddp.py --quick in these two ranks (its group is reused)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location("psgfunc_example_ddp", ROOT / "examples" / "dp_cnn_digits_ddp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out["example"] = module.main(["--quick"])
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -184,7 +195,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     )
     out: dict[str, Any] = {"errors": {}, "seconds": {"init": time.perf_counter() - started}}
     try:
-        for check in (_check_optimizer, _check_noise, _check_functional, _check_sampler, _check_ddp):
+        checks = (_check_optimizer, _check_noise, _check_functional, _check_sampler, _check_ddp, _check_example)
+        for check in checks:
             start = time.perf_counter()
             try:
                 check(rank, out)
@@ -319,6 +331,16 @@ def test_ddp_wrapped_model_is_refused(ranks):
             assert "DistributedDataParallel" in message and "distributed=True" in message
         assert model_check is not None and model_check.startswith("check_not_ddp: the model is wrapped")
         assert nested is not None and "submodule '0'" in nested
+
+
+def test_example_runs_on_two_ranks(ranks):
+    r0, r1 = (res["example"] for res in ranks)
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["steps"] == 3
+    assert _bit_identical(r0["params"], r1["params"])
+    assert r0["test_acc"] == r1["test_acc"] and 0 <= r0["test_acc"] <= 1
+    assert r0["shard_examples"] > 0 and r1["shard_examples"] > 0
+    q = 256 / 1437  # the example's sample rate: the GLOBAL one, as in one process
+    assert r0["epsilon"] == pytest.approx(dp.epsilon(r0["sigma"], q, 3, 1e-5), rel=1e-9)
 
 
 # ----------------------------------------------------------------------- in this process
