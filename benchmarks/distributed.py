@@ -19,7 +19,8 @@ broadcast per step with ``secure=True`` (not used here).
 Models: the digits CNN of ``examples/dp_cnn_digits.py`` (8x8 images, 6 k parameters) and an
 MLP 784-1024-1024-10 (1.9 M parameters, 7.6 MB all-reduced per step).
 
-Output: a table on stdout and ``<out>/distributed.csv``.
+Output: a table on stdout and ``<out>/distributed.csv`` (with ``busy_before``, the fraction of
+the cores other processes kept busy just before the row, and the 1-minute load average).
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ from torch import nn
 
 import psgfunc.dp as dp
 import psgfunc.nn as pnn
+from benchmarks.layers import cpu_busy
 
 FIELDS = ["model", "params", "world", "threads", "global_batch", "rank_batch", "steps_per_s",
-          "ms_per_step", "allreduce_mb", "allreduce_ms", "repeats", "steps", "torch", "cpus", "quick"]
+          "ms_per_step", "allreduce_mb", "allreduce_ms", "busy_before", "load_1min", "repeats", "steps", "torch", "cpus",
+          "quick"]
 
 
 def _model(name: str, batch: int) -> tuple[nn.Module, tuple[int, ...], int]:
@@ -116,6 +119,7 @@ def _free_port() -> int:
 def run_row(model: str, world: int, threads: int, args: argparse.Namespace) -> dict[str, Any]:
     cfg = {"model": model, "threads": threads, "batch": args.batch, "warmup": args.warmup,
            "steps": args.steps, "repeats": args.repeats}
+    busy = cpu_busy()  # other processes on the machine make every row slower
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.start_processes(_rank, args=(world, _free_port(), cfg, tmp), nprocs=world,
                                               join=True, start_method="spawn")
@@ -125,6 +129,7 @@ def run_row(model: str, world: int, threads: int, args: argparse.Namespace) -> d
         "global_batch": args.batch, "rank_batch": res["rank_batch"],
         "steps_per_s": 1.0 / res["step_s"], "ms_per_step": 1e3 * res["step_s"],
         "allreduce_mb": res["bytes"] / 2**20, "allreduce_ms": 1e3 * res["allreduce_s"] if world > 1 else 0.0,
+        "busy_before": busy, "load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
         "repeats": args.repeats, "steps": args.steps, "torch": torch.__version__, "cpus": os.cpu_count(),
         "quick": int(args.quick),
     }
