@@ -111,8 +111,9 @@ def _check_noise(rank: int, out: dict[str, Any]) -> None:
     """Empty batches everywhere: one step moves p by -noise / expected batch."""
     sigma, c, ebs = 1.5, 2.0, 4.0
     p = torch.nn.Parameter(torch.zeros(20_000, dtype=DT))
+    group = dist.new_group(list(range(WORLD)))  # a ProcessGroup may be passed too
     opt = dp.DPOptimizer(torch.optim.SGD([p], lr=1.0), max_norm=c, noise_multiplier=sigma,
-                         expected_batch_size=ebs, seed=11, distributed=True)
+                         expected_batch_size=ebs, seed=11 + rank, distributed=group)  # rank 0's seed
     opt.step()
     out["noise"] = -p.detach().clone()
 
