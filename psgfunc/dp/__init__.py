@@ -7,10 +7,10 @@ noised (:func:`privatize`); :func:`dp_sgd_transform` (functional, explicit state
 DP-SGD step with identical numbers. Batches come from Poisson sampling
 (:func:`poisson_batches`, :class:`PoissonDataLoader`), which is what :func:`epsilon` and
 :func:`noise_multiplier_for` account for (through Google's ``dp_accounting``, imported only
-when called).
+when called); :class:`PrivacyAccountant` counts steps as they happen.
 """
 
-from psgfunc.dp._accounting import epsilon, noise_multiplier_for
+from psgfunc.dp._accounting import PrivacyAccountant, epsilon, noise_multiplier_for
 from psgfunc.dp._clip import clip, per_sample_norms, privatize
 from psgfunc.dp._clipped import clipped_grad_sum
 from psgfunc.dp._compiled import compiled_clipped_grad_sum
@@ -26,6 +26,7 @@ __all__ = [
     "clipped_grad_sum",
     "epsilon",
     "noise_multiplier_for",
+    "PrivacyAccountant",
     "dp_sgd_transform",
     "DPSGDTransform",
     "DPSGDState",

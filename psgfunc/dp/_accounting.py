@@ -382,3 +382,156 @@ def _root(epsilon_of, target: float, start: float, factor: float, rtol: float) -
                 g_hi *= 0.5
             kept = 1
     return hi
+
+
+class PrivacyAccountant:
+    """Counts DP-SGD steps and reports the epsilon spent so far.
+
+    ``accountant.epsilon(delta)`` equals :func:`epsilon` for the steps counted so far; when
+    the noise multiplier or the sample rate changes mid-training, the run is the composition
+    of its segments ``(noise_multiplier, sample_rate, steps)`` (``history``), accounted
+    together (``dp_accounting`` composes the different events; Opacus's PRV accountant takes
+    the list). Standalone: it knows nothing of optimizers; call :meth:`step` once per
+    noised update.
+
+    Example::
+
+        acc = pf.dp.PrivacyAccountant(noise_multiplier=1.1, sample_rate=256 / 60_000)
+        for batch in loader:
+            ...  # one DP-SGD step
+            acc.step()
+        acc.noise_multiplier = 0.9  # the following steps use less noise
+        acc.step(100)
+        acc.epsilon(1e-5)  # both segments composed
+
+    Args:
+        noise_multiplier: ``sigma > 0`` of the steps counted next.
+        sample_rate: Poisson sampling rate ``q`` in ``(0, 1]`` of the steps counted next.
+        accountant: ``"pld"`` (default, the tightest), ``"rdp"`` or ``"prv"``, as in
+            :func:`epsilon`.
+
+    Raises:
+        ValueError: for an invalid ``noise_multiplier``, ``sample_rate`` or ``accountant``
+            (here, on assignment, and in :meth:`step`).
+    """
+
+    def __init__(
+        self, noise_multiplier: float, sample_rate: float, *, accountant: str = DEFAULT_ACCOUNTANT
+    ):
+        self._accountant = _check_accountant(accountant, "PrivacyAccountant")
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = sample_rate
+        self._history: list[tuple[float, float, int]] = []
+        self._cache: dict[float, float] = {}
+
+    @property
+    def accountant(self) -> str:
+        """The accountant's name, ``"pld"``, ``"rdp"`` or ``"prv"`` (fixed at construction)."""
+        return self._accountant
+
+    @property
+    def noise_multiplier(self) -> float:
+        """``sigma`` of the steps counted next; assign to change it for later steps."""
+        return self._sigma
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        self._sigma = _check_sigma(value, "PrivacyAccountant")
+
+    @property
+    def sample_rate(self) -> float:
+        """``q`` of the steps counted next; assign to change it for later steps."""
+        return self._q
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        self._q = _check_rate(value, "PrivacyAccountant")
+
+    @property
+    def steps(self) -> int:
+        """The number of steps counted so far, over all segments."""
+        return sum(n for _, _, n in self._history)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The segments ``(noise_multiplier, sample_rate, steps)`` counted so far, in order
+        (consecutive steps with the same settings share one segment); a copy."""
+        return list(self._history)
+
+    def step(self, n: int = 1) -> None:
+        """Counts ``n >= 0`` more steps at the current ``noise_multiplier`` and ``sample_rate``.
+
+        Raises:
+            ValueError: if ``n`` is not an int ``>= 0``.
+        """
+        n = _check_steps(n, "PrivacyAccountant.step", name="n")
+        if n == 0:
+            return
+        if self._history and self._history[-1][:2] == (self._sigma, self._q):
+            sigma, q, count = self._history[-1]
+            self._history[-1] = (sigma, q, count + n)
+        else:
+            self._history.append((self._sigma, self._q, n))
+        self._cache.clear()
+
+    def epsilon(self, delta: float) -> float:
+        """The epsilon of the steps counted so far at ``delta`` (0.0 before any step).
+
+        Equal to ``pf.dp.epsilon(noise_multiplier, sample_rate, steps, delta, accountant)``
+        when all steps share one setting; the composition of the segments otherwise. The
+        value is cached until the next :meth:`step`.
+
+        Raises:
+            ValueError: if ``delta`` is not in ``(0, 1)``.
+        """
+        delta = _check_delta(delta, "PrivacyAccountant.epsilon")
+        if delta not in self._cache:
+            self._cache[delta] = _epsilon_of(self._history, delta, self._accountant)
+        return self._cache[delta]
+
+    def state_dict(self) -> dict:
+        """A plain dict (for ``torch.save``) that :meth:`load_state_dict` restores."""
+        return {
+            "accountant": self._accountant,
+            "noise_multiplier": self._sigma,
+            "sample_rate": self._q,
+            "history": [list(segment) for segment in self._history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the counts and settings saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: if ``state`` is not such a dict, or its accountant differs.
+        """
+        if not isinstance(state, dict) or set(state) != {
+            "accountant",
+            "noise_multiplier",
+            "sample_rate",
+            "history",
+        }:
+            raise ValueError(
+                "PrivacyAccountant.load_state_dict: state must be the dict returned by "
+                f"state_dict(), got {state!r}"
+            )
+        if state["accountant"] != self._accountant:
+            raise ValueError(
+                f"PrivacyAccountant.load_state_dict: the state was saved with accountant="
+                f"{state['accountant']!r}, this accountant is {self._accountant!r}; "
+                "build it with the same accountant"
+            )
+        where = "PrivacyAccountant.load_state_dict"
+        history = [
+            (_check_sigma(s, where), _check_rate(q, where), _check_steps(n, where))
+            for s, q, n in state["history"]
+        ]
+        self.noise_multiplier = state["noise_multiplier"]
+        self.sample_rate = state["sample_rate"]
+        self._history = [segment for segment in history if segment[2] > 0]
+        self._cache.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"PrivacyAccountant(noise_multiplier={self._sigma}, sample_rate={self._q}, "
+            f"accountant={self._accountant!r}, steps={self.steps})"
+        )
