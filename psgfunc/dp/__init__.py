@@ -10,10 +10,11 @@ DP-SGD step with identical numbers. Batches come from Poisson sampling
 when called). ``distributed=True`` on :class:`DPOptimizer`, :func:`dp_sgd_transform` and the
 Poisson samplers runs one DP-SGD over several ``torch.distributed`` processes with the
 privacy analysis of a single process on the union of their batches
-(:func:`all_reduce_sum` sums a clipped sum over the ranks).
+(:func:`all_reduce_sum` sums a clipped sum over the ranks);
+:class:`PrivacyAccountant` counts steps as they happen.
 """
 
-from psgfunc.dp._accounting import epsilon, noise_multiplier_for
+from psgfunc.dp._accounting import PrivacyAccountant, epsilon, noise_multiplier_for
 from psgfunc.dp._clip import clip, per_sample_norms, privatize
 from psgfunc.dp._clipped import clipped_grad_sum
 from psgfunc.dp._compiled import compiled_clipped_grad_sum
@@ -30,6 +31,7 @@ __all__ = [
     "clipped_grad_sum",
     "epsilon",
     "noise_multiplier_for",
+    "PrivacyAccountant",
     "dp_sgd_transform",
     "DPSGDTransform",
     "DPSGDState",
