@@ -3,9 +3,11 @@
 Commands::
 
     python -m benchmarks                              # full run: all suites, B = 16, 64
-    python -m benchmarks --quick                      # tiny shapes, 1 repeat: a smoke run (seconds)
+    python -m benchmarks --quick                      # tiny shapes, 1 repeat: a smoke run (seconds),
+                                                      # written to the git-ignored results/quick/
     python -m benchmarks --suite layers --batch-sizes 16,64,256 --repeats 9
     python -m benchmarks.report benchmarks/results/bench.csv   # Markdown again, from the CSV
+    python -m benchmarks.report benchmarks/results/bench.csv --plots   # and redraw the PNGs
 
 Suites (configurations in the format of :mod:`benchmarks.methods`):
 
@@ -36,7 +38,8 @@ measurement the run waits (up to ``--max-wait`` s) until other processes leave t
 processes kept more than ``--max-busy`` of the CPU busy during it (``busy_during``,
 ``attempts``).
 
-Outputs, in ``--out``: ``<name>.csv`` (every number), ``<name>.md`` (tables with ratios to
+Outputs, in ``--out`` (default ``benchmarks/results``; ``benchmarks/results/quick``, which git
+ignores, for ``--quick`` runs): ``<name>.csv`` (every number), ``<name>.md`` (tables with ratios to
 the non-private step, see :mod:`benchmarks.report`) and ``<name>_<suite>.png`` (time and peak
 memory against batch size, one panel per layer or model).
 """
@@ -65,6 +68,8 @@ FIELDS = [
     "time_ratio", "mem_ratio", "busy_before", "busy_during", "attempts", "error", "threads", "torch", "opacus", "cpus", "quick",
 ]
 MIN_BASE_MB = 1.0  # below this non-private peak growth, memory ratios are not meaningful
+RESULTS = "benchmarks/results"  # the committed results
+QUICK_RESULTS = "benchmarks/results/quick"  # smoke runs: listed in .gitignore
 
 
 SUITES: dict[str, Callable[[bool], dict[str, dict[str, Any]]]] = {
@@ -165,7 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=None,
                         help="measure a cell again (up to this many times) when other processes kept "
                              "more than --max-busy of the CPU busy during it (default 2, quick 0)")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default: {RESULTS}; with --quick: {QUICK_RESULTS}, git-ignored)")
     parser.add_argument("--name", default=None, help="file stem (default: bench, quick: bench-quick)")
     parser.add_argument("--no-plots", action="store_true", help="CSV and Markdown only")
     opts = parser.parse_args(argv)
@@ -187,6 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         opts.method_list.insert(0, "nn")  # the reference of every ratio
     if opts.name is None:
         opts.name = "bench-quick" if opts.quick else "bench"
+    if opts.out is None:
+        opts.out = QUICK_RESULTS if opts.quick else RESULTS
     return opts
 
 

@@ -28,6 +28,39 @@ BEGIN = "<!-- benchmark-results:begin -->"
 END = "<!-- benchmark-results:end -->"
 _NUMERIC = ("batch", "ms", "min_ms", "repeats", "peak_mb", "time_ratio", "mem_ratio", "threads", "cpus", "quick")
 _INTS = ("batch", "repeats", "threads", "cpus", "quick")
+# One fixed style per method, the same in every plot: psgfunc's methods are solid lines in the
+# tab10 colours, torch's and Opacus's dashed lines in Paul Tol's muted colours (none repeats a
+# tab10 colour), and every method has its own marker, so lines stay apart in grey scale and
+# for colour-blind readers too.
+METHOD_STYLES: dict[str, dict[str, Any]] = {
+    "nn": dict(color="black", marker="o", ls="-", lw=2.5),
+    "vmap": dict(color="tab:blue", marker="s", ls="-"),
+    "expanded": dict(color="tab:orange", marker="^", ls="-"),
+    "auto": dict(color="tab:green", marker="v", ls="-"),
+    "shell": dict(color="tab:red", marker="D", ls="-"),
+    "dpopt": dict(color="tab:purple", marker="<", ls="-"),
+    "dpopt-fast": dict(color="tab:brown", marker=">", ls="-"),
+    "clip-fast": dict(color="tab:pink", marker="p", ls="-"),
+    "clip-fast-compiled": dict(color="tab:olive", marker="h", ls="-"),
+    "clip-compiled": dict(color="tab:cyan", marker="*", ls="-"),
+    "torch-ew": dict(color="tab:gray", marker="X", ls="--"),
+    "opacus-hooks": dict(color="#332288", marker="P", ls="--"),
+    "opacus-functorch": dict(color="#882255", marker="d", ls="--"),
+    "opacus-ew": dict(color="#44AA99", marker="H", ls="--"),
+    "opacus-ghost": dict(color="#DDCC77", marker="8", ls="--"),
+}
+_FALLBACK_MARKERS = "o s ^ v D < > p h * X P d H 8".split()
+
+
+def method_style(method: str, index: int = 0) -> dict[str, Any]:
+    """Matplotlib line keywords of ``method`` (:data:`METHOD_STYLES`; a method not listed
+    gets a dotted line in ``tab10`` colour and marker number ``index``)."""
+    style = METHOD_STYLES.get(method) or dict(
+        color=f"C{index % 10}", marker=_FALLBACK_MARKERS[index % len(_FALLBACK_MARKERS)], ls=":"
+    )
+    return dict(lw=1.3, ms=5, **style) if "lw" not in style else dict(ms=5, **style)
+
+
 _SUITE_TITLES = {
     "layers": "Layers (Opacus's benchmark shapes)",
     "models": "Models",
@@ -178,10 +211,7 @@ def plot(rows: Sequence[dict[str, Any]], prefix: str | Path) -> list[Path]:
 
     prefix = Path(prefix)
     methods = _methods(rows)
-    cmap = plt.get_cmap("tab20")
-    style = {m: dict(color="black" if m == "nn" else cmap(i % 20), lw=2.5 if m == "nn" else 1.2,
-                     marker="os^vD<>ph*xP+"[i % 13], ms=4)
-             for i, m in enumerate(methods)}
+    style = {m: method_style(m, i) for i, m in enumerate(methods)}
     paths = []
     for suite in _unique(r["suite"] for r in rows):
         sub = [r for r in rows if r["suite"] == suite]

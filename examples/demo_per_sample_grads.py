@@ -17,6 +17,16 @@ import psgfunc as pf
 import psgfunc.functional as PF
 
 
+def table(rows: list[tuple[str, float, float | None]]) -> str:
+    """Rows ``(method, ms, max |diff| or None)`` as aligned text columns."""
+    head = ("method", "ms", "max |diff| vs loop")
+    cells = [head] + [(m, f"{ms:.1f}", "-" if d is None else f"{d:.2e}") for m, ms, d in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(3)]
+    lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def main(batch: int = 256) -> None:
     torch.set_num_threads(2)
     digits = load_digits()
@@ -47,16 +57,15 @@ def main(batch: int = 256) -> None:
         return out, (time.perf_counter() - t) * 1e3
 
     ref, t_loop = timed(loop)
-    print(f"digits MLP 64-128-10, batch {batch}, float32, {torch.get_num_threads()} threads")
-    print(f"{'method':<22}{'ms':>10}{'max |diff| vs loop':>22}")
-    print(f"{'per-example loop':<22}{t_loop:>10.1f}{'-':>22}")
-    worst = 0.0
+    rows = [("per-example loop", t_loop, None)]
     for method in ("vmap", "expanded"):
         grads, ms = timed(lambda m=method: pf.per_sample_grads(loss, params, x, y, method=m))
         flat = [grads[k][n] for k in grads for n in grads[k]]
         diff = max(float((a - r).abs().max()) for a, r in zip(flat, ref))
-        worst = max(worst, diff)
-        print(f"{'per_sample_grads ' + method:<22}{ms:>10.1f}{diff:>22.2e}")
+        rows.append((f"per_sample_grads({method!r})", ms, diff))
+    print(f"digits MLP 64-128-10, batch {batch}, float32, {torch.get_num_threads()} threads")
+    print(table(rows))
+    worst = max(diff for _, _, diff in rows[1:])
     if worst > 1e-5:
         raise SystemExit(f"per-sample gradients disagree with the loop: {worst:.2e}")
     print("OK: every per-sample gradient equals the per-example loop")

@@ -6,7 +6,7 @@ Public API (ARCHITECTURE.md, rule 1): ``per_sample_grads``, ``scan`` and the sub
 
 from psgfunc import dp, functional, nn
 from psgfunc.per_sample import per_sample_grads
-from psgfunc.scan import scan
+from psgfunc.scan import ScanStructureError, scan
 
-__all__ = ["per_sample_grads", "scan", "functional", "nn", "dp"]
+__all__ = ["per_sample_grads", "scan", "ScanStructureError", "functional", "nn", "dp"]
 __version__ = "0.1.0"

@@ -8,7 +8,18 @@ from typing import Any
 import optree
 import torch
 
-__all__ = ["scan"]
+__all__ = ["scan", "ScanStructureError"]
+
+_SCALARS = (bool, int, float, complex)  # Python scalars: carry leaves become 0-dim tensors
+
+
+class ScanStructureError(ValueError, TypeError):
+    """``f`` broke the scan's contract: it did not return a pair ``(carry, y)``, or its carry
+    (or ``y``) changed pytree structure, type, shape or dtype between steps.
+
+    Both a ``ValueError`` (what ``scan`` raised before) and a ``TypeError`` (what
+    ``jax.lax.scan`` raises for the same mistakes), so either ``except`` clause catches it.
+    """
 
 
 def scan(
@@ -17,6 +28,7 @@ def scan(
     xs: Any = None,
     length: int | None = None,
     reverse: bool = False,
+    unroll: int | bool = 1,
 ) -> tuple[Any, Any]:
     """``scan : (c, [a]) -> (c, [b])`` given ``f : (c, a) -> (c, b)``; ``jax.lax.scan``.
 
@@ -25,7 +37,7 @@ def scan(
     size ``T``. ``scan`` behaves as this reference loop (``tests/test_scan.py`` uses it as
     the oracle for values, gradients and vmap)::
 
-        def scan(f, init, xs=None, length=None, reverse=False):
+        def scan(f, init, xs=None, length=None, reverse=False, unroll=1):
             T = length if xs is None else leading size of xs's leaves
             carry, ys = init, []
             for t in (reversed(range(T)) if reverse else range(T)):
@@ -45,6 +57,21 @@ def scan(
     (kept in place in ``ys``). Non-tensor leaves of ``y`` (Python numbers) are converted
     with ``torch.as_tensor`` before stacking.
 
+    Python scalars in the carry (as JAX's weak types): a leaf of ``init`` that is a Python
+    ``bool``, ``int``, ``float`` or ``complex`` becomes a 0-dim tensor (``torch.as_tensor``:
+    int64, the default float dtype, bool, the default complex dtype), so
+    ``scan(lambda c, x: (c + x, c + x), 0, xs)`` works. Its dtype is not fixed until the
+    first step: if ``f`` returns a 0-dim tensor of a dtype that the scalar's dtype promotes
+    to (``torch.promote_types``; e.g. int64 -> float32 when ``xs`` is float32), the carry
+    takes that dtype from then on, as ``jax.lax.scan`` promotes a weakly typed ``init``;
+    any other change (a demotion such as float -> int, or a shape change) is an error.
+    Unlike JAX, which re-traces ``f`` with the promoted carry, the first step runs on the
+    unpromoted tensor (the same numbers unless ``f`` does integer-only arithmetic on it).
+    A Python scalar that ``f`` returns for a 0-dim tensor leaf of the carry is converted
+    to that leaf's dtype when the dtype can hold it (``torch.result_type``), else it is an
+    error. Other non-tensor leaves (strings, objects) are carried as they are, but must
+    stay non-tensors.
+
     Length 0: ``ys`` still needs each output's shape and dtype, which only ``f`` knows
     (JAX traces ``f`` once for this). ``scan`` therefore calls ``f`` once, under
     ``torch.no_grad()``, on a probe: ``init`` and a slice of zeros shaped like one element
@@ -63,6 +90,9 @@ def scan(
             must equal the leading size of ``xs``'s leaves.
         reverse: scan from ``t = T - 1`` down to ``0``. ``ys`` is still returned in the
             order of ``xs`` (``ys[t]`` is the output of the step that saw ``xs[t]``).
+        unroll: accepted for ``jax.lax.scan`` compatibility: an int ``>= 1`` or a bool.
+            In JAX it sets how many steps one compiled loop iteration runs; this loop is
+            eager Python, so it changes nothing here (results are identical).
 
     Returns:
         ``(carry, ys)``: the final carry, and the ``y``'s stacked along a new dim 0, so
@@ -71,36 +101,66 @@ def scan(
     Raises:
         ValueError: when ``xs`` has a leaf that is not a tensor of dim >= 1, its leaves
             disagree on the leading size, ``length`` contradicts it, neither ``xs`` nor
-            ``length`` gives ``T``, or the carry (or ``y``) changes structure, shape or
-            dtype between steps (the message names the leaf and both shapes/dtypes).
+            ``length`` gives ``T``, or ``unroll`` is an int below 1.
+        TypeError: when ``unroll`` is neither an int nor a bool.
+        ScanStructureError: (a ``ValueError`` and a ``TypeError``) when ``f`` does not
+            return a pair, or the carry (or ``y``) changes structure, type, shape or dtype
+            between steps (the message names the leaf and both shapes/dtypes).
 
     Example:
         >>> cumsum = lambda c, x: (c + x, c + x)
         >>> scan(cumsum, torch.tensor(0.0), torch.arange(4.0))
         (tensor(6.), tensor([0., 1., 3., 6.]))
+        >>> scan(cumsum, 0, torch.arange(4.0))  # a Python scalar carry, promoted to float
+        (tensor(6.), tensor([0., 1., 3., 6.]))
     """
+    _check_unroll(unroll)
     x_paths, x_leaves, x_spec = optree.tree_flatten_with_path(xs)
     n = _scan_length(x_paths, x_leaves, length)
     init_paths, init_leaves, init_spec = optree.tree_flatten_with_path(init)
-    init_sig = [_signature(leaf) for leaf in init_leaves]
+    weak = [isinstance(leaf, _SCALARS) for leaf in init_leaves]
+    if any(weak):
+        init_leaves = [torch.as_tensor(v) if w else v for v, w in zip(init_leaves, weak)]
+        init = optree.tree_unflatten(init_spec, init_leaves)
+    ref = list(init_leaves)  # what each carry leaf must look like (type, shape, dtype)
+    carry_names = [_name("carry", path) for path in init_paths]
 
-    def check_carry(carry: Any, t: int | str) -> None:
+    def settle_carry(carry: Any, t: int | str) -> Any:
+        """Checks f's carry against ``ref``; returns it with scalars made tensors."""
         leaves, spec = optree.tree_flatten(carry)
         if spec != init_spec:
-            raise ValueError(
+            raise ScanStructureError(
                 f"scan: f changed the structure of the carry at step {t}: init has "
                 f"structure {init_spec} but f returned {spec}; f must return a carry with "
                 "the same pytree structure as init"
             )
-        if [_signature(leaf) for leaf in leaves] != init_sig:
-            for path, old, new in zip(init_paths, init_leaves, leaves):
-                _check_leaf(_name("carry", path), old, new, t, "init", "f returned")
+        changed = False
+        for i, (name, old, new) in enumerate(zip(carry_names, ref, leaves)):
+            if isinstance(old, torch.Tensor) and isinstance(new, _SCALARS):
+                new = torch.as_tensor(new) if weak[i] else _scalar_to(old, new)
+                leaves[i], changed = new, True
+            if weak[i] and isinstance(new, torch.Tensor) and new.dtype != old.dtype:
+                if (
+                    new.shape == old.shape
+                    and torch.promote_types(old.dtype, new.dtype) == new.dtype
+                ):
+                    old = ref[i] = new  # the weakly typed scalar takes f's dtype
+            if _signature(old) != _signature(new):
+                _check_leaf(name, old, new, t, "init", "f returned")
+        weak[:] = [False] * len(weak)  # dtypes are fixed after the first step
+        return optree.tree_unflatten(init_spec, leaves) if changed else carry
 
     if n == 0:
         probe = optree.tree_unflatten(x_spec, [leaf.new_zeros(leaf.shape[1:]) for leaf in x_leaves])
         with torch.no_grad():
             carry, y = _call(f, init, probe)
-        check_carry(carry, "(the length-0 probe)")
+        settle_carry(carry, "(the length-0 probe)")
+        if any(r is not v for r, v in zip(ref, init_leaves)):  # promoted scalar leaves
+            init_leaves = [
+                v.to(r.dtype) if isinstance(v, torch.Tensor) else v
+                for v, r in zip(init_leaves, ref)
+            ]
+            init = optree.tree_unflatten(init_spec, init_leaves)
         y_leaves, y_spec = optree.tree_flatten(y)
         empty = [_as_tensor(leaf).unsqueeze(0)[:0] for leaf in y_leaves]
         return init, optree.tree_unflatten(y_spec, empty)
@@ -115,13 +175,13 @@ def scan(
     for t in order:
         x = optree.tree_unflatten(x_spec, [s[t] for s in slices])
         carry, y = _call(f, carry, x)
-        check_carry(carry, f"t={t}")
+        carry = settle_carry(carry, f"t={t}")
         leaves, spec = optree.tree_flatten(y)
         leaves = [_as_tensor(leaf) for leaf in leaves]
         if y_spec is None:
             y_spec, first_y, y_sig = spec, leaves, [_signature(leaf) for leaf in leaves]
         elif spec != y_spec:
-            raise ValueError(
+            raise ScanStructureError(
                 f"scan: f changed the structure of its output y at step t={t}: it was "
                 f"{y_spec} at the first step but is {spec}; y must keep one structure"
             )
@@ -176,10 +236,31 @@ def _scan_length(paths: list[Any], leaves: list[Any], length: int | None) -> int
     return first
 
 
+def _check_unroll(unroll: Any) -> None:
+    if isinstance(unroll, bool):
+        return
+    if not isinstance(unroll, int):
+        raise TypeError(
+            f"scan: unroll must be an int >= 1 or a bool (as in jax.lax.scan), got "
+            f"{type(unroll).__name__} {unroll!r}; it changes nothing in this eager loop"
+        )
+    if unroll < 1:
+        raise ValueError(
+            f"scan: unroll must be an int >= 1 or a bool (as in jax.lax.scan), got {unroll}"
+        )
+
+
+def _scalar_to(old: torch.Tensor, new: Any) -> Any:
+    """A Python scalar ``f`` returned for the 0-dim tensor leaf ``old``, as ``old``'s dtype."""
+    if old.dim() == 0 and torch.result_type(old, new) == old.dtype:
+        return torch.as_tensor(new, dtype=old.dtype, device=old.device)
+    return new  # left as a scalar: _check_leaf reports it
+
+
 def _call(f: Callable[[Any, Any], Any], carry: Any, x: Any) -> tuple[Any, Any]:
     out = f(carry, x)
     if not isinstance(out, tuple) or len(out) != 2:
-        raise ValueError(
+        raise ScanStructureError(
             "scan: f must return a pair (carry, y), got "
             f"{type(out).__name__}{f' of length {len(out)}' if isinstance(out, tuple) else ''}"
         )
@@ -192,12 +273,14 @@ def _check_leaf(name: str, old: Any, new: Any, t: str, old_what: str, new_what: 
     if not old_t and not new_t:
         return
     if old_t != new_t:
-        raise ValueError(
-            f"scan: {name} at step {t}: {old_what} has a {type(old).__name__} but "
-            f"{new_what} a {type(new).__name__}; the leaf must keep its type"
+        detail = f" of shape {tuple(old.shape)} dtype {old.dtype}" if old_t and old.dim() else ""
+        raise ScanStructureError(
+            f"scan: {name} at step {t}: {old_what} has a {type(old).__name__}{detail} but "
+            f"{new_what} a {type(new).__name__} {new!r}; the leaf must keep its type (a "
+            "Python number is accepted only for a 0-dim tensor whose dtype can hold it)"
         )
     if old.shape != new.shape or old.dtype != new.dtype:
-        raise ValueError(
+        raise ScanStructureError(
             f"scan: {name} changed at step {t}: {old_what} has shape {tuple(old.shape)} "
             f"dtype {old.dtype} but {new_what} shape {tuple(new.shape)} dtype {new.dtype}; "
             "f must keep every leaf's shape and dtype (cast or reshape inside f)"

@@ -81,3 +81,25 @@ def test_functional_forward_equals_module(suite: str, name: str) -> None:
         batched = module(x)
         one_by_one = torch.stack([cfg["fn"](params, x[i]) for i in range(3)])
     torch.testing.assert_close(one_by_one, batched, rtol=1e-5, atol=1e-6)
+
+
+def test_every_method_has_its_own_colour_marker_and_fixed_style() -> None:
+    from benchmarks.methods import METHODS as ALL_METHODS
+
+    styles = [report.method_style(m) for m in ALL_METHODS]
+    assert set(ALL_METHODS) <= set(report.METHOD_STYLES)
+    assert len({s["color"] for s in styles}) == len(ALL_METHODS)
+    assert len({s["marker"] for s in styles}) == len(ALL_METHODS)
+    # the style belongs to the method, not to its position in a plot
+    assert report.method_style("opacus-ew", 0) == report.method_style("opacus-ew", 7)
+    assert report.method_style("not-a-method", 3)["ls"] == ":"
+
+
+def test_quick_runs_default_to_a_git_ignored_folder() -> None:
+    from benchmarks import cli
+
+    assert cli.parse_args(["--quick"]).out == cli.QUICK_RESULTS
+    assert cli.parse_args([]).out == cli.RESULTS
+    assert cli.parse_args(["--quick", "--out", "elsewhere"]).out == "elsewhere"
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{cli.QUICK_RESULTS}/bench-quick.csv"], cwd=ROOT)
+    assert ignored.returncode == 0, f"{cli.QUICK_RESULTS} is not listed in .gitignore"

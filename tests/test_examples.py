@@ -85,3 +85,16 @@ def test_target_epsilon(examples):
 def test_bad_flags_exit(examples, flags):
     with pytest.raises(SystemExit):
         examples["dp_cnn_digits"].main(["--quick", *flags])
+
+
+def test_demo_table_columns_line_up():
+    spec = importlib.util.spec_from_file_location("psgfunc_demo", EXAMPLES / "demo_per_sample_grads.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    text = demo.table([("per-example loop", 305.2, None), ("per_sample_grads('expanded')", 7.0, 2.98e-07)])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1  # every row as wide as the header
+    header, _, *rows = lines
+    ms_end = header.index("ms") + 2
+    assert all(row[:ms_end].endswith(("305.2", "7.0")) for row in rows)  # right-aligned under "ms"
+    assert rows[1].startswith("per_sample_grads('expanded')  ")

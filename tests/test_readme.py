@@ -28,6 +28,25 @@ PRELUDES = {
 
 COMMON = "import torch, torch.nn.functional as F\nimport psgfunc as pf\n"
 
+# the "Many processes" blocks are launched with torchrun; here they run as one process (world
+# size 1 on the loopback interface), each block in a fresh process group
+DIST_MARKER = "init_process_group"
+
+
+def _single_process_group(monkeypatch) -> None:
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+
 
 def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
@@ -41,11 +60,19 @@ def test_every_python_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing a block writes lands in the repository
     namespace: dict = {"__name__": "readme"}
     exec(COMMON, namespace)
-    for i, block in enumerate(python_blocks(README.read_text())):
-        for marker, prelude in PRELUDES.items():
-            if marker in block:
-                exec(prelude, namespace)
-        try:
-            exec(compile(block, f"README.md python block {i}", "exec"), namespace)
-        except Exception as error:  # pragma: no cover - the failure message is the point
-            pytest.fail(f"README python block {i} failed: {type(error).__name__}: {error}\n{block}")
+    import torch.distributed as dist
+
+    try:
+        for i, block in enumerate(python_blocks(README.read_text())):
+            for marker, prelude in PRELUDES.items():
+                if marker in block:
+                    exec(prelude, namespace)
+            if DIST_MARKER in block:
+                _single_process_group(monkeypatch)
+            try:
+                exec(compile(block, f"README.md python block {i}", "exec"), namespace)
+            except Exception as error:  # pragma: no cover - the failure message is the point
+                pytest.fail(f"README python block {i} failed: {type(error).__name__}: {error}\n{block}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

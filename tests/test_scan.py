@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psgfunc.scan import scan
+import psgfunc
+from psgfunc.scan import ScanStructureError, scan
 
 # ------------------------------------------------------------------------------- the oracle
 
@@ -156,7 +157,62 @@ def test_carry_may_be_none_or_hold_python_numbers():
     carry, ys = scan(lambda c, x: (c, x * 2), None, torch.arange(3.0))
     assert carry is None and ys.tolist() == [0.0, 2.0, 4.0]
     carry, _ = scan(lambda c, x: ((c[0] + 1, c[1]), x), (0, "tag"), torch.arange(3.0))
-    assert carry == (3, "tag")
+    assert carry[1] == "tag"  # a non-numeric leaf is carried as it is
+    assert isinstance(carry[0], torch.Tensor) and carry[0].dtype == torch.int64
+    assert carry[0].item() == 3
+
+
+# ------------------------------------------------------- Python scalar carry (JAX weak types)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_python_scalar_carry_is_promoted_like_jax(reverse):
+    # the example: an int init with float xs gives a float carry, as in JAX
+    xs = torch.arange(4.0)
+    carry, ys = scan(lambda c, x: (c + x, c + x), 0, xs, reverse=reverse)
+    ref_carry, ref_ys = reference_scan(lambda c, x: (c + x, c + x), torch.tensor(0.0), xs, reverse=reverse)
+    assert_same((carry, ys), (ref_carry, ref_ys))
+    assert carry.dtype == torch.float32 and carry.dim() == 0
+
+
+def test_python_scalar_carry_keeps_its_own_dtype_when_f_does():
+    carry, ys = scan(lambda c, x: (c + x, c), 0, torch.arange(4))  # int stays int64
+    assert carry.dtype == torch.int64 and carry.item() == 6 and ys.tolist() == [0, 0, 1, 3]
+    carry, _ = scan(lambda c, x: (c * x, None), 1.0, torch.arange(1.0, 4.0, dtype=torch.float64))
+    assert carry.dtype == torch.float64 and carry.item() == 6.0  # float32 promotes to float64
+    carry, _ = scan(lambda c, x: (c | (x > 1), None), False, torch.arange(3))
+    assert carry.dtype == torch.bool and carry.item() is True
+    carry, _ = scan(lambda c, x: ({k: v + 1 for k, v in c.items()}, None), {"n": 0, "s": 0.5}, length=3)
+    assert carry["n"].item() == 3 and carry["s"].item() == 3.5
+
+
+def test_python_scalar_carry_with_length_zero_takes_the_probes_dtype():
+    carry, ys = scan(lambda c, x: (c + x, c + x), 0, torch.zeros(0))
+    assert carry.dtype == torch.float32 and carry.item() == 0.0 and ys.shape == (0,)
+
+
+def test_python_number_returned_for_a_scalar_tensor_carry():
+    # f may return a Python number for a 0-dim carry leaf whose dtype holds it
+    carry, _ = scan(lambda c, x: (1.5, None), torch.zeros((), dtype=torch.float64), length=2)
+    assert carry.dtype == torch.float64 and carry.item() == 1.5
+    carry, _ = scan(lambda c, x: (c.item() + 1 if c.item() < 2 else 7, None), 0, length=3)
+    assert carry.dtype == torch.int64 and carry.item() == 7
+
+
+def test_error_python_scalar_carry_demoted_or_reshaped():
+    # the first step may promote a scalar carry's dtype, never demote it or change its shape,
+    # and after the first step the dtype is fixed
+    with pytest.raises(ScanStructureError, match=r"carry changed at step t=0.*torch.float32.*torch.int64"):
+        scan(lambda c, x: (c.long(), None), 0.5, length=2)
+    with pytest.raises(ScanStructureError, match=r"carry changed at step t=0.*shape \(\).*shape \(2,\)"):
+        scan(lambda c, x: (c + torch.zeros(2), None), 0.0, length=2)
+    def promote_then_change(c, x):  # step 0 promotes int64 -> float32; step 1 -> float64
+        return (c + x if c.dtype == torch.int64 else (c + x).double()), None
+
+    with pytest.raises(ScanStructureError, match=r"carry changed at step t=1.*float32.*float64"):
+        scan(promote_then_change, 0, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ScanStructureError, match="keep its type"):
+        scan(lambda c, x: (1.5, None), torch.zeros((), dtype=torch.int64), length=2)
 
 
 # -------------------------------------------------------------------------------- length 0
@@ -363,8 +419,50 @@ def test_error_carry_shape_change_at_a_later_step():
 
 
 def test_error_carry_tensor_becomes_number():
+    with pytest.raises(ValueError, match=r"shape \(3,\).*float 1.0.*keep its type"):
+        scan(lambda c, x: (1.0, None), torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match="keep its type"):
-        scan(lambda c, x: (1.0, None), torch.zeros(()), torch.zeros(3))
+        scan(lambda c, x: ("done", None), torch.zeros(()), torch.zeros(3))
+
+
+def test_structure_errors_are_value_and_type_errors():
+    # jax.lax.scan raises TypeError for these, scan used to raise ValueError: both work
+    assert issubclass(ScanStructureError, ValueError) and issubclass(ScanStructureError, TypeError)
+    assert psgfunc.ScanStructureError is ScanStructureError
+    bad = [
+        lambda: scan(lambda c, x: ((c,), None), torch.zeros(()), torch.zeros(3)),  # structure
+        lambda: scan(lambda c, x: (c[None], None), torch.zeros(()), torch.zeros(3)),  # shape
+        lambda: scan(lambda c, x: (c.double(), None), torch.zeros(()), torch.zeros(3)),  # dtype
+        lambda: scan(lambda c, x: (c, x if x.item() < 1 else (x,)), None, torch.arange(3.0)),  # y
+        lambda: scan(lambda c, x: c, torch.zeros(()), torch.zeros(3)),  # not a pair
+    ]
+    for call in bad:
+        for cls in (TypeError, ValueError, ScanStructureError):
+            with pytest.raises(cls):
+                call()
+
+
+# -------------------------------------------------------------------------------- unroll
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 3, 7, True, False])
+def test_unroll_is_accepted_and_changes_nothing(unroll):
+    w, init, xs = make_inputs(5)
+    expected = scan(rnn_step(w), init, xs)
+    assert_same(scan(rnn_step(w), init, xs, unroll=unroll), expected)
+    assert_same(scan(rnn_step(w), init, xs, reverse=True, unroll=unroll), scan(rnn_step(w), init, xs, reverse=True))
+
+
+@pytest.mark.parametrize("unroll,error,match", [
+    (0, ValueError, "unroll must be an int >= 1 or a bool.*got 0"),
+    (-2, ValueError, "unroll must be an int >= 1"),
+    (2.0, TypeError, "unroll must be an int >= 1 or a bool.*got float 2.0"),
+    ("2", TypeError, "got str '2'"),
+    (None, TypeError, "got NoneType None"),
+])
+def test_error_bad_unroll(unroll, error, match):
+    with pytest.raises(error, match=match):
+        scan(lambda c, x: (c, x), None, torch.zeros(3), unroll=unroll)
 
 
 def test_error_y_changes():

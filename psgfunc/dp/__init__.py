@@ -7,13 +7,19 @@ noised (:func:`privatize`); :func:`dp_sgd_transform` (functional, explicit state
 DP-SGD step with identical numbers. Batches come from Poisson sampling
 (:func:`poisson_batches`, :class:`PoissonDataLoader`), which is what :func:`epsilon` and
 :func:`noise_multiplier_for` account for (through Google's ``dp_accounting``, imported only
-when called).
+when called). ``distributed=True`` on :class:`DPOptimizer`, :func:`dp_sgd_transform` and the
+Poisson samplers runs one DP-SGD over several ``torch.distributed`` processes with the
+privacy analysis of a single process on the union of their batches
+(:func:`all_reduce_sum` sums a clipped sum over the ranks);
+:class:`PrivacyAccountant` counts steps as they happen; :func:`make_private` sets it all up in
+one call.
 """
 
-from psgfunc.dp._accounting import epsilon, noise_multiplier_for
+from psgfunc.dp._accounting import PrivacyAccountant, epsilon, noise_multiplier_for
 from psgfunc.dp._clip import clip, per_sample_norms, privatize
 from psgfunc.dp._clipped import clipped_grad_sum
 from psgfunc.dp._compiled import compiled_clipped_grad_sum
+from psgfunc.dp._distributed import all_reduce_sum
 from psgfunc.dp._optimizer import DPOptimizer
 from psgfunc.dp._private import VirtualBatchLoader, make_private, physical_batches
 from psgfunc.dp._sampling import PoissonBatchSampler, PoissonDataLoader, poisson_batches
@@ -27,6 +33,7 @@ __all__ = [
     "clipped_grad_sum",
     "epsilon",
     "noise_multiplier_for",
+    "PrivacyAccountant",
     "dp_sgd_transform",
     "DPSGDTransform",
     "DPSGDState",
@@ -37,4 +44,5 @@ __all__ = [
     "make_private",
     "VirtualBatchLoader",
     "physical_batches",
+    "all_reduce_sum",
 ]

@@ -17,6 +17,7 @@ import torch
 
 from psgfunc._tree import batch_size, tree_flatten
 from psgfunc.dp._clip import _check_positive_finite, clipped_sum
+from psgfunc.dp._distributed import prepare_optimizer
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
 from psgfunc.per_sample._kinds import leaf_pieces
 
@@ -76,11 +77,26 @@ class DPOptimizer(torch.optim.Optimizer):
             the default, far less memory and time for large layers. Parameters that get
             ``grad_sample`` another way (``set_grad_sample``, ops without a rule) are used
             densely. ``p.grad`` is not filled by backward in this mode.
+        distributed: ``True`` (torch.distributed's default process group) or a
+            ``ProcessGroup``: one DP-SGD run over several processes. Each rank clips its own
+            examples (micro-batches, fast clipping as usual); ``step()`` all-reduces the
+            clipped sums (one all-reduce of the trainable parameters' size) and adds the
+            noise once, identical on every rank (rank 0's seed, broadcast; with
+            ``secure=True`` a fresh rank-0 OS-entropy seed every step), so every rank applies
+            the identical update. ``expected_batch_size`` is the GLOBAL expected batch;
+            feed each rank ``PoissonDataLoader(..., distributed=True)``; every rank calls
+            ``step()`` every time, empty batches included. Rank 0's parameters are broadcast
+            at construction. See :mod:`psgfunc.dp._distributed`.
+
+    A model wrapped in ``torch.nn.parallel.DistributedDataParallel`` is refused (whenever a
+    process group is initialised): DDP all-reduces the raw gradients, which DP-SGD must not
+    release; use ``distributed=True`` on the unwrapped model instead.
 
     Raises:
         ValueError: for invalid ``max_norm``, ``noise_multiplier``, ``expected_batch_size``,
-            ``seed`` with ``secure=True``, or a per-layer (dict) ``max_norm`` (use
-            :func:`dp_sgd_transform` for per-layer clipping).
+            ``seed`` with ``secure=True``, a per-layer (dict) ``max_norm`` (use
+            :func:`dp_sgd_transform` for per-layer clipping), ``distributed`` without an
+            initialised process group, or parameters of a ``DistributedDataParallel`` model.
     """
 
     def __init__(
@@ -94,6 +110,7 @@ class DPOptimizer(torch.optim.Optimizer):
         secure: bool = False,
         loss_reduction: str = "sum",
         fast_clipping: bool = False,
+        distributed: Any = False,
     ) -> None:
         # Deliberately no super().__init__: all optimizer state lives in `optimizer`.
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -113,12 +130,14 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         self.loss_reduction = loss_reduction
         self.optimizer = optimizer
+        group = prepare_optimizer(self._all_params(), distributed, "DPOptimizer")
         self.transform = dp_sgd_transform(
             max_norm,
             noise_multiplier,
             expected_batch_size=expected_batch_size,
             seed=seed,
             secure=secure,
+            distributed=group,  # its update_from_sum all-reduces the clipped sum, then noises once
         )
         self.dp_state: DPSGDState = self.transform.init(self._trainable())
         self._summed: list[torch.Tensor] | None = None

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from psgfunc._tree import batch_size, tree_map
 from psgfunc.dp._accounting import PrivacyAccountant, noise_multiplier_for
+from psgfunc.dp._distributed import check_not_ddp
 from psgfunc.dp._optimizer import DPOptimizer
 from psgfunc.dp._sampling import PoissonDataLoader
 
@@ -204,12 +205,7 @@ def make_private(
             "make_private: optimizer must be a plain torch.optim.Optimizer over the model's "
             f"parameters (make_private wraps it), got {type(optimizer).__name__}"
         )
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "make_private: model is wrapped in DistributedDataParallel, which all-reduces raw "
-            "(unclipped, noiseless) gradients; pass the bare module and use "
-            "DPOptimizer(..., distributed=True) for many processes"
-        )
+    check_not_ddp(model)
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError(
             "make_private: give exactly one of noise_multiplier and target_epsilon (with epochs)"
@@ -249,7 +245,8 @@ def make_private(
     poisson = PoissonDataLoader(
         dataset,
         sample_rate,
-        generator=generator,
+        generator=None if secure else generator,
+        secure=secure,
         collate_fn=getattr(data_loader, "collate_fn", None),
         steps=steps_per_epoch,
         **_loader_kwargs(data_loader),

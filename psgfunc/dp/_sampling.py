@@ -2,7 +2,18 @@
 
 Every step includes each of the ``N`` examples independently with probability ``q``
 (``sample_rate``), so batch sizes vary (``Binomial(N, q)``, mean ``q N``) and may be 0. The
-privacy accounting in :func:`psgfunc.dp.epsilon` is for exactly this sampling.
+privacy accounting in :func:`psgfunc.dp.epsilon` is for exactly this sampling, and it
+assumes that the sampling is UNPREDICTABLE: whoever could reproduce the draws would know
+which examples were in which step, and amplification by sampling would no longer hold. By
+default the batches come from torch's global generator, so ``torch.manual_seed(0)``
+reproduces them, which is right for experiments and wrong for a release: pass
+``secure=True`` (every step's draw from a fresh generator seeded from ``os.urandom``, as
+``DPOptimizer(secure=True)`` does for the noise) for production runs, or ``generator=`` for
+reproducible ones. With either, the global generator is not touched.
+
+``distributed=True`` (several processes, ``torch.distributed``) gives each rank a disjoint
+shard, the indices ``i`` with ``i % world_size == rank`` of one Poisson sample of the whole
+dataset, so the union over the ranks is one Poisson sample at rate ``q``.
 
 Uniform fixed-size batches (an ordinary ``DataLoader(..., shuffle=True)``) still work with
 :class:`DPOptimizer` and :func:`dp_sgd_transform`, but they do NOT match the accountant's
@@ -18,6 +29,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
+
+from psgfunc.dp._distributed import rank_and_world, resolve_group
+from psgfunc.dp._transform import _entropy_seed, _fresh_generator
 
 
 def _check_args(num_examples: Any, sample_rate: Any, steps: Any, where: str) -> tuple[int, float, int]:
@@ -35,10 +49,44 @@ def _check_args(num_examples: Any, sample_rate: Any, steps: Any, where: str) -> 
     return int(num_examples), float(sample_rate), int(steps)
 
 
-def _draw(num_examples: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
+def _check_source(generator: Any, secure: Any, where: str) -> bool:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if secure and generator is not None:
+        raise ValueError(
+            f"{where}: generator and secure=True exclude each other (secure draws every batch "
+            "from fresh OS entropy, so a generator would be ignored); pass generator=None or "
+            "secure=False"
+        )
+    return bool(secure)
+
+
+def _shard(distributed: Any, where: str) -> tuple[int, int] | None:
+    """``(rank, world_size)`` of the process group ``distributed`` names, None for False."""
+    group = resolve_group(distributed, where)
+    return None if group is None else rank_and_world(group)
+
+
+def _draw(
+    num_examples: int,
+    sample_rate: float,
+    generator: torch.Generator | None,
+    secure: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """One Poisson sample of ``range(num_examples)``, or this rank's shard of one."""
+    if secure:
+        generator = _fresh_generator(torch.device("cpu"), _entropy_seed())
     device = generator.device if generator is not None else torch.device("cpu")
     mask = torch.rand(num_examples, generator=generator, device=device) < sample_rate
-    return torch.nonzero(mask).flatten().cpu()
+    indices = torch.nonzero(mask).flatten().cpu()
+    if shard is not None:
+        # Every rank draws the whole dataset's mask and keeps its residue class: with the same
+        # stream on all ranks they cut one draw; with independent streams (secure=True) the
+        # shards are independent. Either way each example is in with probability q, alone.
+        rank, world = shard
+        indices = indices[indices % world == rank]
+    return indices
 
 
 def poisson_batches(
@@ -47,26 +95,47 @@ def poisson_batches(
     steps: int | None = None,
     *,
     generator: torch.Generator | None = None,
+    secure: bool = False,
+    distributed: Any = False,
 ) -> Iterator[torch.Tensor]:
     """Yield ``steps`` Poisson-sampled batches of example indices.
+
+    The accountant assumes nobody can predict the batches: use ``secure=True`` for a
+    release; the default (torch's global generator) repeats after ``torch.manual_seed``.
 
     Args:
         num_examples: dataset size ``N >= 1``.
         sample_rate: inclusion probability ``q`` in ``(0, 1]`` of every example at every step.
         steps: number of batches ``>= 0``; ``None``: ``round(1 / q)`` (one expected epoch).
-        generator: source of randomness (``None``: torch's global generator).
+        generator: source of randomness for reproducible runs (``None``: torch's global
+            generator, unless ``secure``).
+        secure: draw every batch from a fresh generator seeded from OS entropy
+            (``os.urandom``): no seed reproduces the batches. Excludes ``generator``.
+        distributed: ``True`` (default process group) or a ``ProcessGroup``: yield this
+            rank's disjoint shard (indices ``i % world_size == rank``) of each Poisson sample
+            of the whole dataset; the union over the ranks is the sample. Every rank gets
+            ``steps`` batches, empty ones included.
 
     Yields:
         int64 index tensors ``[B_t]``, sorted, with ``B_t ~ Binomial(N, q)`` (empty batches
-        are yielded too: the accountant counts them as steps).
+        are yielded too: the accountant counts them as steps); distributed: this rank's part.
 
     Raises:
-        ValueError: if ``num_examples < 1``, ``sample_rate`` is outside ``(0, 1]``, or
-            ``steps`` is negative.
+        ValueError: if ``num_examples < 1``, ``sample_rate`` is outside ``(0, 1]``,
+            ``steps`` is negative, ``generator`` is given with ``secure=True``, or
+            ``distributed`` asks for a process group that is not initialised.
     """
     n, q, steps = _check_args(num_examples, sample_rate, steps, "poisson_batches")
+    secure = _check_source(generator, secure, "poisson_batches")
+    shard = _shard(distributed, "poisson_batches")
+    return _batches(n, q, steps, generator, secure, shard)
+
+
+def _batches(
+    n: int, q: float, steps: int, generator: Any, secure: bool, shard: tuple[int, int] | None
+) -> Iterator[torch.Tensor]:
     for _ in range(steps):
-        yield _draw(n, q, generator)
+        yield _draw(n, q, generator, secure, shard)
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -74,13 +143,19 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     Each pass yields ``steps`` lists of indices, every example included independently with
     probability ``sample_rate``. Give it to ``DataLoader(dataset, batch_sampler=...)``; use
-    :class:`PoissonDataLoader` to also get correctly shaped empty batches.
+    :class:`PoissonDataLoader` to also get correctly shaped empty batches. The accountant
+    assumes unpredictable batches: ``secure=True`` for a release (see
+    :func:`poisson_batches`).
 
     Args:
         num_examples: dataset size ``N >= 1``.
         sample_rate: ``q`` in ``(0, 1]``.
         steps: batches per pass; ``None``: ``round(1 / q)``.
-        generator: source of randomness (``None``: torch's global generator).
+        generator: source of randomness for reproducible runs (``None``: torch's global
+            generator, unless ``secure``).
+        secure: every batch from fresh OS entropy; excludes ``generator``.
+        distributed: ``True`` or a ``ProcessGroup``: this rank's disjoint shard of each
+            Poisson sample of all ``num_examples`` (see :func:`poisson_batches`).
 
     Raises:
         ValueError: as :func:`poisson_batches`.
@@ -93,15 +168,19 @@ class PoissonBatchSampler(Sampler[list[int]]):
         *,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        secure: bool = False,
+        distributed: Any = False,
     ) -> None:
         self.num_examples, self.sample_rate, self.steps = _check_args(
             num_examples, sample_rate, steps, "PoissonBatchSampler"
         )
+        self.secure = _check_source(generator, secure, "PoissonBatchSampler")
         self.generator = generator
+        self.shard = _shard(distributed, "PoissonBatchSampler")
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            yield _draw(self.num_examples, self.sample_rate, self.generator).tolist()
+            yield _draw(self.num_examples, self.sample_rate, self.generator, self.secure, self.shard).tolist()
 
     def __len__(self) -> int:
         return self.steps
@@ -150,12 +229,27 @@ class PoissonDataLoader(DataLoader):
     :class:`DPOptimizer` see a batch with ``B = 0``. Iterating yields ``steps`` batches.
 
     Uniform fixed-size batches (an ordinary shuffled ``DataLoader``) are available too but
-    do not match the accountant's Poisson assumption.
+    do not match the accountant's Poisson assumption, nor do predictable batches: the
+    default (torch's global generator) repeats after ``torch.manual_seed``; use
+    ``secure=True`` for a release.
+
+    With ``generator`` or ``secure=True`` the loader leaves torch's global generator alone
+    (the ``DataLoader`` base seed for workers comes from a private generator, seeded from
+    ``generator.initial_seed()`` or from OS entropy).
 
     Args:
         dataset: a map-style dataset (``len`` and ``dataset[i]``).
         sample_rate: ``q`` in ``(0, 1]``; expected batch size ``q * len(dataset)``.
-        generator: randomness of the sampling (``None``: torch's global generator).
+        generator: randomness of the sampling, for reproducible runs (``None``: torch's
+            global generator, unless ``secure``).
+        secure: every batch from a fresh generator seeded from OS entropy (``os.urandom``),
+            so no seed reproduces the batches; excludes ``generator``.
+        distributed: ``True`` (default process group) or a ``ProcessGroup``: each rank
+            loads its disjoint shard (indices ``i % world_size == rank``) of each Poisson
+            sample of the whole dataset, so the union over the ranks is one Poisson sample
+            at rate ``q``; a rank's batch may be empty while others are not. The global
+            expected batch (``DPOptimizer``'s ``expected_batch_size``) stays
+            ``q * len(dataset)``; each rank expects ``1 / world_size`` of it.
         collate_fn: as ``DataLoader``'s (default ``default_collate``).
         steps: batches per pass; ``None``: ``round(1 / q)``.
         **kwargs: further ``DataLoader`` arguments (``num_workers``, ``pin_memory``, ...);
@@ -163,7 +257,9 @@ class PoissonDataLoader(DataLoader):
             fixed by the Poisson sampling and may not be given.
 
     Raises:
-        ValueError: if the dataset is empty or the sampling arguments are invalid.
+        ValueError: if the dataset is empty, the sampling arguments are invalid,
+            ``generator`` is given with ``secure=True``, or ``distributed`` asks for a
+            process group that is not initialised.
     """
 
     def __init__(
@@ -172,6 +268,8 @@ class PoissonDataLoader(DataLoader):
         sample_rate: float,
         *,
         generator: torch.Generator | None = None,
+        secure: bool = False,
+        distributed: Any = False,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         steps: int | None = None,
         **kwargs: Any,
@@ -189,10 +287,20 @@ class PoissonDataLoader(DataLoader):
         if n == 0:
             raise ValueError("PoissonDataLoader: dataset is empty; it needs at least one example")
         self.sample_rate = float(sample_rate) if isinstance(sample_rate, Real) else sample_rate
-        sampler = PoissonBatchSampler(n, sample_rate, steps=steps, generator=generator)
+        sampler = PoissonBatchSampler(
+            n, sample_rate, steps=steps, generator=generator, secure=secure, distributed=distributed
+        )
+        # DataLoader draws a worker base seed per pass from its own generator (the global one
+        # when None): give it a private one so that the global stream is not consumed either.
+        own = None
+        if sampler.secure:
+            own = _fresh_generator(torch.device("cpu"), _entropy_seed())
+        elif generator is not None:
+            own = _fresh_generator(torch.device("cpu"), generator.initial_seed())
         super().__init__(
             dataset,
             batch_sampler=sampler,
             collate_fn=_EmptySafeCollate(dataset, collate_fn or default_collate),
+            generator=own,
             **kwargs,
         )

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 
 from psgfunc._rules import dispatchable
 
+try:
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+except ImportError:  # pragma: no cover - values under vmap stay hidden, F.embedding checks
+    get_unwrapped = is_functorch_wrapped_tensor = None
+
 __all__ = ["embedding", "init_embedding"]
 
 
@@ -26,13 +31,20 @@ def _normalize_padding_idx(padding_idx: int | None, num_embeddings: int, fn: str
     return padding_idx % num_embeddings
 
 
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its functorch wrappers (vmap, grad): under vmap, every example's values."""
+    while is_functorch_wrapped_tensor is not None and is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
 def _check_indices(idx: torch.Tensor, num_embeddings: int, fn: str = "embedding") -> torch.Tensor:
     """Check that ``idx`` holds integer indices in ``[0, V)``; returns it as int32/int64.
 
-    The range check reads ``idx.aminmax()`` (one cheap reduction). Under ``torch.func.vmap``
-    the values of a batched tensor cannot be read in Python, so there the range check is left
-    to the lookup itself (which raises an ``IndexError``), as it is while ``torch.compile``
-    traces (a value read would split the graph); the dtype check always runs.
+    The range check reads ``idx.aminmax()`` (one cheap reduction); under ``torch.func.vmap``
+    (``per_sample_grads(method="vmap")``) it reads the tensor vmap wraps, which holds every
+    example's indices. While ``torch.compile`` traces it is left to the lookup itself (a
+    value read would split the graph); the dtype check always runs.
     Integer dtypes other than int32/int64 are cast to int64, as ``F.embedding`` needs.
 
     Raises:
@@ -47,10 +59,10 @@ def _check_indices(idx: torch.Tensor, num_embeddings: int, fn: str = "embedding"
         idx = idx.long()
     if idx.numel() == 0 or torch.compiler.is_compiling():  # compiled: the lookup checks
         return idx
-    lo_hi = idx.aminmax()
+    lo_hi = _values(idx).aminmax()
     try:
         lo, hi = int(lo_hi.min), int(lo_hi.max)
-    except RuntimeError:  # values hidden by vmap (or on the meta device): F.embedding checks
+    except RuntimeError:  # values hidden (e.g. on the meta device): F.embedding checks
         return idx
     if lo < 0 or hi >= num_embeddings:
         bad = lo if lo < 0 else hi

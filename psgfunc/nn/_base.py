@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from psgfunc.nn import _forward
+
 __all__ = ["ExpandedModule", "check_max_batch_size", "clear_grad_sample", "zero_grad"]
 
 
@@ -88,7 +90,9 @@ class ExpandedModule(nn.Module):
 
         Raises:
             ValueError: ``x`` has too few or too many dims (typically a missing batch dim),
-                or more than ``max_batch_size`` examples.
+                or more than ``max_batch_size`` examples; in a model converted by
+                ``expand_weights``, ``x``'s batch is not this forward's (see
+                :mod:`psgfunc.nn._forward`).
         """
         cls = type(self).__name__
         if not isinstance(x, torch.Tensor):
@@ -109,6 +113,7 @@ class ExpandedModule(nn.Module):
                 "max_batch_size (psgfunc.nn.expand_weights(model, max_batch_size) resets it "
                 "on a whole model)"
             )
+        _forward.consume(self, x, size, batch_dim)
         return size
 
     def _expanded_params(self) -> dict[str, torch.Tensor]:

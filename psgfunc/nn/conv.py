@@ -11,6 +11,7 @@ from torch.nn.modules.utils import _pair, _single, _triple
 
 import psgfunc.functional as PF
 from psgfunc import _rules
+from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import module_call
 
@@ -69,7 +70,7 @@ class _ExpandedConvNd(ExpandedModule, _ConvNd):
         size = self._batch_size(
             x, min_dim=d + 2, max_dim=d + 2, expected=f"[B, {self.in_channels}, {_SPATIAL[d]}]"
         )
-        return module_call(
+        out = module_call(
             type(self)._conv_fn,
             self._expanded_params(),
             size,
@@ -80,6 +81,7 @@ class _ExpandedConvNd(ExpandedModule, _ConvNd):
             groups=self.groups,
             padding_mode=self.padding_mode,
         )
+        return _forward.produce(self, out, 0)
 
 
 def expanded_convolution(

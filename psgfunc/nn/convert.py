@@ -14,12 +14,14 @@ saying why, for a configuration it cannot serve.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
 from psgfunc.nn.embedding import Embedding
@@ -193,6 +195,21 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
 
     Note: module hooks registered on a replaced layer are not carried over to its shell.
 
+    The returned model gets a forward pre-hook and a forward hook (added once, also on a
+    model built from shells) that keep a record of each forward pass: every shell checks
+    that it reads the forward's batch, and at the same dim as the layers whose outputs reach
+    it (a time-major ``DPLSTM`` output read by a ``Linear`` raises a ValueError saying to use
+    ``batch_first=True`` or to transpose); an ``Embedding`` given indices shared by every
+    example (``[1, T]`` position ids) looks them up for each example of the forward. See
+    :mod:`psgfunc.nn._forward`.
+
+    What no conversion can see: an op between layers that mixes examples (``h -
+    h.mean(0)``, a custom module that keeps batch statistics in a buffer) makes each
+    example's gradient depend on the others, so clipping no longer bounds one example's
+    influence. BatchNorm is refused for that reason; a module whose type is neither from
+    ``torch`` nor a psgfunc shell and that holds buffers gets a ``UserWarning`` naming it and
+    its buffers, to be checked by hand.
+
     Args:
         module: the model (changed in place).
         max_batch_size: the largest batch the model will see.
@@ -202,18 +219,33 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
         ``nn.Linear``), its new shell: always use the returned object.
 
     Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
         ValueError: a non-positive ``max_batch_size``, or layers that cannot be converted
             (all listed, each with the reason and the fix).
+
+    Warns:
+        UserWarning: custom modules (types not from ``torch`` and not psgfunc shells) that
+            hold buffers, each by qualified name with its buffer names.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"expand_weights: module must be a torch.nn.Module (the model to convert in "
+            f"place), got {type(module).__name__} {module!r:.60}"
+        )
     max_batch_size = check_max_batch_size(max_batch_size, "expand_weights")
     plan: list[tuple[nn.Module | None, str, nn.Module]] = []  # (parent or None for root, attr, shell)
     existing: list[ExpandedModule] = []  # shells already there: they get the new max_batch_size
     shells: dict[int, nn.Module] = {}  # id(layer) -> its shell (a layer used twice: one shell)
     problems: list[str] = []
+    buffered: list[str] = []  # custom modules with buffers: "qualname (Type): ['a', 'b']"
     seen: set[int] = set()
 
     def visit(parent: nn.Module | None, attr: str, qualname: str, layer: nn.Module) -> None:
         label = qualname or "<root>"
+        if id(layer) not in seen and not isinstance(layer, ExpandedModule) and _custom(layer):
+            names = [n for n, b in layer._buffers.items() if b is not None]
+            if names:
+                buffered.append(f"{label} ({type(layer).__name__}): {names}")
         if isinstance(layer, ExpandedModule):
             existing.append(layer)
         elif type(layer) in CONVERTERS:
@@ -246,6 +278,16 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
             f"expand_weights: {len(problems)} layer(s) cannot give per-sample gradients; "
             "nothing was converted:\n  - " + "\n  - ".join(problems)
         )
+    if buffered:
+        warnings.warn(
+            "expand_weights: custom module(s) hold buffers, which psgfunc cannot check: a "
+            "buffer updated from the batch (running statistics, a memory of past inputs) "
+            "mixes examples or releases data outside DP-SGD's accounting. Check that each one "
+            "is constant or changes independently of the data (e.g. position ids):\n  - "
+            + "\n  - ".join(buffered),
+            UserWarning,
+            stacklevel=2,
+        )
     for layer in existing:
         layer.max_batch_size = max_batch_size
     result = module
@@ -254,4 +296,11 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
             result = shell  # the root itself was a convertible layer
         else:
             setattr(parent, attr, shell)
+    _forward.install(result)
     return result
+
+
+def _custom(layer: nn.Module) -> bool:
+    """Whether ``layer``'s type comes from neither torch nor psgfunc (user or third-party code)."""
+    module = type(layer).__module__ or ""
+    return not (module == "torch" or module.startswith(("torch.", "psgfunc.")))

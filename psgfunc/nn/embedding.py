@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import psgfunc.functional as PF
+from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import module_call
 
@@ -45,6 +46,18 @@ class Embedding(ExpandedModule, nn.Embedding):
     Shapes: ``[B, *] -> [B, *, embedding_dim]``; dim 0 of the indices is always the batch
     (``[B]`` is one index per example; one example's sequence must be passed as
     ``idx.unsqueeze(0)``), ``B <= max_batch_size``.
+
+    Indices shared by every example (position ids ``torch.arange(T)[None]``, ``[1, *]``) in
+    a model converted by :func:`psgfunc.nn.expand_weights` whose forward has ``B != 1``
+    examples are looked up once per example: the output is ``[B, *, embedding_dim]`` (it
+    broadcasts against ``[B, ...]`` tensors exactly as the ``[1, ...]`` one would), so each
+    example's table gradient is the scatter of its own output-gradient rows. A lookup shared
+    by the batch cannot give that: its output gradient arrives summed over the examples.
+    ``B`` is the batch the forward's earlier shells read, else the leading size of the
+    model's first tensor input. Outside such a model (shells called directly) ``[1, *]`` is
+    a batch of one example: expand shared indices yourself, ``idx.expand(B, -1)``. A 1-D
+    ``[T]`` index tensor is ``T`` examples of one index each, never shared positions: pass
+    ``arange(T)[None]``.
 
     The lookup uses the shared table; in the backward the rows of example b are scattered
     into b's own ``[num_embeddings, embedding_dim]`` slice of one ``[B * num_embeddings,
@@ -99,5 +112,10 @@ class Embedding(ExpandedModule, nn.Embedding):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_options(type(self).__name__, self.max_norm, self.scale_grad_by_freq, self.sparse)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1:
+            batch = _forward.broadcast_batch()  # None outside an expand_weights model
+            if batch is not None and batch != 1:  # indices shared by every example
+                x = x.expand(batch, *x.shape[1:])
         size = self._batch_size(x, min_dim=1, expected="[B, *] (integer indices)")
-        return module_call(PF.embedding, self._expanded_params(), size, x, padding_idx=self.padding_idx)
+        out = module_call(PF.embedding, self._expanded_params(), size, x, padding_idx=self.padding_idx)
+        return _forward.produce(self, out, 0)

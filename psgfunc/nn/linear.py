@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import psgfunc.functional as PF
+from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import module_call
 
@@ -19,6 +20,9 @@ class Linear(ExpandedModule, nn.Linear):
 
     Shapes: ``[B, *, in_features] -> [B, *, out_features]``; dim 0 is always the batch (one
     example must be passed as ``x.unsqueeze(0)``), ``B <= max_batch_size``.
+    In a model converted by :func:`psgfunc.nn.expand_weights`, an input that is a time-major
+    ``[T, B, H]`` recurrent output (not transposed) raises a ValueError, also when ``T == B``
+    (see :mod:`psgfunc.nn._forward`); elsewhere dim 0 is taken as given.
 
     The forward is ``F.linear`` with the shared weight (no per-example copy); in the
     backward each example's weight gradient ``g_b^T x_b`` comes out of one batched
@@ -49,7 +53,7 @@ class Linear(ExpandedModule, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = self._batch_size(x, min_dim=2, expected=f"[B, *, {self.in_features}]")
-        return module_call(PF.linear, self._expanded_params(), size, x)
+        return _forward.produce(self, module_call(PF.linear, self._expanded_params(), size, x), 0)
 
 
 class ConvLinear(Linear):

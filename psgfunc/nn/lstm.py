@@ -20,6 +20,17 @@ after the last layer); every output keeps the input's dtype (Opacus returns a fl
 ``h_n`` for float64 packed input); an unbatched ``[T, D]`` input is one sequence, exactly
 as in ``nn.LSTM`` (Opacus reads it as ``[T, B]``), and its ``grad_sample`` has ``B = 1``;
 ``DPLSTM``'s ``state_dict`` has ``nn.LSTM``'s keys in ``nn.LSTM``'s order.
+
+Time-major tensors: ``DPLSTM`` with ``batch_first=False``, ``DPLSTMLayer`` and
+``BidirectionalDPLSTMLayer`` read the batch from dim 1 and return ``[T, B, *]``; every other
+shell reads dim 0. In a model converted by :func:`psgfunc.nn.expand_weights` each forward is
+recorded (:mod:`psgfunc.nn._forward`): a shell whose input has the leading sizes of a
+recurrent output with the batch at the other dim must get it transposed, else a ValueError
+(use ``batch_first=True``, or ``out.transpose(0, 1)``). With ``T == B`` the sizes cannot
+tell, so the transpose must show in the memory layout (a transposed view, or elementwise ops
+on one); ``out.transpose(0, 1).contiguous()`` is then refused rather than guessed. The same
+holds the other way: ``[T, B]`` ids through an ``Embedding`` (batch at dim 0) into a
+time-major LSTM raise. Shells called outside such a model are not checked.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import psgfunc.functional as PF
 from psgfunc import _rules
+from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import module_call
 
@@ -122,7 +134,9 @@ class DPLSTM(_AnyBatch, nn.LSTM):
         hidden_size: ``H``.
         num_layers: ``L``.
         bias: use ``b_ih`` and ``b_hh``.
-        batch_first: ``x``/``output`` are ``[B, T, *]`` (not ``h_n``/``c_n``).
+        batch_first: ``x``/``output`` are ``[B, T, *]`` (not ``h_n``/``c_n``). Without it the
+            output is time-major: transpose it before a batch-first layer (in a converted
+            model an untransposed one raises; see the module docstring).
         dropout: probability of zeroing each element of every layer's output except the
             last's, in training mode (``nn.LSTM``'s dropout, same masks under one seed).
         bidirectional: add a reverse direction.
@@ -214,9 +228,10 @@ class DPLSTM(_AnyBatch, nn.LSTM):
         if isinstance(x, PackedSequence):
             padded, lengths = pad_packed_sequence(x)  # [T, B, D], the caller's batch order
             size = self._check_batch(padded.shape[1], "the PackedSequence")
+            _forward.consume(self, x, size, None)
             out, (h_n, c_n) = module_call(PF.lstm, params, size, padded, state,
                                           lengths=lengths, **options)
-            return _repack(out, lengths, x), (h_n, c_n)
+            return _repack(out, lengths, x), (_forward.produce(self, h_n, 1), c_n)
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
@@ -224,10 +239,16 @@ class DPLSTM(_AnyBatch, nn.LSTM):
                 f"batch_first), a PackedSequence, or one unbatched sequence [T, "
                 f"{self.input_size}]; got {shape}"
             )
-        size = 1 if x.dim() == 2 else x.shape[0 if self.batch_first else 1]
+        batch_dim = None if x.dim() == 2 else 0 if self.batch_first else 1
+        size = 1 if batch_dim is None else x.shape[batch_dim]
         self._check_batch(size, "x")
-        return module_call(PF.lstm, params, size, x, state, batch_first=self.batch_first,
-                           **options)
+        _forward.consume(self, x, size, batch_dim)  # time-major: see the class docstring
+        out, (h_n, c_n) = module_call(PF.lstm, params, size, x, state,
+                                      batch_first=self.batch_first, **options)
+        if batch_dim is not None:
+            _forward.produce(self, out, batch_dim)
+            _forward.produce(self, h_n, 1)
+        return out, (h_n, c_n)
 
 
 def _repack(out: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
@@ -307,6 +328,7 @@ class _LayerBase(_AnyBatch):
         owner = type(self).__name__
         padded, lengths = _padded(x, batch_sizes, owner)
         size = self._check_batch(padded.shape[1], "x")
+        _forward.consume(self, x, size, 1 if lengths is None else None)  # time-major
         inp = _flip(padded, lengths) if reverse else padded
         out, (h_n, c_n) = module_call(
             PF.lstm, self._expanded_params(), size, inp, state, bidirectional=self.bidirectional,
@@ -318,6 +340,9 @@ class _LayerBase(_AnyBatch):
             out = F.dropout(out, self.dropout, training=True)
         if lengths is not None:
             out = _unpadded(out, lengths, x)
+        else:
+            _forward.produce(self, out, 1)
+        _forward.produce(self, h_n, 1)  # [P, B, H]
         return out, (h_n, c_n)
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import psgfunc.functional as PF
+from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import module_call
 
@@ -61,4 +62,5 @@ class LayerNorm(ExpandedModule, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = ", ".join(map(str, self.normalized_shape))
         size = self._batch_size(x, min_dim=len(self.normalized_shape) + 1, expected=f"[B, *, {shape}]")
-        return module_call(PF.layer_norm, self._expanded_params(), size, x, self.normalized_shape, eps=self.eps)
+        out = module_call(PF.layer_norm, self._expanded_params(), size, x, self.normalized_shape, eps=self.eps)
+        return _forward.produce(self, out, 0)

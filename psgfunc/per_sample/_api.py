@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import optree
@@ -10,6 +11,7 @@ from torch.func import grad, vmap
 
 from psgfunc import _rules
 from psgfunc._tree import batch_size
+from psgfunc.per_sample import _torch_ops
 
 try:
     import torch._C._functorch as _functorch
@@ -75,7 +77,11 @@ def per_sample_grads(
     Raises:
         ValueError: unknown ``method``/``randomness``, ``chunk_size < 1``, batch leaves with
             different leading sizes or without a batch dim, non-tensor or non-floating
-            params, or ``fn`` not returning one scalar per example.
+            params, or ``fn`` not returning one scalar per example; ``fn`` failing on a
+            single example (e.g. it expects a batch dim; torch's error is the cause); torch
+            layers that cannot give per-sample gradients (BatchNorm in training mode,
+            InstanceNorm with running stats, embeddings with ``max_norm``); token ids outside
+            an embedding table. Every method raises the same errors.
 
     Notes:
         To use an ``nn.Module``, make it a pure function with
@@ -88,7 +94,9 @@ def per_sample_grads(
             grads = pf.per_sample_grads(fn, params, X, Y)
 
         (modules that need a batch dim get one via ``unsqueeze(0)``; BatchNorm mixes
-        examples and cannot give per-sample gradients.) ``method="expanded"`` differentiates
+        examples and cannot give per-sample gradients.) torch functions whose batched
+        gradient needs care (``F.embedding``'s ``padding_idx``, ``sparse``, ...) go through
+        :mod:`psgfunc.per_sample._torch_ops` while ``fn`` runs. ``method="expanded"`` differentiates
         with ordinary autograd, so ``fn`` must not be wrapped in another torch.func
         transform by the caller; ``"vmap"`` composes with further transforms.
     """
@@ -144,6 +152,10 @@ class _Prepared:
 
     def expanded_losses(self, views, b_leaves):
         """Per-example losses ``[B]`` of ``fn`` under vmap over expanded ``views``."""
+        with _explained(self, b_leaves), _torch_ops.active("expanded"):
+            return self._expanded_losses(views, b_leaves)
+
+    def _expanded_losses(self, views, b_leaves):
         if not _flat_vmap_ready():
             return vmap(self.loss, in_dims=(0, *self.b_dims), randomness=self.randomness)(views, *b_leaves)
         # this chunk's size (the batch leaves carry it, also when params has no leaves)
@@ -155,6 +167,54 @@ class _Prepared:
             return _functorch._remove_batch_dim(self.loss(wrapped, *example), level, size, 0)
         finally:
             _functorch._vmap_decrement_nesting()
+
+    def explain(self, b_leaves, err: BaseException) -> None:
+        """Raise a ValueError saying why ``fn`` failed on the batch, when one example shows it.
+
+        Runs ``fn`` once more on the first example alone, with no transform. If that fails
+        too, ``fn`` does not work on one example (the usual cause: it expects a batch dim that
+        per_sample_grads removes, or a batch argument lacks its batch dim): a ValueError
+        saying so, chained to ``err``. A psgfunc ValueError from that run is raised as it is.
+        If the example runs, the failure is the transform's: returns (``err`` stands).
+        """
+        if self.size == 0 or not any(d == 0 for d in self.b_dims):
+            return
+        example = [t[0] if d == 0 else t for t, d in zip(b_leaves, self.b_dims)]
+        try:
+            with _torch_ops.active("loop"), _rules.expanded_mode(None):
+                self.loss(self.p_leaves, *example)
+        except ValueError as clear:
+            raise clear from err
+        except Exception as again:  # noqa: BLE001 - any failure on one example is fn's
+            raise ValueError(
+                f"fn fails on a single example ({type(again).__name__}: {again}). "
+                f"per_sample_grads calls fn(params, *example) on ONE example with the batch dim "
+                f"removed: {_example_shapes(self.b_spec, self.b_leaves, self.b_dims)}. If fn expects a "
+                "batch dim, add it inside fn (x.unsqueeze(0)); if a batch argument is a single "
+                "example without its batch dim, add it before the call (x.unsqueeze(0))"
+            ) from err
+
+
+def _example_shapes(spec, b_leaves, b_dims, limit: int = 4) -> str:
+    """``"batch[0] (8, 5) -> (5,), ..."``: what ``fn`` gets of each batch tensor leaf."""
+    paths = optree.treespec_paths(spec)
+    parts = [
+        f"batch{''.join(f'[{k!r}]' for k in path)} {tuple(t.shape)} -> {tuple(t.shape[1:])}"
+        for path, t, d in zip(paths, b_leaves, b_dims)
+        if d == 0
+    ]
+    more = f", ... ({len(parts) - limit} more)" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+@contextlib.contextmanager
+def _explained(prep: _Prepared, b_leaves):
+    """Torch's shape and index errors from running ``fn`` go through :meth:`_Prepared.explain`."""
+    try:
+        yield
+    except (RuntimeError, IndexError) as err:
+        prep.explain(b_leaves, err)
+        raise
 
 
 _FLAT_VMAP = {"loaded": False}
@@ -192,7 +252,7 @@ def _prepare(fn, params, batch, chunk_size, randomness) -> _Prepared:
 
 def _vmap_grads(prep: _Prepared, b_leaves, size):
     g = vmap(grad(prep.loss), in_dims=(None, *prep.b_dims), randomness=prep.randomness)
-    with _rules.expanded_mode(None):
+    with _explained(prep, b_leaves), _rules.expanded_mode(None), _torch_ops.active("vmap"):
         return list(g(prep.p_leaves, *b_leaves))
 
 

@@ -31,6 +31,7 @@ import torch
 from torch.func import vmap
 
 from psgfunc import _rules
+from psgfunc.per_sample import _torch_ops
 
 try:
     import torch._C._functorch as _functorch
@@ -119,7 +120,19 @@ def is_shared(t: torch.Tensor) -> bool:
 
 
 def call_rule(rule: Rule, params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-    """Entry point of a registered rule, in whichever expanded mode is active."""
+    """Entry point of a registered rule, in whichever expanded mode is active.
+
+    The torch-function rules (:mod:`psgfunc.per_sample._torch_ops`) are off meanwhile: a
+    rule's own torch calls need none of them.
+    """
+    ops = _torch_ops.suspend()
+    try:
+        return _call_rule(rule, params, args, kwargs)
+    finally:
+        _torch_ops.resume(ops)
+
+
+def _call_rule(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     tap = _rules.current_tap()
     if tap is not None:
         out = rule.tapped(tap, params, *args, **kwargs)

@@ -168,3 +168,25 @@ def test_physical_batches_functional():
     assert len(list(pf.dp.physical_batches((x[:0], y[:0]), 3))) == 1
     with pytest.raises(ValueError, match="max_physical_batch_size"):
         list(pf.dp.physical_batches((x, y), 0))
+
+
+def test_secure_reaches_noise_and_sampling():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, opt, loader = pf.dp.make_private(model, opt, DataLoader(_data(), batch_size=10), max_norm=1.0,
+                                        noise_multiplier=1.0, secure=True)
+    assert opt.transform.secure
+    assert loader.loader.batch_sampler.secure
+
+
+def test_ddp_model_refused():
+    class FakeDDP(nn.parallel.DistributedDataParallel):
+        def __init__(self, module):  # no process group needed to build the refusal case
+            nn.Module.__init__(self)
+            self.module = module
+
+    model = FakeDDP(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        pf.dp.make_private(model, opt, DataLoader(_data(), batch_size=10), max_norm=1.0,
+                           noise_multiplier=1.0)

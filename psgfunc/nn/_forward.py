@@ -1,0 +1,234 @@
+"""A record of each forward pass: which dim every shell read as the batch, and how many examples.
+
+A shell reads the batch size from its input's dim 0, except the time-major recurrent shells
+(``DPLSTM`` with ``batch_first=False``, ``DPLSTMLayer``, ``BidirectionalDPLSTMLayer``), which
+read it from dim 1. A tensor ``[T, B, H]`` that a time-major shell returns and a batch-first
+shell then reads would be taken as a batch of ``T`` examples: with ``T != B`` the
+``grad_sample`` sizes disagree, with ``T == B`` each example's gradient would silently get
+the rows of other examples. A single layer cannot see this; the record of the whole forward
+can.
+
+:func:`psgfunc.nn.expand_weights` puts two hooks on the model it returns: a forward pre-hook
+opens a :class:`Record`, a forward hook (also called when the forward raises) closes it. While
+one is open, every shell call:
+
+* checks that it reads the forward's batch size (the first shell's; rule A): a layer that
+  reads another dim, or a batch-1 tensor shared by every example, can never give per-example
+  gradients, so it raises a ValueError instead of leaving mismatched ``grad_sample`` s;
+* looks for the most recent earlier shell output whose ndim and first two sizes equal those of
+  its input, a tensor its input most likely derives from through shape-keeping ops (dropout,
+  activations, residual adds); when that output had the batch at the other dim (rule B),
+  the input must have been transposed on the way. ``T != B``: the sizes prove no transpose
+  happened, so the call raises. ``T == B``: shapes cannot tell; the memory layout can: a
+  transposed view, and any elementwise op on one (they keep the layout), has its dim 1
+  outermost in memory (``x.stride(0) < x.stride(1)``), while a tensor from shape-keeping ops
+  alone keeps the producer's layout. A ``T == B`` input without that layout (e.g.
+  ``out.transpose(0, 1).contiguous()``) is refused as ambiguous, never guessed.
+* an ``Embedding`` whose indices have a leading dim of 1 while the forward's batch is
+  ``B != 1`` (position ids ``arange(T)[None]`` added to every example's token embeddings)
+  looks them up once per example (``idx.expand(B, ...)``, output ``[B, *, D]``): a shared
+  lookup's output gradient reaches the layer summed over the examples, so only a per-example
+  lookup keeps each example's gradient. ``B`` is the forward's batch when a shell has read
+  it, else the leading size of the model's first tensor input.
+
+Outside such a forward (shells called directly, in a model not passed to ``expand_weights``)
+there is no record to compare batch sizes with; only the most direct case is caught: a
+batch-first shell given a time-major shell's output, or a view of it (same storage, same
+leading sizes), that is still alive and not transposed. What passes through other ops
+(dropout, activations) is not seen there.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from typing import Any
+
+import optree
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+__all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch"]
+
+
+class Record:
+    """What the shells of one forward pass read: the batch size and each output's layout."""
+
+    __slots__ = ("root", "depth", "hint", "batch", "source", "outputs")
+
+    def __init__(self, root: nn.Module | None, hint: int | None):
+        self.root, self.depth, self.hint = root, 1, hint
+        self.batch: int | None = None  # the forward's batch size, once a shell has read it
+        self.source: tuple[nn.Module, int | None] | None = None  # who read it first, at which dim
+        # (ndim, first two sizes) of each shell output -> (its batch dim, the shell), latest wins
+        self.outputs: dict[tuple[int, int, int], tuple[int, nn.Module]] = {}
+
+    def name(self, module: nn.Module) -> str:
+        """``module``'s qualified name in the model, for messages."""
+        if self.root is None:
+            return type(module).__name__
+        for qualname, m in self.root.named_modules(remove_duplicate=False):
+            if m is module:
+                return f"{type(m).__name__} {qualname!r}" if qualname else f"{type(m).__name__} (the model)"
+        return type(module).__name__
+
+
+_CURRENT: contextvars.ContextVar[Record | None] = contextvars.ContextVar("psgfunc_nn_forward", default=None)
+
+_LOOSE: list[tuple[weakref.ref, nn.Module]] = []
+"""Time-major shell outputs made outside any record (weak: they end with the tensors)."""
+_LOOSE_MAX = 32
+
+
+def current() -> Record | None:
+    """The record of the forward pass in progress, or None outside an ``expand_weights`` model."""
+    return _CURRENT.get()
+
+
+def _hint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """Leading size of the model's first tensor input (a ``PackedSequence``: its sequences)."""
+    for leaf in optree.tree_leaves((args, kwargs), is_leaf=lambda v: isinstance(v, PackedSequence)):
+        if isinstance(leaf, PackedSequence):
+            return int(leaf.batch_sizes[0]) if leaf.batch_sizes.numel() else 0
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
+def _open(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    record = _CURRENT.get()
+    if record is None or record.root is module:
+        # a new forward; also when `module`'s own record is still open: torch runs forward
+        # hooks after an Exception but not after a KeyboardInterrupt, so a record left open
+        # by an interrupted forward ends when its model is called again
+        _CURRENT.set(Record(module, _hint(args, kwargs)))
+    else:  # a converted model called inside another one's forward: one record for both
+        record.depth += 1
+
+
+def _close(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    record = _CURRENT.get()
+    if record is not None:
+        record.depth -= 1
+        if record.depth <= 0 or record.root is module:
+            _CURRENT.set(None)
+
+
+def install(model: nn.Module) -> None:
+    """Give ``model`` the hooks that record each of its forward passes (once)."""
+    if _open not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_open, with_kwargs=True)
+        model.register_forward_hook(_close, with_kwargs=True, always_call=True)
+
+
+def broadcast_batch() -> int | None:
+    """The batch size a batch-1 index tensor must be looked up for: the forward's, or the
+    leading size of the model's input before any shell has read one; None outside a record."""
+    record = _CURRENT.get()
+    if record is None:
+        return None
+    return record.batch if record.batch is not None else record.hint
+
+
+_FIX = (
+    "psgfunc.nn layers read the batch from dim 0, the time-major recurrent ones (DPLSTM with "
+    "batch_first=False, DPLSTMLayer, BidirectionalDPLSTMLayer) from dim 1. Use "
+    "batch_first=True (DPLSTM and nn.LSTM) and batch-first [B, T, ...] tensors throughout, "
+    "or transpose between the two: out.transpose(0, 1)"
+)
+
+
+def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None) -> None:
+    """Check a shell's reading of the batch (``size`` examples at ``batch_dim`` of ``x``).
+
+    Args:
+        shell: the shell being called.
+        x: its input (the tensor whose ``batch_dim`` holds the batch).
+        size: the batch size it read.
+        batch_dim: 0 or 1; None when ``x`` has no batch dim to compare (packed, unbatched).
+
+    Raises:
+        ValueError: ``x`` is most likely a tensor whose batch is at the other dim (rule B) or
+            ``size`` differs from the batch size of this forward (rule A).
+    """
+    record = _CURRENT.get()
+    if record is None:
+        if _LOOSE and batch_dim == 0 and isinstance(x, torch.Tensor) and x.dim() >= 2:
+            _check_loose(shell, x)
+        return
+    if batch_dim is not None and isinstance(x, torch.Tensor) and x.dim() >= 2:
+        found = record.outputs.get((x.dim(), x.shape[0], x.shape[1]))
+        if found is not None and found[0] != batch_dim and (x.shape[0], x.shape[1]) != (1, 1):
+            _check_crossing(record, shell, found[1], x, batch_dim, found[0])
+    if record.batch is None:
+        record.batch, record.source = size, (shell, batch_dim)
+    elif size != record.batch:
+        first, dim = record.source  # type: ignore[misc]
+        who = record.name(first) + ("" if dim is None else f" at dim {dim}")
+        where = f" at dim {batch_dim} of its input" if batch_dim is not None else ""
+        shared = (
+            " A batch-1 tensor shared by every example (e.g. a learned query) gets no "
+            "per-example gradients: expand it to the batch first, x.expand(B, *x.shape[1:])."
+            if size == 1 else ""
+        )
+        raise ValueError(
+            f"{record.name(shell)} reads a batch of {size} examples{where}, but this forward's "
+            f"batch has {record.batch} examples (read first by {who}): every layer of a "
+            "forward must see the same examples for their per-sample gradients to belong "
+            f"together. Input shape {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}."
+            f"{shared} {_FIX}"
+        )
+
+
+def _check_crossing(
+    record: Record, shell: nn.Module, producer: nn.Module, x: torch.Tensor, batch_dim: int, out_dim: int
+) -> None:
+    """``x`` reaches ``shell`` (batch at ``batch_dim``) with the first two sizes of
+    ``producer``'s output (batch at ``out_dim``, the other one): it must be transposed."""
+    first, second = x.shape[0], x.shape[1]
+    layout = "time-major [T, B, ...]" if out_dim == 1 else "batch-first [B, T, ...]"
+    head = (
+        f"{record.name(shell)} reads dim {batch_dim} of its input {tuple(x.shape)} as the batch, "
+        f"but {record.name(producer)} earlier in this forward returned a {layout} tensor of the "
+        f"same leading sizes, with the batch at dim {out_dim}"
+    )
+    if first != second:
+        raise ValueError(
+            f"{head}: the input was not transposed, so the layer would take the "
+            f"{x.shape[batch_dim]} {'time steps' if out_dim == 1 else 'examples'} at dim "
+            f"{batch_dim} for {'examples' if out_dim == 1 else 'time steps'}. {_FIX}"
+        )
+    if x.stride(0) >= x.stride(1):
+        raise ValueError(
+            f"{head}; with T == B == {first} the shapes cannot tell whether the input was "
+            "transposed, and its memory layout does not show a transpose either (a transposed "
+            "view, and elementwise ops on one, keep dim 1 outermost; .contiguous() or a copy "
+            "loses that). psgfunc refuses rather than risk giving each example the gradient "
+            f"rows of others. {_FIX}, without .contiguous() between the transpose and the layer"
+        )
+
+
+def _check_loose(shell: nn.Module, x: torch.Tensor) -> None:
+    """Outside a record: ``x`` must not be a live time-major output (or a view of it) as is."""
+    storage = x.untyped_storage().data_ptr()
+    for ref, producer in list(_LOOSE):
+        out = ref()
+        if out is None:
+            continue
+        same = out.dim() == x.dim() and out.shape[:2] == x.shape[:2]
+        if same and out.untyped_storage().data_ptr() == storage and x.shape[:2] != (1, 1):
+            _check_crossing(Record(None, None), shell, producer, x, 0, 1)
+
+
+def produce(shell: nn.Module, out: Any, batch_dim: int) -> Any:
+    """Note ``out`` (batch at ``batch_dim``) as a shell output of this forward; returns it."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return out
+    record = _CURRENT.get()
+    if record is not None:
+        record.outputs[(out.dim(), out.shape[0], out.shape[1])] = (batch_dim, shell)
+    elif batch_dim == 1:
+        _LOOSE[:] = [(r, m) for r, m in _LOOSE if r() is not None][-(_LOOSE_MAX - 1):]
+        _LOOSE.append((weakref.ref(out), shell))
+    return out

@@ -1,0 +1,334 @@
+"""Which dim is the batch: time-major recurrent outputs, shared embedding indices (psgfunc.nn._forward).
+
+A model converted by ``expand_weights`` records each forward pass: a batch-first shell fed a
+time-major tensor raises (also when ``T == B``, where the sizes alone would silently mix the
+examples' gradient rows), and ``[1, T]`` position ids are looked up for every example, so
+each example's table gradient is its own.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import psgfunc.dp as dp
+import psgfunc.nn as pnn
+from psgfunc.nn import _forward
+from tests.oracles import assert_tree_close, per_example_grads
+
+F64 = torch.float64
+TIME_MAJOR = "batch_first=True"
+
+
+def grad_samples(model):
+    return {n: p.grad_sample for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------ item 5: time-major outputs
+
+
+class Recurrent(nn.Module):
+    """``rnn`` then a head; ``between`` says what happens to the recurrent output."""
+
+    def __init__(self, rnn, width, between):
+        super().__init__()
+        self.rnn, self.between = rnn, between
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, x):
+        out = self.rnn(x)[0]
+        if self.between == "dropout-relu":
+            out = torch.relu(F.dropout(out, 0.5, training=self.training))
+        elif self.between == "transpose":
+            out = out.transpose(0, 1)
+        elif self.between == "transpose-tanh":
+            out = torch.tanh(out.transpose(0, 1))
+        elif self.between == "transpose-contiguous":
+            out = out.transpose(0, 1).contiguous()
+        elif self.between == "last":
+            out = out[-1]
+        return self.fc(out)
+
+
+def rnn_for(kind):
+    """A time-major recurrent layer and its output width."""
+    if kind == "nn.LSTM":  # converted by expand_weights
+        return nn.LSTM(3, 4), 4
+    if kind == "DPLSTM":
+        return pnn.DPLSTM(3, 4, num_layers=2, dropout=0.3), 4
+    if kind == "DPLSTMLayer":
+        return pnn.DPLSTMLayer(3, 4), 4
+    return pnn.BidirectionalDPLSTMLayer(3, 4), 8
+
+
+KINDS = ["nn.LSTM", "DPLSTM", "DPLSTMLayer", "BidirectionalDPLSTMLayer"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("between", ["none", "dropout-relu"])
+@pytest.mark.parametrize("steps", [5, 3])
+def test_time_major_output_into_a_batch_first_layer_raises(kind, between, steps):
+    torch.manual_seed(0)
+    rnn, width = rnn_for(kind)
+    model = pnn.expand_weights(Recurrent(rnn, width, between), 8).double()
+    x = torch.randn(steps, 5, 3, dtype=F64)  # [T, B, D] with B = 5: T == B, then T != B
+    with pytest.raises(ValueError, match=TIME_MAJOR) as info:
+        model(x)
+    message = str(info.value)
+    assert "'fc'" in message and "'rnn'" in message and "transpose(0, 1)" in message
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    assert _forward.current() is None  # the record is closed after a forward that raised
+
+
+@pytest.mark.parametrize("steps", [5, 3])
+def test_transposed_contiguous_copy_is_refused_only_when_t_equals_b(steps):
+    model = pnn.expand_weights(Recurrent(nn.LSTM(3, 4), 4, "transpose-contiguous"), 8).double()
+    x = torch.randn(steps, 5, 3, dtype=F64)
+    if steps == 5:
+        with pytest.raises(ValueError, match="cannot tell whether the input was transposed"):
+            model(x)
+    else:
+        model(x).sum().backward()
+        assert model.fc.weight.grad_sample.shape == (5, 2, 4)
+
+
+def oracle(ref, x, batch_first):
+    """Per-example gradients of ``ref(x_b).sum()`` by the float64 loop; ``x`` ``[B, T, D]``."""
+
+    def fn(params, xb):
+        xb = xb.unsqueeze(0 if batch_first else 1)
+        return functional_call(ref, params, (xb,)).pow(2).sum()
+
+    return per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters()}, x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("between", ["transpose", "transpose-tanh", "last"])
+def test_transposed_time_major_output_gives_exact_grads_when_t_equals_b(kind, between):
+    torch.manual_seed(1)
+    rnn, width = rnn_for(kind)
+    ref = Recurrent(rnn, width, between).double().eval()  # eval: DPLSTM's dropout off
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    x = torch.randn(4, 4, 3, dtype=F64)  # [B, T, D], T == B
+    model(x.transpose(0, 1)).pow(2).sum().backward()
+    assert_tree_close(grad_samples(model), oracle(ref, x, batch_first=False), rtol=1e-10)
+
+
+def test_batch_first_lstm_and_a_chain_after_the_transpose_are_not_refused():
+    torch.manual_seed(2)
+
+    class Chain(nn.Module):
+        def __init__(self, batch_first):
+            super().__init__()
+            self.batch_first = batch_first
+            self.lstm = nn.LSTM(3, 4, batch_first=batch_first)
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)  # same width as the LSTM
+
+        def forward(self, x):
+            out = self.lstm(x)[0]
+            out = out if self.batch_first else out.transpose(0, 1)
+            return self.b(torch.relu(self.a(out)))
+
+    x = torch.randn(4, 4, 3, dtype=F64)  # [B, T, D], T == B
+    for batch_first in (True, False):
+        ref = Chain(batch_first).double()
+        model = pnn.expand_weights(copy.deepcopy(ref), 8)
+        model(x if batch_first else x.transpose(0, 1)).pow(2).sum().backward()
+        assert_tree_close(grad_samples(model), oracle(ref, x, batch_first), rtol=1e-10)
+
+
+class WordLM(nn.Module):
+    """Embedding -> LSTM -> decoder, time-major (torch's word_language_model layout)."""
+
+    def __init__(self, fixed):
+        super().__init__()
+        self.fixed = fixed
+        self.emb, self.lstm, self.dec = nn.Embedding(11, 3), nn.LSTM(3, 4), nn.Linear(4, 11)
+
+    def forward(self, ids):
+        if self.fixed:  # ids [B, T]: embed batch-first, run time-major, decode batch-first
+            out = self.lstm(F.dropout(self.emb(ids), 0.0).transpose(0, 1))[0]
+            return self.dec(out.transpose(0, 1))
+        return self.dec(self.lstm(self.emb(ids))[0])  # ids [T, B]
+
+
+@pytest.mark.parametrize("steps", [5, 3])
+def test_time_major_ids_into_an_embedding_are_refused_at_the_lstm(steps):
+    model = pnn.expand_weights(WordLM(fixed=False), 8)
+    ids = torch.randint(0, 11, (steps, 5))  # [T, B]
+    with pytest.raises(ValueError, match=TIME_MAJOR) as info:
+        model(ids)
+    assert "'emb'" in str(info.value) and "'lstm'" in str(info.value)
+
+
+def test_batch_first_ids_transposed_into_a_time_major_lstm_give_exact_grads():
+    torch.manual_seed(3)
+    ref = WordLM(fixed=True).double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    ids = torch.randint(0, 11, (5, 5))  # [B, T], T == B
+    model(ids).pow(2).sum().backward()
+
+    def fn(params, ids_b):
+        return functional_call(ref, params, (ids_b[None],)).pow(2).sum()
+
+    expected = per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters()}, ids)
+    assert_tree_close(grad_samples(model), expected, rtol=1e-10)
+
+
+def test_a_layer_reading_another_batch_size_raises():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = nn.Parameter(torch.randn(1, 3), requires_grad=False)
+            self.proj, self.fc = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):  # a learned query shared by the batch, projected once
+            return self.fc(x) + self.proj(self.query).sum()
+
+    model = pnn.expand_weights(Shared(), 8)
+    with pytest.raises(ValueError, match=r"reads a batch of 1 examples.*x.expand\(B") as info:
+        model(torch.randn(4, 3))
+    assert "'proj'" in str(info.value) and "'fc'" in str(info.value)
+    model(torch.randn(1, 3)).sum().backward()  # a batch of one is one example everywhere
+
+
+def test_record_scope_nesting_and_hooks_installed_once():
+    inner = pnn.expand_weights(nn.Sequential(nn.Linear(3, 3)), 8)
+    outer = pnn.expand_weights(nn.Sequential(inner, nn.Linear(3, 2)), 8)
+    outer = pnn.expand_weights(outer, 8)
+    assert list(outer._forward_pre_hooks.values()).count(_forward._open) == 1
+    seen = []
+    outer[1].register_forward_pre_hook(lambda m, a: seen.append(_forward.current()))
+    outer(torch.randn(4, 3))
+    assert seen[0] is not None and seen[0].batch == 4 and _forward.current() is None
+    with pytest.raises(ValueError, match="reads a batch of 2"):
+        outer[1].register_forward_pre_hook(lambda m, a: (a[0][:2],))
+        outer(torch.randn(4, 3))
+    assert _forward.current() is None
+
+
+@pytest.mark.parametrize("kind", ["DPLSTM", "DPLSTMLayer", "BidirectionalDPLSTMLayer"])
+@pytest.mark.parametrize("steps", [5, 3])
+def test_shells_outside_a_converted_model_refuse_a_time_major_output_as_is(kind, steps):
+    rnn, width = rnn_for(kind)
+    fc = pnn.Linear(width, 2, max_batch_size=8)
+    out = rnn(torch.randn(steps, 5, 3))[0]
+    for x in (out, out[:, :, :2].unsqueeze(-1)[..., 0], out[1:]):  # itself, views
+        fc = pnn.Linear(x.shape[-1], 2, max_batch_size=8)
+        if x.shape[:2] == out.shape[:2]:
+            with pytest.raises(ValueError, match=TIME_MAJOR):
+                fc(x)
+    fc = pnn.Linear(width, 2, max_batch_size=8)
+    fc(out.transpose(0, 1)).sum().backward()  # transposed: fine
+    assert fc.weight.grad_sample.shape[0] == 5
+    fc(torch.relu(out.transpose(0, 1).contiguous()))  # a new tensor: not seen without a record
+    del out
+    fc(torch.randn(steps, 5, width))  # unrelated batch-first data after the output is gone
+
+
+# --------------------------------------------------------- item 10a: shared position ids
+
+
+class Positions(nn.Module):
+    """Token + position embeddings (position ids shared by the batch) and a linear head."""
+
+    def __init__(self, pos_first=True, flat_positions=False):
+        super().__init__()
+        self.pos_first, self.flat = pos_first, flat_positions
+        self.tok, self.pos, self.head = nn.Embedding(7, 3), nn.Embedding(6, 3), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[-1])
+        positions = positions if self.flat else positions[None]
+        if self.pos_first:
+            h = self.pos(positions) + self.tok(ids)
+        else:
+            h = self.tok(ids) + self.pos(positions)
+        return self.head(torch.tanh(h))
+
+
+def position_oracle(ref, ids, y):
+    def fn(params, ids_b, y_b):
+        logits = functional_call(ref, params, (ids_b[None],))[0]
+        return F.cross_entropy(logits, y_b, reduction="sum")
+
+    return per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters()}, ids, y)
+
+
+@pytest.mark.parametrize("pos_first", [True, False])
+@pytest.mark.parametrize("size,steps", [(5, 4), (1, 4), (4, 4), (6, 1)])
+def test_shared_position_ids_give_exact_per_example_grads(pos_first, size, steps):
+    torch.manual_seed(4)
+    ref = Positions(pos_first).double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    ids, y = torch.randint(0, 7, (size, steps)), torch.randint(0, 2, (size, steps))
+    out = model(ids)
+    torch.testing.assert_close(out, ref(ids), rtol=0, atol=0)
+    F.cross_entropy(out.transpose(1, 2), y, reduction="sum").backward()
+    expected = position_oracle(ref, ids, y)
+    assert_tree_close(grad_samples(model), expected, rtol=1e-10)
+    for name, p in model.named_parameters():  # .grad is still the ordinary gradient
+        torch.testing.assert_close(p.grad, expected[name].sum(0), rtol=1e-10, atol=1e-12)
+
+
+def test_shared_position_ids_on_an_empty_batch():
+    model = pnn.expand_weights(Positions().double(), 8)
+    out = model(torch.zeros(0, 4, dtype=torch.long))
+    assert out.shape == (0, 4, 2)
+    out.sum().backward()
+    assert model.pos.weight.grad_sample.shape == (0, 6, 3)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_shared_position_ids_under_dp_optimizer(fast):
+    torch.manual_seed(5)
+    ref = Positions().double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=0.3,
+                         noise_multiplier=0.0, expected_batch_size=5, fast_clipping=fast)
+    ids, y = torch.randint(0, 7, (5, 4)), torch.randint(0, 2, (5, 4))
+    F.cross_entropy(model(ids).transpose(1, 2), y, reduction="sum").backward()
+    norms = opt.accumulate()
+    expected = position_oracle(ref, ids, y)
+    exp_norms = torch.cat([g.flatten(1) for g in expected.values()], 1).norm(dim=1)
+    torch.testing.assert_close(norms, exp_norms, rtol=1e-10, atol=0)
+    scale = (0.3 / exp_norms).clamp(max=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        clipped = (expected[name] * scale.view(-1, *[1] * (expected[name].dim() - 1))).sum(0)
+        torch.testing.assert_close(before[name] - p.detach(), clipped / 5, rtol=1e-10, atol=1e-13)
+
+
+def test_flat_position_ids_are_examples_and_a_mismatch_raises():
+    model = pnn.expand_weights(Positions(pos_first=False, flat_positions=True), 8)
+    with pytest.raises(ValueError, match=r"Embedding 'pos' reads a batch of 4 examples"):
+        model(torch.randint(0, 7, (5, 4)))
+
+
+def test_shared_ids_outside_a_converted_model_are_one_example():
+    pos = pnn.Embedding(6, 3, max_batch_size=8)
+    out = pos(torch.arange(4)[None])
+    assert out.shape == (1, 4, 3)
+    out.sum().backward()
+    assert pos.weight.grad_sample.shape == (1, 6, 3)
+
+
+def test_a_record_left_open_by_an_interrupted_forward_ends_at_the_next_call():
+    model = pnn.expand_weights(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), 8)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt  # torch runs no forward hook after it
+
+    handle = model[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(4, 3))
+    handle.remove()
+    assert _forward.current() is not None and _forward.current().batch == 4
+    model(torch.randn(2, 3)).sum().backward()  # a new record: batch 2, no stale mismatch
+    assert model[0].weight.grad_sample.shape[0] == 2 and _forward.current() is None
