@@ -192,7 +192,10 @@ def group_norm(
             f"of x (shape {tuple(x.shape)}); pick a divisor of {channels}"
         )
     _check_channel_params(params, channels, "group_norm", x, f"init_group_norm({num_groups}, {channels})")
-    return F.group_norm(x, num_groups, params.get("weight"), params.get("bias"), eps)
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None and bias is not None:  # torch's fused kernel fails its backward then
+        return F.group_norm(x, num_groups, None, None, eps) + bias.reshape(channels, *(1,) * (x.dim() - 2))
+    return F.group_norm(x, num_groups, weight, bias, eps)
 
 
 def _channel_init(channels: int, affine: bool, bias: bool, dtype: Any, device: Any) -> dict[str, torch.Tensor]:

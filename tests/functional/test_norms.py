@@ -169,3 +169,12 @@ def test_init_rms_norm_is_nn_rms_norm():
 def test_rms_norm_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_group_norm_bias_without_weight_differentiates():
+    """torch's fused group_norm with a bias and no weight fails in backward ("tensor does not
+    have a device"); PF.group_norm adds the bias itself then."""
+    b = torch.randn(4, dtype=F64, requires_grad=True)
+    x = torch.randn(2, 4, 3, dtype=F64)
+    PF.group_norm({"bias": b}, x, 2).sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((4,), 6.0, dtype=F64))
