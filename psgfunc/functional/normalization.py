@@ -194,7 +194,7 @@ def group_norm(
     _check_channel_params(params, channels, "group_norm", x, f"init_group_norm({num_groups}, {channels})")
     weight, bias = params.get("weight"), params.get("bias")
     if weight is None and bias is not None:  # torch's fused kernel fails its backward then
-        return F.group_norm(x, num_groups, None, None, eps) + bias.reshape(channels, *(1,) * (x.dim() - 2))
+        return _channel_affine(F.group_norm(x, num_groups, None, None, eps), None, bias)
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
@@ -292,7 +292,19 @@ def instance_norm(
             "[C, *S] pass x.unsqueeze(0)"
         )
     _check_channel_params(params, x.shape[1], "instance_norm", x, f"init_instance_norm({x.shape[1]}, affine=True)")
-    return F.instance_norm(x, weight=params.get("weight"), bias=params.get("bias"), eps=eps)
+    weight, bias = params.get("weight"), params.get("bias")
+    if x.shape[0] == 0 and (weight is not None or bias is not None):
+        # torch's instance_norm fails on an empty batch with affine params (it indexes row 0)
+        return _channel_affine(F.instance_norm(x, eps=eps), weight, bias)
+    return F.instance_norm(x, weight=weight, bias=bias, eps=eps)
+
+
+def _channel_affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y [N, C, *S] * weight[c] + bias[c]`` (either may be None)."""
+    view = (y.shape[1], *(1,) * (y.dim() - 2))
+    if weight is not None:
+        y = y * weight.reshape(view)
+    return y if bias is None else y + bias.reshape(view)
 
 
 def init_instance_norm(

@@ -178,3 +178,13 @@ def test_group_norm_bias_without_weight_differentiates():
     x = torch.randn(2, 4, 3, dtype=F64)
     PF.group_norm({"bias": b}, x, 2).sum().backward()
     torch.testing.assert_close(b.grad, torch.full((4,), 6.0, dtype=F64))
+
+
+def test_instance_norm_empty_batch_with_affine():
+    """torch's instance_norm indexes row 0 of an empty batch when it has affine params."""
+    p = PF.init_instance_norm(3, affine=True, dtype=F64)
+    p["weight"].requires_grad_(True)
+    out = PF.instance_norm(p, torch.zeros(0, 3, 5, dtype=F64))
+    assert out.shape == (0, 3, 5)
+    out.sum().backward()
+    assert torch.equal(p["weight"].grad, torch.zeros(3, dtype=F64))
