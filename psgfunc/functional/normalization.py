@@ -186,12 +186,13 @@ def group_norm(
             "as torch's group_norm); for one example of C channels pass x.reshape(1, C, -1)"
         )
     channels = x.shape[1]
+    _check_channel_params(params, channels, "group_norm", x, f"init_group_norm({num_groups}, {channels})")
     if channels % num_groups:
         raise ValueError(
             f"group_norm: num_groups={num_groups} must divide the C={channels} channels at dim 1 "
-            f"of x (shape {tuple(x.shape)}); pick a divisor of {channels}"
+            f"of x (shape {tuple(x.shape)}); pick a divisor of {channels} (x is [N, C, *S]: one "
+            "example [C, *S] is x.unsqueeze(0))"
         )
-    _check_channel_params(params, channels, "group_norm", x, f"init_group_norm({num_groups}, {channels})")
     weight, bias = params.get("weight"), params.get("bias")
     if weight is None and bias is not None:  # torch's fused kernel fails its backward then
         return _channel_affine(F.group_norm(x, num_groups, None, None, eps), None, bias)

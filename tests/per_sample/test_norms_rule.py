@@ -250,3 +250,14 @@ def test_float32_cancelling_batch_of_one_stays_within_bound(layer, scale):
             if c == 1e30:
                 assert float(got[0]) >= norm * (1 - 1e-6)
                 assert abs(float(got[0]) / float(exact[0]) - 1) < 1e-2
+
+
+@pytest.mark.parametrize("method", ["expanded", "vmap"])
+def test_example_without_its_row_dim_is_named(method):
+    """torch's group_norm reads dim 0 as rows: an example [C, *S] must be x.unsqueeze(0)."""
+    x = torch.randn(3, 4, 5, 6, dtype=F64)
+    params = {"weight": torch.ones(4, dtype=F64)}
+    with pytest.raises(ValueError, match=r"ONE example.*unsqueeze\(0\)"):
+        per_sample_grads(lambda p, xi: PF.group_norm(p, xi, 2).sum(), params, x, method=method)
+    grads = per_sample_grads(lambda p, xi: PF.group_norm(p, xi.unsqueeze(0), 2).pow(2).sum(), params, x, method=method)
+    assert grads["weight"].shape == (3, 4)

@@ -122,6 +122,7 @@ class _ChannelNormRule(Rule):
         return _affine_rule(x_hat, size, rows, w, b)
 
     def _check(self, params: dict[str, torch.Tensor], x: torch.Tensor, size: int, **kwargs: Any) -> None:
+        """``x``: one example (its shape shows in errors); ``size``: the batch's examples."""
         for name, p in params.items():
             if p is not None and p.shape[0] != size:
                 raise ValueError(
@@ -138,7 +139,7 @@ class _ChannelNormRule(Rule):
                 f"{self.name} on a batch needs x shaped [B, C, *S] ({self.min_dim} dims at least), "
                 f"got {tuple(x.shape)}; keep the batch dim first"
             )
-        self._check(params, x, x.shape[0], **kwargs)
+        self._check(params, x[:1], x.shape[0], **kwargs)
         if not all(is_shared(p) for p in params.values() if p is not None):
             plain = self._plain(kwargs)
             return vmap(lambda p, xi: plain(p, xi.unsqueeze(0)).squeeze(0))(params, x)
@@ -150,7 +151,7 @@ class _ChannelNormRule(Rule):
             return NotImplemented  # the plain layer under vmap raises its own error
         size, rows = x.shape[:2]
         flat = x.reshape(size * rows, *x.shape[2:])
-        self._check(params, flat, size, **kwargs)
+        self._check(params, x[0] if size else flat, size, **kwargs)
         return self._run(params, flat, size, rows, **kwargs).view(x.shape)
 
     def _plain(self, kwargs: dict[str, Any]) -> Callable[..., torch.Tensor]:
