@@ -9,7 +9,16 @@ from psgfunc.functional.conv import conv1d, conv2d, conv3d, init_conv
 from psgfunc.functional.embedding import embedding, init_embedding
 from psgfunc.functional.linear import init_linear, linear
 from psgfunc.functional.lstm import init_lstm, init_lstm_cell, lstm, lstm_cell
-from psgfunc.functional.normalization import init_layer_norm, layer_norm
+from psgfunc.functional.normalization import (
+    group_norm,
+    init_group_norm,
+    init_instance_norm,
+    init_layer_norm,
+    init_rms_norm,
+    instance_norm,
+    layer_norm,
+    rms_norm,
+)
 
 __all__ = [
     "linear",
@@ -22,6 +31,12 @@ __all__ = [
     "init_embedding",
     "layer_norm",
     "init_layer_norm",
+    "group_norm",
+    "init_group_norm",
+    "instance_norm",
+    "init_instance_norm",
+    "rms_norm",
+    "init_rms_norm",
     "lstm_cell",
     "lstm",
     "init_lstm",

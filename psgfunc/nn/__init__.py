@@ -27,7 +27,14 @@ from psgfunc.nn.convert import CONVERTERS, expand_weights
 from psgfunc.nn.embedding import Embedding
 from psgfunc.nn.linear import ConvLinear, Linear
 from psgfunc.nn.lstm import DPLSTM, BidirectionalDPLSTMLayer, DPLSTMCell, DPLSTMLayer, LSTMLinear
-from psgfunc.nn.normalization import LayerNorm
+from psgfunc.nn.normalization import (
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    RMSNorm,
+)
 
 __all__ = [
     # BastionLab psg.nn family
@@ -40,6 +47,12 @@ __all__ = [
     "Conv3d",
     "expanded_convolution",
     "expand_weights",
+    # issue 13: normalisation layers
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "RMSNorm",
     # Opacus DP-LSTM family
     "DPLSTM",
     "DPLSTMLayer",

@@ -27,7 +27,14 @@ from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
 from psgfunc.nn.embedding import Embedding
 from psgfunc.nn.linear import Linear
 from psgfunc.nn.lstm import DPLSTM, DPLSTMCell
-from psgfunc.nn.normalization import LayerNorm
+from psgfunc.nn.normalization import (
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    RMSNorm,
+)
 
 __all__ = ["expand_weights", "CONVERTERS", "HINTS", "adopt_parameters"]
 
@@ -123,6 +130,55 @@ def _layer_norm(layer: nn.LayerNorm, max_batch_size: int) -> nn.Module:
     return adopt_parameters(shell, layer)
 
 
+def _group_norm(layer: nn.GroupNorm, max_batch_size: int) -> nn.Module:
+    shell = GroupNorm(
+        layer.num_groups,
+        layer.num_channels,
+        max_batch_size,
+        eps=layer.eps,
+        affine=layer.affine,
+        device="meta",
+        dtype=_dtype(layer),
+        bias=getattr(layer, "bias", None) is not None,
+    )
+    return adopt_parameters(shell, layer)
+
+
+def _instance_norm(cls: type) -> Converter:
+    def convert(layer: nn.Module, max_batch_size: int) -> nn.Module:
+        if layer.track_running_stats:
+            raise ValueError(
+                "with track_running_stats=True it keeps running statistics averaged over "
+                "the examples of each batch, a release of the training data outside DP-SGD's "
+                "accounting; build it with track_running_stats=False"
+            )
+        shell = cls(
+            layer.num_features,
+            max_batch_size,
+            eps=layer.eps,
+            momentum=layer.momentum,
+            affine=layer.affine,
+            device="meta",
+            dtype=_dtype(layer),
+            bias=getattr(layer, "bias", None) is not None,
+        )
+        return adopt_parameters(shell, layer)
+
+    return convert
+
+
+def _rms_norm(layer: nn.RMSNorm, max_batch_size: int) -> nn.Module:
+    shell = RMSNorm(
+        layer.normalized_shape,
+        max_batch_size,
+        eps=layer.eps,
+        elementwise_affine=layer.elementwise_affine,
+        device="meta",
+        dtype=_dtype(layer),
+    )
+    return adopt_parameters(shell, layer)
+
+
 CONVERTERS: dict[type, Converter] = {
     nn.Linear: _linear,
     nn.Conv1d: _conv(Conv1d),
@@ -130,16 +186,17 @@ CONVERTERS: dict[type, Converter] = {
     nn.Conv3d: _conv(Conv3d),
     nn.Embedding: _embedding,
     nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
+    nn.InstanceNorm1d: _instance_norm(InstanceNorm1d),  # refuses track_running_stats=True
+    nn.InstanceNorm2d: _instance_norm(InstanceNorm2d),
+    nn.InstanceNorm3d: _instance_norm(InstanceNorm3d),
+    nn.RMSNorm: _rms_norm,
     nn.LSTM: DPLSTM.from_lstm,  # refuses proj_size != 0
     nn.LSTMCell: DPLSTMCell.from_lstm_cell,
 }
 """``torch.nn`` type (exact) -> ``(layer, max_batch_size) -> shell``. Add entries to extend."""
 
 HINTS: dict[type, str] = {
-    nn.GroupNorm: (
-        "psgfunc has no GroupNorm rule yet: use nn.GroupNorm(..., affine=False) (no "
-        "parameters) or nn.LayerNorm"
-    ),
     nn.LSTM: "use psgfunc.nn.DPLSTM",
     nn.LSTMCell: "use psgfunc.nn.DPLSTMCell",
 }
@@ -152,8 +209,9 @@ def _refusal(layer: nn.Module) -> str | None:
         return (
             "it normalises with statistics over the whole batch, so every output mixes "
             "examples and per-sample gradients do not exist; replace it with nn.GroupNorm("
-            "num_groups, num_channels, affine=False) or nn.LayerNorm (psgfunc.nn.LayerNorm "
-            "after conversion), which normalise each example on its own"
+            "num_groups, num_channels) (expand_weights converts it to psgfunc.nn.GroupNorm, "
+            "affine parameters included), nn.LayerNorm or nn.InstanceNorm2d, which normalise "
+            "each example on its own"
         )
     if isinstance(layer, _InstanceNorm) and layer.track_running_stats:
         return (
@@ -179,7 +237,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     """Convert ``module``'s layers, in place and recursively, into ``psgfunc.nn`` shells.
 
     Every submodule whose exact type is in :data:`CONVERTERS` (``nn.Linear``,
-    ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.LSTM``, ``nn.LSTMCell``) is
+    ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``,
+    ``nn.InstanceNorm1d/2d/3d``, ``nn.RMSNorm``, ``nn.LSTM``, ``nn.LSTMCell``) is
     replaced in its parent by the matching shell, which holds the SAME ``Parameter`` objects (no copy: values, ``requires_grad``
     and any optimizer already built on the model carry over) and the layer's ``training``
     flag. Outputs are unchanged; after ``loss.backward()`` on a batch of ``B <=

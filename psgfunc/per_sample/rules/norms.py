@@ -1,0 +1,321 @@
+"""Rules for :func:`~psgfunc.functional.group_norm`, :func:`~psgfunc.functional.instance_norm`
+and :func:`~psgfunc.functional.rms_norm`.
+
+Each is a parameter-free normalisation ``x_hat`` (per row and group, per row and channel, or
+per position: examples never mix) followed by an elementwise affine step. The normalisation
+runs as the ordinary torch op without affine (ordinary autograd gives the input gradient);
+only the affine step, run with the shared weight in :class:`_ScalePerSample`, has per-sample
+gradients. Viewing ``x_hat`` and the output gradient ``g`` as ``[B, R, K, P]`` (``R`` rows or
+positions of an example, ``K`` parameter entries, ``P`` positions sharing an entry)::
+
+    dweight_b = sum over R, P of g_b * x_hat_b        [B, K]
+    dbias_b   = sum over R, P of g_b                  [B, K]
+
+These are the size of one channel vector per example, the same as the data any other form
+would keep, so the kind is :class:`~psgfunc.per_sample._kinds.Materialized`: norms come from
+the ``[B, K]`` rows and the clipped sum is one ``[B] @ [B, K]`` product.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import vmap
+
+from psgfunc import _rules
+from psgfunc.functional.normalization import (
+    _check_channel_params,
+    _check_rms_params,
+    _normalized_shape,
+    group_norm,
+    instance_norm,
+    rms_norm,
+)
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
+from psgfunc.per_sample._kinds import Materialized, emit
+
+__all__ = ["GroupNormRule", "InstanceNormRule", "RMSNormRule"]
+
+_DENSE = Materialized()
+
+
+def _first(p: torch.Tensor | None) -> torch.Tensor | None:
+    """The shared ``[*shape]`` tensor of an expanded ``[B, *shape]`` param (zeros for B = 0)."""
+    if p is None:
+        return None
+    return p[0] if p.shape[0] > 0 else p.new_zeros(p.shape[1:])
+
+
+def _scale(x_hat: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """``x_hat [B, R, K, P] * w [K, 1] + b [K, 1]`` (either may be None)."""
+    if w is None:
+        return x_hat + b.reshape(-1, 1)
+    if b is None:
+        return x_hat * w.reshape(-1, 1)
+    return torch.addcmul(b.reshape(-1, 1), x_hat, w.reshape(-1, 1))
+
+
+def _sums(g: torch.Tensor, x_hat: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    """``[B, R, K, P] -> [B, *shape]``: ``sum_{R, P} g (* x_hat)``, one example's parameter
+    gradient per row."""
+    t = g if x_hat is None else g * x_hat
+    return t.sum((1, 3)).reshape(shape)
+
+
+class _ScalePerSample(torch.autograd.Function):
+    """``x_hat [B, R, K, P], w [B, *W], b [B, *W] (shared, prod(W) = K) -> x_hat * w[0] + b[0]``
+    per entry ``k``; the backward emits each example's ``[B, *W]`` gradients."""
+
+    @staticmethod
+    def forward(x_hat: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        return _scale(x_hat, _first(w), _first(b))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        x_hat, w, b = inputs
+        ctx.save_for_backward(x_hat if w is not None else None, w)
+        ctx.bias = b  # identity only, for emit's bookkeeping
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        x_hat, w = ctx.saved_tensors
+        b = ctx.bias
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g if w is None else g * _first(w).reshape(-1, 1)
+        if w is not None and ctx.needs_input_grad[1]:
+            gw = emit(w, _DENSE, _sums(g, x_hat, w.shape))
+        if b is not None and ctx.needs_input_grad[2]:
+            gb = emit(b, _DENSE, _sums(g, None, b.shape))
+        return gx, gw, gb
+
+
+def _affine_rule(
+    x_hat: torch.Tensor, size: int, rows: int, w: torch.Tensor | None, b: torch.Tensor | None
+) -> torch.Tensor:
+    """The affine step on ``x_hat [size * rows, C, *S]`` with the shared ``w``, ``b``."""
+    view = x_hat.reshape(size, rows, x_hat.shape[1], math.prod(x_hat.shape[2:]))
+    return apply_function(_ScalePerSample, view, w, b).reshape(x_hat.shape)
+
+
+class _ChannelNormRule(Rule):
+    """Shared by group_norm and instance_norm: ``x [B, C, *S]`` (shells: one row per example)
+    or, under vmap, ``[B, N, C, *S]`` (examples of ``N`` rows); params ``[B, C]``."""
+
+    name = ""
+
+    def _normalize(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _init(self, channels: int, **kwargs: Any) -> str:
+        raise NotImplementedError
+
+    def _run(self, params: dict[str, torch.Tensor], x: torch.Tensor, size: int, rows: int, **kwargs: Any) -> torch.Tensor:
+        """``x [size * rows, C, *S]`` -> the layer's output, same shape."""
+        w, b = params.get("weight"), params.get("bias")
+        x_hat = self._normalize(x, **kwargs)
+        if w is None and b is None:
+            return x_hat
+        return _affine_rule(x_hat, size, rows, w, b)
+
+    def _check(self, params: dict[str, torch.Tensor], x: torch.Tensor, size: int, **kwargs: Any) -> None:
+        """``x``: one example (its shape shows in errors); ``size``: the batch's examples."""
+        for name, p in params.items():
+            if p is not None and p.shape[0] != size:
+                raise ValueError(
+                    f"{self.name}: params[{name!r}] holds {p.shape[0]} examples, x {size}; "
+                    "keep the batch dim first in x"
+                )
+        per_example = {k: v[0] if v.shape[0] else v.new_zeros(v.shape[1:]) for k, v in params.items() if v is not None}
+        _check_channel_params(per_example, x.shape[1], self.name, x, self._init(x.shape[1], **kwargs))
+
+    def batched(self, params: dict[str, torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kwargs = self._kwargs(*args, **kwargs)
+        if x.dim() < self.min_dim:
+            raise ValueError(
+                f"{self.name} on a batch needs x shaped [B, C, *S] ({self.min_dim} dims at least), "
+                f"got {tuple(x.shape)}; keep the batch dim first"
+            )
+        self._check(params, x[:1], x.shape[0], **kwargs)
+        if not all(is_shared(p) for p in params.values() if p is not None):
+            plain = self._plain(kwargs)
+            return vmap(lambda p, xi: plain(p, xi.unsqueeze(0)).squeeze(0))(params, x)
+        return self._run(params, x, x.shape[0], 1, **kwargs)
+
+    def vmapped(self, params: dict[str, torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        kwargs = self._kwargs(*args, **kwargs)
+        if x.dim() < self.min_dim + 1:
+            return NotImplemented  # the plain layer under vmap raises its own error
+        size, rows = x.shape[:2]
+        flat = x.reshape(size * rows, *x.shape[2:])
+        self._check(params, x[0] if size else flat, size, **kwargs)
+        return self._run(params, flat, size, rows, **kwargs).view(x.shape)
+
+    def _plain(self, kwargs: dict[str, Any]) -> Callable[..., torch.Tensor]:
+        plain = self.plain
+        return lambda p, xi: plain(p, xi, **kwargs)
+
+    def tapped(self, tap: Any, params: dict[str, torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        kwargs = self._kwargs(*args, **kwargs)
+        w, b = params.get("weight"), params.get("bias")
+        iw, ib = tap.index(w), tap.index(b)
+        if (w is None and b is None) or (w is not None and iw is None) or (b is not None and ib is None):
+            return NotImplemented
+        if x.dim() < self.min_dim or any(p is not None and tuple(p.shape) != (x.shape[1],) for p in (w, b)):
+            return NotImplemented  # the plain layer raises its own error
+        try:
+            x_hat = self._normalize(x, **kwargs)
+        except (ValueError, RuntimeError):
+            return NotImplemented
+        channels = x.shape[1]
+        view = x_hat.reshape(1, x.shape[0], channels, math.prod(x.shape[2:]))
+        y = _scale(view, None if w is None else w.detach(), None if b is None else b.detach()).reshape(x.shape)
+        kind = Materialized()  # a fresh object: torch.compile traces this
+
+        def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+            size = g.shape[0]
+            g4 = g.reshape(size, g.shape[1], channels, math.prod(g.shape[3:]))  # [B, N, C, P]
+            out = []
+            if iw is not None:
+                out.append((iw, kind, (_sums(g4, saved[0].reshape(g4.shape), (size, channels)),)))
+            if ib is not None:
+                out.append((ib, kind, (_sums(g4, None, (size, channels)),)))
+            return out
+
+        return tap.out(y, (x_hat,), build)
+
+
+class GroupNormRule(_ChannelNormRule):
+    """Per-sample rule of :func:`psgfunc.functional.group_norm`."""
+
+    name = "group_norm"
+    min_dim = 2
+
+    @staticmethod
+    def _kwargs(num_groups: int, *, eps: float = 1e-5) -> dict[str, Any]:
+        return {"num_groups": num_groups, "eps": eps}
+
+    def _plain(self, kwargs: dict[str, Any]) -> Callable[..., torch.Tensor]:
+        plain, groups, eps = self.plain, kwargs["num_groups"], kwargs["eps"]
+        return lambda p, xi: plain(p, xi, groups, eps=eps)
+
+    def _init(self, channels: int, *, num_groups: int, eps: float) -> str:
+        return f"init_group_norm({num_groups}, {channels})"
+
+    def _normalize(self, x: torch.Tensor, *, num_groups: int, eps: float) -> torch.Tensor:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or x.shape[1] % num_groups:
+            return group_norm.plain({}, x, num_groups, eps=eps)  # raises the layer's own error
+        return F.group_norm(x, num_groups, None, None, eps)
+
+
+class InstanceNormRule(_ChannelNormRule):
+    """Per-sample rule of :func:`psgfunc.functional.instance_norm`."""
+
+    name = "instance_norm"
+    min_dim = 3
+
+    @staticmethod
+    def _kwargs(*, eps: float = 1e-5) -> dict[str, Any]:
+        return {"eps": eps}
+
+    def _init(self, channels: int, *, eps: float) -> str:
+        return f"init_instance_norm({channels}, affine=True)"
+
+    def _normalize(self, x: torch.Tensor, *, eps: float) -> torch.Tensor:
+        return F.instance_norm(x, eps=eps)
+
+
+class RMSNormRule(Rule):
+    """Per-sample rule of :func:`psgfunc.functional.rms_norm` (batch dim 0 of ``x``)."""
+
+    def batched(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        normalized_shape: int | tuple[int, ...],
+        *,
+        eps: float | None = None,
+    ) -> torch.Tensor:
+        shape = _normalized_shape(normalized_shape, "rms_norm")
+        w = params.get("weight")
+        if x.dim() < len(shape) + 1 or tuple(x.shape[x.dim() - len(shape) :]) != shape:
+            raise ValueError(
+                f"rms_norm on a batch needs x shaped [B, *, {', '.join(map(str, shape))}], "
+                f"got {tuple(x.shape)}; pass the trailing dims of x as normalized_shape and "
+                "keep the batch dim first"
+            )
+        if params.get("bias") is not None:
+            _check_rms_params({"bias": params["bias"]}, shape)
+        if w is not None and (tuple(w.shape[1:]) != shape or w.shape[0] != x.shape[0]):
+            raise ValueError(
+                f"rms_norm: params['weight'] has per-example shape {tuple(w.shape[1:])} for "
+                f"{w.shape[0]} examples, expected normalized_shape={shape} for the {x.shape[0]} "
+                f"examples of x; build params with init_rms_norm({shape})"
+            )
+        x_hat = F.rms_norm(x, shape, None, eps)
+        if w is None:
+            return x_hat
+        if not is_shared(w):
+            return vmap(lambda p, xi: self.plain(p, xi, shape, eps=eps))(params, x)
+        size, k = x.shape[0], math.prod(shape)
+        rows = math.prod(x.shape[1 : x.dim() - len(shape)])
+        out = apply_function(_ScalePerSample, x_hat.reshape(size, rows, k, 1), w, None)
+        return out.reshape(x.shape)
+
+    def tapped(
+        self,
+        tap: Any,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        normalized_shape: int | tuple[int, ...],
+        *,
+        eps: float | None = None,
+    ) -> Any:
+        w = params.get("weight")
+        iw = tap.index(w)
+        if iw is None or params.get("bias") is not None:
+            return NotImplemented
+        shape = _normalized_shape(normalized_shape, "rms_norm")
+        if (x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape
+                or tuple(w.shape) != shape):
+            return NotImplemented  # the plain layer raises its own error
+        x_hat = F.rms_norm(x, shape, None, eps)
+        y = x_hat * w.detach()
+        kind = Materialized()  # a fresh object: torch.compile traces this
+        k = math.prod(shape)
+
+        def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+            size = g.shape[0]
+            g4 = g.reshape(size, math.prod(g.shape[1 : g.dim() - len(shape)]), k, 1)  # [B, positions, K, 1]
+            return [(iw, kind, (_sums(g4, saved[0].reshape(g4.shape), (size, *shape)),))]
+
+        return tap.out(y, (x_hat,), build)
+
+
+GROUP_NORM = GroupNormRule(group_norm.plain)
+INSTANCE_NORM = InstanceNormRule(instance_norm.plain)
+RMS_NORM = RMSNormRule(rms_norm.plain)
+
+
+@_rules.register_rule(group_norm)
+def _group_norm(params: dict[str, torch.Tensor], x: torch.Tensor, num_groups: int, *, eps: float = 1e-5) -> torch.Tensor:
+    return call_rule(GROUP_NORM, params, x, num_groups, eps=eps)
+
+
+@_rules.register_rule(instance_norm)
+def _instance_norm(params: dict[str, torch.Tensor], x: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
+    return call_rule(INSTANCE_NORM, params, x, eps=eps)
+
+
+@_rules.register_rule(rms_norm)
+def _rms_norm(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    normalized_shape: int | tuple[int, ...],
+    *,
+    eps: float | None = None,
+) -> torch.Tensor:
+    return call_rule(RMS_NORM, params, x, normalized_shape, eps=eps)
