@@ -12,14 +12,15 @@ norms and sums are the eager fast path's formulas (Gram or materialised per laye
 contraction per clipped sum). Linear, conv1d/2d/3d, embedding, layer_norm and lstm (one
 example ``[T, D]`` without ``lengths``: the tap sits on the gate pre-activations) are tapped;
 params of other calls (``lstm`` with ``lengths``, ``lstm_cell``, plain torch ops) are
-differentiated per example inside the graph, with a warning. Which calls are tapped is planned by one eager run
-of ``fn`` on the first example, per input signature (shapes, dtypes, structure): each new
-signature plans and compiles again. The batch size is not part of the plan, but each new
-batch size compiles again (``vmap`` traces with a concrete size): with Poisson sampling
-expect one compilation per distinct batch size (the graphs are kept, and sizes near the
-expected one recur), and prefer the eager :func:`clipped_grad_sum` where compilation is slow
-(seconds for the MLP and the digits CNN here, about two minutes for the Embedding+LSTM
-model).
+differentiated per example inside the graph, with a warning. Which calls are tapped is
+planned by one eager run of ``fn`` on the first example, per input signature (shapes, dtypes,
+structure): each new signature plans and compiles again, and so does a pass that finds ``fn``
+no longer doing what was planned (see :func:`compiled_clipped_grad_sum`). The batch size is
+not part of the plan, but each new batch size compiles again (``vmap`` traces with a concrete
+size): with Poisson sampling expect one compilation per distinct batch size (the graphs are
+kept, and sizes near the expected one recur; ``step.compile_seconds`` says what each cost),
+and prefer the eager :func:`clipped_grad_sum` where compilation is slow (seconds for the MLP
+and the digits CNN here, about two minutes for the Embedding+LSTM model).
 
 ``method="materialize"`` compiles ``vmap(grad(fn))``, the norms and the clipped sum; Inductor
 may fuse the per-sample gradients with the clipping, but on CPU the graph still materialises
@@ -89,7 +90,8 @@ def compiled_clipped_grad_sum(
     pass checks its plan: the compiler retraces when Python state that ``fn`` reads changes
     (a flag in a closure, a global, a dict), the retraced pass reports the layer calls it made,
     and every pass reports, per tapped leaf, whether a plain op also reached it in this batch
-    (a zero-cost-when-unused probe, see :mod:`psgfunc.per_sample._tap`). A pass that differs
+    (a probe costing one elementwise op per tapped leaf, see :mod:`psgfunc.per_sample._tap`;
+    one more host sync per call). A pass that differs
     from its plan gives no sum: the step plans again from the current ``fn`` and reruns (plans
     and graphs are kept, so a flag that goes back and forth does not compile again). A pass
     that swaps which params a layer uses is followed as it is (the pieces come from the
@@ -203,7 +205,8 @@ class _Runner:
         self.owner = owner
         self.warned_eager = False
 
-    def __call__(self, graph: _Graph, size: int, cache: dict[Any, _Graph], key: Any, *args: Any) -> Any:
+    def __call__(self, graph: _Graph, size: int, cache: dict[Any, _Graph], key: Any,
+                 *args: Any) -> Any:
         """``graph(*args)``; ``cache[key]`` is ``graph``, dropped where it must not serve again."""
         stats = self.owner.stats
         prev = _rules.current_tap()
@@ -247,9 +250,10 @@ class _Runner:
             raise eager_err from err
         raise ValueError(
             "compiled_clipped_grad_sum: torch.compile could not trace this step "
-            f"({type(err).__name__}: {str(err)[:200]}), which runs eagerly without error; fn "
-            "must trace into one graph (no print, .item() or other graph break inside fn: "
-            "fullgraph=True names the break), or use psgfunc.dp.clipped_grad_sum"
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}), which runs "
+            "eagerly without error; fn must trace into one graph (no print, .item() or other "
+            "graph break inside fn: fullgraph=True names the break), or use "
+            "psgfunc.dp.clipped_grad_sum"
         ) from err
 
 
@@ -358,7 +362,7 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
                 g = graphs[gkey] = _Graph(build(current), compile_kwargs)
             summed, norms, unplanned, calls, _ = run(g, prep.size, graphs, gkey, detached, *batch)
             if summed is None:
-                why = f"its layer calls differ from the plan's ({len(calls)} vs {len(current.calls)})"
+                why = f"it made {len(calls)} tapped layer calls, the plan {len(current.calls)}"
                 current = plan(prep, key)
                 continue
             reached = unplanned.nonzero().flatten().tolist() if bool(unplanned.any()) else []

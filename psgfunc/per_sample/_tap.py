@@ -156,7 +156,8 @@ def _direction(p: torch.Tensor) -> torch.Tensor:
     return torch.sin(i * 0.7548776662466927 + 0.5).reshape(p.shape).to(p.dtype)
 
 
-def traced_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor], b_leaves: list[Any]) -> Traced:
+def traced_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor],
+                  b_leaves: list[Any]) -> Traced:
     """Per params leaf, its pieces for the batch ``b_leaves``, by one ``vmap(grad)``, with the
     pass's report on its plan (:class:`Traced`). Raises nothing on a difference from the plan
     (see the module docstring).
