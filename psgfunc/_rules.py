@@ -15,6 +15,8 @@ import contextvars
 import functools
 from typing import Any, Callable, Iterator
 
+from torch.compiler import is_compiling as _is_compiling
+
 __all__ = [
     "dispatchable", "register_rule", "expanded_mode", "expanded_mode_kind", "rule_for", "enter_mode", "exit_mode",
     "current_tap", "set_tap",
@@ -61,7 +63,9 @@ def dispatchable(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def layer(*args: Any, **kwargs: Any) -> Any:
-        if _TAP.current is not None or _EXPANDED.get() is not None:
+        # the compiler cannot trace ContextVar.get (a graph break per layer call, which broke
+        # compiled_clipped_grad_sum(method="materialize")); the modes are entered eagerly
+        if _TAP.current is not None or (not _is_compiling() and _EXPANDED.get() is not None):
             rule = _RULES.get(layer)
             if rule is not None:
                 return rule(*args, **kwargs)

@@ -12,14 +12,15 @@ norms and sums are the eager fast path's formulas (Gram or materialised per laye
 contraction per clipped sum). Linear, conv1d/2d/3d, embedding, layer_norm and lstm (one
 example ``[T, D]`` without ``lengths``: the tap sits on the gate pre-activations) are tapped;
 params of other calls (``lstm`` with ``lengths``, ``lstm_cell``, plain torch ops) are
-differentiated per example inside the graph, with a warning. Which calls are tapped is planned by one eager run
-of ``fn`` on the first example, per input signature (shapes, dtypes, structure): each new
-signature plans and compiles again. The batch size is not part of the plan, but each new
-batch size compiles again (``vmap`` traces with a concrete size): with Poisson sampling
-expect one compilation per distinct batch size (the graphs are kept, and sizes near the
-expected one recur), and prefer the eager :func:`clipped_grad_sum` where compilation is slow
-(seconds for the MLP and the digits CNN here, about two minutes for the Embedding+LSTM
-model).
+differentiated per example inside the graph, with a warning. Which calls are tapped is
+planned by one eager run of ``fn`` on the first example, per input signature (shapes, dtypes,
+structure): each new signature plans and compiles again, and so does a pass that finds ``fn``
+no longer doing what was planned (see :func:`compiled_clipped_grad_sum`). The batch size is
+not part of the plan, but each new batch size compiles again (``vmap`` traces with a concrete
+size): with Poisson sampling expect one compilation per distinct batch size (the graphs are
+kept, and sizes near the expected one recur; ``step.compile_seconds`` says what each cost),
+and prefer the eager :func:`clipped_grad_sum` where compilation is slow (seconds for the MLP
+and the digits CNN here, about two minutes for the Embedding+LSTM model).
 
 ``method="materialize"`` compiles ``vmap(grad(fn))``, the norms and the clipped sum; Inductor
 may fuse the per-sample gradients with the clipping, but on CPU the graph still materialises
@@ -40,18 +41,24 @@ call, and NaN/Inf norms raise ``ValueError`` after it.
 
 from __future__ import annotations
 
+import functools
+import itertools
+import time
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import optree
 import torch
+from torch._dynamo.utils import counters
 from torch.func import grad, vmap
 
-from psgfunc._tree import batch_size, row_sq_norms
+from psgfunc import _rules
+from psgfunc._tree import row_sq_norms
 from psgfunc.dp._clip import _check_positive_finite
 from psgfunc.per_sample._api import _prepare
-from psgfunc.per_sample._tap import discover, tap_pieces
+from psgfunc.per_sample._tap import Plan, discover, traced_pieces
 
 _METHODS = ("auto", "fast", "materialize")
 
@@ -78,13 +85,26 @@ def compiled_clipped_grad_sum(
         **compile_kwargs: passed to ``torch.compile`` (e.g. ``dynamic=False``,
             ``mode="max-autotune"``, ``backend="eager"`` to check tracing without Inductor).
 
-    ``method="fast"`` plans each input signature once (which layer calls are tapped, which
-    leaves some other op also uses), so ``fn`` must make the same psgfunc layer calls with the
-    same shapes on every call of that signature; a pass that does not follows no plan and
-    raises ValueError, and a pass that swaps which params a layer uses is followed (the
-    compiler retraces on the changed Python state and the pieces come from that trace). If
-    ``fn`` may start using a params leaf in a plain torch op that it did not use that way when
-    planned, build a new step.
+    ``method="fast"`` plans each input signature (which layer calls are tapped, which leaves
+    some plain torch op also uses) by an eager run on the first example, and every compiled
+    pass checks its plan: the compiler retraces when Python state that ``fn`` reads changes
+    (a flag in a closure, a global, a dict), the retraced pass reports the layer calls it made,
+    and every pass reports, per tapped leaf, whether a plain op also reached it in this batch
+    (a probe costing one elementwise op per tapped leaf, see :mod:`psgfunc.per_sample._tap`;
+    one more host sync per call). A pass that differs
+    from its plan gives no sum: the step plans again from the current ``fn`` and reruns (plans
+    and graphs are kept, so a flag that goes back and forth does not compile again). A pass
+    that swaps which params a layer uses is followed as it is (the pieces come from the
+    traced pass). Each compiled graph has a code object of its own, so steps, signatures and
+    batch sizes do not share the compiler's cache or its recompile limit
+    (``torch._dynamo.config.recompile_limit``) and a step that failed leaves nothing behind
+    that breaks another.
+
+    The step reports what compiling cost: ``step.compile_seconds`` maps each batch size to
+    the wall time of the calls that compiled a graph for it (tracing and backend compilation,
+    plus that one run), and ``step.stats`` counts ``"compiles"`` (graphs the compiler built),
+    ``"plans"`` (eager planning runs, ``method="fast"``) and ``"eager_runs"`` (calls the
+    compiler ran without a graph).
 
     Returns:
         ``step(params, *batch) -> (clipped_sum, norms [B])``, equal to
@@ -92,37 +112,30 @@ def compiled_clipped_grad_sum(
 
     Raises:
         ValueError: an unknown ``method`` or invalid ``max_norm``; (from ``step``) mismatched
-            batch sizes, an empty batch, or a non-finite per-example norm.
+            batch sizes, an empty batch, a non-finite per-example norm, ``fn`` whose layer
+            calls or plain uses of params still differ from a fresh plan after planning again
+            (they change from call to call, e.g. with a counter), or a step that the compiler
+            cannot trace (it runs eagerly without error: a graph break, e.g. ``print`` or
+            ``.item()`` in ``fn``; an error that ``fn`` raises eagerly is raised as it is).
+
+    Warns:
+        UserWarning: leaves materialised in the graph (``method="fast"``); the compiler ran a
+            graph eagerly (its recompile limit was hit because the Python state ``fn`` reads
+            kept changing, or compilation is disabled): that result is exact, and the next
+            call starts a fresh cache.
     """
     if method not in _METHODS:
         raise ValueError(f"compiled_clipped_grad_sum: unknown method {method!r}; use one of {_METHODS}")
     c = _check_positive_finite(max_norm, "compiled_clipped_grad_sum: max_norm")
     if method != "materialize":
         return _fast_step(fn, c, compile_kwargs)
+    return _materialize_step(fn, c, compile_kwargs)
 
-    def graph(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
-        in_dims = tuple(optree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, b) for b in batch)
-        grads = vmap(grad(fn), in_dims=(None, *in_dims))(params, *batch)
-        leaves, spec = optree.tree_flatten(grads)
-        sq = None
-        for g in leaves:
-            s = row_sq_norms(g)
-            sq = s if sq is None else sq + s
-        norms = sq.sqrt()
-        factor = c / norms.clamp_min(c)
-        sums = [torch.tensordot(factor.to(g.dtype), g, dims=1) for g in leaves]
-        return optree.tree_unflatten(spec, sums), norms
 
-    compiled = torch.compile(graph, **compile_kwargs)
+_ATTEMPTS = 3
+"""Passes one call of a fast step may take (each one after a pass off its plan plans again)."""
 
-    def step(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
-        if batch_size(*batch) == 0:
-            raise _empty_error()
-        params = optree.tree_map(lambda p: p.detach(), params)
-        summed, norms = compiled(params, *batch)
-        return summed, _check_finite(norms)
-
-    return step
+_NAMES = itertools.count()
 
 
 def _empty_error() -> ValueError:
@@ -161,52 +174,215 @@ def _signature(prep: Any) -> tuple[Any, ...]:
     return (prep.p_spec, params, prep.b_spec, batch)
 
 
-def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[str, Any]) -> Callable[..., Any]:
-    """``step`` of ``method="fast"``: one plan per input signature, and one compiled graph
-    per signature and batch size (``vmap`` traces with a concrete batch size; a compiled
-    function of its own per size also keeps clear of the compiler's recompile limit)."""
-    plans: dict[Any, Any] = {}
-    graphs: dict[Any, Callable[..., Any]] = {}
+def _own_code(body: Callable[..., Any]) -> Callable[..., Any]:
+    """``body`` as a function with a code object of its own.
 
-    def plan_for(prep: Any, key: Any) -> Any:
-        plan = plans.get(key)
-        if plan is None:
-            plan = plans[key] = discover(prep)
-            if plan.materialized:
+    The compiler keys its cache, its recompile limit and its automatic-dynamic state on the
+    code object (and on its name and line): closures made by one ``def`` share one, so every
+    step, signature and batch size would count towards one limit (after which the compiler
+    silently runs eagerly), and a broken entry left by a failed trace would serve them all.
+    """
+    name = f"psgfunc_clipped_step_{next(_NAMES)}"
+    code = body.__code__.replace(co_name=name, co_qualname=name)
+    out = types.FunctionType(code, body.__globals__, name, body.__defaults__, body.__closure__)
+    out.__kwdefaults__ = body.__kwdefaults__
+    return out
+
+
+class _Graph:
+    """One compiled graph (a code object of its own) and its eager twin, for diagnosis."""
+
+    def __init__(self, body: Callable[..., Any], compile_kwargs: dict[str, Any]):
+        self.body = body
+        self.compiled = torch.compile(_own_code(body), **compile_kwargs)
+
+
+class _Runner:
+    """Runs graphs for one step: counts compiles, times them, keeps the tap slot clean, and
+    turns a failed trace into a clear error that leaves no broken graph behind."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.warned_eager = False
+
+    def __call__(self, graph: _Graph, size: int, cache: dict[Any, _Graph], key: Any,
+                 *args: Any) -> Any:
+        """``graph(*args)``; ``cache[key]`` is ``graph``, dropped where it must not serve again."""
+        stats = self.owner.stats
+        prev = _rules.current_tap()
+        before = counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        try:
+            out = graph.compiled(*args)
+        except Exception as err:
+            cache.pop(key, None)  # its cache may hold an entry that fails again: never reuse it
+            _rules.set_tap(prev)
+            self._diagnose(graph, err, args)
+        finally:
+            _rules.set_tap(prev)
+        built = counters["stats"]["unique_graphs"] - before
+        if built > 0:
+            stats["compiles"] += built
+            seconds = self.owner.compile_seconds
+            seconds[size] = seconds.get(size, 0.0) + time.perf_counter() - start
+        if not out[-1]:  # the compiler ran the body without a graph
+            stats["eager_runs"] += 1
+            cache.pop(key, None)
+            if not self.warned_eager:
+                self.warned_eager = True
                 warnings.warn(
-                    f"psgfunc fast clipping (compiled): {len(plan.materialized)} of "
-                    f"{len(prep.p_leaves)} parameter leaves are used by functions without a tap "
-                    "(psgfunc.functional.linear, conv*, embedding, layer_norm and lstm without "
-                    "lengths have one), so their per-sample gradients are materialised in the graph",
+                    "compiled_clipped_grad_sum: torch.compile ran this step eagerly (exact, but "
+                    "slow): its recompile limit (torch._dynamo.config.recompile_limit = "
+                    f"{torch._dynamo.config.recompile_limit}) was hit because Python state that "
+                    "fn reads kept changing, or compilation is disabled; the next call starts "
+                    "a fresh cache",
                     stacklevel=4,
                 )
-        return plan
+        return out
 
-    def build(plan: Any) -> Callable[..., Any]:
-        def graph(params: Any, *batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+    @staticmethod
+    def _diagnose(graph: _Graph, err: Exception, args: tuple[Any, ...]) -> None:
+        """Re-raise ``fn``'s own error where the eager body raises one, else a ValueError
+        (the compiler cannot trace the step)."""
+        try:
+            graph.body(*args)
+        except Exception as eager_err:
+            raise eager_err from err
+        raise ValueError(
+            "compiled_clipped_grad_sum: torch.compile could not trace this step "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}), which runs "
+            "eagerly without error; fn must trace into one graph (no print, .item() or other "
+            "graph break inside fn: fullgraph=True names the break), or use "
+            "psgfunc.dp.clipped_grad_sum"
+        ) from err
+
+
+def _new_step(call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` as the public step, with its ``compile_seconds`` and ``stats``."""
+
+    @functools.wraps(call)
+    def step(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
+        return call(params, *batch)
+
+    step.compile_seconds = {}  # type: ignore[attr-defined]
+    step.stats = {"compiles": 0, "plans": 0, "eager_runs": 0}  # type: ignore[attr-defined]
+    return step
+
+
+def _materialize_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """``step`` of ``method="materialize"``: one compiled graph per input signature (the
+    compiler recompiles for a new batch size, and may make it dynamic)."""
+
+    def graph(params: Any, *batch: Any) -> tuple[Any, torch.Tensor, bool]:
+        in_dims = tuple(optree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, b) for b in batch)
+        grads = vmap(grad(fn), in_dims=(None, *in_dims))(params, *batch)
+        leaves, spec = optree.tree_flatten(grads)
+        sq = None
+        for g in leaves:
+            s = row_sq_norms(g)
+            sq = s if sq is None else sq + s
+        norms = sq.sqrt()
+        factor = c / norms.clamp_min(c)
+        sums = [torch.tensordot(factor.to(g.dtype), g, dims=1) for g in leaves]
+        return optree.tree_unflatten(spec, sums), norms, torch.compiler.is_compiling()
+
+    graphs: dict[Any, _Graph] = {}
+
+    def call(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
+        prep = _prepare(fn, params, batch, None, "different")
+        if prep.size == 0:
+            raise _empty_error()
+        key = _signature(prep)
+        g = graphs.get(key)
+        if g is None:
+            g = graphs[key] = _Graph(graph, compile_kwargs)
+        params = prep.unflatten(prep.p_leaves)  # detached
+        summed, norms, _ = run(g, prep.size, graphs, key, params, *batch)
+        return summed, _check_finite(norms)
+
+    step = _new_step(call)
+    run = _Runner(step)
+    return step
+
+
+def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """``step`` of ``method="fast"``: plans per input signature (the current one first, others
+    kept), and one compiled graph per plan and batch size (``vmap`` traces with a concrete
+    batch size)."""
+    plans: dict[Any, Plan] = {}  # signature -> the plan in use
+    graphs: dict[Any, _Graph] = {}  # (signature, plan, batch size) -> its graph
+    warned: set[Any] = set()
+
+    def plan(prep: Any, key: Any, excluded: Any = ()) -> Plan:
+        new = plans[key] = discover(prep, excluded) if excluded else discover(prep)
+        step.stats["plans"] += 1
+        if new.materialized and (key, tuple(new.materialized)) not in warned:
+            warned.add((key, tuple(new.materialized)))
+            warnings.warn(
+                f"psgfunc fast clipping (compiled): {len(new.materialized)} of "
+                f"{len(prep.p_leaves)} parameter leaves are used by functions without a tap "
+                "(psgfunc.functional.linear, conv*, embedding, layer_norm and lstm without "
+                "lengths have one), so their per-sample gradients are materialised in the graph",
+                stacklevel=4,
+            )
+        return new
+
+    def build(p: Plan) -> Callable[..., Any]:
+        def graph(params: Any, *batch: Any) -> Any:
             # flattened inside: the compiler traces optree with its own tree specs
             inner = _prepare(fn, params, batch, None, "different")
-            leaves = tap_pieces(inner, plan, inner.p_leaves, inner.b_leaves)
+            traced = traced_pieces(inner, p, inner.p_leaves, inner.b_leaves)
+            if traced.leaves is None:  # off its plan (a constant of this trace): no sum
+                return None, None, None, traced.calls, torch.compiler.is_compiling()
+            leaves = traced.leaves
             sq = leaves[0].sq_norm
             for leaf in leaves[1:]:
                 sq = sq + leaf.sq_norm
             norms = sq.sqrt()
             factor = c / norms.clamp_min(c)
-            return [leaf.weighted_sum(factor) for leaf in leaves], norms
+            sums = [leaf.weighted_sum(factor) for leaf in leaves]
+            return sums, norms, traced.unplanned, traced.calls, torch.compiler.is_compiling()
 
-        return torch.compile(graph, **compile_kwargs)
+        return graph
 
-    def step(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
+    def call(params: Any, *batch: Any) -> tuple[Any, torch.Tensor]:
         prep = _prepare(fn, params, batch, None, "different")
         if prep.size == 0:
             raise _empty_error()
         if not prep.p_leaves:
             raise ValueError("compiled_clipped_grad_sum: params has no tensor leaves; nothing to differentiate")
         key = _signature(prep)
-        graph = graphs.get((key, prep.size))
-        if graph is None:
-            graph = graphs[key, prep.size] = build(plan_for(prep, key))
-        summed, norms = graph(prep.unflatten(prep.p_leaves), *batch)
-        return prep.unflatten(summed), _check_finite(norms)
+        current = plans.get(key) or plan(prep, key)
+        detached = prep.unflatten(prep.p_leaves)
+        why = ""
+        for _ in range(_ATTEMPTS):
+            gkey = (key, _plan_key(current), prep.size)
+            g = graphs.get(gkey)
+            if g is None:
+                g = graphs[gkey] = _Graph(build(current), compile_kwargs)
+            summed, norms, unplanned, calls, _ = run(g, prep.size, graphs, gkey, detached, *batch)
+            if summed is None:
+                why = f"it made {len(calls)} tapped layer calls, the plan {len(current.calls)}"
+                current = plan(prep, key)
+                continue
+            reached = unplanned.nonzero().flatten().tolist() if bool(unplanned.any()) else []
+            if reached:
+                why = f"plain ops reached the tapped params leaves {reached}"
+                current = plan(prep, key, set(reached) | set(current.materialized))
+                continue
+            return prep.unflatten(summed), _check_finite(norms)
+        raise ValueError(
+            f"compiled_clipped_grad_sum: after planning {_ATTEMPTS} times, the compiled pass of "
+            f"fn still differs from its plan ({why}): fn must make the same psgfunc layer calls "
+            "and the same plain uses of params whenever its inputs' shapes and the Python state "
+            "it reads are the same (no counters or random choices in Python); use "
+            "method=\"materialize\" or psgfunc.dp.clipped_grad_sum for such an fn"
+        )
 
+    step = _new_step(call)
+    run = _Runner(step)
     return step
+
+
+def _plan_key(p: Plan) -> tuple[Any, ...]:
+    return (tuple(p.calls), tuple(p.materialized))

@@ -18,11 +18,21 @@ materialised, as in the eager path.
 
 Which calls are tapped, and the shapes of their outputs, is found once per input signature
 by a discovery run of ``fn`` on the first example (:func:`discover`); the traced pass then
-follows that plan (:func:`tap_pieces`).
+follows that plan (:func:`traced_pieces`) and checks it: it reports the layer calls it made
+(a Python constant of the trace: the compiled graph keeps the report of the trace that built
+it) and, per tapped leaf, whether a plain op also reached that leaf in this batch (a probe: the
+leaf ``p`` enters ``fn`` as ``p + e * r`` with a scalar ``e = 0`` and a fixed direction ``r``;
+the per-example ``d loss / d e = <plain gradient, r>`` is exactly zero when only tapped layers,
+which take ``p`` detached, use it, and nonzero almost surely otherwise). A pass that differs
+from its plan never yields a sum: the caller plans again (:mod:`psgfunc.dp._compiled`).
+Nothing in the traced pass raises on a difference from the plan: an exception inside a
+``torch.func`` transform under ``torch.compile`` breaks the graph and leaves a broken cache
+entry behind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -31,7 +41,7 @@ from torch.func import grad, vmap
 from psgfunc import _rules
 from psgfunc.per_sample._kinds import LeafPieces, leaf_pieces
 
-__all__ = ["Tap", "Plan", "discover", "tap_pieces"]
+__all__ = ["Tap", "Plan", "Traced", "discover", "traced_pieces", "tap_pieces"]
 
 Build = Callable[[tuple[torch.Tensor, ...], torch.Tensor], list[tuple[int, Any, tuple[Any, ...]]]]
 """``build(saved [B, ...] each, g [B, *out]) -> [(leaf index, kind, data), ...]``."""
@@ -63,20 +73,22 @@ class Tap:
 
     def out(self, y: torch.Tensor, saved: Any, build: Build) -> torch.Tensor:
         """Tap ``y`` (one example's layer output): ``y + z_k``, keeping ``saved`` (a tuple, or
-        a list the layer may still append to until its call returns) for ``build``."""
+        a list the layer may still append to until its call returns) for ``build``.
+
+        A call the plan does not have (one more than planned, another output shape or dtype)
+        is recorded and left untapped: the pass is off its plan (:attr:`calls` differs from
+        the plan's) and its pieces are never used."""
         k = len(self.saved)
         self.saved.append(saved)
         self.builds.append(build)
-        if self.zs is None:
-            self.calls.append((tuple(y.shape), y.dtype))
+        call = (tuple(y.shape), y.dtype)
+        self.calls.append(call)
+        if self.zs is None or k >= len(self.zs):
             return y
-        if k >= len(self.zs) or tuple(self.zs[k].shape) != tuple(y.shape):
-            raise ValueError(
-                "psgfunc fast clipping (compiled): fn called its psgfunc layers differently from "
-                f"the run that planned the step (call {k}: output {tuple(y.shape)}); fn must call "
-                "the same layers with the same shapes for every example"
-            )
-        return y + self.zs[k]
+        z = self.zs[k]
+        if (tuple(z.shape), z.dtype) != call:
+            return y
+        return y + z
 
 
 class Plan(NamedTuple):
@@ -87,6 +99,22 @@ class Plan(NamedTuple):
     materialized: list[int]
 
 
+class Traced(NamedTuple):
+    """What one pass of :func:`traced_pieces` gives.
+
+    Attributes:
+        leaves: per params leaf its pieces, or None where the pass was off its plan.
+        calls: the tapped layer calls this pass made (output shape and dtype per example),
+            in order; the plan's ``calls`` where the pass followed it.
+        unplanned: ``[n_leaves]`` bool, True for a leaf the plan taps that a plain op also
+            reached in this batch (its sum and norm miss that part: plan again), or None.
+    """
+
+    leaves: list[LeafPieces] | None
+    calls: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+    unplanned: torch.Tensor | None
+
+
 def _run(prep: Any, tap: Tap, leaves: list[torch.Tensor], example: list[Any]) -> torch.Tensor:
     prev = _rules.set_tap(tap)
     try:
@@ -95,15 +123,16 @@ def _run(prep: Any, tap: Tap, leaves: list[torch.Tensor], example: list[Any]) ->
         _rules.set_tap(prev)
 
 
-def discover(prep: Any) -> Plan:
+def discover(prep: Any, excluded: Iterable[int] = ()) -> Plan:
     """Run ``fn`` on the first example to plan the tapped pass (eagerly, outside any graph).
 
     A leaf whose gradient reaches it through an op without a tap is materialised, and is not
     tapped anywhere else either (a layer that sees it then runs plainly); this repeats until
-    the set is stable (a layer taps only when all of its params are tappable).
+    the set is stable (a layer taps only when all of its params are tappable). ``excluded``:
+    leaves to materialise whatever this run finds (those a traced pass saw plain ops reach).
     """
     example = [t[0] if d == 0 else t for t, d in zip(prep.b_leaves, prep.b_dims)]
-    excluded: set[int] = set()
+    excluded = set(excluded)
     while True:
         leaves = [p.detach().requires_grad_(True) for p in prep.p_leaves]
         tap = Tap([None if i in excluded else p for i, p in enumerate(leaves)], None)
@@ -115,47 +144,67 @@ def discover(prep: Any) -> Plan:
             grads = (None,) * len(leaves)
         reached = {i for i, g in enumerate(grads) if g is not None}
         if reached <= excluded:
-            return Plan(tap.calls, sorted(excluded))
+            return Plan(list(tap.calls), sorted(excluded))
         excluded |= reached
 
 
-def tap_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor], b_leaves: list[Any]) -> list[LeafPieces]:
-    """Per params leaf, its pieces for the batch ``b_leaves``, by one ``vmap(grad)``.
+def _direction(p: torch.Tensor) -> torch.Tensor:
+    """A fixed, dense, non-repeating direction shaped like ``p`` (made in the graph: no
+    memory held between steps, no draw from the caller's random stream)."""
+    work = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+    i = torch.arange(p.numel(), dtype=work, device=p.device)
+    return torch.sin(i * 0.7548776662466927 + 0.5).reshape(p.shape).to(p.dtype)
+
+
+def traced_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor],
+                  b_leaves: list[Any]) -> Traced:
+    """Per params leaf, its pieces for the batch ``b_leaves``, by one ``vmap(grad)``, with the
+    pass's report on its plan (:class:`Traced`). Raises nothing on a difference from the plan
+    (see the module docstring).
 
     ``p_leaves``/``b_leaves`` replace ``prep``'s (so that they are the inputs of a traced
     graph); ``plan`` comes from :func:`discover` on inputs of the same signature.
     """
     size = next(t.shape[0] for t, d in zip(b_leaves, prep.b_dims) if d is not None)
-    dense_idx = plan.materialized
-    candidates: list[torch.Tensor | None] = list(p_leaves)
-    for i in dense_idx:
-        candidates[i] = None
+    dense_idx = list(plan.materialized)
+    probed = [i for i in range(len(p_leaves)) if i not in plan.materialized]
+    directions = [_direction(p_leaves[i]) for i in probed]
 
-    traced: list[list[Build]] = []  # this pass's builds: its leaf indices, not the plan's
+    traced: list[Tap] = []  # this pass's tap: its calls, and builds with its leaf indices
 
-    def example_loss(zs: list[torch.Tensor], dense: list[torch.Tensor], *example: Any) -> Any:
+    def example_loss(zs: list[torch.Tensor], dense: list[torch.Tensor], probes: list[torch.Tensor],
+                     *example: Any) -> Any:
         leaves = list(p_leaves)
         for i, d in zip(dense_idx, dense):
             leaves[i] = d
+        for i, e, r in zip(probed, probes, directions):
+            leaves[i] = p_leaves[i] + e * r  # equal to p_leaves[i]; tapped layers detach it
+        candidates: list[torch.Tensor | None] = list(leaves)
+        for i in dense_idx:
+            candidates[i] = None
         tap = Tap(candidates, zs)
         loss = _run(prep, tap, leaves, list(example))
-        traced.append(tap.builds)
-        if len(tap.saved) != len(zs):
-            raise ValueError(
-                "psgfunc fast clipping (compiled): fn made "
-                f"{len(tap.saved)} psgfunc layer calls, the planning run {len(zs)}; fn must call "
-                "the same layers with the same shapes for every example"
-            )
+        traced.append(tap)
         return loss, [tuple(t) for t in tap.saved]
 
     device = p_leaves[0].device if p_leaves else None
     zs = [torch.zeros((size, *shape), dtype=dtype, device=device) for shape, dtype in plan.calls]
-    per_example = grad(example_loss, argnums=(0, 1), has_aux=True)
-    (g_z, g_dense), saved = vmap(per_example, in_dims=(0, None, *prep.b_dims), randomness=prep.randomness)(
-        zs, [p_leaves[i] for i in dense_idx], *b_leaves
+    probes = [p_leaves[i].new_zeros(()) for i in probed]
+    per_example = grad(example_loss, argnums=(0, 1, 2), has_aux=True)
+    (g_z, g_dense, g_probe), saved = vmap(per_example, in_dims=(0, None, None, *prep.b_dims),
+                                          randomness=prep.randomness)(
+        zs, [p_leaves[i] for i in dense_idx], probes, *b_leaves
     )
+    tap = traced[-1]
+    calls = tuple(tap.calls)
+    if calls != tuple(plan.calls):
+        return Traced(None, calls, None)
+    flags = [torch.zeros((), dtype=torch.bool, device=device)] * len(p_leaves)
+    for i, g in zip(probed, g_probe):
+        flags[i] = g.ne(0).any()  # NaN counts: a NaN reached the leaf through a plain op
+    unplanned = torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
     records: list[list[tuple[Any, tuple[Any, ...]]]] = [[] for _ in p_leaves]
-    for build, s, g in zip(traced[-1], saved, g_z):
+    for build, s, g in zip(tap.builds, saved, g_z):
         for i, kind, data in build(s, g):
             records[i].append((kind, data))
     dense: list[torch.Tensor | None] = [None] * len(p_leaves)
@@ -166,4 +215,27 @@ def tap_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor], b_leaves: li
     leaves = leaf_pieces(records, dense, size, [p.shape for p in p_leaves])
     for leaf, u in zip(leaves, unused):
         leaf.materialized = leaf.materialized and not u
-    return leaves
+    return Traced(leaves, calls, unplanned)
+
+
+def tap_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor], b_leaves: list[Any]) -> list[LeafPieces]:
+    """:func:`traced_pieces`, eagerly: the pieces, or ValueError where the pass was off its
+    plan (other layer calls, or a plain op reaching a tapped leaf)."""
+    out = traced_pieces(prep, plan, p_leaves, b_leaves)
+    if out.leaves is None:
+        raise ValueError(
+            "psgfunc fast clipping (compiled): fn made the psgfunc layer calls "
+            f"{_describe(out.calls)}, the planning run {_describe(plan.calls)}; fn must call "
+            "the same layers with the same shapes for every example"
+        )
+    if bool(out.unplanned.any()):
+        raise ValueError(
+            "psgfunc fast clipping (compiled): plain ops reached the params leaves "
+            f"{out.unplanned.nonzero().flatten().tolist()}, which the planning run saw used by "
+            "tapped layers only; fn must use its params the same way for every example (plan again)"
+        )
+    return out.leaves
+
+
+def _describe(calls: Any) -> str:
+    return f"{len(calls)} (outputs {[shape for shape, _ in calls][:6]})"
