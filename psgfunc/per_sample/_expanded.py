@@ -345,8 +345,8 @@ def expanded_call(
                 if log.pieces and log.batch != size and not top_aligned:
                     raise ValueError(
                         f"psgfunc: {where} was used on batches of {log.batch} and {size} "
-                        "examples in one step; use one batch per backward and call "
-                        "DPOptimizer.accumulate() or step() in between"
+                        "examples in one step; use one batch per forward pass and call "
+                        "DPOptimizer.accumulate(), step() or zero_grad() in between"
                     )
                 e._psg_record = _rows.recorder(p, log, call, e.grad_fn, size, where, top_aligned)
             e.register_hook(_rows.row_hook(p, call, where, top_aligned))  # ops without a rule
