@@ -50,7 +50,14 @@ class DPOptimizer(torch.optim.Optimizer):
     ``step()`` call. ``expected_batch_size`` is the logical batch's expected size.
 
     An empty Poisson batch (no parameter has ``grad_sample``, or all have a leading 0) makes
-    ``step()`` a pure-noise step, as the privacy analysis requires.
+    ``step()`` a pure-noise step, as the privacy analysis requires; but if backward did run
+    and left only plain ``p.grad`` (a model that was never converted with
+    ``psgfunc.nn.expand_weights``), that is a ValueError, not a noise step.
+
+    Rows are examples: the rows of two forward passes are never added (a ValueError asks for
+    :meth:`accumulate` between micro-batches), the rows of a forward pass that
+    :meth:`accumulate` clipped cannot come back, and rows that miss a use of their parameter
+    outside psgfunc layers are refused (see ``psgfunc.per_sample._rows``).
 
     Learning-rate schedulers may be given the ``DPOptimizer`` or its ``.optimizer``:
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's.
@@ -76,7 +83,9 @@ class DPOptimizer(torch.optim.Optimizer):
             in one contraction per parameter (ghost clipping / book-keeping). Same numbers as
             the default, far less memory and time for large layers. Parameters that get
             ``grad_sample`` another way (``set_grad_sample``, ops without a rule) are used
-            densely. ``p.grad`` is not filled by backward in this mode.
+            densely. ``p.grad`` is not filled by backward in this mode. The records belong
+            to this optimizer: they stop when it is garbage collected, and a newer
+            ``DPOptimizer`` on the same parameters takes them over (this one then raises).
 
     Raises:
         ValueError: for invalid ``max_norm``, ``noise_multiplier``, ``expected_batch_size``,
@@ -257,7 +266,10 @@ class DPOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: if some trainable parameters have ``grad_sample`` and others do not,
                 a ``grad_sample`` is not shaped ``[B, *p.shape]``, the ``B``'s differ, or an
-                example's gradient holds NaN or Inf.
+                example's gradient holds NaN or Inf; if none has per-sample gradients but
+                backward left ``p.grad`` (a model not converted with ``expand_weights``); if a
+                parameter's per-sample gradients miss a use of it outside psgfunc layers; if
+                a newer ``DPOptimizer`` took over this one's fast-clipping records.
         """
         if self.fast_clipping:
             return self._accumulate_pieces()

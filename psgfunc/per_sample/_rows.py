@@ -183,16 +183,39 @@ def pad_rows(data: tuple[Any, ...], n: int, size: int) -> tuple[Any, ...]:
 # ------------------------------------------------------------------------ backward passes
 
 
-class _Entry:
-    """What one backward pass brought one parameter."""
+def _add_rows(total: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    """``total + g``; of different batch sizes (top-aligned calls), into the first rows."""
+    if total is None:
+        return g.contiguous() if g.dim() > 0 and g.stride(0) == 0 else g
+    if total.shape == g.shape:
+        return total + g
+    big, small = (total, g) if total.shape[0] >= g.shape[0] else (g, total)
+    out = big.clone()
+    out[: small.shape[0]] += small
+    return out
 
-    __slots__ = ("p", "name", "rows", "pieces", "total")
+
+class _Entry:
+    """What one backward pass brought one parameter (its rows added up as they come, so a
+    cell looped over T steps holds one ``[B, *shape]``, not T of them)."""
+
+    __slots__ = ("p", "name", "rows", "size", "aligned", "rowsum", "pieces", "total")
 
     def __init__(self, p: torch.Tensor, name: str) -> None:
         self.p, self.name = p, name
-        self.rows: list[tuple[torch.Tensor, bool]] = []  # (g [n, *shape], top-aligned)
+        self.rows: torch.Tensor | None = None  # the per-sample gradients [n, *shape]
+        self.size: int | None = None
+        self.aligned = False  # rows of calls on fewer examples go to the first rows
+        self.rowsum: torch.Tensor | None = None  # sum of each call's g.sum(0), in order
         self.pieces: list[tuple[PieceLog, Any, tuple[Any, ...], int, bool]] = []
         self.total: torch.Tensor | None = None  # what autograd sent p itself
+
+    def add(self, g: torch.Tensor, aligned: bool) -> None:
+        self.size = _merge_sizes(self.size, g.shape[0], aligned, self.name)
+        self.aligned = aligned
+        s = g.sum(0)  # what autograd's expand backward sends p for this call: same sum
+        self.rowsum = s if self.rowsum is None else self.rowsum + s
+        self.rows = _add_rows(self.rows, g)
 
 
 class _Backward:
@@ -218,7 +241,7 @@ class _Backward:
                 _check_total(e)
             roots = {id(r): r for r in (_find(c) for c in self.calls.values())}
             if any(r.consumed for r in roots.values()):
-                names = ", ".join(sorted({e.name for e in entries if e.rows or e.pieces})[:5])
+                names = ", ".join(sorted({e.name for e in entries if e.size is not None or e.pieces})[:5])
                 raise ValueError(
                     f"psgfunc: this backward pass brings per-sample gradients for {names} from a "
                     "forward pass whose examples DPOptimizer.accumulate() already clipped and "
@@ -262,10 +285,7 @@ def _check_total(e: _Entry) -> None:
         return
     if total.layout != torch.strided:
         total = total.to_dense()
-    rowsum = None
-    for g, _ in e.rows:  # in the order autograd added the same sums
-        s = g.sum(0)
-        rowsum = s if rowsum is None else rowsum + s
+    rowsum = e.rowsum
     if rowsum is None:
         if not e.pieces and bool(total.ne(0).any()):
             _flag_plain(e.p)  # a backward without psgfunc layers: see _flag_plain
@@ -333,7 +353,7 @@ def _different_pass(name: str, what: str) -> ValueError:
 def _plan(e: _Entry, roots: dict[int, Call]) -> tuple[int | None, dict[int, int]]:
     """Check what ``e`` brings against what its parameter holds; returns the new batch sizes."""
     size = None
-    if e.rows:
+    if e.rows is not None:
         prev = getattr(e.p, "grad_sample", None)
         if prev is not None:
             tag = getattr(prev, "_psg_call", None)
@@ -346,9 +366,7 @@ def _plan(e: _Entry, roots: dict[int, Call]) -> tuple[int | None, dict[int, int]
                 )
             if id(_find(tag)) not in roots:
                 raise _different_pass(e.name, "grad_sample")
-            size = prev.shape[0]
-        for g, aligned in e.rows:
-            size = _merge_sizes(size, g.shape[0], aligned, e.name)
+            size = _merge_sizes(prev.shape[0], e.rows.shape[0], e.aligned, e.name)
     batches: dict[int, int] = {}
     for log, _, _, n, aligned in e.pieces:
         if not log.attached():
@@ -366,17 +384,8 @@ def _plan(e: _Entry, roots: dict[int, Call]) -> tuple[int | None, dict[int, int]
 
 def _commit(e: _Entry, plan: tuple[int | None, dict[int, int]], root: Call | None) -> None:
     size, batches = plan
-    if e.rows:
-        total = getattr(e.p, "grad_sample", None)
-        for g, _ in e.rows:
-            if total is None:
-                total = g.contiguous() if g.stride(0) == 0 else g
-            elif total.shape == g.shape:
-                total = total + g
-            else:  # top-aligned: rows 0..n-1
-                big, small = (total, g) if total.shape[0] >= g.shape[0] else (g, total)
-                total = big.clone()
-                total[: small.shape[0]] += small
+    if e.rows is not None:
+        total = _add_rows(getattr(e.p, "grad_sample", None), e.rows)
         if getattr(getattr(e.p, "grad_sample", None), "_psg_plain", False):
             total._psg_plain = True
         total._psg_call = root
@@ -398,7 +407,7 @@ def row_hook(p: torch.Tensor, call: Call, name: str, aligned: bool) -> Callable[
     def add(pend: _Backward, g: torch.Tensor | None) -> None:
         pend.calls[id(call)] = call
         if g is not None:  # None: a fast-clipping rule recorded pieces and passed nothing on
-            pend.entry(p, name).rows.append((g.detach(), aligned))
+            pend.entry(p, name).add(g.detach(), aligned)
 
     def hook(g: torch.Tensor | None) -> None:
         _deliver(lambda pend: add(pend, g))
