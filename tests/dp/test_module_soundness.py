@@ -387,29 +387,29 @@ def test_float32_rows_equal_the_total_bit_for_bit_no_false_positive():
 # --------------------------------------------- item 8: fast-clipping records, one owner
 
 
-def test_a_dense_optimizer_after_a_fast_one_gets_grad_sample():
-    def update(model, x):
+@pytest.mark.parametrize("second", ["dense", "fast"])
+def test_the_newest_optimizer_on_a_parameter_wins(second):
+    """A dense (or another fast) DPOptimizer after a fast one: it gets the per-sample
+    gradients and the right update; the old one refuses to be used."""
+    def update(model, opt, x):
         before = [p.detach().clone() for p in model.parameters()]
         model(x).pow(2).sum().backward()
-        opt_dense.step()
+        opt.step()
         return [b - p.detach() for p, b in zip(model.parameters(), before)]
 
-    torch.manual_seed(0)
-    model = pnn.expand_weights(nn.Linear(3, 2).double(), 4)
-    fast = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=1.0,
-                          noise_multiplier=0.0, expected_batch_size=2, fast_clipping=True)
-    opt_dense = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=1.0,
-                               noise_multiplier=0.0, expected_batch_size=2)
+    def make(mode):
+        torch.manual_seed(0)
+        model = pnn.expand_weights(nn.Linear(3, 2).double(), 4)
+        return model, optimizer(model.parameters(), mode, expected=2.0)
+
+    model, old = make("fast")
+    new = optimizer(model.parameters(), second, expected=2.0)
     x = torch.randn(3, 3, dtype=F64)
-    got = update(model, x)
+    got = update(model, new, x)
     assert all(u.abs().max() > 0 for u in got)
     with pytest.raises(ValueError, match="newer DPOptimizer"):
-        fast.accumulate()
-    torch.manual_seed(0)
-    fresh = pnn.expand_weights(nn.Linear(3, 2).double(), 4)
-    opt_dense = dp.DPOptimizer(torch.optim.SGD(fresh.parameters(), lr=1.0), max_norm=1.0,
-                               noise_multiplier=0.0, expected_batch_size=2)
-    for a, b in zip(got, update(fresh, x)):
+        old.accumulate()
+    for a, b in zip(got, update(*make("dense"), x)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
