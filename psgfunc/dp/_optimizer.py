@@ -274,6 +274,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.fast_clipping:
             return self._accumulate_pieces()
         params, samples = self._grad_samples()
+        if any(_rows.log_of(p) is not None for p in params):
+            raise self._taken_over()
         present = [s is not None for s in samples]
         if not any(present):
             return self._empty(params)
@@ -287,17 +289,26 @@ class DPOptimizer(torch.optim.Optimizer):
                     f"[B, {', '.join(map(str, p.shape))}] for a parameter of shape {tuple(p.shape)}"
                 )
         self._check_plain_uses(params, [False] * len(params), samples)
+        tags = [getattr(s, "_psg_call", None) for s in samples]
         b = batch_size(samples, what="grad_sample")
         if self.loss_reduction == "mean":
             samples = [s * b for s in samples]
         summed, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
         self._add_to_sum(summed)
         self.accumulated_examples += b
-        for p, s in zip(params, samples):
-            _rows.consume(getattr(s, "_psg_call", None))  # its forward pass may not come back
+        for p, tag in zip(params, tags):
+            _rows.consume(tag)  # its forward pass may not deliver again
             p.grad_sample = None
             p.grad = None
         return norms
+
+    @staticmethod
+    def _taken_over() -> ValueError:
+        return ValueError(
+            "DPOptimizer: a newer DPOptimizer was built on this optimizer's parameters with "
+            "another fast_clipping setting and took over their per-sample gradients (the "
+            "newest one gets them); use that one, or build this one again"
+        )
 
     def _empty(self, params: list[torch.Tensor]) -> torch.Tensor:
         """An empty micro-batch: ``[0]`` norms, or a ValueError if backward did run but left
@@ -351,11 +362,7 @@ class DPOptimizer(torch.optim.Optimizer):
         params = self._trainable()
         logs = [self._logs.get(id(p)) for p in params]
         if any(log is not None and not log.attached() for log in logs):
-            raise ValueError(
-                "DPOptimizer: a newer DPOptimizer was built on this optimizer's parameters and "
-                "took over their per-sample gradients (the newest one records them); use that "
-                "one, or build this one again"
-            )
+            raise self._taken_over()
         pieces = [log.records() if log is not None else [] for log in logs]
         dense = [getattr(p, "grad_sample", None) for p in params]
         present = [bool(r) or d is not None for r, d in zip(pieces, dense)]

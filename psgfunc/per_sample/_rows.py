@@ -350,9 +350,9 @@ def _different_pass(name: str, what: str) -> ValueError:
     )
 
 
-def _plan(e: _Entry, roots: dict[int, Call]) -> tuple[int | None, dict[int, int]]:
-    """Check what ``e`` brings against what its parameter holds; returns the new batch sizes."""
-    size = None
+def _plan(e: _Entry, roots: dict[int, Call]) -> dict[int, int]:
+    """Check what ``e`` brings against what its parameter holds (ValueError); returns the
+    batch size of each fast-clipping log it records into, after the commit."""
     if e.rows is not None:
         prev = getattr(e.p, "grad_sample", None)
         if prev is not None:
@@ -366,7 +366,7 @@ def _plan(e: _Entry, roots: dict[int, Call]) -> tuple[int | None, dict[int, int]
                 )
             if id(_find(tag)) not in roots:
                 raise _different_pass(e.name, "grad_sample")
-            size = _merge_sizes(prev.shape[0], e.rows.shape[0], e.aligned, e.name)
+            _merge_sizes(prev.shape[0], e.rows.shape[0], e.aligned, e.name)
     batches: dict[int, int] = {}
     for log, _, _, n, aligned in e.pieces:
         if not log.attached():
@@ -379,11 +379,10 @@ def _plan(e: _Entry, roots: dict[int, Call]) -> tuple[int | None, dict[int, int]
             else:
                 batches[id(log)] = None  # type: ignore[assignment]
         batches[id(log)] = _merge_sizes(batches[id(log)], n, aligned, e.name)
-    return size, batches
+    return batches
 
 
-def _commit(e: _Entry, plan: tuple[int | None, dict[int, int]], root: Call | None) -> None:
-    size, batches = plan
+def _commit(e: _Entry, batches: dict[int, int], root: Call | None) -> None:
     if e.rows is not None:
         total = _add_rows(getattr(e.p, "grad_sample", None), e.rows)
         if getattr(getattr(e.p, "grad_sample", None), "_psg_plain", False):

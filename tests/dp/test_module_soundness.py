@@ -233,9 +233,10 @@ def test_cell_and_lstm_linear_micro_batches_of_different_sizes_do_not_merge(make
 
 
 @pytest.mark.parametrize("mode", ["dense", "fast"])
-def test_a_clipped_forward_pass_cannot_deliver_again(mode):
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_clipped_forward_pass_cannot_deliver_again(mode, reduction):
     layer, batch = linear()
-    opt = optimizer(layer.parameters(), mode)
+    opt = optimizer(layer.parameters(), mode, loss_reduction=reduction)
     l1, l2 = two_losses(layer(batch(3)))
     l1.backward(retain_graph=True)
     opt.accumulate()
@@ -387,8 +388,8 @@ def test_float32_rows_equal_the_total_bit_for_bit_no_false_positive():
 # --------------------------------------------- item 8: fast-clipping records, one owner
 
 
-@pytest.mark.parametrize("second", ["dense", "fast"])
-def test_the_newest_optimizer_on_a_parameter_wins(second):
+@pytest.mark.parametrize("first, second", [("fast", "dense"), ("fast", "fast"), ("dense", "fast")])
+def test_the_newest_optimizer_on_a_parameter_wins(first, second):
     """A dense (or another fast) DPOptimizer after a fast one: it gets the per-sample
     gradients and the right update; the old one refuses to be used."""
     def update(model, opt, x):
@@ -402,11 +403,12 @@ def test_the_newest_optimizer_on_a_parameter_wins(second):
         model = pnn.expand_weights(nn.Linear(3, 2).double(), 4)
         return model, optimizer(model.parameters(), mode, expected=2.0)
 
-    model, old = make("fast")
+    model, old = make(first)
     new = optimizer(model.parameters(), second, expected=2.0)
     x = torch.randn(3, 3, dtype=F64)
     got = update(model, new, x)
     assert all(u.abs().max() > 0 for u in got)
+    model(x).sum().backward()
     with pytest.raises(ValueError, match="newer DPOptimizer"):
         old.accumulate()
     for a, b in zip(got, update(*make("dense"), x)):
