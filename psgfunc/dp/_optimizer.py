@@ -19,6 +19,7 @@ from psgfunc._tree import batch_size, tree_flatten
 from psgfunc.dp._clip import _check_positive_finite, clipped_sum
 from psgfunc.dp._distributed import prepare_optimizer
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
+from psgfunc.per_sample import _rows
 from psgfunc.per_sample._kinds import leaf_pieces
 
 
@@ -50,7 +51,14 @@ class DPOptimizer(torch.optim.Optimizer):
     ``step()`` call. ``expected_batch_size`` is the logical batch's expected size.
 
     An empty Poisson batch (no parameter has ``grad_sample``, or all have a leading 0) makes
-    ``step()`` a pure-noise step, as the privacy analysis requires.
+    ``step()`` a pure-noise step, as the privacy analysis requires; but if backward did run
+    and left only plain ``p.grad`` (a model that was never converted with
+    ``psgfunc.nn.expand_weights``), that is a ValueError, not a noise step.
+
+    Rows are examples: the rows of two forward passes are never added (a ValueError asks for
+    :meth:`accumulate` between micro-batches), the rows of a forward pass that
+    :meth:`accumulate` clipped cannot come back, and rows that miss a use of their parameter
+    outside psgfunc layers are refused (see ``psgfunc.per_sample._rows``).
 
     Learning-rate schedulers may be given the ``DPOptimizer`` or its ``.optimizer``:
     ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's.
@@ -76,7 +84,9 @@ class DPOptimizer(torch.optim.Optimizer):
             in one contraction per parameter (ghost clipping / book-keeping). Same numbers as
             the default, far less memory and time for large layers. Parameters that get
             ``grad_sample`` another way (``set_grad_sample``, ops without a rule) are used
-            densely. ``p.grad`` is not filled by backward in this mode.
+            densely. ``p.grad`` is not filled by backward in this mode. The records belong
+            to this optimizer: they stop when it is garbage collected, and a newer
+            ``DPOptimizer`` on the same parameters takes them over (this one then raises).
         distributed: ``True`` (torch.distributed's default process group) or a
             ``ProcessGroup``: one DP-SGD run over several processes. Each rank clips its own
             examples (micro-batches, fast clipping as usual); ``step()`` all-reduces the
@@ -145,9 +155,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.fast_clipping = bool(fast_clipping)
         self.accountant: Any = None  # a PrivacyAccountant (make_private sets one): step() counts
         self._logical_batch_open = False  # a VirtualBatchLoader's slice that does not end its batch
-        if self.fast_clipping:
-            for p in self._trainable():
-                p._psg_pieces = []
+        # newest DPOptimizer on a parameter wins; its logs die with it (the registry is weak)
+        self._logs = _rows.claim(self._trainable(), self.fast_clipping)
+        self._updates: dict[int, tuple[torch.Tensor, int]] = {}
 
     # ----------------------------------------------------------------- torch.optim surface
 
@@ -208,6 +218,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 "step() first, then add the group"
             )
         self.optimizer.add_param_group(param_group)
+        new = [p for p in self.optimizer.param_groups[-1]["params"] if p.requires_grad]
+        self._logs.update(_rows.claim(new, self.fast_clipping))
 
     def __repr__(self) -> str:
         return f"DPOptimizer({self.transform!r}, optimizer={self.optimizer!r})"
@@ -275,15 +287,19 @@ class DPOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: if some trainable parameters have ``grad_sample`` and others do not,
                 a ``grad_sample`` is not shaped ``[B, *p.shape]``, the ``B``'s differ, or an
-                example's gradient holds NaN or Inf.
+                example's gradient holds NaN or Inf; if none has per-sample gradients but
+                backward left ``p.grad`` (a model not converted with ``expand_weights``); if a
+                parameter's per-sample gradients miss a use of it outside psgfunc layers; if
+                a newer ``DPOptimizer`` took over this one's fast-clipping records.
         """
         if self.fast_clipping:
             return self._accumulate_pieces()
         params, samples = self._grad_samples()
+        if any(_rows.log_of(p) is not None for p in params):
+            raise self._taken_over()
         present = [s is not None for s in samples]
         if not any(present):
-            device = params[0].device if params else torch.device("cpu")
-            return torch.zeros(0, device=device)
+            return self._empty(params)
         if not all(present):
             raise self._missing_error(params, present)
         for i, (p, s) in enumerate(zip(params, samples)):
@@ -293,16 +309,61 @@ class DPOptimizer(torch.optim.Optimizer):
                     f"DPOptimizer: parameter #{i}'s grad_sample has shape {got}, expected "
                     f"[B, {', '.join(map(str, p.shape))}] for a parameter of shape {tuple(p.shape)}"
                 )
+        self._check_plain_uses(params, [False] * len(params), samples)
+        tags = [getattr(s, "_psg_call", None) for s in samples]
         b = batch_size(samples, what="grad_sample")
         if self.loss_reduction == "mean":
             samples = [s * b for s in samples]
         summed, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
         self._add_to_sum(summed)
         self.accumulated_examples += b
-        for p in params:
+        for p, tag in zip(params, tags):
+            _rows.consume(tag)  # its forward pass may not deliver again
             p.grad_sample = None
             p.grad = None
         return norms
+
+    @staticmethod
+    def _taken_over() -> ValueError:
+        return ValueError(
+            "DPOptimizer: a newer DPOptimizer was built on this optimizer's parameters with "
+            "another fast_clipping setting and took over their per-sample gradients (the "
+            "newest one gets them); use that one, or build this one again"
+        )
+
+    def _empty(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """An empty micro-batch: ``[0]`` norms, or a ValueError if backward did run but left
+        plain ``p.grad`` only (a model without per-sample gradients: the step would be noise)."""
+        plain = []
+        for i, p in enumerate(params):
+            g, ours = p.grad, self._updates.get(id(p))
+            if g is None or (ours is not None and g is ours[0] and g._version == ours[1]):
+                continue  # nothing, or the last step's update untouched since
+            if bool(g.ne(0).any()):
+                plain.append(f"#{i} shape {tuple(p.shape)}")
+        if plain:
+            raise ValueError(
+                "DPOptimizer: no trainable parameter has per-sample gradients (grad_sample or "
+                "a fast-clipping record), but backward left p.grad on parameters "
+                + ", ".join(plain[:10]) + (" ..." if len(plain) > 10 else "")
+                + " (in param_groups order): the model does not compute per-sample gradients "
+                "and step() would apply pure noise. Convert it with psgfunc.nn.expand_weights("
+                "model, max_batch_size) or build it from psgfunc.nn layers, or give per-sample "
+                "gradients with set_grad_sample. (An empty Poisson batch, where backward never "
+                "ran, is a pure-noise step; clear gradients left from elsewhere with zero_grad())"
+            )
+        device = params[0].device if params else torch.device("cpu")
+        return torch.zeros(0, device=device)
+
+    @staticmethod
+    def _check_plain_uses(params: list[torch.Tensor], flagged: list[bool],
+                          samples: list[torch.Tensor | None]) -> None:
+        """ValueError if a later backward sent a parameter a gradient outside psgfunc layers
+        while it held per-sample gradients (they miss that use; see psgfunc.per_sample._rows)."""
+        for i, (p, f, s) in enumerate(zip(params, flagged, samples)):
+            if f or getattr(s, "_psg_plain", False):
+                raise _rows.plain_use_error(f"DPOptimizer: trainable parameter #{i} (shape "
+                                            f"{tuple(p.shape)}, in param_groups order)")
 
     def _missing_error(self, params: list[torch.Tensor], present: list[bool]) -> ValueError:
         missing = [f"#{i} shape {tuple(p.shape)}" for i, (p, ok) in enumerate(zip(params, present)) if not ok]
@@ -320,15 +381,18 @@ class DPOptimizer(torch.optim.Optimizer):
     def _accumulate_pieces(self) -> torch.Tensor:
         """:meth:`accumulate` for ``fast_clipping``: norms and clipped sums from recorded pieces."""
         params = self._trainable()
-        pieces = [getattr(p, "_psg_pieces", None) or [] for p in params]
+        logs = [self._logs.get(id(p)) for p in params]
+        if any(log is not None and not log.attached() for log in logs):
+            raise self._taken_over()
+        pieces = [log.records() if log is not None else [] for log in logs]
         dense = [getattr(p, "grad_sample", None) for p in params]
         present = [bool(r) or d is not None for r, d in zip(pieces, dense)]
         if not any(present):
-            device = params[0].device if params else torch.device("cpu")
-            return torch.zeros(0, device=device)
+            return self._empty(params)
         if not all(present):
             raise self._missing_error(params, present)
-        sizes = {p._psg_batch if r else d.shape[0] for p, r, d in zip(params, pieces, dense)}
+        self._check_plain_uses(params, [log is not None and log.plain for log in logs], dense)
+        sizes = {log.batch if r else d.shape[0] for log, r, d in zip(logs, pieces, dense)}
         if len(sizes) != 1:
             raise ValueError(
                 f"DPOptimizer: parameters saw different batch sizes {sorted(sizes)} in one "
@@ -355,8 +419,11 @@ class DPOptimizer(torch.optim.Optimizer):
         summed = [leaf.weighted_sum(factor).to(p.dtype) for leaf, p in zip(leaves, params)]
         self._add_to_sum(summed)
         self.accumulated_examples += size
-        for p in params:
-            p._psg_pieces = []
+        for p, log, d in zip(params, logs, dense):
+            if log is not None:
+                _rows.consume(log.group)
+                log.clear()
+            _rows.consume(getattr(d, "_psg_call", None))
             p.grad_sample = None
             p.grad = None
         return norms
@@ -392,6 +459,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._summed = None
         self.accumulated_examples = 0
         self.optimizer.step()
+        # step() leaves the update in p.grad: not a gradient backward left (see _empty)
+        self._updates = {id(p): (p.grad, p.grad._version) for p in params if p.grad is not None}
         if self.accountant is not None:
             self.accountant.step()
         return loss
@@ -419,8 +488,9 @@ class DPOptimizer(torch.optim.Optimizer):
         """
         for p in self._all_params():
             p.grad_sample = None
-            if self.fast_clipping and getattr(p, "_psg_pieces", None):
-                p._psg_pieces = []
+            log = self._logs.get(id(p))
+            if log is not None and log.attached():
+                log.clear()
             if p.grad is not None:
                 if set_to_none:
                     p.grad = None

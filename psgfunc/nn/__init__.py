@@ -10,12 +10,15 @@ through ``psgfunc.per_sample.module_call``. After ``loss.backward()`` on a batch
   copy of ``p`` (a mean loss scales it by ``1/B``), and
 * ``p.grad``: the ordinary gradient (the sum of ``p.grad_sample`` over the batch).
 
-``.grad_sample`` accumulates across backward calls, like ``.grad``, and must be cleared
-between batches: ``psgfunc.nn.zero_grad(model)`` clears ``.grad`` and ``.grad_sample`` of
-every parameter of any model; a shell's own ``zero_grad()`` does the same for its
-parameters. ``optimizer.zero_grad()`` and a container's ``model.zero_grad()`` clear
-``.grad`` only. A second backward with a different batch size before clearing raises a
-ValueError.
+Rows are examples. Several backward calls of ONE forward pass add up in ``.grad_sample``,
+like ``.grad`` (``l1.backward(retain_graph=True); l2.backward()``); the rows of another
+forward pass are never added: clear between batches (``psgfunc.nn.zero_grad(model)`` clears
+``.grad`` and ``.grad_sample`` of every parameter of any model; a shell's own
+``zero_grad()`` does the same for its parameters; ``optimizer.zero_grad()`` and a
+container's ``model.zero_grad()`` clear ``.grad`` only), or a backward of the next forward
+pass raises a ValueError. So does a backward in which a shell's parameter is also used
+outside any psgfunc layer (a tied head ``h @ emb.weight.T``): its ``.grad_sample`` would
+miss that use. See ``psgfunc.per_sample._rows``.
 
 ``expand_weights(model, max_batch_size)`` converts a ``torch.nn`` model's layers into these
 shells in place.

@@ -41,7 +41,8 @@ def zero_grad(module: nn.Module, set_to_none: bool = True) -> None:
 
     ``module`` may be any ``nn.Module`` (a whole model holding shells): a container's own
     ``zero_grad`` (``nn.Module.zero_grad``) and ``optimizer.zero_grad()`` clear ``.grad``
-    only, never ``.grad_sample``, which like ``.grad`` accumulates over backward calls.
+    only, never ``.grad_sample``, which adds up over the backward calls of one forward pass
+    and refuses the rows of the next one until cleared.
 
     Args:
         module: the model.

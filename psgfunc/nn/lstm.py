@@ -44,10 +44,10 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import psgfunc.functional as PF
-from psgfunc import _rules
 from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import module_call
+from psgfunc.per_sample._expanded import expanded_call
 
 __all__ = ["DPLSTM", "DPLSTMLayer", "BidirectionalDPLSTMLayer", "DPLSTMCell", "LSTMLinear"]
 
@@ -426,49 +426,15 @@ class BidirectionalDPLSTMLayer(_LayerBase):
 # ------------------------------------------------------------------- cell and LSTMLinear
 
 
-def _add_top_aligned(p: torch.Tensor) -> Callable[[torch.Tensor | None], None]:
-    """Hook: add a per-sample gradient to ``p.grad_sample``, rows aligned at the top.
-
-    A call on ``n`` examples adds to rows ``0..n-1``: the steps of a packed sequence, whose
-    batch shrinks to the first ``batch_sizes[t]`` sequences, sum into one ``grad_sample``.
-    """
-
-    def hook(g: torch.Tensor | None) -> None:
-        if g is None:
-            return
-        g = g.detach()
-        prev = getattr(p, "grad_sample", None)
-        if prev is None:
-            p.grad_sample = g.contiguous() if g.stride(0) == 0 else g
-        elif prev.shape == g.shape:
-            p.grad_sample = prev + g
-        else:
-            big, small = (prev, g) if prev.shape[0] >= g.shape[0] else (g, prev)
-            total = big.clone()
-            total[: small.shape[0]] += small
-            p.grad_sample = total
-
-    return hook
-
-
 def _accumulating_call(layer: Callable[..., Any], params: dict[str, torch.Tensor], size: int,
                        *args: Any) -> Any:
-    """:func:`~psgfunc.per_sample.module_call`, except that calls on different batch sizes
-    add up in ``grad_sample`` with rows aligned at the top (see :func:`_add_top_aligned`).
-
-    Parameters a fast-clipping ``DPOptimizer`` tracks go through ``module_call`` itself
-    (one batch size per step there).
+    """:func:`~psgfunc.per_sample.module_call`, except that the calls of one forward pass on
+    different batch sizes add up with rows aligned at the top: a call on ``n`` examples adds
+    to rows ``0..n-1`` (the steps of a packed sequence, whose batch shrinks to the first
+    ``batch_sizes[t]`` sequences), in ``grad_sample`` and in fast-clipping records alike.
+    Calls of different forward passes never add up (a ``ValueError``, as ``module_call``).
     """
-    if any(getattr(p, "_psg_pieces", None) is not None for p in params.values()):
-        return module_call(layer, params, size, *args)
-    expanded = {}
-    for name, p in params.items():
-        e = p.expand(size, *p.shape)
-        if p.requires_grad and torch.is_grad_enabled():
-            e.register_hook(_add_top_aligned(p))
-        expanded[name] = e
-    with _rules.expanded_mode("batch"):
-        return layer(expanded, *args)
+    return expanded_call(layer, params, size, args, {}, top_aligned=True)
 
 
 class DPLSTMCell(_AnyBatch, nn.LSTMCell):

@@ -31,7 +31,7 @@ import torch
 from torch.func import vmap
 
 from psgfunc import _rules
-from psgfunc.per_sample import _torch_ops
+from psgfunc.per_sample import _rows, _torch_ops
 
 try:
     import torch._C._functorch as _functorch
@@ -303,27 +303,6 @@ class _VmapDispatch(torch.autograd.Function):
         return flat_out, tuple(None if o is None else 0 for o in flat_out)
 
 
-def _store_grad_sample(p: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    def hook(g: torch.Tensor | None) -> None:
-        if g is None:  # fast clipping: the rule recorded pieces and passed nothing on
-            return
-        g = g.detach()
-        prev = getattr(p, "grad_sample", None)
-        if prev is None:
-            p.grad_sample = g.contiguous() if g.stride(0) == 0 else g
-        elif prev.shape != g.shape:
-            raise ValueError(
-                f"a parameter of shape {tuple(p.shape)} already holds grad_sample for a batch "
-                f"of {prev.shape[0]} examples and now gets one for {g.shape[0]}; clear it "
-                "between batches with psgfunc.nn.zero_grad(model) or DPOptimizer.zero_grad() (a plain "
-                "torch optimizer's zero_grad clears .grad only)"
-            )
-        else:
-            p.grad_sample = prev + g
-
-    return hook
-
-
 def module_call(
     layer: Callable[..., Any],
     params: dict[str, torch.Tensor],
@@ -334,29 +313,55 @@ def module_call(
     """Call ``layer`` on a batch of ``size`` examples, leaving ``.grad_sample`` on ``params``.
 
     Each parameter ``p`` that requires grad is expanded to ``[size, *p.shape]`` (a view); a
-    hook on the view adds the per-sample gradient to ``p.grad_sample`` during backward, and
-    the view's own backward (a sum over the batch) gives ``p.grad`` as usual. A parameter
-    that a fast-clipping ``DPOptimizer`` marked (``p._psg_pieces``, a list) gets the rules'
-    pieces appended there instead, and neither ``grad_sample`` nor ``grad`` from them.
+    hook on the view hands the per-sample gradient over, and when the backward pass ends it
+    is added to ``p.grad_sample`` (the view's own backward, a sum over the batch, gives
+    ``p.grad`` as usual). A parameter that a fast-clipping ``DPOptimizer`` records for gets
+    the rules' pieces recorded instead, and neither ``grad_sample`` nor ``grad`` from them.
+
+    Rows are examples: a backward pass adds rows only to rows of the same forward pass, and
+    a parameter's rows must cover all its uses in the backward pass; see
+    :mod:`psgfunc.per_sample._rows` for what raises ``ValueError`` and when.
     """
-    expanded = {}
+    return expanded_call(layer, params, size, args, kwargs)
+
+
+def expanded_call(
+    layer: Callable[..., Any],
+    params: dict[str, torch.Tensor | None],
+    size: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    top_aligned: bool = False,
+) -> Any:
+    """:func:`module_call` with its arguments as a tuple and a dict.
+
+    ``top_aligned=True``: calls of one forward pass on different batch sizes add up, a call
+    on ``n`` examples to rows ``0..n-1`` (a packed sequence's steps, whose batch shrinks to
+    the first ``batch_sizes[t]`` sequences): ``DPLSTMCell``, ``LSTMLinear``.
+    """
+    expanded: dict[str, torch.Tensor | None] = {}
+    call = None
     for name, p in params.items():
         if p is None:
             expanded[name] = None
             continue
         e = p.expand(size, *p.shape)
         if p.requires_grad and torch.is_grad_enabled():
-            pieces = getattr(p, "_psg_pieces", None)
-            if pieces is not None:  # fast clipping (DPOptimizer): record pieces, build nothing
-                if pieces and p._psg_batch != size:
+            call = _rows.Call() if call is None else call
+            where = _rows.describe(p, name, layer)
+            if not torch._C._are_functorch_transforms_active():
+                _rows.watch(p, where)
+            log = _rows.log_of(p)
+            if log is not None:  # fast clipping (DPOptimizer): record pieces, build nothing
+                if log.pieces and log.batch != size and not top_aligned:
                     raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)} was used on batches of "
-                        f"{p._psg_batch} and {size} examples in one step; use one batch per "
-                        "backward and call DPOptimizer.accumulate() or step() in between"
+                        f"psgfunc: {where} was used on batches of {log.batch} and {size} "
+                        "examples in one step; use one batch per forward pass and call "
+                        "DPOptimizer.accumulate(), step() or zero_grad() in between"
                     )
-                p._psg_batch = size
-                e._psg_record = lambda kind, data, pieces=pieces: pieces.append((kind, data))
-            e.register_hook(_store_grad_sample(p))  # gradients from ops without a rule
+                e._psg_record = _rows.recorder(p, log, call, e.grad_fn, size, where, top_aligned)
+            e.register_hook(_rows.row_hook(p, call, where, top_aligned))  # ops without a rule
         expanded[name] = e
     with _rules.expanded_mode("batch"):
         return layer(expanded, *args, **kwargs)

@@ -70,8 +70,8 @@ def test_fast_clipping_zero_grad_and_empty_batch():
 
 def test_fast_clipping_batch_size_change_in_one_step_is_an_error():
     model = cnn()
-    dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0,
-                   noise_multiplier=0.0, expected_batch_size=4, fast_clipping=True)
+    opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0,  # noqa: F841
+                         noise_multiplier=0.0, expected_batch_size=4, fast_clipping=True)
     model(torch.randn(2, 1, 5, 5, dtype=DT)).sum().backward()
     with pytest.raises(ValueError, match="batches of 2 and 3 examples"):
         model(torch.randn(3, 1, 5, 5, dtype=DT))

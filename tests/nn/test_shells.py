@@ -168,15 +168,17 @@ def test_max_batch_size_must_be_positive_int(bad):
 def test_grad_sample_accumulates_and_zero_grad_clears():
     model = nn.Sequential(pnn.Linear(3, 4, MAX), nn.Tanh(), pnn.Linear(4, 2, MAX))
     x = torch.randn(5, 3)
-    model(x).sum().backward()
+    loss = model(x).sum()
+    loss.backward(retain_graph=True)
     first = [p.grad_sample.clone() for p in model.parameters()]
-    model(x).sum().backward()
+    loss.backward()  # a second backward of the same forward pass adds up, as .grad
     for p, g in zip(model.parameters(), first):
         torch.testing.assert_close(p.grad_sample, 2 * g)
         torch.testing.assert_close(p.grad, 2 * g.sum(0))
-    # a different batch size without clearing: refused, with the fix named
-    with pytest.raises(ValueError, match="zero_grad"):
-        model(x[:3]).sum().backward()
+    # another forward pass (same or other batch size) without clearing: refused, fix named
+    for batch in (x, x[:3]):
+        with pytest.raises(ValueError, match="zero_grad"):
+            model(batch).sum().backward()
 
     model[0].zero_grad()  # a shell's own zero_grad clears both
     assert model[0].weight.grad is None and model[0].weight.grad_sample is None

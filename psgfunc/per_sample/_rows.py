@@ -1,0 +1,461 @@
+"""Whose examples a parameter's per-sample gradient rows belong to: one forward pass each.
+
+Row ``b`` of ``p.grad_sample`` (or of a fast-clipping record) is example ``b``'s gradient.
+Adding the rows that a second, unrelated forward pass brings would merge two different
+examples into one, which DP-SGD would then clip as one (sensitivity ``2C``). Adding the
+rows of several uses of ``p`` in ONE forward pass is right: tied weights, a cell looped
+over time, several losses of one batch. This module tells the two apart and checks that
+the rows cover every use of the parameter.
+
+**What a forward pass is.** Every :func:`~psgfunc.per_sample.module_call` (one layer on
+one batch) is a :class:`Call`. The calls whose gradients arrive in one backward pass (one
+autograd graph task) are linked: they feed one loss, so they are one forward pass. Links
+are transitive (union-find over the calls). During a backward pass the gradients are not
+added at once: they are held until the pass ends (a callback queued on the autograd
+engine), and then, for each parameter that already holds rows (earlier backward passes):
+
+* the rows are added only if one of this backward's calls is linked to the calls those
+  rows came from (e.g. ``l1.backward(retain_graph=True); l2.backward()`` on one forward
+  pass: ``l2``'s graph reaches calls ``l1``'s did); otherwise ``ValueError``: a different
+  forward pass (call ``DPOptimizer.accumulate()`` or clear with ``zero_grad`` between
+  micro-batches);
+* rows held in a ``grad_sample`` that the hooks did not build (``set_grad_sample``, set by
+  hand) are never added to: ``ValueError`` too;
+* a forward pass whose rows :meth:`DPOptimizer.accumulate` already clipped cannot deliver
+  rows again (its examples would be counted twice): ``ValueError``.
+
+On error nothing is added (``p.grad``, filled by autograd itself, may have been).
+
+Known false positives (all raise, none adds wrongly): two backward passes of one forward
+pass whose graphs share no psgfunc layer call while some parameter gets rows from both
+(a tied weight whose two uses feed two losses backpropagated separately, or truncated
+BPTT with a detached state): backpropagate such losses together (``(l1 + l2).backward()``).
+A reentrant checkpoint (``use_reentrant=True``) around a layer whose parameter is also
+used outside the checkpoint is the same case. The converse is by definition: a loss that
+adds outputs of two forward passes in one graph makes them one forward pass.
+
+**Every use.** A parameter that went through a psgfunc layer also gets a hook on itself,
+which sees the total gradient autograd sends it in the backward pass. In the dense mode
+that total must equal the sum of the rows (the rows' own sums are what autograd adds;
+only a use outside any psgfunc layer can make a difference); in fast-clipping mode rules
+send the parameter nothing, so any nonzero total beyond the dense rows is such a use. It
+raises ``ValueError``: a ``grad_sample`` without it would train on a different gradient.
+
+**Fast-clipping records.** A ``DPOptimizer(fast_clipping=True)`` owns one
+:class:`PieceLog` per parameter; the registry holds it weakly, so recording stops when
+that optimizer is garbage collected, and a newer ``DPOptimizer`` on the same parameter
+takes it over (:func:`claim`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Call", "PieceLog", "claim", "log_of", "row_hook", "recorder", "watch", "consume", "pad_rows",
+           "plain_use_error", "describe"]
+
+_LOCK = threading.RLock()
+# graph task id -> the rows held until that backward pass ends (dies with the graph task,
+# whose queued callback is the only strong reference: a failed backward leaves nothing)
+_PENDING: weakref.WeakValueDictionary[int, _Backward] = weakref.WeakValueDictionary()
+# id(p) -> p, for the parameters that carry the total-gradient hook
+_WATCHED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+# id(p) -> the PieceLog of the fast-clipping DPOptimizer that records for p
+_LOGS: weakref.WeakValueDictionary[int, PieceLog] = weakref.WeakValueDictionary()
+
+
+def _execution_engine() -> Any:
+    return torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+
+
+class Call:
+    """One layer call on one batch; a node of the union-find whose classes are forward passes.
+
+    Attributes:
+        parent: the node this one was merged into (None: a class representative).
+        consumed: (representatives) whether ``DPOptimizer.accumulate`` clipped this pass.
+    """
+
+    __slots__ = ("parent", "consumed")
+
+    def __init__(self) -> None:
+        self.parent: Call | None = None
+        self.consumed = False
+
+
+def _find(c: Call) -> Call:
+    root = c
+    while root.parent is not None:
+        root = root.parent
+    while c.parent is not None and c.parent is not root:  # path compression
+        c.parent, c = root, c.parent
+    return root
+
+
+def consume(tag: Any) -> None:
+    """Mark the forward pass of rows tagged ``tag`` (a :class:`Call` or None) as clipped."""
+    if isinstance(tag, Call):
+        _find(tag).consumed = True
+
+
+class PieceLog:
+    """The fast-clipping record of one parameter, owned by one ``DPOptimizer``.
+
+    Attributes:
+        pieces: ``(kind, data, n)``: a rule's pieces for a call on ``n`` examples.
+        batch: the batch size ``B`` of the recorded rows (the largest ``n``).
+        group: the :class:`Call` the rows came from (their forward pass), or None.
+        plain: whether a later backward pass sent the parameter a gradient outside any
+            psgfunc layer (see :func:`_flag_plain`).
+    """
+
+    __slots__ = ("pieces", "batch", "group", "plain", "param", "__weakref__")
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.pieces: list[tuple[Any, tuple[Any, ...], int]] = []
+        self.batch = 0
+        self.group: Call | None = None
+        self.plain = False  # a later backward sent the parameter a gradient outside psgfunc
+        self.param = weakref.ref(p)
+
+    def clear(self) -> None:
+        self.pieces, self.batch, self.group, self.plain = [], 0, None, False
+
+    def records(self) -> list[tuple[Any, tuple[Any, ...]]]:
+        """``(kind, data)`` pieces, each padded with zero rows to ``batch`` examples."""
+        return [(kind, pad_rows(data, n, self.batch)) for kind, data, n in self.pieces]
+
+    def attached(self) -> bool:
+        """Whether this log still records for its parameter (no newer DPOptimizer took it)."""
+        p = self.param()
+        return p is not None and _LOGS.get(id(p)) is self
+
+
+def claim(params: Iterable[torch.Tensor], fast: bool) -> dict[int, PieceLog]:
+    """Make a new ``DPOptimizer`` the recorder of ``params`` (the newest one wins).
+
+    Args:
+        params: the optimizer's trainable parameters.
+        fast: fast clipping (new logs) or not (the parameters' logs are detached, so that
+            backward builds ``grad_sample`` for them again).
+
+    Returns:
+        ``id(p) -> PieceLog``: the optimizer must keep these (the registry holds them weakly).
+    """
+    logs: dict[int, PieceLog] = {}
+    with _LOCK:
+        for p in params:
+            if fast:
+                logs[id(p)] = _LOGS[id(p)] = PieceLog(p)
+            elif id(p) in _LOGS:
+                del _LOGS[id(p)]
+    return logs
+
+
+def log_of(p: torch.Tensor) -> PieceLog | None:
+    """The live fast-clipping log recording for ``p``, or None (dense ``grad_sample``)."""
+    log = _LOGS.get(id(p))
+    return log if log is not None and log.param() is p else None
+
+
+def pad_rows(data: tuple[Any, ...], n: int, size: int) -> tuple[Any, ...]:
+    """A call's pieces on ``n`` examples as pieces on ``size >= n``: zero rows at the end.
+
+    Every tensor of a piece is batch-first (the :func:`~psgfunc.per_sample._kinds.emit`
+    contract) and every kind is linear in the output gradient, so zero rows contribute
+    nothing: the call's examples are the first ``n`` of the batch (a packed step).
+    """
+    if n == size:
+        return data
+    out = []
+    for t in data:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n:
+            t = torch.cat([t, t.new_zeros((size - n, *t.shape[1:]))])
+        out.append(t)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------ backward passes
+
+
+def _add_rows(total: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    """``total + g``; of different batch sizes (top-aligned calls), into the first rows."""
+    if total is None:
+        return g.contiguous() if g.dim() > 0 and g.stride(0) == 0 else g
+    if total.shape == g.shape:
+        return total + g
+    big, small = (total, g) if total.shape[0] >= g.shape[0] else (g, total)
+    out = big.clone()
+    out[: small.shape[0]] += small
+    return out
+
+
+class _Entry:
+    """What one backward pass brought one parameter (its rows added up as they come, so a
+    cell looped over T steps holds one ``[B, *shape]``, not T of them)."""
+
+    __slots__ = ("p", "name", "rows", "size", "aligned", "rowsum", "pieces", "total")
+
+    def __init__(self, p: torch.Tensor, name: str) -> None:
+        self.p, self.name = p, name
+        self.rows: torch.Tensor | None = None  # the per-sample gradients [n, *shape]
+        self.size: int | None = None
+        self.aligned = False  # rows of calls on fewer examples go to the first rows
+        self.rowsum: torch.Tensor | None = None  # sum of each call's g.sum(0), in order
+        self.pieces: list[tuple[PieceLog, Any, tuple[Any, ...], int, bool]] = []
+        self.total: torch.Tensor | None = None  # what autograd sent p itself
+
+    def add(self, g: torch.Tensor, aligned: bool) -> None:
+        self.size = _merge_sizes(self.size, g.shape[0], aligned, self.name)
+        self.aligned = aligned
+        s = g.sum(0)  # what autograd's expand backward sends p for this call: same sum
+        self.rowsum = s if self.rowsum is None else self.rowsum + s
+        self.rows = _add_rows(self.rows, g)
+
+
+class _Backward:
+    """The rows of one backward pass, held until it ends (:meth:`finish`)."""
+
+    def __init__(self, task: int) -> None:
+        self.task = task
+        self.calls: dict[int, Call] = {}
+        self.entries: dict[int, _Entry] = {}
+
+    def entry(self, p: torch.Tensor, name: str) -> _Entry:
+        e = self.entries.get(id(p))
+        if e is None:
+            e = self.entries[id(p)] = _Entry(p, name)
+        return e
+
+    def finish(self) -> None:
+        with _LOCK:
+            if _PENDING.get(self.task) is self:
+                del _PENDING[self.task]
+            entries = list(self.entries.values())
+            for e in entries:
+                _check_total(e)
+            roots = {id(r): r for r in (_find(c) for c in self.calls.values())}
+            if any(r.consumed for r in roots.values()):
+                names = ", ".join(sorted({e.name for e in entries if e.size is not None or e.pieces})[:5])
+                raise ValueError(
+                    f"psgfunc: this backward pass brings per-sample gradients for {names} from a "
+                    "forward pass whose examples DPOptimizer.accumulate() already clipped and "
+                    "summed; adding them again would count those examples twice. Backpropagate "
+                    "all losses of a forward pass before accumulate() (e.g. (l1 + l2).backward()), "
+                    "then run a new forward pass"
+                )
+            plans = [_plan(e, roots) for e in entries]
+            root = None
+            for r in roots.values():
+                if root is None:
+                    root = r
+                elif r is not root:
+                    r.parent = root
+            for e, plan in zip(entries, plans):
+                _commit(e, plan, root)
+
+
+def _deliver(add: Callable[[_Backward], None]) -> None:
+    """``add`` to the current backward pass's :class:`_Backward` (its first hook queues the
+    check-and-commit at its end; outside the engine, checked and committed at once)."""
+    task = torch._C._current_graph_task_id()
+    if task < 0:  # pragma: no cover - hooks run inside the engine
+        pend = _Backward(task)
+        add(pend)
+        pend.finish()
+        return
+    with _LOCK:
+        pend = _PENDING.get(task)
+        if pend is None:
+            pend = _Backward(task)
+            _PENDING[task] = pend
+            _execution_engine().queue_callback(pend.finish)
+        add(pend)
+
+
+def _check_total(e: _Entry) -> None:
+    """ValueError if autograd sent ``e.p`` more than its rows: a use outside psgfunc layers."""
+    total = e.total
+    if total is None:
+        return
+    if total.layout != torch.strided:
+        total = total.to_dense()
+    rowsum = e.rowsum
+    if rowsum is None:
+        if not e.pieces and bool(total.ne(0).any()):
+            _flag_plain(e.p)  # a backward without psgfunc layers: see _flag_plain
+            return
+        bad = bool(total.ne(0).any())
+    else:
+        diff = (total - rowsum).abs().max()
+        scale = torch.maximum(total.abs().max(), rowsum.abs().max())
+        eps = torch.finfo(total.dtype).eps if total.is_floating_point() else 0.0
+        bad = bool(diff > 16 * eps * scale)
+    if bad:
+        raise plain_use_error(f"psgfunc: {e.name}")
+
+
+def _flag_plain(p: torch.Tensor) -> None:
+    """A backward pass sent ``p`` a gradient through no psgfunc layer while ``p`` holds rows
+    from an earlier one: a separately backpropagated plain use of the same forward pass (a
+    tied head's own loss), or an unrelated computation with the same tensor (a reference
+    model). The rows are flagged, not refused: ``DPOptimizer`` refuses flagged rows
+    (:func:`plain_use_error`), a plain ``grad_sample`` reader keeps them."""
+    gs = getattr(p, "grad_sample", None)
+    if gs is not None and isinstance(getattr(gs, "_psg_call", None), Call):
+        gs._psg_plain = True
+    log = log_of(p)
+    if log is not None and log.pieces:
+        log.plain = True
+
+
+def plain_use_error(where: str) -> ValueError:
+    """The error for per-sample gradients that miss a use of the parameter."""
+    return ValueError(
+        f"{where} is used outside any psgfunc layer (e.g. a tied output head "
+        "`h @ emb.weight.T`, or a penalty term on the weight), and its per-sample gradients "
+        "(grad_sample, or DPOptimizer's fast-clipping record) miss that use. Route every use "
+        "through a psgfunc layer (e.g. share the Parameter with a psgfunc.nn.Linear: "
+        "head.weight = emb.weight), untie the weights, or put a weight penalty in the "
+        "optimizer (weight_decay)"
+    )
+
+
+def _merge_sizes(current: int | None, n: int, aligned: bool, name: str) -> int:
+    if current is None or n == current:
+        return n
+    if aligned:  # DPLSTMCell / LSTMLinear: a call on fewer examples adds to the first rows
+        return max(current, n)
+    raise ValueError(
+        f"psgfunc: {name} holds per-sample gradients for a batch of {current} examples and now "
+        f"gets one for {n}; use one batch per forward pass, and clear between batches with "
+        "DPOptimizer.accumulate() / zero_grad() or psgfunc.nn.zero_grad(model) (a plain "
+        "torch optimizer's zero_grad clears .grad only)"
+    )
+
+
+def _different_pass(name: str, what: str) -> ValueError:
+    return ValueError(
+        f"psgfunc: {name} already holds {what} from an earlier forward pass, and this backward "
+        "pass brings rows of another forward pass; rows are examples, so adding them would "
+        "merge different examples into one. Call DPOptimizer.accumulate() after each "
+        "micro-batch's backward (or clear with DPOptimizer.zero_grad() / "
+        "psgfunc.nn.zero_grad(model)) before the next forward pass. Several losses of ONE "
+        "forward pass can be backpropagated together: (l1 + l2).backward()"
+    )
+
+
+def _plan(e: _Entry, roots: dict[int, Call]) -> dict[int, int]:
+    """Check what ``e`` brings against what its parameter holds (ValueError); returns the
+    batch size of each fast-clipping log it records into, after the commit."""
+    if e.rows is not None:
+        prev = getattr(e.p, "grad_sample", None)
+        if prev is not None:
+            tag = getattr(prev, "_psg_call", None)
+            if not isinstance(tag, Call):
+                raise ValueError(
+                    f"psgfunc: {e.name} has a grad_sample that psgfunc's layers did not build "
+                    "(set_grad_sample, or set by hand), and a backward pass through a psgfunc "
+                    "layer now brings rows for it; clear it first (p.grad_sample = None, or "
+                    "zero_grad) or let one of the two provide the per-sample gradients"
+                )
+            if id(_find(tag)) not in roots:
+                raise _different_pass(e.name, "grad_sample")
+            _merge_sizes(prev.shape[0], e.rows.shape[0], e.aligned, e.name)
+    batches: dict[int, int] = {}
+    for log, _, _, n, aligned in e.pieces:
+        if not log.attached():
+            continue
+        if id(log) not in batches:
+            if log.pieces:
+                if log.group is None or id(_find(log.group)) not in roots:
+                    raise _different_pass(e.name, "DPOptimizer's fast-clipping record")
+                batches[id(log)] = log.batch
+            else:
+                batches[id(log)] = None  # type: ignore[assignment]
+        batches[id(log)] = _merge_sizes(batches[id(log)], n, aligned, e.name)
+    return batches
+
+
+def _commit(e: _Entry, batches: dict[int, int], root: Call | None) -> None:
+    if e.rows is not None:
+        total = _add_rows(getattr(e.p, "grad_sample", None), e.rows)
+        if getattr(getattr(e.p, "grad_sample", None), "_psg_plain", False):
+            total._psg_plain = True
+        total._psg_call = root
+        e.p.grad_sample = total
+    for log, kind, data, n, _ in e.pieces:
+        if log.attached():  # a log a newer DPOptimizer took over records nothing more
+            log.pieces.append((kind, data, n))
+            log.batch = batches[id(log)]
+            log.group = root
+
+
+# ------------------------------------------------------------------------------ the hooks
+
+
+def row_hook(p: torch.Tensor, call: Call, name: str, aligned: bool) -> Callable[[Any], None]:
+    """Hook for the expanded view of ``p`` in ``call``: its per-sample gradient ``g [n, *shape]``
+    goes to ``p.grad_sample`` when the backward pass ends (top-aligned if ``aligned``)."""
+
+    def add(pend: _Backward, g: torch.Tensor | None) -> None:
+        pend.calls[id(call)] = call
+        if g is not None:  # None: a fast-clipping rule recorded pieces and passed nothing on
+            pend.entry(p, name).add(g.detach(), aligned)
+
+    def hook(g: torch.Tensor | None) -> None:
+        _deliver(lambda pend: add(pend, g))
+
+    return hook
+
+
+def recorder(p: torch.Tensor, log: PieceLog, call: Call, node: Any, n: int, name: str,
+             aligned: bool) -> Callable[[Any, tuple[Any, ...]], None]:
+    """``_psg_record`` of ``p``'s expanded view (``node``: its ``grad_fn``) for fast clipping."""
+
+    def record(kind: Any, data: tuple[Any, ...]) -> None:
+        try:
+            needed = node is None or torch._C._will_engine_execute_node(node)
+        except RuntimeError:  # pragma: no cover - not inside an engine backward pass
+            needed = True
+        if not needed:  # autograd.grad for other inputs: this parameter gets nothing
+            return
+        def add(pend: _Backward) -> None:
+            pend.calls[id(call)] = call
+            pend.entry(p, name).pieces.append((log, kind, data, n, aligned))
+
+        _deliver(add)
+
+    return record
+
+
+def watch(p: torch.Tensor, name: str) -> None:
+    """Give ``p`` (once) the hook that reports the total gradient autograd sends it."""
+    if _WATCHED.get(id(p)) is p:
+        return
+    ref = weakref.ref(p)
+
+    def hook(g: torch.Tensor | None) -> None:
+        q = ref()
+        if q is None or g is None:
+            return
+        def add(pend: _Backward) -> None:
+            e = pend.entry(q, name)
+            e.total = g.detach() if e.total is None else e.total + g.detach()
+
+        _deliver(add)
+
+    p.register_hook(hook)
+    with _LOCK:
+        _WATCHED[id(p)] = p
+
+
+def describe(p: torch.Tensor, name: str, layer: Any) -> str:
+    """How errors name a parameter: its name in the layer, the layer, its shape."""
+    fn = getattr(layer, "__name__", type(layer).__name__)
+    return f"parameter {name!r} of the psgfunc layer call {fn}(...) (shape {tuple(p.shape)})"

@@ -1,0 +1,436 @@
+"""The module path (psgfunc.nn shells, expand_weights, DPOptimizer) never merges examples,
+never trains on noise alone, never misses a use of a parameter, and its fast-clipping records
+belong to one optimizer (psgfunc.per_sample._rows)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import psgfunc.dp as dp
+import psgfunc.nn as pnn
+from psgfunc.per_sample import _rows
+from tests.oracles import per_example_grads
+
+F64 = torch.float64
+MODES = ["plain", "dense", "fast"]  # no optimizer, DPOptimizer, DPOptimizer(fast_clipping=True)
+
+
+def optimizer(params, mode, *, max_norm=1.0, noise=0.0, expected=4.0, **kw):
+    if mode == "plain":
+        return None
+    return dp.DPOptimizer(torch.optim.SGD(list(params), lr=1.0), max_norm=max_norm,
+                          noise_multiplier=noise, expected_batch_size=expected,
+                          fast_clipping=mode == "fast", **kw)
+
+
+def clipped_step(params, per_example, max_norm, expected):
+    """float64 oracle of one noiseless SGD(lr=1) DP step from per-example gradients."""
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in per_example], 1)
+    norms = flat.norm(dim=1)
+    factor = (max_norm / norms).clamp(max=1.0)
+    return [p - torch.tensordot(factor, g, 1) / expected for p, g in zip(params, per_example)], norms
+
+
+# ------------------------------------------------------- layers: one batch x [B, *] -> loss
+
+
+def linear():
+    return pnn.Linear(3, 2, 8, dtype=F64), lambda b: torch.randn(b, 3, dtype=F64)
+
+
+def embedding():
+    return pnn.Embedding(7, 2, 8, dtype=F64), lambda b: torch.randint(0, 7, (b, 3))
+
+
+def conv():
+    return pnn.Conv1d(2, 3, 2, 8, dtype=F64), lambda b: torch.randn(b, 2, 5, dtype=F64)
+
+
+def layer_norm():
+    return pnn.LayerNorm(4, 8).to(F64), lambda b: torch.randn(b, 4, dtype=F64)
+
+
+def dplstm():
+    return pnn.DPLSTM(3, 2, batch_first=True, dtype=F64), lambda b: torch.randn(b, 4, 3, dtype=F64)
+
+
+def cell():
+    return pnn.DPLSTMCell(3, 2, dtype=F64), lambda b: torch.randn(b, 3, dtype=F64)
+
+
+def lstm_linear():
+    return pnn.LSTMLinear(3, 2, dtype=F64), lambda b: torch.randn(b, 3, dtype=F64)
+
+
+LAYERS = [linear, embedding, conv, layer_norm, dplstm, cell, lstm_linear]
+
+
+def loss_of(out):
+    out = out[0] if isinstance(out, tuple) else out
+    return (out.pow(2) * 0.5 + out).sum()
+
+
+def state(layer, mode, opt):
+    """What the layer's parameters hold: grad_sample, or the fast-clipping record."""
+    if mode == "fast":
+        return [len(opt._logs[id(p)].pieces) for p in layer.parameters()]
+    return [p.grad_sample.clone() for p in layer.parameters()]
+
+
+# ------------------------------------------------------------- item 2: rows are examples
+
+
+def test_reproducer_two_backward_calls_are_two_examples_or_an_error():
+    for fast in (False, True):
+        m = pnn.expand_weights(nn.Linear(1, 1, bias=False), 4)
+        opt = dp.DPOptimizer(torch.optim.SGD(m.parameters(), lr=1.0), max_norm=1.0,
+                             noise_multiplier=0.0, expected_batch_size=2, fast_clipping=fast)
+        x = torch.ones(1, 1)
+        (m(x) * 10).sum().backward()
+        with pytest.raises(ValueError, match=r"another forward pass.*accumulate\(\)"):
+            (m(x) * -20).sum().backward()
+        assert torch.equal(opt.accumulate(), torch.tensor([10.0]))  # the first batch, alone
+        (m(x) * -20).sum().backward()  # after accumulate(): a new micro-batch
+        assert torch.equal(opt.accumulate(), torch.tensor([20.0]))
+
+
+@pytest.mark.parametrize("make", LAYERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("second", [3, 2])
+def test_a_second_forward_pass_never_adds_to_the_rows(make, mode, second):
+    torch.manual_seed(0)
+    layer, batch = make()
+    opt = optimizer(layer.parameters(), mode)
+    loss_of(layer(batch(3))).backward()
+    held = state(layer, mode, opt)
+    with pytest.raises(ValueError, match="zero_grad"):
+        loss_of(layer(batch(second))).backward()
+    for a, b in zip(state(layer, mode, opt), held):  # nothing was added
+        assert a == b if mode == "fast" else torch.equal(a, b)
+    if opt is None:
+        pnn.zero_grad(layer)
+    else:
+        opt.accumulate()
+    loss_of(layer(batch(second))).backward()  # cleared: fine
+    if opt is not None:
+        assert opt.accumulate().shape == (second,)
+
+
+def test_rows_set_by_hand_are_not_added_to():
+    layer, batch = linear()
+    layer.weight.grad_sample = torch.zeros(3, 2, 3, dtype=F64)
+    with pytest.raises(ValueError, match="did not build"):
+        loss_of(layer(batch(3))).backward()
+
+
+def two_losses(model_out):
+    out = model_out[0] if isinstance(model_out, tuple) else model_out
+    return (out.pow(2)).sum(), out.sin().sum()
+
+
+@pytest.mark.parametrize("make", LAYERS)
+@pytest.mark.parametrize("mode", ["dense", "fast"])
+def test_several_backward_calls_of_one_forward_pass_add_up(make, mode):
+    """l1.backward(retain_graph=True); l2.backward() == (l1 + l2).backward()."""
+    results = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        layer, batch = make()
+        opt = optimizer(layer.parameters(), mode, max_norm=0.3)
+        torch.manual_seed(1)
+        l1, l2 = two_losses(layer(batch(3)))
+        if split:
+            l1.backward(retain_graph=True)
+            l2.backward()
+        else:
+            (l1 + l2).backward()
+        norms = opt.accumulate()
+        opt.step()
+        results.append((norms, [p.detach().clone() for p in layer.parameters()]))
+    (n1, p1), (n2, p2) = results
+    torch.testing.assert_close(n2, n1, rtol=1e-10, atol=0)
+    for a, b in zip(p2, p1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def cell_loop(cell_, xs, lengths=None, per_step=False):
+    """Run ``cell_`` over ``xs [T, B, D]`` (packed steps of a shrinking batch with
+    ``lengths``); the loss is summed over steps, or backpropagated step by step."""
+    steps, size = xs.shape[0], xs.shape[1]
+    if lengths is not None:
+        packed = pack_padded_sequence(xs, lengths)
+        inputs = packed.data.split(packed.batch_sizes.tolist())
+        sizes = packed.batch_sizes.tolist()
+    else:
+        inputs, sizes = list(xs), [size] * steps
+    h = c = torch.zeros(size, cell_.hidden_size, dtype=xs.dtype)
+    total = 0
+    for x_t, n in zip(inputs, sizes):
+        h1, c1 = cell_(x_t, h, c, batch_size_t=n)
+        h, c = torch.cat([h1, h[n:]]), torch.cat([c1, c[n:]])
+        loss = h1.pow(2).sum() + c1.sin().sum()
+        if per_step:
+            loss.backward(retain_graph=True)
+        else:
+            total = total + loss
+    if not per_step:
+        total.backward()
+
+
+def cell_oracle(cell_, xs, lengths):
+    ref = nn.LSTMCell(cell_.input_size, cell_.hidden_size, dtype=F64)
+    params = {k: v.detach() for k, v in cell_.named_parameters()}
+
+    def fn(p, xb, n):
+        hx, total = None, 0
+        for t in range(int(n)):
+            hx = functional_call(ref, p, (xb[t].unsqueeze(0), hx))
+            total = total + hx[0].pow(2).sum() + hx[1].sin().sum()
+        return total
+
+    return list(per_example_grads(fn, params, xs.transpose(0, 1), lengths).values())
+
+
+@pytest.mark.parametrize("mode", ["dense", "fast"])
+@pytest.mark.parametrize("per_step", [False, True])
+def test_cell_over_packed_steps_matches_the_float64_loop(mode, per_step):
+    """Item 10: shrinking batch_size_t, also with fast clipping, and one backward per step."""
+    torch.manual_seed(0)
+    c = pnn.DPLSTMCell(3, 4, dtype=F64)
+    params = [p.detach().clone() for p in c.parameters()]
+    xs = torch.randn(5, 4, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([5, 4, 2, 1])
+    want, want_norms = clipped_step(params, cell_oracle(c, xs, lengths), 0.5, 4.0)
+    opt = optimizer(c.parameters(), mode, max_norm=0.5, expected=4.0)
+    cell_loop(c, xs, lengths, per_step=per_step)
+    norms = opt.accumulate()
+    opt.step()
+    torch.testing.assert_close(norms, want_norms, rtol=1e-10, atol=0)
+    for p, w in zip(c.parameters(), want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [cell, lstm_linear])
+@pytest.mark.parametrize("mode", MODES)
+def test_cell_and_lstm_linear_micro_batches_of_different_sizes_do_not_merge(make, mode):
+    layer, batch = make()
+    opt = optimizer(layer.parameters(), mode)
+    for size in (4, 2):
+        if size == 2:
+            with pytest.raises(ValueError, match="another forward pass"):
+                loss_of(layer(batch(size))).backward()
+        else:
+            loss_of(layer(batch(size))).backward()
+    if opt is not None:
+        assert opt.accumulate().shape == (4,)
+
+
+@pytest.mark.parametrize("mode", ["dense", "fast"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_clipped_forward_pass_cannot_deliver_again(mode, reduction):
+    layer, batch = linear()
+    opt = optimizer(layer.parameters(), mode, loss_reduction=reduction)
+    l1, l2 = two_losses(layer(batch(3)))
+    l1.backward(retain_graph=True)
+    opt.accumulate()
+    with pytest.raises(ValueError, match="count those examples twice"):
+        l2.backward()
+
+
+@pytest.mark.parametrize("mode", ["dense", "fast"])
+def test_gradients_for_inputs_only_record_nothing(mode):
+    """autograd.grad for the inputs first, then backward: the rows of one backward only."""
+    results = []
+    for first in (False, True):
+        torch.manual_seed(0)
+        layer, _ = dplstm()
+        x = torch.randn(3, 4, 3, dtype=F64, requires_grad=True)
+        opt = optimizer(layer.parameters(), mode, max_norm=100.0)
+        loss = loss_of(layer(x))
+        if first:
+            torch.autograd.grad(loss, [x], retain_graph=True)
+        loss.backward()
+        results.append(opt.accumulate())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=0)
+
+
+# ------------------------------------------- item 3: no per-sample gradients, no noise step
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_model_without_per_sample_gradients_is_refused(fast):
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=1.0,
+                         noise_multiplier=1.0, expected_batch_size=2, fast_clipping=fast)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(3, 2)).sum().backward()
+    with pytest.raises(ValueError, match="expand_weights"):
+        opt.step()
+    with pytest.raises(ValueError, match="set_grad_sample"):
+        opt.accumulate()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_empty_poisson_batch_stays_a_noise_step(fast):
+    """No backward at all: pure noise, also after a step left its update in p.grad, and after
+    zero_grad(set_to_none=False) left zeros."""
+    m = pnn.expand_weights(nn.Linear(2, 2), 4)
+    opt = dp.DPOptimizer(torch.optim.SGD(m.parameters(), lr=1.0), max_norm=1.0,
+                         noise_multiplier=1.0, expected_batch_size=2, seed=0, fast_clipping=fast)
+    m(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    for clear in (None, "zeros"):
+        if clear == "zeros":
+            opt.zero_grad(set_to_none=False)
+        before = [p.detach().clone() for p in m.parameters()]
+        opt.step()  # an empty batch: no forward, no backward
+        assert all(not torch.equal(a, b) for a, b in zip(m.parameters(), before))
+
+
+# ------------------------------------------------- item 4: rows cover every use of a param
+
+
+class TiedLM(nn.Module):
+    """Embedding whose table is also the output head, by a plain op or through a shell."""
+
+    def __init__(self, through_shell):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = pnn.Embedding(6, 3, 8, dtype=F64)
+        self.head = pnn.Linear(3, 6, 8, bias=False, dtype=F64) if through_shell else None
+        if through_shell:
+            self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = torch.tanh(self.emb(idx))
+        return self.head(h) if self.head is not None else h @ self.emb.weight.T
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_plain_use_next_to_a_shell_is_refused(mode, reduction):
+    model = TiedLM(through_shell=False)
+    opt = optimizer(model.parameters(), mode, loss_reduction=reduction) if mode != "plain" else None
+    idx, y = torch.randint(0, 6, (4, 2)), torch.randint(0, 6, (4, 2))
+    with pytest.raises(ValueError, match=r"'weight'.*outside any psgfunc layer.*untie"):
+        F.cross_entropy(model(idx).flatten(0, 1), y.flatten(), reduction=reduction).backward()
+    assert getattr(model.emb.weight, "grad_sample", None) is None
+    if opt is not None:
+        assert opt._logs.get(id(model.emb.weight)) is None or not opt._logs[id(model.emb.weight)].pieces
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_penalty_on_a_shell_weight_is_refused(mode):
+    layer, batch = linear()
+    optimizer(layer.parameters(), mode)
+    with pytest.raises(ValueError, match="weight_decay"):
+        (loss_of(layer(batch(3))) + 1e-3 * layer.weight.pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize("mode", ["dense", "fast"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_tying_through_shells_matches_the_float64_loop(mode, reduction):
+    """The fix the error names: both uses through psgfunc layers, exact; repeated backward
+    calls of one forward pass (p.grad accumulating) raise nothing."""
+    model = TiedLM(through_shell=True)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt = optimizer(model.parameters(), mode, max_norm=0.2, expected=4.0, loss_reduction=reduction)
+    idx, y = torch.randint(0, 6, (4, 2)), torch.randint(0, 6, (4, 2))
+    logits = model(idx).flatten(0, 1)
+    scale = 1.0 if reduction == "sum" else 1 / 4  # a mean over the batch's 4 examples
+    loss = F.cross_entropy(logits, y.flatten(), reduction="sum") * scale
+    loss.backward(retain_graph=True)
+    loss.backward()
+    norms = opt.accumulate()
+    opt.step()
+
+    def fn(p, i, t):  # the plain tied model
+        logits = torch.tanh(F.embedding(i, p["emb.weight"])) @ p["emb.weight"].T
+        return 2 * F.cross_entropy(logits, t, reduction="sum")
+
+    per_example = list(per_example_grads(fn, {"emb.weight": params[0]}, idx, y).values())
+    want, want_norms = clipped_step(params, per_example, 0.2, 4.0)
+    torch.testing.assert_close(norms, want_norms, rtol=1e-10, atol=0)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["dense", "fast"])
+def test_a_plain_use_backpropagated_separately_is_refused_by_the_optimizer(mode):
+    model = TiedLM(through_shell=False)
+    opt = optimizer(model.parameters(), mode)
+    idx = torch.randint(0, 6, (4, 2))
+    h = torch.tanh(model.emb(idx))
+    h.sum().backward(retain_graph=True)  # the shell use
+    (h.detach() @ model.emb.weight.T).sum().backward()  # the plain use, on its own
+    with pytest.raises(ValueError, match=r"#0.*outside any psgfunc layer"):
+        opt.accumulate()
+
+
+def test_float32_rows_equal_the_total_bit_for_bit_no_false_positive():
+    torch.manual_seed(0)
+    lin, emb = pnn.Linear(32, 32, 16), pnn.Embedding(50, 32, 16)
+    x = emb(torch.randint(0, 50, (16, 5)))
+    for _ in range(6):  # one weight, six uses in one forward pass
+        x = torch.tanh(lin(x))
+    (x.sum() * 1e3 + emb(torch.randint(0, 50, (16, 2))).pow(2).sum()).backward()
+    torch.testing.assert_close(lin.weight.grad_sample.sum(0), lin.weight.grad, rtol=1e-4, atol=1e-2)
+
+
+# --------------------------------------------- item 8: fast-clipping records, one owner
+
+
+@pytest.mark.parametrize("first, second", [("fast", "dense"), ("fast", "fast"), ("dense", "fast")])
+def test_the_newest_optimizer_on_a_parameter_wins(first, second):
+    """A dense (or another fast) DPOptimizer after a fast one: it gets the per-sample
+    gradients and the right update; the old one refuses to be used."""
+    def update(model, opt, x):
+        before = [p.detach().clone() for p in model.parameters()]
+        model(x).pow(2).sum().backward()
+        opt.step()
+        return [b - p.detach() for p, b in zip(model.parameters(), before)]
+
+    def make(mode):
+        torch.manual_seed(0)
+        model = pnn.expand_weights(nn.Linear(3, 2).double(), 4)
+        return model, optimizer(model.parameters(), mode, expected=2.0)
+
+    model, old = make(first)
+    new = optimizer(model.parameters(), second, expected=2.0)
+    x = torch.randn(3, 3, dtype=F64)
+    got = update(model, new, x)
+    assert all(u.abs().max() > 0 for u in got)
+    model(x).sum().backward()
+    with pytest.raises(ValueError, match="newer DPOptimizer"):
+        old.accumulate()
+    for a, b in zip(got, update(*make("dense"), x)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_records_die_with_their_optimizer_and_never_pile_up():
+    model = pnn.expand_weights(nn.Linear(3, 2).double(), 4)
+    opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0,
+                         noise_multiplier=0.0, expected_batch_size=2, fast_clipping=True)
+    logs = [opt._logs[id(p)] for p in model.parameters()]
+    for _ in range(3):
+        model(torch.randn(3, 3, dtype=F64)).sum().backward()
+        assert [len(log.pieces) for log in logs] == [1, 1]
+        opt.step()
+        assert [len(log.pieces) for log in logs] == [0, 0]
+        assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    model(torch.randn(3, 3, dtype=F64)).sum().backward()
+    opt.zero_grad()
+    assert [len(log.pieces) for log in logs] == [0, 0]
+    del opt, logs
+    gc.collect()
+    assert all(_rows.log_of(p) is None for p in model.parameters())
+    model(torch.randn(3, 3, dtype=F64)).sum().backward()  # no owner: plain grad_sample again
+    assert all(p.grad_sample.shape[0] == 3 for p in model.parameters())
