@@ -157,7 +157,12 @@ class DPOptimizer(torch.optim.Optimizer):
         self._logical_batch_open = False  # a VirtualBatchLoader's slice that does not end its batch
         # newest DPOptimizer on a parameter wins; its logs die with it (the registry is weak)
         self._logs = _rows.claim(self._trainable(), self.fast_clipping)
-        self._updates: dict[int, tuple[torch.Tensor, int]] = {}
+        # gradients that no backward of this optimizer's steps left: the last step's update,
+        # and whatever p.grad held when the optimizer was built (an earlier optimizer's update);
+        # a backward that adds to them changes their version (see _empty)
+        self._updates: dict[int, tuple[torch.Tensor, int]] = {
+            id(p): (p.grad, p.grad._version) for p in self._trainable() if p.grad is not None
+        }
 
     # ----------------------------------------------------------------- torch.optim surface
 

@@ -434,3 +434,18 @@ def test_records_die_with_their_optimizer_and_never_pile_up():
     assert all(_rows.log_of(p) is None for p in model.parameters())
     model(torch.randn(3, 3, dtype=F64)).sum().backward()  # no owner: plain grad_sample again
     assert all(p.grad_sample.shape[0] == 3 for p in model.parameters())
+
+
+def test_gradient_present_when_the_optimizer_is_built_is_not_a_backward():
+    """p.grad left by an earlier optimizer's step is not mistaken for a plain backward; a
+    backward after construction that adds to it (in place) still is."""
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    p.grad = torch.full((3,), 0.5, dtype=torch.float64)  # e.g. an earlier DPOptimizer's update
+    kw = dict(max_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, seed=0)
+    opt = dp.DPOptimizer(torch.optim.SGD([p], lr=0.1), **kw)
+    opt.step()  # empty batch: pure noise, no error
+    p.grad = torch.full((3,), 0.5, dtype=torch.float64)
+    opt2 = dp.DPOptimizer(torch.optim.SGD([p], lr=0.1), **kw)
+    (p * 2).sum().backward()  # a plain backward accumulates into the existing p.grad in place
+    with pytest.raises(ValueError, match="no trainable parameter has per-sample gradients"):
+        opt2.step()
