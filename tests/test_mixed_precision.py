@@ -21,7 +21,7 @@ import psgfunc as pf
 import psgfunc.dp as dp
 import psgfunc.functional as PF
 import psgfunc.nn as pnn
-from tests.oracles import per_example_grads
+from tests.oracles import assert_tree_close, per_example_grads, to_float64
 
 BF16_RTOL = 2e-2
 """Relative error allowed under bfloat16 autocast, ``||actual - exact|| / ||exact||`` per
@@ -169,6 +169,46 @@ def case_lstm_cell():
     return fn, params, (torch.randn(4, 3, 6, generator=g), torch.randint(0, 3, (4,), generator=g))
 
 
+def case_lstm_lengths():
+    g = _gen()
+    params = {"r": PF.init_lstm(6, 8, generator=g)}
+
+    def fn(p, x, n, h0, c0):  # padded steps and a float32 initial state
+        with amp():
+            _, (h, c) = PF.lstm(p["r"], x, (h0, c0), lengths=n)
+        return h.float().square().sum() + c.float().sum()
+
+    x = torch.randn(4, 5, 6, generator=g)
+    return fn, params, (x, torch.tensor([5, 3, 1, 4]), torch.randn(4, 1, 8, generator=g), torch.randn(4, 1, 8, generator=g))
+
+
+def case_conv3d():
+    g = _gen()
+    params = {"a": PF.init_conv(2, 3, (3, 3), generator=g), "b": PF.init_conv(3, 2, (2, 2, 2), generator=g)}
+
+    def fn(p, x):  # x [C, H, W]; "same" reflect padding, then a 3-d conv over the channels
+        with amp():
+            h = torch.tanh(PF.conv2d(p["a"], x, padding="same", padding_mode="reflect"))
+            out = PF.conv3d(p["b"], h.unsqueeze(1), padding=1)
+        return out.float().square().sum()
+
+    return fn, params, (torch.randn(3, 2, 5, 5, generator=g),)
+
+
+def case_tied():
+    g = _gen()
+    params = {"e": PF.init_embedding(10, 8, generator=g), "a": PF.init_linear(8, 8, generator=g)}
+
+    def fn(p, idx, y):  # a linear applied twice, the embedding table as the output head
+        with amp():
+            h = PF.embedding(p["e"], idx).mean(0)
+            h = torch.tanh(PF.linear(p["a"], PF.linear(p["a"], h)))
+            logits = PF.linear({"weight": p["e"]["weight"]}, h)
+        return F.cross_entropy(logits.float(), y)
+
+    return fn, params, (torch.randint(0, 10, (4, 3), generator=g), torch.randint(0, 10, (4,), generator=g))
+
+
 def case_mixed():
     g = _gen()
     params = {
@@ -192,8 +232,8 @@ def case_mixed():
 
 CASES = {
     f.__name__[5:]: f
-    for f in (case_linear_seq, case_conv1d, case_conv2d, case_embedding, case_layer_norm, case_lstm,
-              case_lstm_cell, case_mixed)
+    for f in (case_linear_seq, case_conv1d, case_conv2d, case_conv3d, case_embedding, case_layer_norm,
+              case_lstm, case_lstm_lengths, case_lstm_cell, case_tied, case_mixed)
 }
 
 
@@ -214,6 +254,47 @@ def test_functional_routes_match_float64_loop(name):
         assert_bf16_close(summed, sums_exact, f"{name} {method} sum", terms)
         results[method] = summed
     assert_bf16_close(results["fast"], results["materialize"], f"{name} fast vs materialize", terms)
+
+
+@pytest.mark.parametrize("size", [0, 1])
+def test_small_batches(size):
+    fn, params, batch = case_mixed()
+    batch = tuple(b[:size] for b in batch)
+    exact = per_example_grads(fn, params, *batch)
+    for method in ("expanded", "vmap"):
+        got = pf.per_sample_grads(fn, params, *batch, method=method)
+        assert_bf16_close(got, exact, f"B={size} {method}")
+    summed, norms = dp.clipped_grad_sum(fn, params, *batch, max_norm=0.3)
+    assert norms.dtype == torch.float32 and norms.shape == (size,)
+    assert_bf16_close(summed, oracle_clipped(exact, 0.3)[0], f"B={size} sum")
+
+
+def test_float64_params_are_left_alone():
+    """Autocast does not touch float64: the rules compute exactly as without it."""
+    fn, params, batch = case_mixed()
+    exact = per_example_grads(fn, params, *batch)
+    for method in ("expanded", "vmap"):
+        got = pf.per_sample_grads(fn, to_float64(params), *to_float64(batch), method=method)
+        assert_tree_close(got, exact)
+
+
+def test_clipping_inside_an_autocast_block():
+    """The whole call inside the caller's autocast block: the forward runs in bfloat16, but
+    norms and clipped sums are not computed in it (float32 results, same accuracy)."""
+    g = _gen()
+    params = {"a": PF.init_linear(8, 16, generator=g), "b": _head(g, 16)}
+
+    def fn(p, x, y):  # no autocast of its own
+        return F.cross_entropy(PF.linear(p["b"], torch.tanh(PF.linear(p["a"], x))).float(), y, reduction="sum")
+
+    batch = (torch.randn(5, 4, 8, generator=g), torch.randint(0, 3, (5, 4), generator=g))
+    exact = per_example_grads(fn, params, *batch)
+    sums_exact, norms_exact, terms = oracle_clipped(exact, 0.3)
+    for method in ("fast", "materialize"):
+        with amp():
+            summed, norms = dp.clipped_grad_sum(fn, params, *batch, max_norm=0.3, method=method)
+        assert_bf16_close(norms, norms_exact, f"{method} norms")
+        assert_bf16_close(summed, sums_exact, f"{method} sum", terms)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -321,18 +402,39 @@ def test_module_grad_sample_and_dp_steps(name):
                 p.copy_(start[k])
         opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=max_norm,
                              noise_multiplier=0.0, expected_batch_size=len(x), fast_clipping=fast)
-        with amp():
-            out = model(x)
-        _loss(out, y).backward()
-        norms = opt.accumulate()
+        with amp():  # the whole step inside the block (torch advises the forward only)
+            _loss(model(x), y).backward()
+            norms = opt.accumulate()
+            opt.step()
         assert norms.dtype == torch.float32
-        opt.step()
         opt.zero_grad()
         steps = {k: (start[k] - p.detach()) * len(x) for k, p in model.named_parameters()}
         assert_bf16_close(steps, sums_exact, f"{name} DPOptimizer fast_clipping={fast}", terms)
         for p in model.parameters():
             p.__dict__.pop("_psg_pieces", None)
         assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_dp_optimizer_step_inside_an_autocast_block(fast):
+    """accumulate() inside the block computes exactly what it computes outside it."""
+    model, x, y, _ = _model("mlp_seq")
+    results = []
+    for inside in (False, True):
+        opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=0.1,
+                             noise_multiplier=0.0, expected_batch_size=len(x), fast_clipping=fast)
+        with amp():
+            _loss(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            norms = opt.accumulate()
+        results.append((norms, [s.clone() for s in opt._summed]))
+        opt.zero_grad()
+        opt._summed = None
+    (n0, s0), (n1, s1) = results
+    torch.testing.assert_close(n1, n0, rtol=1e-6, atol=0)
+    for a, b in zip(s1, s0):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_dplstm_shell_under_autocast():

@@ -12,10 +12,11 @@ casts bring the gradients back to the inputs' dtypes.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["autocast_dtype", "cast", "disabled", "to_float32"]
+__all__ = ["autocast_dtype", "cast", "disabled", "to_float32", "off"]
 
 
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -53,6 +54,28 @@ def to_float32(t: torch.Tensor) -> torch.Tensor:
     would round (CPU autocast leaves ``layer_norm`` in its input's dtype, GPU autocast runs
     it in float32; here it is float32 on both)."""
     return t if autocast_dtype(t) is None else cast(t, torch.float32)
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """A block (or, as ``@off()``, a function) with autocast off on every device type: for
+    per-example norms, clip factors and clipped sums, which must not run in half precision
+    when a caller's ``torch.autocast`` block encloses them."""
+    if not torch._C._is_any_autocast_enabled():
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for device in _DEVICE_TYPES:
+            try:
+                enabled = torch.is_autocast_enabled(device)
+            except RuntimeError:  # not a device type this build knows
+                continue
+            if enabled:
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def disabled(t: torch.Tensor) -> contextlib.AbstractContextManager:
