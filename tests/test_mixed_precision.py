@@ -21,6 +21,7 @@ import psgfunc as pf
 import psgfunc.dp as dp
 import psgfunc.functional as PF
 import psgfunc.nn as pnn
+from psgfunc.per_sample._clip import grad_pieces
 from tests.oracles import assert_tree_close, per_example_grads, to_float64
 
 BF16_RTOL = 2e-2
@@ -297,6 +298,18 @@ def test_clipping_inside_an_autocast_block():
         assert_bf16_close(summed, sums_exact, f"{method} sum", terms)
 
 
+def test_recorded_pieces_are_float32_and_shared():
+    """Fast clipping records the bfloat16 pieces in the parameters' dtype, one cast per tensor:
+    a linear layer's weight and bias share their output-gradient piece, as without autocast."""
+    fn, params, batch = case_linear_seq()
+    pieces = grad_pieces(fn, params, *batch)
+    bias, weight = pieces.leaves[0], pieces.leaves[1]  # params["a"], in optree order
+    assert weight.kind is not None and bias.kind is not None  # norms from pieces, nothing built
+    g_bias, g_weight = bias.datas[0][0], weight.datas[0][0]
+    assert g_weight is g_bias and g_weight.dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore:psgfunc fast clipping")  # lengths, lstm_cell: no tap
 @pytest.mark.parametrize("name", list(CASES))
 def test_tapped_route_under_autocast(name):
     """compiled_clipped_grad_sum's route (layer outputs tapped, pieces from one vmap(grad)),

@@ -230,11 +230,10 @@ def _in_dtype(t: Any, dtype: torch.dtype) -> Any:
         return t
     if t.dtype == dtype or not t.is_floating_point():
         return t.detach()
-    cached = getattr(t, "_psg_cast", None)
-    if cached is None or cached.dtype != dtype:
-        cached = t.detach().to(dtype)
-        t._psg_cast = cached
-    return cached
+    cached = getattr(t, "_psg_cast", None)  # (version of t, its cast)
+    if cached is None or cached[0] != t._version or cached[1].dtype != dtype:
+        cached = t._psg_cast = (t._version, t.detach().to(dtype))
+    return cached[1]
 
 
 class LeafPieces:

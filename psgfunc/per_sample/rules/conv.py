@@ -43,6 +43,11 @@ the digits CNN's 16->32 conv on 4x4 at B = 64 (0.7 ms against 1.9 ms for the gro
 whose per-group overhead dominates there). So ungrouped 1-d/2-d layers whose patch matrix
 has at most ``_UNFOLD_MAX`` (2^20) elements use unfold + one ``bmm``; all others the grouped
 convolution. Fast clipping reuses the patches for ghost norms (:class:`ConvWeight`).
+
+Under ``torch.autocast`` the convolution runs as autocast runs ``F.conv{1,2,3}d`` (which it
+does not do for ``torch.convolution``): the padded input (a differentiable cast) and the
+shared weight and bias in the autocast dtype, the backward in that dtype; :func:`emit` gives
+the per-sample gradients in the parameters' dtype.
 """
 
 from __future__ import annotations
