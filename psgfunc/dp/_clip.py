@@ -18,6 +18,7 @@ import optree
 import torch
 
 from psgfunc._tree import batch_size, row_sq_norms, tree_leaves, tree_map
+from psgfunc.functional import _autocast
 
 MaxNorm = Union[float, Mapping[Any, float]]
 
@@ -225,6 +226,7 @@ def clip(grads: Any, max_norm: MaxNorm) -> Any:
     return optree.tree_unflatten(spec, [_scale(g, f) for g, f in zip(leaves, factors)])
 
 
+@_autocast.off()  # a caller's autocast block: norms and sums stay in the gradients' dtype
 def clipped_sum(grads: Any, max_norm: MaxNorm, where: str = "clipped_sum") -> tuple[Any, torch.Tensor]:
     """``(sum_b clip(g)_b, norms [B])`` without materialising the clipped ``[B, ...]`` tree."""
     factors, norms = _clip_factors(grads, max_norm, where)

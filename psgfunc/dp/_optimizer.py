@@ -19,6 +19,7 @@ from psgfunc._tree import batch_size, tree_flatten
 from psgfunc.dp._clip import _check_positive_finite, clipped_sum
 from psgfunc.dp._distributed import prepare_optimizer
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
+from psgfunc.functional import _autocast
 from psgfunc.per_sample import _rows
 from psgfunc.per_sample._kinds import leaf_pieces
 
@@ -383,6 +384,7 @@ class DPOptimizer(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
+    @_autocast.off()  # norms and sums never in half precision, even inside an autocast block
     def _accumulate_pieces(self) -> torch.Tensor:
         """:meth:`accumulate` for ``fast_clipping``: norms and clipped sums from recorded pieces."""
         params = self._trainable()

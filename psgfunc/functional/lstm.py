@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from psgfunc._rules import dispatchable
+from psgfunc.functional import _autocast
 from psgfunc.functional.linear import _uniform
 from psgfunc.scan import scan
 
@@ -254,6 +255,10 @@ def _lstm(
             x_gates = F.linear(layer_in, w_ih, bias)  # [T, B, 4H], hoisted out of the loop
             k = layer * num_dir + d
             init = (h0[k], c0[k]) if h0 is not None else (x.new_zeros(batch, hidden),) * 2
+            # autocast: x_gates is in its dtype; so are the recurrence and its state, as in nn.LSTM
+            dtype = _autocast.autocast_dtype(x)
+            if dtype is not None:
+                w_hh, init = _autocast.cast(w_hh, dtype), tuple(_autocast.cast(t, dtype) for t in init)
 
             def run(xg: torch.Tensor, w_hh=w_hh, init=init, reverse=bool(d)) -> tuple[Carry, torch.Tensor]:
                 if fused:

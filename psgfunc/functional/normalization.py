@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from psgfunc._rules import dispatchable
+from psgfunc.functional import _autocast
 
 __all__ = [
     "layer_norm",
@@ -89,7 +90,7 @@ def layer_norm(
                 f"layer_norm: params[{name!r}] has shape {tuple(p.shape)}, expected "
                 f"normalized_shape={shape}; build params with init_layer_norm({shape})"
             )
-    return F.layer_norm(x, shape, weight, bias, eps)
+    return F.layer_norm(_autocast.to_float32(x), shape, weight, bias, eps)  # autocast: float32
 
 
 def init_layer_norm(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from psgfunc import _rules
+from psgfunc.functional import _autocast
 from psgfunc.per_sample._api import _prepare
 from psgfunc.per_sample._kinds import Collector, LeafPieces, leaf_pieces
 
@@ -42,7 +43,8 @@ class GradPieces:
 
     def weighted_sums(self, factors: list[torch.Tensor]) -> Any:
         """``sum_b factors[i][b] * grad_b`` for every leaf ``i``; params' structure, no batch dim."""
-        return self.prep.unflatten([leaf.weighted_sum(c) for leaf, c in zip(self.leaves, factors)])
+        with _autocast.off():  # a caller's autocast block: the sums stay in the params' dtype
+            return self.prep.unflatten([leaf.weighted_sum(c) for leaf, c in zip(self.leaves, factors)])
 
 
 def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different") -> GradPieces:
@@ -63,7 +65,8 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
     # the loss may not depend on a leaf at all (no gradient, no records): zeros
     unused = [g is None and not records for g, records in zip(grads, collector.records)]
     dense = [torch.zeros_like(v) if u else g for v, g, u in zip(views, grads, unused)]
-    leaves = leaf_pieces(collector.records, dense, size, [v.shape[1:] for v in views])
+    with _autocast.off():  # norms never in half precision, even in a caller's autocast block
+        leaves = leaf_pieces(collector.records, dense, size, [v.shape[1:] for v in views])
     for leaf, u in zip(leaves, unused):
         leaf.materialized = leaf.materialized and not u
     pieces = GradPieces(prep, leaves)

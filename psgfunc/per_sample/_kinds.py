@@ -216,9 +216,24 @@ def emit(target: torch.Tensor, kind: GradKind, *data: Any) -> torch.Tensor | Non
     """
     record = getattr(target, "_psg_record", None)
     if record is not None:
-        record(kind, tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in data))
+        record(kind, tuple(_in_dtype(t, target.dtype) for t in data))
         return None
-    return kind.materialize(*data)
+    return kind.materialize(*data).to(target.dtype)  # autocast: computed in the pieces' dtype
+
+
+def _in_dtype(t: Any, dtype: torch.dtype) -> Any:
+    """A piece to record: detached, and a floating one in the parameter's ``dtype`` (under
+    autocast the rules' pieces are half precision; norms and sums then run in ``dtype``).
+    One cast per tensor object: the pieces a layer shares between its weight and bias stay
+    one tensor."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.dtype == dtype or not t.is_floating_point():
+        return t.detach()
+    cached = getattr(t, "_psg_cast", None)  # (version of t, its cast)
+    if cached is None or cached[0] != t._version or cached[1].dtype != dtype:
+        cached = t._psg_cast = (t._version, t.detach().to(dtype))
+    return cached[1]
 
 
 class LeafPieces:

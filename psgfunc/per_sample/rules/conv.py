@@ -43,6 +43,11 @@ the digits CNN's 16->32 conv on 4x4 at B = 64 (0.7 ms against 1.9 ms for the gro
 whose per-group overhead dominates there). So ungrouped 1-d/2-d layers whose patch matrix
 has at most ``_UNFOLD_MAX`` (2^20) elements use unfold + one ``bmm``; all others the grouped
 convolution. Fast clipping reuses the patches for ghost norms (:class:`ConvWeight`).
+
+Under ``torch.autocast`` the convolution runs as autocast runs ``F.conv{1,2,3}d`` (which it
+does not do for ``torch.convolution``): the padded input (a differentiable cast) and the
+shared weight and bias in the autocast dtype, the backward in that dtype; :func:`emit` gives
+the per-sample gradients in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import torch
 from torch.func import vmap
 
 from psgfunc import _rules
+from psgfunc.functional import _autocast
 from psgfunc.functional.conv import (
     _SPATIAL,
     _check_conv,
@@ -266,9 +272,13 @@ class _ConvPerSample(torch.autograd.Function):
     ) -> torch.Tensor:
         weight = w[0] if w.shape[0] > 0 else w.new_zeros(w.shape[1:])
         bias = None if b is None else (b[0] if b.shape[0] > 0 else b.new_zeros(b.shape[1:]))
-        return torch.convolution(
-            x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
-        )
+        # autocast (which skips torch.convolution): x is cast already, the weights here
+        dtype = _autocast.autocast_dtype(x)
+        weight, bias = _autocast.cast(weight, dtype), _autocast.cast(bias, dtype)
+        with _autocast.disabled(x):
+            return torch.convolution(
+                x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+            )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -285,7 +295,7 @@ class _ConvPerSample(torch.autograd.Function):
         size = w.shape[0]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            weight = w[0] if size > 0 else w.new_zeros(w.shape[1:])
+            weight = (w[0] if size > 0 else w.new_zeros(w.shape[1:])).to(g.dtype)  # autocast: g's dtype
             gx = torch.ops.aten.convolution_backward(
                 g, x, weight, None, list(stride), list(padding), list(dilation), False,
                 [0] * len(stride), groups, [True, False, False],
@@ -328,6 +338,7 @@ class ConvRule(Rule):
         _check_conv(example, x, dim, groups, fn)
         stride_t, dilation_t, pad, conv_padding = self._conf(tuple(w.shape[3:]), stride, padding, dilation, padding_mode)
         x = _pad_input(x, pad, padding_mode)  # the only padding: once, by ordinary autograd
+        x = _autocast.cast(x, _autocast.autocast_dtype(x))  # autocast: as F.conv{1,2,3}d
         return apply_function(_ConvPerSample, x, w, b, n, stride_t, conv_padding, dilation_t, groups)
 
     def _conf(self, kernel: tuple[int, ...], stride: Any, padding: Any, dilation: Any, padding_mode: str) -> Any:
@@ -364,8 +375,8 @@ class ConvRule(Rule):
             size = g.shape[0]
             xb = saved[0].reshape(-1, *saved[0].shape[1 + rows:])  # [B*N, C, *S]
             xb = _pad_input(xb, pad, padding_mode)
-            xs = xb.view(size, -1, *xb.shape[1:]).transpose(0, 1)  # [N, B, C, *S]
-            gs = g.reshape(size, -1, *g.shape[1 + rows:]).transpose(0, 1)  # [N, B, O, *S']
+            xs = xb.view(size, -1, *xb.shape[1:]).transpose(0, 1).to(w.dtype)  # [N, B, C, *S]
+            gs = g.reshape(size, -1, *g.shape[1 + rows:]).transpose(0, 1).to(w.dtype)  # [N, B, O, *S']
             out = [(iw, kind, (xs, gs, (stride_t, conv_padding, dilation_t)))]
             if ib is not None:
                 spatial = tuple(range(3, gs.dim()))

@@ -10,6 +10,7 @@ Only the elementwise affine step needs per-sample gradients; for ``x_hat, g = dL
     dbias_b   = sum over the middle dims * of g_b                  [B, *N]
 
 computed in the affine op's backward with the forward run on the shared ``weight[0]``.
+Under ``torch.autocast`` the input is cast to float32 first, as the layer does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from psgfunc import _rules
+from psgfunc.functional import _autocast
 from psgfunc.functional.normalization import _normalized_shape, layer_norm
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import RowSum, emit
@@ -109,6 +111,7 @@ class LayerNormRule(Rule):
                     f"for {p.shape[0]} examples, expected normalized_shape={shape} for the "
                     f"{x.shape[0]} examples of x; build params with init_layer_norm({shape})"
                 )
+        x = _autocast.to_float32(x)  # autocast: in float32, as the layer
         if not present:
             return F.layer_norm(x, shape, None, None, eps)
         if not all(is_shared(p) for p in present):
@@ -133,7 +136,7 @@ class LayerNormRule(Rule):
         if (x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape
                 or any(p is not None and tuple(p.shape) != shape for p in (w, b))):
             return NotImplemented  # the plain layer raises its own error
-        x_hat = F.layer_norm(x, shape, None, None, eps)
+        x_hat = F.layer_norm(_autocast.to_float32(x), shape, None, None, eps)  # autocast: as the layer
         y = _affine(x_hat, None if w is None else w.detach(), None if b is None else b.detach())
         kind = RowSum(shape)  # not the lru_cache: torch.compile traces this
 

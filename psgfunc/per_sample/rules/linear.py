@@ -3,6 +3,11 @@
 Forward: the ordinary ``F.linear`` with the shared weight. Backward: the input gradient
 ``g W`` and, per example b, ``dW_b = sum_n g_bn^T x_bn`` (sum over any sequence dims n),
 one batched contraction (Goodfellow 2015, "Efficient per-example gradient computations").
+
+Under ``torch.autocast`` the layer runs as autocast runs ``F.linear``: the input and the
+shared weight and bias are cast to the autocast dtype (the input by a differentiable cast
+before the function, the weights inside it), and the backward computes in that dtype;
+:func:`emit` gives the per-sample gradients in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from psgfunc import _rules
+from psgfunc.functional import _autocast
 from psgfunc.functional.linear import linear
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
@@ -26,7 +32,9 @@ class _LinearPerSample(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        return F.linear(x, shared(w), None if b is None else shared(b))
+        dtype = _autocast.autocast_dtype(x)  # x is already in it (LinearRule casts it)
+        with _autocast.disabled(x):
+            return F.linear(x, _autocast.cast(shared(w), dtype), None if b is None else _autocast.cast(shared(b), dtype))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -39,7 +47,7 @@ class _LinearPerSample(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         x, w = ctx.saved_tensors
         size, out_f, in_f = w.shape
-        gx = g @ shared(w) if ctx.needs_input_grad[0] else None
+        gx = g @ shared(w).to(g.dtype) if ctx.needs_input_grad[0] else None  # autocast: in g's dtype
         g3, x3 = _positions(g, x, size)
         gw = emit(w, _OUTER, g3, x3) if ctx.needs_input_grad[1] else None
         gb = emit(ctx.bias, _ROWSUM, g3) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -64,6 +72,7 @@ class LinearRule(Rule):
                 f"{w.shape[-1]}] with B = {w.shape[0]}, got {tuple(x.shape)}"
             )
         if is_shared(w) and (b is None or is_shared(b)):
+            x = _autocast.cast(x, _autocast.autocast_dtype(x))  # autocast: x in its dtype
             return apply_function(_LinearPerSample, x, w, b)
         out = torch.einsum("bni,boi->bno", x.reshape(x.shape[0], -1, x.shape[-1]), w)
         out = out.reshape(*x.shape[:-1], w.shape[1])
@@ -79,7 +88,7 @@ class LinearRule(Rule):
         y = self.plain({"weight": w.detach(), "bias": None if b is None else b.detach()}, x)
 
         def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
-            g3, x3 = _positions(g, saved[0], g.shape[0])
+            g3, x3 = _positions(g.to(w.dtype), saved[0].to(w.dtype), g.shape[0])  # autocast: as emit
             return [(iw, _OUTER, (g3, x3))] + ([] if ib is None else [(ib, _ROWSUM, (g3,))])
 
         return tap.out(y, (x,), build)

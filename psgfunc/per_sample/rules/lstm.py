@@ -35,6 +35,13 @@ serves every unmasked call that no backward follows (``no_grad``, inference thro
 shells), where it is about twice as fast as the loop. With a backward it is off
 (``_FUSED_WITH_GRAD``): the recomputation's two matmuls cost about what the fused forward
 saves, so on CPU a training step came out even (see the comment at the switch).
+
+Under ``torch.autocast`` the layer runs as ``nn.LSTM`` does there: the input and the initial
+state are cast to the autocast dtype (differentiable casts), the shared weights inside the
+functions, and the recurrence, its backward and the pieces are in that dtype; ``emit`` gives
+the per-sample gradients in the parameters' dtype. The outputs are in the autocast dtype, as
+``nn.LSTM``'s; the cell (:class:`LSTMCellRule`) returns its carry in the dtype it got, as
+``nn.LSTMCell`` under autocast (only its matmuls are in the autocast dtype there).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from torch.autograd.function import once_differentiable
 
 import psgfunc.functional as PF
 from psgfunc import _rules
+from psgfunc.functional import _autocast
 from psgfunc.per_sample._expanded import (
     Rule,
     apply_function,
@@ -85,9 +93,12 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_gates, h0, c0, w_hh, b_hh, mask, reverse):  # type: ignore[override]
-        out, h_n, c_n, saved = _lstm_mod.direction_forward(
-            x_gates, h0, c0, shared(w_hh), mask, reverse, True, None if b_hh is None else shared(b_hh)
-        )
+        dtype = _autocast.autocast_dtype(x_gates)  # autocast: the inputs are in it already
+        with _autocast.disabled(x_gates):
+            out, h_n, c_n, saved = _lstm_mod.direction_forward(
+                x_gates, h0, c0, _autocast.cast(shared(w_hh), dtype), mask, reverse, True,
+                None if b_hh is None else _autocast.cast(shared(b_hh), dtype),
+            )
         ctx.save_for_backward(h0, c0, *saved)
         ctx.w_hh, ctx.b_hh, ctx.mask, ctx.reverse = w_hh, b_hh, mask, reverse
         return out, h_n, c_n
@@ -98,7 +109,7 @@ class _Recurrence(torch.autograd.Function):
         h0, c0, *saved = ctx.saved_tensors
         w_hh, b_hh = ctx.w_hh, ctx.b_hh
         dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
-            tuple(saved), h0, c0, shared(w_hh), ctx.mask, ctx.reverse, True, d_out, d_hn, d_cn
+            tuple(saved), h0, c0, shared(w_hh).to(h0.dtype), ctx.mask, ctx.reverse, True, d_out, d_hn, d_cn
         )
         need = ctx.needs_input_grad
         d_w = emit(w_hh, _OUTER, dz, h_prev) if need[3] else None
@@ -200,11 +211,14 @@ class _FusedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, h0, c0, w_ih, b_ih, w_hh, b_hh, reverse):  # type: ignore[override]
         weights, has_biases = _fused_weights(w_ih, b_ih, w_hh, b_hh)
+        dtype = _autocast.autocast_dtype(x)  # autocast: the inputs are in it already
+        weights = tuple(_autocast.cast(t, dtype) for t in weights)
         # args after has_biases: num_layers, dropout, train, bidirectional, batch_first
-        out, h_n, c_n = torch._VF.lstm(
-            x.flip(1) if reverse else x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights,
-            has_biases, 1, 0.0, False, False, True,
-        )
+        with _autocast.disabled(x):
+            out, h_n, c_n = torch._VF.lstm(
+                x.flip(1) if reverse else x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights,
+                has_biases, 1, 0.0, False, False, True,
+            )
         # out is a [B, T, H] view of time-major storage (flip keeps the strides): hs in the
         # layout direction_backward wants, in natural time order for both directions
         out = out.flip(1) if reverse else out
@@ -220,16 +234,17 @@ class _FusedLayer(torch.autograd.Function):
         bias = None
         for b in (b_ih, b_hh):
             if b is not None:
-                bias = shared(b) if bias is None else bias + shared(b)
-        saved = _replay(x, h0, c0, hs, shared(w_ih), shared(w_hh), bias, ctx.reverse)
+                bias = shared(b).to(x.dtype) if bias is None else bias + shared(b).to(x.dtype)
+        w_ih_x, w_hh_x = shared(w_ih).to(x.dtype), shared(w_hh).to(x.dtype)  # autocast: x's dtype
+        saved = _replay(x, h0, c0, hs, w_ih_x, w_hh_x, bias, ctx.reverse)
         dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
-            saved, h0, c0, shared(w_hh), None, ctx.reverse, True, d_out, d_hn, d_cn
+            saved, h0, c0, w_hh_x, None, ctx.reverse, True, d_out, d_hn, d_cn
         )
         need = ctx.needs_input_grad
         dx = None
         if need[0]:  # dz @ W_ih over all rows, in dz's time-major storage order
             batch, steps, gates4 = dz.shape
-            dx = (dz.transpose(0, 1).reshape(-1, gates4) @ shared(w_ih))
+            dx = (dz.transpose(0, 1).reshape(-1, gates4) @ w_ih_x)
             dx = dx.view(steps, batch, -1).transpose(0, 1)
         # dz stays the time-major view: Outer.weighted_sum contracts it without a copy
         return (
@@ -328,6 +343,8 @@ class LSTMRule(Rule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, T, D]``, ``h0/c0 [L*P, B, H]`` -> ``out [B, T, P*H]``, ``h_n/c_n [L*P, B, H]``."""
         batch = x.shape[0]
+        dtype = _autocast.autocast_dtype(x)  # autocast: as nn.LSTM, all in that dtype
+        x, h0, c0 = _autocast.cast(x, dtype), _autocast.cast(h0, dtype), _autocast.cast(c0, dtype)
         zeros = x.new_zeros(batch, hidden)
         layer_in = x
         h_n, c_n = [], []
@@ -486,8 +503,9 @@ class LSTMRule(Rule):
 
             def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
                 size, steps = g.shape[:2]
-                dz = g.reshape(size, steps, -1)
-                x3, h3 = (t.reshape(size, steps, -1) for t in saved)
+                dtype = params[keys[0]].dtype  # autocast: the pieces in the params' dtype, as emit
+                dz = g.reshape(size, steps, -1).to(dtype)
+                x3, h3 = (t.reshape(size, steps, -1).to(dtype) for t in saved)
                 found = [(index.get(k), kind, data) for k, kind, data in
                          zip(keys, (_OUTER, _ROWSUM, _OUTER, _ROWSUM), ((dz, x3), (dz,), (dz, h3), (dz,)))]
                 return [piece for piece in found if piece[0] is not None]
@@ -547,7 +565,11 @@ class LSTMCellRule(Rule):
                         f"lstm_cell: carry {name} has shape {tuple(t.shape)} but x of shape "
                         f"{tuple(x.shape)} needs {tuple(x.shape[:-1]) + (hidden,)}"
                     )
+        dtype = _autocast.autocast_dtype(xb)  # autocast: compute in it, the carry keeps its dtype
+        carry_dtype = h.dtype
+        xb, h, c = _autocast.cast(xb, dtype), _autocast.cast(h, dtype), _autocast.cast(c, dtype)
         _, h_new, c_new = _recurrence(params, "", xb.unsqueeze(1), h, c, None, False)
+        h_new, c_new = _autocast.cast(h_new, carry_dtype), _autocast.cast(c_new, carry_dtype)
         if one:
             h_new, c_new = h_new.squeeze(0), c_new.squeeze(0)
         return (h_new, c_new), h_new
