@@ -10,6 +10,16 @@ from psgfunc.functional.embedding import embedding, init_embedding
 from psgfunc.functional.linear import init_linear, linear
 from psgfunc.functional.lstm import init_lstm, init_lstm_cell, lstm, lstm_cell
 from psgfunc.functional.normalization import init_layer_norm, layer_norm
+from psgfunc.functional.recurrent import (
+    gru,
+    gru_cell,
+    init_gru,
+    init_gru_cell,
+    init_rnn,
+    init_rnn_cell,
+    rnn,
+    rnn_cell,
+)
 
 __all__ = [
     "linear",
@@ -26,4 +36,12 @@ __all__ = [
     "lstm",
     "init_lstm",
     "init_lstm_cell",
+    "gru_cell",
+    "gru",
+    "rnn_cell",
+    "rnn",
+    "init_gru",
+    "init_gru_cell",
+    "init_rnn",
+    "init_rnn_cell",
 ]
