@@ -28,6 +28,7 @@ from psgfunc.nn.embedding import Embedding
 from psgfunc.nn.linear import ConvLinear, Linear
 from psgfunc.nn.lstm import DPLSTM, BidirectionalDPLSTMLayer, DPLSTMCell, DPLSTMLayer, LSTMLinear
 from psgfunc.nn.normalization import LayerNorm
+from psgfunc.nn.recurrent import DPGRU, DPRNN, DPGRUCell, DPRNNCell
 
 __all__ = [
     # BastionLab psg.nn family
@@ -46,6 +47,11 @@ __all__ = [
     "BidirectionalDPLSTMLayer",
     "DPLSTMCell",
     "LSTMLinear",
+    # GRU / RNN (Opacus's signatures)
+    "DPGRU",
+    "DPRNN",
+    "DPGRUCell",
+    "DPRNNCell",
     # helpers
     "zero_grad",
     "ExpandedModule",

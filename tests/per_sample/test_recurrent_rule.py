@@ -97,6 +97,20 @@ def test_expanded_equals_vmap_and_oracle(kind, num_layers, bidirectional, length
         assert all(bool(torch.all(g[2] == 0)) for g in grads.values())
 
 
+@pytest.mark.parametrize("kind", ["gru", "tanh"])
+def test_sequence_of_zero_steps_and_empty_batch(kind):
+    params = init(kind, 1, True)
+
+    def fn(p, x):
+        out, h_n = layer(kind, p, x, bidirectional=True)
+        return out.sum() + h_n.sum()
+
+    grads = per_sample_grads(fn, params, torch.zeros(B, 0, D, dtype=F64), method="expanded")
+    assert all(g.shape == (B, *params[k].shape) and not g.any() for k, g in grads.items())
+    grads = per_sample_grads(fn, params, torch.zeros(0, T, D, dtype=F64), method="expanded")
+    assert all(g.shape == (0, *params[k].shape) for k, g in grads.items())
+
+
 def test_gru_hidden_part_of_n_gets_r_times_dn():
     """b_ih and b_hh enter r and z identically but n differently (b_hn sits inside r * ...):
     their per-sample gradients agree on the r, z rows and differ on the n rows."""

@@ -138,9 +138,9 @@ def direction_backward(
     dh = torch.zeros_like(h0) if d_hn is None else d_hn
     dz_ih = hs.new_zeros(batch, steps, gh)
     dz_hh = dz_ih if kind != "gru" else hs.new_zeros(batch, steps, gh)
-    h_prev = _previous(hs, h0, reverse)
     if steps == 0:
-        return dz_ih, dz_hh, h_prev, dh
+        return dz_ih, dz_hh, hs, dh
+    h_prev = _previous(hs, h0, reverse)
     keep = None if mask is None else mask.to(hs.dtype)
     for t in range(steps) if reverse else range(steps - 1, -1, -1):
         g = dh if d_out is None else dh + d_out[:, t]
