@@ -161,8 +161,9 @@ def test_w_hh_gradient_is_built_once_per_layer_and_direction(monkeypatch):
 # ----------------------------------------------------------------------------- fast clipping
 
 
-def text_model(kind, lengths=True):
-    """Embedding -> 2-layer bidirectional GRU/RNN (with lengths) -> Linear."""
+def text_model(kind, lengths=True, h0=False):
+    """Embedding -> 2-layer bidirectional GRU/RNN (with lengths; h0 a function of the
+    embedding) -> Linear."""
     gen = torch.Generator().manual_seed(0)
     params = {
         "emb": PF.init_embedding(11, D, dtype=F64, generator=gen),
@@ -172,7 +173,8 @@ def text_model(kind, lengths=True):
 
     def fn(p, ids, n, y):
         x = PF.embedding(p["emb"], ids)
-        out, h_n = layer(kind, p["rnn"], x, num_layers=2, bidirectional=True,
+        state = torch.tanh(x[:1, :H]).expand(4, H) if h0 else None
+        out, h_n = layer(kind, p["rnn"], x, state, num_layers=2, bidirectional=True,
                          lengths=n if lengths else None)
         return F.cross_entropy(PF.linear(p["fc"], out.sum(0)) + h_n.sum(), y)
 
@@ -203,9 +205,11 @@ def test_fast_clipping_equals_materialize(kind):
 
 
 @pytest.mark.parametrize("kind", ["gru", "relu"])
-def test_tapped_route_pieces_equal_the_oracle(kind):
-    """The compiled route's taps (no lengths): nothing materialised, exact sums and norms."""
-    fn, params, batch = text_model(kind, lengths=False)
+@pytest.mark.parametrize("lengths", [False, True])
+def test_tapped_route_pieces_equal_the_oracle(kind, lengths):
+    """The compiled route's taps, eagerly: exact sums and norms, and no leaf differentiated
+    per example (with lengths too: the reverse direction starts from h0 at its last step)."""
+    fn, params, batch = text_model(kind, lengths=lengths, h0=True)
     _, norms = reference(fn, params, batch, 1e30)
     c = float(norms.median())
     expected, expected_norms = reference(fn, params, batch, c)
@@ -213,24 +217,20 @@ def test_tapped_route_pieces_equal_the_oracle(kind):
     assert_tree_close(summed, expected)
     torch.testing.assert_close(got_norms, expected_norms, rtol=1e-10, atol=0)
     assert plan.materialized == []
-    # with lengths the layer is not tapped: its 16 leaves are differentiated per example
-    fn, params, batch = text_model(kind, lengths=True)
-    expected, _ = reference(fn, params, batch, c)
-    summed, _, plan = tapped_sum(fn, params, batch, c)
-    assert_tree_close(summed, expected)
-    assert len(plan.materialized) == 16
 
 
 def test_compiled_fast_is_one_graph_and_exact():
-    """A small GRU through torch.compile (dynamo's eager backend, one full graph)."""
+    """A small bidirectional GRU with lengths through torch.compile (dynamo's eager backend,
+    one full graph): every leaf tapped, the float64 oracle's sums and norms."""
     gen = torch.Generator().manual_seed(0)
-    params = {"gru": init("gru"), "fc": PF.init_linear(H, 2, dtype=F64, generator=gen)}
+    params = {"gru": init("gru", 1, True), "fc": PF.init_linear(2 * H, 2, dtype=F64, generator=gen)}
 
-    def fn(p, x, y):
-        out, h_n = PF.gru(p["gru"], x)
-        return F.cross_entropy(PF.linear(p["fc"], out[-1] + h_n[0]), y)
+    def fn(p, x, n, y):
+        out, h_n = PF.gru(p["gru"], x, torch.tanh(x[:2, :H]), bidirectional=True, lengths=n)
+        return F.cross_entropy(PF.linear(p["fc"], out.sum(0)) + h_n.sum(), y)
 
-    batch = (torch.randn(B, 3, D, generator=gen, dtype=F64), torch.randint(0, 2, (B,), generator=gen))
+    batch = (torch.randn(B, 3, D, generator=gen, dtype=F64), torch.tensor([3, 1, 2, 0]),
+             torch.randint(0, 2, (B,), generator=gen))
     _, norms = reference(fn, params, batch, 1e30)
     c = float(norms.median())
     expected, expected_norms = reference(fn, params, batch, c)

@@ -352,15 +352,18 @@ class RecurrentRule(Rule):
         )(params, x, h0, lengths)
 
     def tapped(self, tap, params, x, h0, lengths, **opts):  # type: ignore[override]
-        """One example ``x [T, D]`` without ``lengths``: each layer and direction adds its tap
+        """One example ``x [T, D]`` (with or without ``lengths``): each layer and direction adds its tap
         to the gates' input part ``[T, G*H]`` (whose gradient is ``dz_ih``) and keeps its
         input, ``h_prev`` and (GRU) the reset gates ``r``, from which ``dz_hh`` follows:
         the pieces of :meth:`_Recurrence.backward`'s emits."""
         kind = self._kind(opts)
         index = {k: tap.index(v) for k, v in params.items() if v is not None}
-        if lengths is not None or not isinstance(x, torch.Tensor) or x.dim() != 2 or None in index.values():
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or None in index.values():
             return NotImplemented
         hidden = next(v for k, v in params.items() if k.startswith("weight_hh")).shape[1]
+        # [T, 1, 1]: with lengths, the reverse direction's first step (the last valid one)
+        # starts from init, not from the (zero) output of the padding step after it
+        valid = _rec.mask(kind, lengths, x.shape[0], 1, False, x.device)
 
         def direction(sfx, layer_in, x_gates, init, run):
             keys = [k + sfx for k in _NAMES]  # weight_ih, bias_ih, weight_hh, bias_hh
@@ -383,8 +386,14 @@ class RecurrentRule(Rule):
             h, res = run(tap.out(x_gates, saved, build), with_r=kind == "gru")
             out, r = res if kind == "gru" else (res, None)
             first = init.unsqueeze(0)  # [1, 1, H]
-            reverse = sfx.endswith("_reverse")
-            saved.append(torch.cat([out[1:], first]) if reverse else torch.cat([first, out[:-1]]))
+            if sfx.endswith("_reverse"):
+                prev = torch.cat([out[1:], first])
+                if valid is not None:  # padding steps have dz = 0: their h_prev is moot
+                    after = torch.cat([valid[1:], torch.zeros_like(valid[:1])])
+                    prev = torch.where(after, prev, first)
+            else:
+                prev = torch.cat([first, out[:-1]])
+            saved.append(prev)
             if r is not None:
                 saved.append(r)
             return h, out
@@ -393,7 +402,7 @@ class RecurrentRule(Rule):
         o = self._layer_opts(opts)
         return _rec._layer(kind, detached, x, h0, o.get("num_layers", 1), o.get("bidirectional", False),
                            opts.get("batch_first", False), o.get("dropout", 0.0),
-                           o.get("training", False), None, direction)
+                           o.get("training", False), lengths, direction)
 
 
 # --------------------------------------------------------------------------------- cells
