@@ -158,6 +158,12 @@ def test_unbatched_sequence_and_errors():
     torch.testing.assert_close(h_n, ref_h, rtol=0, atol=1e-12)
     (out.sum() + h_n.sum()).backward()
     assert all(p.grad_sample.shape == (1, *p.shape) for p in ours.parameters())
+    for shell in (ours, pnn.DPRNN(D, H, batch_first=True, dtype=F64)):  # an empty batch
+        out, h_n = shell(torch.zeros(0, T, D, dtype=F64) if shell.batch_first
+                         else torch.zeros(T, 0, D, dtype=F64))
+        shell.zero_grad()
+        (out.sum() + h_n.sum()).backward()
+        assert all(p.grad_sample.shape == (0, *p.shape) for p in shell.parameters())
     with pytest.raises(ValueError, match="DPGRU: x must be"):
         ours(torch.zeros(D, dtype=F64))
     with pytest.raises(ValueError, match="not both"):

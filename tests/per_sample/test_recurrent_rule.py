@@ -97,6 +97,19 @@ def test_expanded_equals_vmap_and_oracle(kind, num_layers, bidirectional, length
         assert all(bool(torch.all(g[2] == 0)) for g in grads.values())
 
 
+def test_float32_matches_float64_oracle():
+    params = init("gru", 2, True, dtype=torch.float32)
+
+    def fn(p, x, n):
+        out, h_n = PF.gru(p, x, num_layers=2, bidirectional=True, lengths=n)
+        return out.tanh().sum() + h_n.pow(2).sum()
+
+    batch = (torch.randn(B, T, D), torch.tensor([5, 2, 1, 3]))
+    grads = per_sample_grads(fn, params, *batch, method="expanded")
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    assert_tree_close(grads, per_example_grads(fn, params, *batch), dtype=torch.float32)
+
+
 @pytest.mark.parametrize("kind", ["gru", "tanh"])
 def test_sequence_of_zero_steps_and_empty_batch(kind):
     params = init(kind, 1, True)
