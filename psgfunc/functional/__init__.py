@@ -19,6 +19,16 @@ from psgfunc.functional.normalization import (
     layer_norm,
     rms_norm,
 )
+from psgfunc.functional.recurrent import (
+    gru,
+    gru_cell,
+    init_gru,
+    init_gru_cell,
+    init_rnn,
+    init_rnn_cell,
+    rnn,
+    rnn_cell,
+)
 
 __all__ = [
     "linear",
@@ -41,4 +51,12 @@ __all__ = [
     "lstm",
     "init_lstm",
     "init_lstm_cell",
+    "gru_cell",
+    "gru",
+    "rnn_cell",
+    "rnn",
+    "init_gru",
+    "init_gru_cell",
+    "init_rnn",
+    "init_rnn_cell",
 ]

@@ -38,6 +38,7 @@ from psgfunc.nn.normalization import (
     LayerNorm,
     RMSNorm,
 )
+from psgfunc.nn.recurrent import DPGRU, DPRNN, DPGRUCell, DPRNNCell
 
 __all__ = [
     # BastionLab psg.nn family
@@ -62,6 +63,11 @@ __all__ = [
     "BidirectionalDPLSTMLayer",
     "DPLSTMCell",
     "LSTMLinear",
+    # GRU / RNN (Opacus's signatures)
+    "DPGRU",
+    "DPRNN",
+    "DPGRUCell",
+    "DPRNNCell",
     # helpers
     "zero_grad",
     "ExpandedModule",

@@ -35,6 +35,7 @@ from psgfunc.nn.normalization import (
     LayerNorm,
     RMSNorm,
 )
+from psgfunc.nn.recurrent import DPGRU, DPRNN, DPGRUCell, DPRNNCell
 
 __all__ = ["expand_weights", "CONVERTERS", "HINTS", "adopt_parameters"]
 
@@ -193,6 +194,10 @@ CONVERTERS: dict[type, Converter] = {
     nn.RMSNorm: _rms_norm,
     nn.LSTM: DPLSTM.from_lstm,  # refuses proj_size != 0
     nn.LSTMCell: DPLSTMCell.from_lstm_cell,
+    nn.GRU: DPGRU.from_gru,
+    nn.RNN: DPRNN.from_rnn,
+    nn.GRUCell: DPGRUCell.from_gru_cell,
+    nn.RNNCell: DPRNNCell.from_rnn_cell,
 }
 """``torch.nn`` type (exact) -> ``(layer, max_batch_size) -> shell``. Add entries to extend."""
 

@@ -126,7 +126,7 @@ def test_unsupported_parameter_layers_are_listed():
     model = nn.Sequential(
         nn.Linear(3, 3),
         Scale(),
-        nn.Sequential(nn.GRU(3, 3), nn.PReLU(3)),
+        nn.Sequential(nn.Bilinear(3, 3, 3), nn.PReLU(3)),
         nn.Embedding(4, 3, max_norm=1.0),
         nn.InstanceNorm1d(3, track_running_stats=True),
         nn.InstanceNorm1d(3),  # no parameters, no running stats: fine
@@ -136,7 +136,7 @@ def test_unsupported_parameter_layers_are_listed():
     message = str(info.value)
     assert message.startswith("expand_weights: 5 layer(s)")
     assert "1 (Scale): it has trainable parameters ['gain']" in message
-    assert "2.0 (GRU)" in message and "2.1 (PReLU)" in message
+    assert "2.0 (Bilinear)" in message and "2.1 (PReLU)" in message
     assert "3 (Embedding)" in message and "max_norm" in message
     assert "4 (InstanceNorm1d)" in message and "track_running_stats=False" in message
     assert "CONVERTERS" in message
