@@ -152,7 +152,7 @@ class _Prepared:
 
     def expanded_losses(self, views, b_leaves):
         """Per-example losses ``[B]`` of ``fn`` under vmap over expanded ``views``."""
-        with _explained(self, b_leaves), _torch_ops.active("expanded"):
+        with _explained(self, b_leaves), _torch_ops.active("expanded", views):
             return self._expanded_losses(views, b_leaves)
 
     def _expanded_losses(self, views, b_leaves):
