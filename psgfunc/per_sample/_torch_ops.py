@@ -181,7 +181,7 @@ def _tensors(args: Any, kwargs: Any) -> list[torch.Tensor]:
 
 def _differentiable(out: Any) -> bool:
     leaves = out if isinstance(out, (list, tuple)) else (out,)
-    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad for t in leaves)
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves)
 
 
 _WARNED: set[str] = set()
@@ -862,11 +862,17 @@ def _lstm(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     if names is None:
         return NotImplemented
     params = dict(zip(names, a["params"]))
-    h0, c0 = a["hx"]
+    x, (h0, c0) = a["input"], a["hx"]
+    bdim = 0 if a["batch_first"] else 1
+    one = x.dim() == 3 and x.shape[bdim] == 1 and h0.dim() == 3  # fn's example as a batch of one
+    if one:  # the rule's per-example layout: x [T, D], state [L*P, H]
+        x, h0, c0 = x.squeeze(bdim), h0.squeeze(1), c0.squeeze(1)
     out, (h_n, c_n) = _pf().lstm(
-        params, a["input"], (h0, c0), num_layers=a["num_layers"], bidirectional=a["bidirectional"],
+        params, x, (h0, c0), num_layers=a["num_layers"], bidirectional=a["bidirectional"],
         batch_first=a["batch_first"], dropout=a["dropout"], training=a["train"],
     )
+    if one:
+        out, h_n, c_n = out.unsqueeze(bdim), h_n.unsqueeze(1), c_n.unsqueeze(1)
     return out, h_n, c_n
 
 
