@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from psgfunc.per_sample._expanded import Rule, apply_function, is_shared, shared
-from psgfunc.per_sample._kinds import Outer, RowSum, emit
+from psgfunc.per_sample._kinds import COMBINERS, GradKind, Outer, RowSum, emit
 
 __all__ = ["ContractPlan", "contract_plan", "CONTRACT", "ELEMENTWISE", "PermutedOuter"]
 
@@ -218,3 +218,94 @@ class ElementwiseRule(Rule):
 
 
 ELEMENTWISE = ElementwiseRule(_plain_elementwise)
+
+
+class TiedTable(GradKind):
+    """An embedding table ``[V, D]`` that is also the weight of an output head (tied weights).
+
+    Data ``("rows", idx [B, *], g [B, *, D])`` from the lookup (see
+    :class:`~psgfunc.per_sample.rules.embedding.EmbeddingRows`) or ``("outer", gv [B, N, V],
+    h [B, N, D])`` from the head (an :class:`~psgfunc.per_sample._kinds.Outer` piece). Example
+    b's gradient is ``G_b = sum_n gv_n^T h_n + sum_t e_{idx_t} g_t^T``, and
+
+        ``|G_b|^2 = |head|^2 + |lookup|^2 + 2 sum_{n,t} gv_n[idx_t] (h_n . g_t)``
+
+    (the cross term pairs each head position with each looked-up token through that token's
+    column of ``gv``): norms from the two kinds' own forms plus a ``[B, N, T]`` contraction,
+    never the ``[B, V, D]`` gradient unless the head's pieces are cheaper dense (then all is).
+    """
+
+    def __init__(self, num_embeddings: int, padding_idx: int | None):
+        self.num_embeddings, self.padding_idx = num_embeddings, padding_idx
+
+    def _parts(self, datas: Sequence[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
+        rows = [(a, b) for tag, a, b in datas if tag == "rows"]
+        outer = [(a, b) for tag, a, b in datas if tag == "outer"]
+        return rows, outer
+
+    def _rows_kind(self) -> Any:
+        from psgfunc.per_sample.rules.embedding import EmbeddingRows
+
+        return EmbeddingRows(self.num_embeddings, self.padding_idx)
+
+    def materialize(self, tag: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if tag == "rows":
+            return self._rows_kind().materialize(a, b)
+        return _OUTER.materialize(a, b)
+
+    def prefers_dense(self, datas: Sequence[tuple[Any, ...]]) -> bool:
+        rows, outer = self._parts(datas)
+        return bool(outer) and _OUTER.prefers_dense(outer)
+
+    def norm2(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> torch.Tensor:
+        rows, outer = self._parts(datas)
+        kind = self._rows_kind()
+        total = None
+        if rows:
+            total = kind.norm2(rows)
+        if outer:
+            head = _OUTER.norm2(outer)
+            total = head if total is None else total + head
+        if rows and outer:
+            idx, ge = kind._flat(rows)  # [B, T], [B, T, D] (padding positions zeroed)
+            gv = torch.cat([g for g, _ in outer], dim=1)  # [B, N, V]
+            h = torch.cat([x for _, x in outer], dim=1)  # [B, N, D]
+            picked = torch.gather(gv, 2, idx.to(torch.int64).unsqueeze(1).expand(-1, gv.shape[1], -1))
+            total = total + 2 * (picked * torch.bmm(h, ge.transpose(1, 2))).sum((1, 2))
+        return total
+
+    def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
+        rows, outer = self._parts(datas)
+        total = None
+        if rows:
+            total = self._rows_kind().weighted_sum(rows, c)
+        if outer:
+            head = _OUTER.weighted_sum(outer, c)
+            total = head if total is None else total + head
+        return total
+
+
+_OUTER = Outer()
+
+
+def _tie(records: Sequence[tuple[GradKind, tuple[Any, ...]]]) -> Any:
+    """Pieces of an embedding lookup and of plain ``Outer`` heads on one table -> :class:`TiedTable`."""
+    from psgfunc.per_sample.rules.embedding import EmbeddingRows
+
+    rows = [k for k, _ in records if isinstance(k, EmbeddingRows)]
+    if not rows or any(k != rows[0] for k in rows):
+        return None
+    table = None
+    out = []
+    for kind, data in records:
+        if isinstance(kind, EmbeddingRows):
+            out.append(("rows",) + tuple(data))
+        elif type(kind) is Outer and kind.shape is None and data[0].dim() == 3 and data[0].shape[2] == rows[0].num_embeddings:
+            out.append(("outer",) + tuple(data))
+        else:
+            return None
+    table = TiedTable(rows[0].num_embeddings, rows[0].padding_idx)
+    return [(table, data) for data in out]
+
+
+COMBINERS.append(_tie)
