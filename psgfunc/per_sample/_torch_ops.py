@@ -116,6 +116,8 @@ class _Mode(TorchFunctionMode):
                 _STACK.pop()
             if out is not NotImplemented:
                 return out
+        if func in _TRANSPARENT and self.method != "loop" and torch._C._are_functorch_transforms_active():
+            return _run_transparent(self, func, args, kwargs)
         if not self.params or func in _QUIET:
             return func(*args, **kwargs)
         _STACK.append(self)
@@ -125,8 +127,6 @@ class _Mode(TorchFunctionMode):
             _STACK.pop()
         if not used:
             return func(*args, **kwargs)
-        if func in _TRANSPARENT:
-            return _run_transparent(self, func, args, kwargs)
         out = func(*args, **kwargs)
         view = _VIEWS.get(func)
         if view is not None and isinstance(out, torch.Tensor) and len(used) == 1:
