@@ -116,3 +116,29 @@ def test_any_model_functional_call(name):
     ref_total, ref_norms = pf.dp.clipped_grad_sum(fn, params, x, y, max_norm=0.1, method="materialize")
     close(total, ref_total)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=0)
+
+
+def test_psgfunc_shells_inside_torch_func_transforms():
+    import psgfunc.nn as pnn
+
+    torch.manual_seed(0)
+    cases = [
+        (pnn.Linear(4, 3, 8), torch.randn(B, 5, 4)),
+        (pnn.LayerNorm(4, 8), torch.randn(B, 5, 4)),
+        (pnn.Embedding(10, 3, 8), torch.randint(0, 10, (B, 5))),
+        (pnn.DPLSTM(4, 3, batch_first=True), torch.randn(B, 5, 4)),
+    ]
+    for shell, x in cases:
+        shell = shell.double()
+        x = x.double() if x.is_floating_point() else x
+        params = {k: v.detach() for k, v in shell.named_parameters()}
+
+        def fn(p, x, shell=shell):
+            out = functional_call(shell, p, (x[None],))
+            return (out[0] if isinstance(out, tuple) else out).sin().sum()
+
+        ref = per_example_grads(fn, params, x)
+        for method in ("vmap", "expanded", "auto"):
+            close(pf.per_sample_grads(fn, params, x, method=method), ref)
+        grads = torch.func.vmap(torch.func.grad(fn), in_dims=(None, 0))(params, x)
+        close(grads, ref)

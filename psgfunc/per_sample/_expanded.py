@@ -339,6 +339,10 @@ def module_call(
     that a fast-clipping ``DPOptimizer`` marked (``p._psg_pieces``, a list) gets the rules'
     pieces appended there instead, and neither ``grad_sample`` nor ``grad`` from them.
     """
+    if torch._C._are_functorch_transforms_active():
+        # a shell inside torch.func transforms (functional_call under vmap/grad, per_sample_grads):
+        # the transforms give the per-sample gradients; the layer (its rule, in expanded mode) runs as is
+        return layer(params, *args, **kwargs)
     expanded = {}
     for name, p in params.items():
         if p is None:
