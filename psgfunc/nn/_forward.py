@@ -152,6 +152,8 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None) -> None:
         ValueError: ``x`` is most likely a tensor whose batch is at the other dim (rule B) or
             ``size`` differs from the batch size of this forward (rule A).
     """
+    if torch._C._are_functorch_transforms_active():
+        return  # inside torch.func transforms fn sees one example; no forward record applies
     record = _CURRENT.get()
     if record is None:
         if _LOOSE and batch_dim == 0 and isinstance(x, torch.Tensor) and x.dim() >= 2:

@@ -58,7 +58,8 @@ def per_sample_grads(
             batch, and one ordinary backward leaves per-sample gradients in the views;
             psgfunc layers compute their forward with the shared weight and their
             per-sample gradient in one contraction, other functions fall back to vmap over
-            the views. ``"auto"``: ``"expanded"``. Measured (``python -m benchmarks``
+            the views. ``"auto"``: ``"expanded"``, or ``"vmap"`` where a torch op has no
+            batching rule for batched weights (so it works wherever ``"vmap"`` does). Measured (``python -m benchmarks``
             and ``examples/notebooks/vmap_vs_expanded.ipynb``): 2.4-7x faster and 6-20x
             less memory than ``"vmap"`` on the LSTM, 0.45-0.86x of its time on Linear, a
             tie (within run-to-run noise) on convolutions, LayerNorm and embeddings. Use
@@ -105,7 +106,7 @@ def per_sample_grads(
     prep = _prepare(fn, params, batch, chunk_size, randomness)
     if prep.size == 0:
         return prep.unflatten([p.new_zeros((0, *p.shape)) for p in prep.p_leaves])
-    run = _vmap_grads if method == "vmap" else _expanded_grads
+    run = {"vmap": _vmap_grads, "expanded": _expanded_grads, "auto": _auto_grads}[method]
     parts = [run(prep, b_leaves, n) for b_leaves, n in prep.chunks()]
     out = parts[0] if len(parts) == 1 else [torch.cat(col) for col in zip(*parts)]
     return prep.unflatten(out)
@@ -152,7 +153,7 @@ class _Prepared:
 
     def expanded_losses(self, views, b_leaves):
         """Per-example losses ``[B]`` of ``fn`` under vmap over expanded ``views``."""
-        with _explained(self, b_leaves), _torch_ops.active("expanded"):
+        with _explained(self, b_leaves), _torch_ops.active("expanded", views):
             return self._expanded_losses(views, b_leaves)
 
     def _expanded_losses(self, views, b_leaves):
@@ -264,3 +265,16 @@ def _expanded_grads(prep: _Prepared, b_leaves, size):
         losses = prep.expanded_losses(views, b_leaves)
         grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)
     return [torch.zeros_like(v) if g is None else g for v, g in zip(views, grads)]
+
+
+def _auto_grads(prep: _Prepared, b_leaves, size):
+    """``"expanded"``; where a torch op in ``fn`` has neither a psgfunc rule nor a batching
+    rule that takes batched weights (torch raises a RuntimeError), ``"vmap"``, which needs
+    none for the weights, so ``"auto"`` works wherever ``"vmap"`` does."""
+    try:
+        return _expanded_grads(prep, b_leaves, size)
+    except (RuntimeError, NotImplementedError) as err:
+        try:
+            return _vmap_grads(prep, b_leaves, size)
+        except Exception:  # noqa: BLE001 - vmap fails too: the expanded method's error stands
+            raise err from None

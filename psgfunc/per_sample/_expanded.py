@@ -340,6 +340,10 @@ def expanded_call(
     on ``n`` examples to rows ``0..n-1`` (a packed sequence's steps, whose batch shrinks to
     the first ``batch_sizes[t]`` sequences): ``DPLSTMCell``, ``LSTMLinear``.
     """
+    if torch._C._are_functorch_transforms_active():
+        # a shell inside torch.func transforms (functional_call under vmap/grad, per_sample_grads):
+        # the transforms give the per-sample gradients; the layer (its rule, in expanded mode) runs as is
+        return layer(params, *args, **kwargs)
     expanded: dict[str, torch.Tensor | None] = {}
     call = None
     for name, p in params.items():

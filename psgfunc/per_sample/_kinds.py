@@ -26,7 +26,7 @@ import torch
 
 from psgfunc._tree import row_sq_norms
 
-__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector", "LeafPieces", "leaf_pieces"]
+__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector", "LeafPieces", "leaf_pieces", "COMBINERS"]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -305,4 +305,24 @@ def leaf_pieces(
     output gradient for its bias and its weight). Under ``torch.compile`` nothing is shared
     by identity (traced tensors have no storage; the compiler merges equal work itself)."""
     cache: dict | None = None if torch.compiler.is_compiling() else {}
+    records = [_combined(r) for r in records]
     return [LeafPieces(r, d, size, s, cache) for r, d, s in zip(records, dense, shapes)]
+
+
+COMBINERS: list[Any] = []
+"""``combine(records) -> records or None``: rewrite one parameter's pieces of several kinds
+into pieces of one kind that knows their sum (a table used by an embedding and by a tied
+output head); the first that applies wins. Rules' modules append to it."""
+
+
+def _combined(records: Sequence[tuple[GradKind, tuple[Any, ...]]]) -> Sequence[tuple[GradKind, tuple[Any, ...]]]:
+    if len(records) < 2 or not COMBINERS:
+        return records
+    first = records[0][0]
+    if all(k is first or k == first for k, _ in records):
+        return records
+    for combine in COMBINERS:
+        out = combine(records)
+        if out is not None:
+            return out
+    return records

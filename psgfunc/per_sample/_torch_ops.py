@@ -43,7 +43,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, Callable, Iterator
+import math
+import types
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +62,7 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover - then values under vmap stay hidden
     _functorch = None
 
-__all__ = ["register", "rule_for", "active", "suspend", "resume", "METHODS"]
+__all__ = ["register", "register_layer", "rule_for", "active", "suspend", "resume", "param_of", "METHODS"]
 
 METHODS = ("vmap", "expanded", "loop")
 
@@ -89,26 +92,135 @@ def rule_for(torch_fn: Callable[..., Any]) -> Rule | None:
 
 
 class _Mode(TorchFunctionMode):
-    """Hands registered torch functions to their rules (torch pops the mode meanwhile)."""
+    """Hands registered torch functions to their rules (torch pops the mode meanwhile).
 
-    def __init__(self, method: str):
+    ``params``: the parameters ``fn`` differentiates (under ``"expanded"`` the ``[B, *shape]``
+    views, as the transforms wrap them); their views by transposition are tracked too
+    (:func:`param_of`). An op without a rule that takes one of them warns once, naming it.
+    """
+
+    def __init__(self, method: str, params: Any = ()):
         super().__init__()
         self.method = method
+        self.params: dict[int, Any] = {id(p): (p, None) for p in params}
+        self.keep: list[Any] = []  # views whose ids are in params: alive while the mode is
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         rule = _RULES.get(func)
         if rule is not None:
-            out = rule(self.method, func, args, kwargs)
+            _STACK.append(self)
+            try:
+                out = rule(self.method, func, args, kwargs)
+            finally:
+                _STACK.pop()
             if out is not NotImplemented:
                 return out
-        return func(*args, **kwargs)
+        if func in _TRANSPARENT and self.method != "loop" and torch._C._are_functorch_transforms_active():
+            return _run_transparent(self, func, args, kwargs)
+        if not self.params or func in _QUIET:
+            return func(*args, **kwargs)
+        _STACK.append(self)
+        try:
+            used = [t for t in _tensors(args, kwargs) if param_of(t) is not None]
+        finally:
+            _STACK.pop()
+        if not used:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        view = _VIEWS.get(func)
+        if view is not None and isinstance(out, torch.Tensor) and len(used) == 1:
+            _STACK.append(self)
+            try:
+                leaf, perm = param_of(used[0])
+            finally:
+                _STACK.pop()
+            if perm is None:
+                leaf = used[0]  # the parameter as fn sees it (wrapped by the transforms)
+            new = view(perm, used[0], args, kwargs)
+            self.params[id(out)] = (leaf, new)
+            self.keep.append(out)
+            return out
+        if self.method == "expanded" and _differentiable(out):
+            _warn_fallback(func)
+        return out
+
+
+_STACK: list[_Mode] = []
+"""The mode whose rule runs now (torch pops the mode itself while a rule runs)."""
+
+
+def param_of(t: Any) -> tuple[Any, tuple[int, ...] | None] | None:
+    """``(param, perm)`` when ``t`` is a parameter of the running ``fn`` (``perm`` None;
+    ``param`` then as the transforms hold it, use ``t`` itself) or a transposition of one
+    (``t = param.permute(perm)``, ``param`` as ``fn`` saw it; ``perm`` ``()``: another view);
+    None otherwise. Only valid inside a rule or the mode."""
+    if not _STACK or not isinstance(t, torch.Tensor):
+        return None
+    params = _STACK[-1].params
+    hit = params.get(id(t))
+    if hit is not None:
+        return hit
+    while _functorch is not None and _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+        hit = params.get(id(t))
+        if hit is not None:
+            return hit
+    return None
+
+
+def _tensors(args: Any, kwargs: Any) -> list[torch.Tensor]:
+    out = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _differentiable(out: Any) -> bool:
+    leaves = out if isinstance(out, (list, tuple)) else (out,)
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves)
+
+
+_WARNED: set[str] = set()
+
+
+def _name(func: Any) -> str:
+    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None) or ""
+    if qual.startswith(("TensorBase.", "_TensorBase.")):
+        return "torch.Tensor." + qual.split(".", 1)[1]
+    if qual.startswith("_VariableFunctionsClass."):
+        return "torch." + qual.split(".", 1)[1]
+    if module.startswith("torch._C._nn") or module == "torch.nn.functional":
+        return "torch.nn.functional." + qual
+    return f"{module}.{qual}" if module and not qual.startswith(module) else qual
+
+
+def _warn_fallback(func: Any) -> None:
+    """Warn once per op that a parameter reached it without a per-sample rule."""
+    name = _name(func)
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    warnings.warn(
+        f"psgfunc: {name} takes a parameter and has no per-sample rule, so that parameter's "
+        "per-sample gradient comes from torch's vmap (exact, but materialised: B times its "
+        "size in memory, also under fast clipping); register a rule with "
+        "psgfunc.per_sample._torch_ops.register, or use a psgfunc.functional layer",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 @contextlib.contextmanager
-def active(method: str) -> Iterator[None]:
+def active(method: str, params: Any = ()) -> Iterator[None]:
     """Within this block, torch functions that ``fn`` calls go through the registered rules.
 
+    ``params``: the tensors ``fn`` differentiates (as ``fn`` sees them, or the tensors a
+    functorch transform wraps), so that rules recognise them (:func:`param_of`).
     Off while ``torch.compile`` traces (the compiled paths trace ``fn`` their own way).
     """
     if method not in METHODS:
@@ -116,7 +228,7 @@ def active(method: str) -> Iterator[None]:
     if torch.compiler.is_compiling():
         yield
         return
-    with _Mode(method):
+    with _Mode(method, params):
         yield
 
 
@@ -320,3 +432,596 @@ def _instance_norm(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[s
             "do; build it with track_running_stats=False, or call model.eval()"
         )
     return NotImplemented
+
+
+# --- the generic machinery: transparent Python functions, views of parameters ---------------
+
+_QUIET: set[Any] = set()
+"""Functions that take a parameter but never need a rule (metadata)."""
+for _f in ("size", "dim", "numel", "__len__", "is_floating_point", "is_complex", "element_size",
+           "stride", "storage_offset", "is_contiguous", "data_ptr", "detach", "__format__",
+           "__repr__", "__bool__", "__hash__", "__eq__", "__ne__", "__getattribute__"):
+    if hasattr(torch.Tensor, _f):
+        _QUIET.add(getattr(torch.Tensor, _f))
+for _prop in ("shape", "dtype", "device", "requires_grad", "is_cuda", "layout", "ndim", "is_sparse",
+              "grad_fn", "is_leaf", "is_meta", "names", "data"):
+    _desc = getattr(torch.Tensor, _prop, None)
+    if _desc is not None and hasattr(_desc, "__get__"):
+        _QUIET.add(_desc.__get__)
+
+_TRANSPARENT: set[Any] = {F.multi_head_attention_forward}
+"""Python-level torch functions with no rule of their own whose body calls ops that have
+rules: they run again with the mode on inside them (e.g. ``nn.MultiheadAttention``'s
+projections reach the ``F.linear`` rule)."""
+
+_NO_CHECK = {
+    "has_torch_function": lambda *a, **k: False,
+    "has_torch_function_unary": lambda *a, **k: False,
+    "has_torch_function_variadic": lambda *a, **k: False,
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _unchecked(func: Any) -> Any:
+    """``func`` (a Python function) whose own ``__torch_function__`` check is off, so that its
+    body runs under the mode instead of handing the call back to it."""
+    scope = dict(func.__globals__)
+    scope.update(_NO_CHECK)
+    clone = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    clone.__kwdefaults__ = func.__kwdefaults__
+    return clone
+
+
+def _run_transparent(mode: _Mode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with mode:
+        return _unchecked(func)(*args, **kwargs)
+
+
+def _compose(prev: tuple[int, ...] | None, t: torch.Tensor, q: Sequence[int]) -> tuple[int, ...]:
+    """``perm`` of ``leaf.permute(prev).permute(q)`` relative to the leaf (``()``: not a permutation)."""
+    if prev == ():
+        return ()
+    prev = tuple(range(t.dim())) if prev is None else prev
+    q = [d % t.dim() for d in q]
+    return tuple(prev[d] for d in q)
+
+
+def _transpose_view(prev: Any, t: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    a = dict(zip(("self", "dim0", "dim1"), args), **kwargs)
+    d0, d1 = a.get("dim0", a.get("dim0")), a.get("dim1")
+    if not isinstance(d0, int) or not isinstance(d1, int):
+        return ()
+    q = list(range(t.dim()))
+    q[d0 % t.dim()], q[d1 % t.dim()] = q[d1 % t.dim()], q[d0 % t.dim()]
+    return _compose(prev, t, q)
+
+
+def _permute_view(prev: Any, t: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    dims = args[1:] if len(args) > 1 else kwargs.get("dims", ())
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if len(dims) != t.dim() or not all(isinstance(d, int) for d in dims):
+        return ()
+    return _compose(prev, t, dims)
+
+
+def _t_view(prev: Any, t: torch.Tensor, args: Any, kwargs: Any) -> Any:
+    return _compose(prev, t, range(t.dim())[::-1]) if t.dim() <= 2 else ()
+
+
+def _mt_view(prev: Any, t: torch.Tensor, args: Any, kwargs: Any) -> Any:
+    if t.dim() < 2:
+        return ()
+    q = list(range(t.dim()))
+    q[-1], q[-2] = q[-2], q[-1]
+    return _compose(prev, t, q)
+
+
+def _other_view(prev: Any, t: torch.Tensor, args: Any, kwargs: Any) -> Any:
+    return ()
+
+
+_VIEWS: dict[Any, Callable[..., Any]] = {
+    torch.Tensor.t: _t_view, torch.t: _t_view, torch.Tensor.T.__get__: _t_view,
+    torch.Tensor.mT.__get__: _mt_view, torch.Tensor.transpose: _transpose_view,
+    torch.transpose: _transpose_view, torch.Tensor.permute: _permute_view, torch.permute: _permute_view,
+}
+"""Views of a parameter that the contraction rules see through (others: a ``()`` perm)."""
+for _f in ("view", "reshape", "to", "contiguous", "__getitem__", "unsqueeze", "squeeze", "flatten",
+           "expand", "expand_as", "view_as", "reshape_as", "type_as", "float", "double", "half",
+           "bfloat16", "type", "unflatten"):
+    if hasattr(torch.Tensor, _f):
+        _VIEWS.setdefault(getattr(torch.Tensor, _f), _other_view)
+
+
+def _direct(t: Any) -> bool:
+    """Whether ``t`` is a parameter itself (not a view of one)."""
+    hit = param_of(t)
+    return hit is not None and hit[1] is None
+
+
+def _leaf_subscripts(t: torch.Tensor, sub: str) -> tuple[Any, str] | None:
+    """``(param, its subscripts)`` for an operand ``t`` with subscripts ``sub``: ``t`` a
+    parameter or a transposition of one; None otherwise."""
+    hit = param_of(t)
+    if hit is None or hit[1] == ():
+        return None
+    leaf, perm = hit
+    if perm is None:
+        return t, sub
+    out = [""] * len(perm)
+    for d, leaf_dim in enumerate(perm):
+        out[leaf_dim] = sub[d]
+    return leaf, "".join(out)
+
+
+def _contract(x: Any, w: Any, a: str, w_sub: str, y: str, bias: Any = None) -> Any:
+    """``einsum(a, w_sub -> y)(x, w) (+ bias)`` through the contraction rule, or NotImplemented."""
+    from psgfunc.per_sample._expanded import call_rule
+    from psgfunc.per_sample.rules.matmul import CONTRACT, contract_plan
+
+    if not isinstance(x, torch.Tensor) or param_of(x) is not None:
+        return NotImplemented
+    found = _leaf_subscripts(w, w_sub)
+    if found is None:
+        return NotImplemented
+    leaf, sub = found
+    plan = contract_plan(a, sub, y, tuple(leaf.shape))
+    if plan is None or x.dim() != len(a):
+        return NotImplemented
+    params = {"weight": leaf}
+    if bias is not None:
+        if not _direct(bias) or tuple(bias.shape) != tuple(plan.o_sizes) or len(plan.o) != 1 or not y.endswith(plan.o):
+            return NotImplemented
+        params["bias"] = bias
+    return call_rule(CONTRACT, params, x, plan)
+
+
+def _expanded_only(rule: Rule) -> Rule:
+    @functools.wraps(rule)
+    def wrapped(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if method != "expanded":
+            return NotImplemented
+        return rule(method, func, args, kwargs)
+
+    return wrapped
+
+
+# --- psgfunc layers serving torch functions --------------------------------------------------
+
+Adapter = Callable[[dict[str, Any]], "tuple[Callable[..., Any], dict[str, Any], tuple[Any, ...], dict[str, Any]] | None"]
+
+
+def register_layer(torch_fn: Callable[..., Any], signature: Callable[..., Any] | None = None) -> Callable[[Adapter], Adapter]:
+    """Serve ``torch_fn`` by a psgfunc functional layer (whose own rule does the work).
+
+    ``adapter(a)`` gets ``torch_fn``'s arguments by name (bound to ``signature``, default
+    ``torch_fn``'s own) and returns ``(layer, params, args, kwargs)`` for
+    ``layer(params, *args, **kwargs)``, or None to leave the call to torch. Used under
+    ``"expanded"`` when a parameter of ``fn`` is among ``params``. E.g.::
+
+        @register_layer(F.group_norm)
+        def _(a):
+            return PF.group_norm, {"weight": a["weight"], "bias": a["bias"]}, (a["input"],
+                a["num_groups"]), {"eps": a["eps"]}
+    """
+
+    def decorate(adapter: Adapter) -> Adapter:
+        def rule(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if method != "expanded":
+                return NotImplemented
+            try:
+                a = _bind(signature or torch_fn, args, kwargs)
+            except TypeError:
+                return NotImplemented
+            plan = adapter(a)
+            if plan is None:
+                return NotImplemented
+            layer, params, l_args, l_kwargs = plan
+            params = {k: v for k, v in params.items() if v is not None}
+            if not params or not all(_direct(v) for v in params.values()):
+                return NotImplemented
+            return layer(params, *l_args, **l_kwargs)
+
+        register(torch_fn)(rule)
+        return adapter
+
+    return decorate
+
+
+def _pf() -> Any:
+    import psgfunc.functional as PF
+
+    return PF
+
+
+def _linear_signature(input: Any, weight: Any, bias: Any = None) -> None:  # pragma: no cover
+    """``F.linear``'s arguments."""
+
+
+@register(F.linear)
+@_expanded_only
+def _linear(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    a = _bind(_linear_signature, args, kwargs)
+    x, w, b = a["input"], a["weight"], a["bias"]
+    if _direct(w) and (b is None or _direct(b) or param_of(b) is None):
+        if b is not None and param_of(b) is None:
+            return NotImplemented if not isinstance(b, torch.Tensor) else _pf().linear({"weight": w}, x) + b
+        return _pf().linear({"weight": w, "bias": b}, x)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(x, torch.Tensor) and x.dim() >= 1:
+        lead = _LETTERS[: x.dim() - 1]
+        return _contract(x, w, lead + "i", "oi", lead + "o", b)
+    return NotImplemented
+
+
+_LETTERS = "abcdefghjklmpqrstuvwxyABCDEFGHIJKLMNOPQRSTUVWXY"  # not i, o, n, z, Z
+
+
+def _matmul_parts(x: Any, w: Any, w_right: bool) -> Any:
+    """``x @ w`` (``w_right``) or ``w @ x`` through the contraction rule, or NotImplemented."""
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() < 1:
+        return NotImplemented
+    if w_right:
+        lead = _LETTERS[: x.dim() - 1]
+        return _contract(x, w, lead + "i", "io", lead + "o")
+    if x.dim() == 1:
+        return _contract(x, w, "i", "oi", "o")
+    lead = _LETTERS[: x.dim() - 2]
+    return _contract(x, w, lead + "in", "oi", lead + "on")
+
+
+@register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
+@_expanded_only
+def _matmul(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) != 2 or kwargs:
+        return NotImplemented
+    left, right = args
+    if param_of(right) is not None and param_of(left) is None:
+        return _matmul_parts(left, right, True)
+    if param_of(left) is not None and param_of(right) is None:
+        return _matmul_parts(right, left, False)
+    return NotImplemented
+
+
+@register(torch.Tensor.__rmatmul__)
+@_expanded_only
+def _rmatmul(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) != 2 or kwargs:
+        return NotImplemented
+    return _matmul(method, torch.matmul, (args[1], args[0]), {})
+
+
+def _addmm_signature(input: Any, mat1: Any, mat2: Any, *, beta: Any = 1, alpha: Any = 1) -> None:  # pragma: no cover
+    """``torch.addmm``'s arguments."""
+
+
+@register(torch.addmm, torch.Tensor.addmm)
+@_expanded_only
+def _addmm(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        a = _bind(_addmm_signature, args, kwargs)
+    except TypeError:
+        return NotImplemented
+    b, x, w = a["input"], a["mat1"], a["mat2"]
+    if a["beta"] != 1 or a["alpha"] != 1 or param_of(x) is not None or param_of(w) is None:
+        return NotImplemented
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return NotImplemented
+    if _direct(b) and b.dim() == 1:
+        return _contract(x, w, "ni", "io", "no", b)
+    out = _contract(x, w, "ni", "io", "no")
+    if out is NotImplemented:
+        return out
+    if param_of(b) is not None:
+        return _elementwise(method, torch.add, (out, b), {})
+    return out + b
+
+
+def _parse_einsum(equation: str, operands: Sequence[torch.Tensor]) -> tuple[list[str], str] | None:
+    """Subscripts of each operand and of the output, ellipses spelled out; None if unusual."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if len(subs) != len(operands):
+        return None
+    used = set(eq) - set(".,->")
+    spare = [c for c in _LETTERS if c not in used]
+    ell = None
+    out_subs = []
+    for s, t in zip(subs, operands):
+        if "..." in s:
+            k = t.dim() - (len(s) - 3)
+            if k < 0 or (ell is not None and len(ell) != k):
+                return None
+            ell = "".join(spare[:k]) if ell is None else ell
+            s = s.replace("...", ell)
+        if len(s) != t.dim():
+            return None
+        out_subs.append(s)
+    if arrow:
+        rhs = rhs.replace("...", ell or "")
+    else:
+        counts: dict[str, int] = {}
+        for s in out_subs:
+            for c in s:
+                counts[c] = counts.get(c, 0) + 1
+        rhs = (ell or "") + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in (ell or "")))
+    return out_subs, rhs
+
+
+@register(torch.einsum)
+@_expanded_only
+def _einsum(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if kwargs or not args or not isinstance(args[0], str):
+        return NotImplemented
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if len(operands) != 2 or not all(isinstance(t, torch.Tensor) for t in operands):
+        return NotImplemented
+    parsed = _parse_einsum(args[0], operands)
+    if parsed is None:
+        return NotImplemented
+    (s0, s1), y = parsed
+    if param_of(operands[1]) is not None and param_of(operands[0]) is None:
+        return _contract(operands[0], operands[1], s0, s1, y)
+    if param_of(operands[0]) is not None and param_of(operands[1]) is None:
+        return _contract(operands[1], operands[0], s1, s0, y)
+    return NotImplemented
+
+
+# --- elementwise ops with a parameter operand ------------------------------------------------
+
+
+def _elementwise(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    from psgfunc.per_sample._expanded import call_rule
+    from psgfunc.per_sample.rules.matmul import ELEMENTWISE
+
+    slots = [i for i, t in enumerate(args) if param_of(t) is not None]
+    if len(slots) != 1 or not _direct(args[slots[0]]) or any(param_of(v) is not None for v in kwargs.values()):
+        return NotImplemented
+    if not all(isinstance(t, (torch.Tensor, int, float, bool)) for t in args):
+        return NotImplemented
+    if kwargs.get("rounding_mode") is not None or "out" in kwargs:
+        return NotImplemented
+    slot = slots[0]
+    rest = args[:slot] + args[slot + 1:]
+    return call_rule(ELEMENTWISE, {"p": args[slot]}, *rest, op=func, slot=slot, kwargs=dict(kwargs))
+
+
+_ELEMENTWISE_FNS = [torch.mul, torch.add, torch.sub, torch.div, torch.true_divide, torch.subtract,
+                    torch.multiply]
+for _f in ("mul", "add", "sub", "div", "true_divide", "multiply", "subtract", "__mul__", "__rmul__",
+           "__add__", "__radd__", "__sub__", "__rsub__", "__truediv__", "__rtruediv__", "__div__",
+           "__rdiv__"):
+    if hasattr(torch.Tensor, _f):
+        _ELEMENTWISE_FNS.append(getattr(torch.Tensor, _f))
+register(*_ELEMENTWISE_FNS)(_expanded_only(_elementwise))
+
+
+# --- layers ---------------------------------------------------------------------------------
+
+
+def _conv_signature(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                    dilation: Any = 1, groups: int = 1) -> None:  # pragma: no cover
+    """``torch.convNd``'s arguments."""
+
+
+def _conv_adapter(name: str) -> Adapter:
+    def adapter(a: dict[str, Any]) -> Any:
+        kwargs = {"stride": a["stride"], "padding": a["padding"], "dilation": a["dilation"], "groups": a["groups"]}
+        return getattr(_pf(), name), {"weight": a["weight"], "bias": a["bias"]}, (a["input"],), kwargs
+
+    return adapter
+
+
+for _n in (1, 2, 3):
+    register_layer(getattr(torch, f"conv{_n}d"), _conv_signature)(_conv_adapter(f"conv{_n}d"))
+
+
+@register_layer(F.layer_norm)
+def _layer_norm(a: dict[str, Any]) -> Any:
+    shape = a["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return _pf().layer_norm, {"weight": a["weight"], "bias": a["bias"]}, (a["input"], shape), {"eps": a["eps"]}
+
+
+# --- torch's fused recurrent ops --------------------------------------------------------------
+
+
+def _rnn_names(n_layers: int, bidirectional: bool, has_biases: bool, count: int) -> list[str] | None:
+    per = 4 if has_biases else 2
+    dirs = 2 if bidirectional else 1
+    if count != n_layers * dirs * per:
+        return None  # e.g. an LSTM with proj_size
+    names = []
+    for layer in range(n_layers):
+        for d in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            names += [f"weight_ih{sfx}", f"weight_hh{sfx}"] + ([f"bias_ih{sfx}", f"bias_hh{sfx}"] if has_biases else [])
+    return names
+
+
+def _rnn_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The dense (not packed) form ``(input, hx, params, has_biases, num_layers, dropout,
+    train, bidirectional, batch_first)`` by name; None for the packed form."""
+    if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)):
+        return None
+    keys = ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train", "bidirectional", "batch_first")
+    return dict(zip(keys, args))
+
+
+@register(torch.lstm)
+def _lstm(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``nn.LSTM`` through functional_call: psgfunc's scan-based LSTM (its rule under
+    ``"expanded"``; under ``"vmap"`` it batches, where torch's fused op has no batching rule)."""
+    a = _rnn_args(args, kwargs)
+    if a is None or method == "loop" or not torch._C._are_functorch_transforms_active():
+        return NotImplemented
+    names = _rnn_names(a["num_layers"], a["bidirectional"], a["has_biases"], len(a["params"]))
+    if names is None:
+        return NotImplemented
+    params = dict(zip(names, a["params"]))
+    x, (h0, c0) = a["input"], a["hx"]
+    bdim = 0 if a["batch_first"] else 1
+    one = x.dim() == 3 and x.shape[bdim] == 1 and h0.dim() == 3  # fn's example as a batch of one
+    if one:  # the rule's per-example layout: x [T, D], state [L*P, H]
+        x, h0, c0 = x.squeeze(bdim), h0.squeeze(1), c0.squeeze(1)
+    out, (h_n, c_n) = _pf().lstm(
+        params, x, (h0, c0), num_layers=a["num_layers"], bidirectional=a["bidirectional"],
+        batch_first=a["batch_first"], dropout=a["dropout"], training=a["train"],
+    )
+    if one:
+        out, h_n, c_n = out.unsqueeze(bdim), h_n.unsqueeze(1), c_n.unsqueeze(1)
+    return out, h_n, c_n
+
+
+def _cell_step(kind: str, p: dict[str, Any], sfx: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    gi = F.linear(x, p[f"weight_ih{sfx}"], p.get(f"bias_ih{sfx}"))
+    gh = F.linear(h, p[f"weight_hh{sfx}"], p.get(f"bias_hh{sfx}"))
+    if kind == "gru":
+        ir, iz, in_ = gi.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return (1 - z) * n + z * h
+    return torch.tanh(gi + gh) if kind == "rnn_tanh" else torch.relu(gi + gh)
+
+
+def _unrolled_rnn(kind: str, a: dict[str, Any], names: list[str]) -> Any:
+    """torch's fused GRU / Elman RNN as ordinary ops over time (one example or a batch in
+    torch's layout), so that vmap batches it. Same values as ``torch.gru``/``torch.rnn_*``."""
+    p = dict(zip(names, a["params"]))
+    x, hx = a["input"], a["hx"]
+    batched = x.dim() == 3
+    if not batched:
+        x, hx = x.unsqueeze(1), hx.unsqueeze(1)
+    elif a["batch_first"]:
+        x = x.transpose(0, 1)  # [T, N, D]
+    dirs = 2 if a["bidirectional"] else 1
+    layer_in, finals = x, []
+    for layer in range(a["num_layers"]):
+        outs = []
+        for d in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            h = hx[layer * dirs + d]
+            steps = range(layer_in.shape[0] - 1, -1, -1) if d else range(layer_in.shape[0])
+            ys = [None] * layer_in.shape[0]
+            for t in steps:
+                h = _cell_step(kind, p, sfx, layer_in[t], h)
+                ys[t] = h
+            outs.append(torch.stack(ys))
+            finals.append(h)
+        layer_in = torch.cat(outs, -1) if dirs == 2 else outs[0]
+        if a["dropout"] and a["train"] and layer < a["num_layers"] - 1:
+            layer_in = F.dropout(layer_in, a["dropout"], True)
+    out, h_n = layer_in, torch.stack(finals)
+    if not batched:
+        return out.squeeze(1), h_n.squeeze(1)
+    return (out.transpose(0, 1) if a["batch_first"] else out), h_n
+
+
+_RNN_LAYERS: dict[str, str] = {"gru": "gru", "rnn_tanh": "rnn", "rnn_relu": "rnn"}
+"""torch op name -> psgfunc functional layer name serving it, once that layer exists
+(``"gru"``: ``PF.gru``); until then the unrolled ops above."""
+
+
+def _fused_rnn(kind: str) -> Rule:
+    def rule(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        a = _rnn_args(args, kwargs)
+        if a is None or method == "loop" or not torch._C._are_functorch_transforms_active():
+            return NotImplemented
+        names = _rnn_names(a["num_layers"], a["bidirectional"], a["has_biases"], len(a["params"]))
+        if names is None:
+            return NotImplemented
+        layer = getattr(_pf(), _RNN_LAYERS.get(kind, ""), None) if kind in _RNN_LAYERS else None
+        if layer is not None:
+            extra = {} if kind == "gru" else {"nonlinearity": "tanh" if kind == "rnn_tanh" else "relu"}
+            return layer(dict(zip(names, a["params"])), a["input"], a["hx"], num_layers=a["num_layers"],
+                         bidirectional=a["bidirectional"], batch_first=a["batch_first"],
+                         dropout=a["dropout"], training=a["train"], **extra)
+        return _unrolled_rnn(kind, a, names)
+
+    return rule
+
+
+for _kind in ("gru", "rnn_tanh", "rnn_relu"):
+    register(getattr(torch, _kind))(_fused_rnn(_kind))
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+def _sdpa_signature(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+                    is_causal: bool = False, scale: Any = None, enable_gqa: bool = False) -> None:  # pragma: no cover
+    """``F.scaled_dot_product_attention``'s arguments."""
+
+
+@register(F.scaled_dot_product_attention)
+def _sdpa(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Under a transform, attention as ordinary ops: torch's fused CPU kernel has no batching
+    rule (vmap would loop over the examples and warn)."""
+    if method == "loop" or not torch._C._are_functorch_transforms_active():
+        return NotImplemented
+    a = _bind(_sdpa_signature, args, kwargs)
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+    if a["enable_gqa"] and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    s = (q @ k.transpose(-2, -1)) * scale
+    if a["is_causal"]:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    w = torch.softmax(s, -1)
+    if a["dropout_p"] > 0:
+        w = F.dropout(w, a["dropout_p"], True)
+    return w @ v
+
+
+# --- layers other families provide (served as soon as psgfunc.functional has them) ----------
+
+
+def _when(name: str) -> Any:
+    return getattr(_pf(), name, None)
+
+
+@register_layer(F.group_norm)
+def _group_norm(a: dict[str, Any]) -> Any:
+    layer = _when("group_norm")
+    if layer is None:
+        return None
+    return layer, {"weight": a["weight"], "bias": a["bias"]}, (a["input"], a["num_groups"]), {"eps": a["eps"]}
+
+
+@register_layer(F.rms_norm)
+def _rms_norm(a: dict[str, Any]) -> Any:
+    layer = _when("rms_norm")
+    if layer is None:
+        return None
+    shape = a["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return layer, {"weight": a["weight"]}, (a["input"], shape), {"eps": a["eps"]}
+
+
+def _conv_transpose_signature(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                              output_padding: Any = 0, groups: int = 1, dilation: Any = 1) -> None:  # pragma: no cover
+    """``torch.conv_transposeNd``'s arguments."""
+
+
+def _conv_transpose_adapter(name: str) -> Adapter:
+    def adapter(a: dict[str, Any]) -> Any:
+        layer = _when(name)
+        if layer is None:
+            return None
+        kwargs = {k: a[k] for k in ("stride", "padding", "output_padding", "groups", "dilation")}
+        return layer, {"weight": a["weight"], "bias": a["bias"]}, (a["input"],), kwargs
+
+    return adapter
+
+
+for _n in (1, 2, 3):
+    register_layer(getattr(torch, f"conv_transpose{_n}d"), _conv_transpose_signature)(
+        _conv_transpose_adapter(f"conv_transpose{_n}d"))

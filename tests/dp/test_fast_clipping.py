@@ -191,8 +191,8 @@ def test_parameter_without_a_rule_is_materialised_with_a_warning():
     fn0, params, batch = mlp()
     params = dict(params, scale=torch.tensor(1.5, dtype=DT))
 
-    def fn(p, x, y):
-        return fn0(p, x * p["scale"], y)
+    def fn(p, x, y):  # exp of a parameter: no per-sample rule (x * p["scale"] has one)
+        return fn0(p, x * p["scale"].exp(), y)
 
     expected, _ = reference(fn, params, batch, 0.5)
     with pytest.warns(UserWarning, match="1 of 5 parameter leaves"):

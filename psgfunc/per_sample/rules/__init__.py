@@ -8,5 +8,6 @@ from psgfunc.per_sample.rules import embedding as _embedding  # noqa: F401
 from psgfunc.per_sample.rules import layer_norm as _layer_norm  # noqa: F401
 from psgfunc.per_sample.rules import linear as _linear  # noqa: F401
 from psgfunc.per_sample.rules import lstm as _lstm  # noqa: F401
+from psgfunc.per_sample.rules import matmul as _matmul  # noqa: F401
 from psgfunc.per_sample.rules import norms as _norms  # noqa: F401
 from psgfunc.per_sample.rules import recurrent as _recurrent  # noqa: F401

@@ -1,0 +1,311 @@
+"""Per-sample rules for torch's contractions and elementwise ops with a parameter operand.
+
+Plain torch models (HF ``Conv1D``'s ``addmm``, ``x @ W``, ``einsum``, ``weight * x`` in a
+hand-written RMSNorm, LayerScale's ``gamma * x``) use parameters outside psgfunc's layers.
+:mod:`psgfunc.per_sample._torch_ops` hands those calls here while ``fn`` runs.
+
+* :data:`CONTRACT`: a two-operand contraction ``y = einsum(a, w -> y)(x, W)`` with ``W`` a
+  parameter. Indices of ``W`` split into ``I`` (shared with ``x``, summed) and ``O`` (kept in
+  ``y``); indices of ``x`` and ``y`` alone are positions ``N``. Then ``x`` reshaped to
+  ``[B, N, I]``, ``y = x W_{IO}`` and example b's gradient is ``sum_n x_bn^T g_bn`` (an
+  :class:`~psgfunc.per_sample._kinds.Outer` kind: norms in Gram form, the clipped sum in one
+  matmul), laid out in ``W``'s own index order. ``matmul``/``mm``/``addmm`` are written as such
+  contractions. An index in all three operands (a batched matmul over a parameter's leading
+  dim) or a repeated index has no such form: the caller falls back to vmap.
+* :data:`ELEMENTWISE`: a broadcasting elementwise op (``mul``, ``add``, ``sub``, ``div``)
+  with a parameter ``p``. The op runs on the batch with ``p``'s expansion aligned to every
+  example; autograd's broadcasting reduction then leaves example b's gradient ``[B, *p.shape]``
+  in it (the sum over the broadcast dims of ``g`` times the op's partial derivative), which is
+  emitted as a :class:`~psgfunc.per_sample._kinds.RowSum` kind of one position: the same
+  kind as LayerNorm's affine parameters, so the pieces of several uses combine.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from psgfunc.per_sample._expanded import Rule, apply_function, is_shared, shared
+from psgfunc.per_sample._kinds import COMBINERS, GradKind, Outer, RowSum, emit
+
+__all__ = ["ContractPlan", "contract_plan", "CONTRACT", "ELEMENTWISE", "PermutedOuter"]
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY"  # "Z" is the batch
+
+
+class PermutedOuter(Outer):
+    """``Outer`` whose ``[B, *shape]`` result is then permuted by ``perm`` (a weight whose
+    ``I`` and ``O`` indices interleave). Norms are the ``Outer`` ones (a permutation keeps them)."""
+
+    def __init__(self, shape: tuple[int, ...], perm: tuple[int, ...]):
+        super().__init__(shape)
+        self.perm = perm
+
+    def materialize(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return super().materialize(g, x).permute(0, *(1 + d for d in self.perm))
+
+    def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
+        return super().weighted_sum(datas, c).permute(*self.perm)
+
+
+class ContractPlan:
+    """How ``einsum(f"{a},{w}->{y}")`` with a parameter ``w`` becomes ``[B, N, I] @ [I, O]``.
+
+    Attributes:
+        a, w, y: the per-example subscripts.
+        n, i, o: the position, summed and kept index strings.
+        kind: the gradient kind; ``x_first``: whether its data is ``(x, g)`` (else ``(g, x)``).
+    """
+
+    def __init__(self, a: str, w: str, y: str, w_shape: Sequence[int]):
+        self.a, self.w, self.y = a, w, y
+        self.n = "".join(c for c in a if c in y and c not in w)
+        self.i = "".join(c for c in w if c in a and c not in y)
+        self.o = "".join(c for c in w if c in y and c not in a)
+        sizes = dict(zip(w, w_shape))
+        self.i_sizes = [sizes[c] for c in self.i]
+        self.o_sizes = [sizes[c] for c in self.o]
+        self.w_shape = tuple(w_shape)
+        two_d = len(w) == 2
+        if w == self.i + self.o:  # gradient [I..., O...] = x^T g
+            self.x_first, self.kind = True, Outer(None if two_d else self.w_shape)
+        elif w == self.o + self.i:  # gradient [O..., I...] = g^T x (nn.Linear's layout)
+            self.x_first, self.kind = False, Outer(None if two_d else self.w_shape)
+        else:
+            order = self.i + self.o
+            inverse = tuple(order.index(c) for c in w)
+            self.x_first = True
+            self.kind = PermutedOuter(tuple(self.i_sizes + self.o_sizes), inverse)
+        self.w_perm = tuple(w.index(c) for c in self.i + self.o)  # w -> [I..., O...]
+
+
+@functools.lru_cache(maxsize=256)
+def contract_plan(a: str, w: str, y: str, w_shape: tuple[int, ...]) -> ContractPlan | None:
+    """The plan for ``einsum(f"{a},{w}->{y}")``, or None when it has no Outer form."""
+    if len(set(a)) != len(a) or len(set(w)) != len(w) or len(set(y)) != len(y):
+        return None  # a diagonal
+    if any(c in a and c in w and c in y for c in w):
+        return None  # an index of all three: per-group weights
+    if any(c not in a and c not in y for c in w):
+        return None  # a weight index summed on its own
+    if any(c not in a and c not in w for c in y):
+        return None
+    if len(w) != len(w_shape):
+        return None
+    return ContractPlan(a, w, y, w_shape)
+
+
+def _weight_matrix(w: torch.Tensor, plan: ContractPlan) -> torch.Tensor:
+    """The shared ``W`` as ``[I, O]`` (``w`` unbatched)."""
+    return w.permute(*plan.w_perm).reshape(math.prod(plan.i_sizes), math.prod(plan.o_sizes))
+
+
+class _ContractPerSample(torch.autograd.Function):
+    """``x [B, N, I], w [B, *w] (shared), b [B, O] or None -> [B, N, O]`` with per-sample grads."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: ContractPlan) -> torch.Tensor:  # type: ignore[override]
+        wm = _weight_matrix(shared(w), plan)
+        return x @ wm if b is None else torch.addmm(shared(b), x.reshape(-1, x.shape[-1]), wm).reshape(
+            *x.shape[:-1], wm.shape[1]
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        x, w, b, plan = inputs
+        ctx.save_for_backward(x, w)
+        ctx.plan, ctx.bias = plan, b
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        x, w = ctx.saved_tensors
+        plan = ctx.plan
+        gx = g @ _weight_matrix(shared(w), plan).t() if ctx.needs_input_grad[0] else None
+        gw = gb = None
+        if ctx.needs_input_grad[1]:
+            data = (x, g) if plan.x_first else (g, x)
+            gw = emit(w, plan.kind, *data)
+        if ctx.bias is not None and ctx.needs_input_grad[2]:
+            gb = emit(ctx.bias, _ROWSUM, g)
+        return gx, gw, gb, None
+
+
+_ROWSUM = RowSum()
+
+
+def _plain_contract(params: dict[str, torch.Tensor], x: torch.Tensor, plan: ContractPlan) -> torch.Tensor:
+    """One example: ``einsum(a, w -> y)(x, W) (+ bias over O)``."""
+    y = torch.einsum(f"{plan.a},{plan.w}->{plan.y}", x, params["weight"])
+    b = params.get("bias")
+    return y if b is None else y + b
+
+
+class ContractRule(Rule):
+    """Rule of a contraction with a parameter operand (see :class:`ContractPlan`)."""
+
+    def batched(self, params: dict[str, torch.Tensor], x: torch.Tensor, plan: ContractPlan) -> Any:
+        w, b = params["weight"], params.get("bias")
+        if not is_shared(w) or (b is not None and not is_shared(b)):
+            return NotImplemented
+        size = x.shape[0]
+        n_sizes = [dict(zip(plan.a, x.shape[1:]))[c] for c in plan.n]
+        xs = torch.einsum(f"Z{plan.a}->Z{plan.n}{plan.i}", x)  # indices of x alone are summed
+        x3 = xs.reshape(size, math.prod(n_sizes), math.prod(plan.i_sizes))
+        y3 = apply_function(_ContractPerSample, x3, w, b, plan)
+        y = y3.reshape(size, *n_sizes, *plan.o_sizes)
+        return torch.einsum(f"Z{plan.n}{plan.o}->Z{plan.y}", y)
+
+    vmapped = batched
+
+
+CONTRACT = ContractRule(_plain_contract)
+
+
+class _PerSampleParam(torch.autograd.Function):
+    """Identity on ``p [B, *shape]`` whose backward emits the per-sample gradient it receives."""
+
+    @staticmethod
+    def forward(p: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return p.view_as(p)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.p = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        p = ctx.p
+        size = g.shape[0]
+        return emit(p, _rowsum(tuple(p.shape[1:])), g.reshape(size, 1, math.prod(p.shape[1:])))
+
+
+@functools.lru_cache(maxsize=256)
+def _rowsum(shape: tuple[int, ...]) -> RowSum:
+    return RowSum(shape)
+
+
+def _plain_elementwise(params: dict[str, torch.Tensor], *args: Any, op: Callable[..., Any], slot: int,
+                       kwargs: dict[str, Any]) -> Any:
+    """One example: ``op(*args, **kwargs)`` with ``params["p"]`` at position ``slot``."""
+    full = list(args)
+    full.insert(slot, params["p"])
+    return op(*full, **kwargs)
+
+
+class ElementwiseRule(Rule):
+    """Rule of a broadcasting elementwise op with one parameter operand (see module doc)."""
+
+    def batched(self, params: dict[str, torch.Tensor], *args: Any, op: Callable[..., Any], slot: int,
+                kwargs: dict[str, Any]) -> Any:
+        p = params["p"]
+        if not is_shared(p):
+            return NotImplemented
+        full = list(args)
+        full.insert(slot, apply_function(_PerSampleParam, p))
+        rank = max(t.dim() - 1 for t in full if isinstance(t, torch.Tensor))
+        # align every example's dims to the right, behind the batch dim
+        full = [
+            t.reshape(t.shape[0], *([1] * (rank + 1 - t.dim())), *t.shape[1:])
+            if isinstance(t, torch.Tensor) and t.dim() - 1 < rank else t
+            for t in full
+        ]
+        return op(*full, **kwargs)
+
+    vmapped = batched
+
+
+ELEMENTWISE = ElementwiseRule(_plain_elementwise)
+
+
+class TiedTable(GradKind):
+    """An embedding table ``[V, D]`` that is also the weight of an output head (tied weights).
+
+    Data ``("rows", idx [B, *], g [B, *, D])`` from the lookup (see
+    :class:`~psgfunc.per_sample.rules.embedding.EmbeddingRows`) or ``("outer", gv [B, N, V],
+    h [B, N, D])`` from the head (an :class:`~psgfunc.per_sample._kinds.Outer` piece). Example
+    b's gradient is ``G_b = sum_n gv_n^T h_n + sum_t e_{idx_t} g_t^T``, and
+
+        ``|G_b|^2 = |head|^2 + |lookup|^2 + 2 sum_{n,t} gv_n[idx_t] (h_n . g_t)``
+
+    (the cross term pairs each head position with each looked-up token through that token's
+    column of ``gv``): norms from the two kinds' own forms plus a ``[B, N, T]`` contraction,
+    never the ``[B, V, D]`` gradient unless the head's pieces are cheaper dense (then all is).
+    """
+
+    def __init__(self, num_embeddings: int, padding_idx: int | None):
+        self.num_embeddings, self.padding_idx = num_embeddings, padding_idx
+
+    def _parts(self, datas: Sequence[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
+        rows = [(a, b) for tag, a, b in datas if tag == "rows"]
+        outer = [(a, b) for tag, a, b in datas if tag == "outer"]
+        return rows, outer
+
+    def _rows_kind(self) -> Any:
+        from psgfunc.per_sample.rules.embedding import EmbeddingRows
+
+        return EmbeddingRows(self.num_embeddings, self.padding_idx)
+
+    def materialize(self, tag: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if tag == "rows":
+            return self._rows_kind().materialize(a, b)
+        return _OUTER.materialize(a, b)
+
+    def prefers_dense(self, datas: Sequence[tuple[Any, ...]]) -> bool:
+        rows, outer = self._parts(datas)
+        return bool(outer) and _OUTER.prefers_dense(outer)
+
+    def norm2(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> torch.Tensor:
+        rows, outer = self._parts(datas)
+        kind = self._rows_kind()
+        total = None
+        if rows:
+            total = kind.norm2(rows)
+        if outer:
+            head = _OUTER.norm2(outer)
+            total = head if total is None else total + head
+        if rows and outer:
+            idx, ge = kind._flat(rows)  # [B, T], [B, T, D] (padding positions zeroed)
+            gv = torch.cat([g for g, _ in outer], dim=1)  # [B, N, V]
+            h = torch.cat([x for _, x in outer], dim=1)  # [B, N, D]
+            picked = torch.gather(gv, 2, idx.to(torch.int64).unsqueeze(1).expand(-1, gv.shape[1], -1))
+            total = total + 2 * (picked * torch.bmm(h, ge.transpose(1, 2))).sum((1, 2))
+        return total
+
+    def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
+        rows, outer = self._parts(datas)
+        total = None
+        if rows:
+            total = self._rows_kind().weighted_sum(rows, c)
+        if outer:
+            head = _OUTER.weighted_sum(outer, c)
+            total = head if total is None else total + head
+        return total
+
+
+_OUTER = Outer()
+
+
+def _tie(records: Sequence[tuple[GradKind, tuple[Any, ...]]]) -> Any:
+    """Pieces of an embedding lookup and of plain ``Outer`` heads on one table -> :class:`TiedTable`."""
+    from psgfunc.per_sample.rules.embedding import EmbeddingRows
+
+    rows = [k for k, _ in records if isinstance(k, EmbeddingRows)]
+    if not rows or any(k != rows[0] for k in rows):
+        return None
+    table = None
+    out = []
+    for kind, data in records:
+        if isinstance(kind, EmbeddingRows):
+            out.append(("rows",) + tuple(data))
+        elif type(kind) is Outer and kind.shape is None and data[0].dim() == 3 and data[0].shape[2] == rows[0].num_embeddings:
+            out.append(("outer",) + tuple(data))
+        else:
+            return None
+    table = TiedTable(rows[0].num_embeddings, rows[0].padding_idx)
+    return [(table, data) for data in out]
+
+
+COMBINERS.append(_tie)
