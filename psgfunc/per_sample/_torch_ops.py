@@ -937,9 +937,15 @@ def _fused_rnn(kind: str) -> Rule:
         layer = getattr(_pf(), _RNN_LAYERS.get(kind, ""), None) if kind in _RNN_LAYERS else None
         if layer is not None:
             extra = {} if kind == "gru" else {"nonlinearity": "tanh" if kind == "rnn_tanh" else "relu"}
-            return layer(dict(zip(names, a["params"])), a["input"], a["hx"], num_layers=a["num_layers"],
-                         bidirectional=a["bidirectional"], batch_first=a["batch_first"],
-                         dropout=a["dropout"], training=a["train"], **extra)
+            x, h0 = a["input"], a["hx"]
+            bdim = 0 if a["batch_first"] else 1
+            one = x.dim() == 3 and x.shape[bdim] == 1 and h0.dim() == 3  # fn's example, a batch of one
+            if one:  # the rule's per-example layout: x [T, D], state [L*P, H] (as torch.lstm above)
+                x, h0 = x.squeeze(bdim), h0.squeeze(1)
+            out, h_n = layer(dict(zip(names, a["params"])), x, h0, num_layers=a["num_layers"],
+                             bidirectional=a["bidirectional"], batch_first=a["batch_first"],
+                             dropout=a["dropout"], training=a["train"], **extra)
+            return (out.unsqueeze(bdim), h_n.unsqueeze(1)) if one else (out, h_n)
         return _unrolled_rnn(kind, a, names)
 
     return rule
