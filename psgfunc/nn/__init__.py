@@ -22,6 +22,7 @@ shells in place.
 """
 
 from psgfunc.nn._base import ExpandedModule, zero_grad
+from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d, expanded_convolution
 from psgfunc.nn.convert import CONVERTERS, expand_weights
 from psgfunc.nn.embedding import Embedding
@@ -46,6 +47,7 @@ __all__ = [
     "BidirectionalDPLSTMLayer",
     "DPLSTMCell",
     "LSTMLinear",
+    "DPMultiheadAttention",
     # helpers
     "zero_grad",
     "ExpandedModule",

@@ -23,6 +23,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
+from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
 from psgfunc.nn.embedding import Embedding
 from psgfunc.nn.linear import Linear
@@ -132,6 +133,7 @@ CONVERTERS: dict[type, Converter] = {
     nn.LayerNorm: _layer_norm,
     nn.LSTM: DPLSTM.from_lstm,  # refuses proj_size != 0
     nn.LSTMCell: DPLSTMCell.from_lstm_cell,
+    nn.MultiheadAttention: DPMultiheadAttention.from_multihead_attention,
 }
 """``torch.nn`` type (exact) -> ``(layer, max_batch_size) -> shell``. Add entries to extend."""
 
@@ -179,7 +181,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     """Convert ``module``'s layers, in place and recursively, into ``psgfunc.nn`` shells.
 
     Every submodule whose exact type is in :data:`CONVERTERS` (``nn.Linear``,
-    ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.LSTM``, ``nn.LSTMCell``) is
+    ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.LSTM``, ``nn.LSTMCell``, ``nn.MultiheadAttention``, so
+    ``nn.TransformerEncoderLayer``/``DecoderLayer`` with ``batch_first=True``) is
     replaced in its parent by the matching shell, which holds the SAME ``Parameter`` objects (no copy: values, ``requires_grad``
     and any optimizer already built on the model carry over) and the layer's ``training``
     flag. Outputs are unchanged; after ``loss.backward()`` on a batch of ``B <=
@@ -248,6 +251,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
                 buffered.append(f"{label} ({type(layer).__name__}): {names}")
         if isinstance(layer, ExpandedModule):
             existing.append(layer)
+            if getattr(layer, "_psg_serves_children", False):  # e.g. DPMultiheadAttention's out_proj
+                return
         elif type(layer) in CONVERTERS:
             if id(layer) not in shells:
                 try:
