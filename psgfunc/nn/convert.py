@@ -181,8 +181,9 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     """Convert ``module``'s layers, in place and recursively, into ``psgfunc.nn`` shells.
 
     Every submodule whose exact type is in :data:`CONVERTERS` (``nn.Linear``,
-    ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.LSTM``, ``nn.LSTMCell``, ``nn.MultiheadAttention``, so
-    ``nn.TransformerEncoderLayer``/``DecoderLayer`` with ``batch_first=True``) is
+    ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.LSTM``, ``nn.LSTMCell``,
+    ``nn.MultiheadAttention``: so ``nn.TransformerEncoderLayer``/``DecoderLayer`` with
+    ``batch_first=True``) is
     replaced in its parent by the matching shell, which holds the SAME ``Parameter`` objects (no copy: values, ``requires_grad``
     and any optimizer already built on the model carry over) and the layer's ``training``
     flag. Outputs are unchanged; after ``loss.backward()`` on a batch of ``B <=

@@ -73,7 +73,7 @@ def test_outputs_and_grad_sample_equal_the_loop(kw, batch_first):
 
     want = per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters()}, q, k, v, kpm)
     assert_tree_close({n: p.grad_sample for n, p in ours.named_parameters()}, want)
-    for n, p in ours.named_parameters():
+    for p in ours.parameters():
         torch.testing.assert_close(p.grad, p.grad_sample.sum(0), rtol=1e-10, atol=1e-12)
 
 
@@ -170,3 +170,12 @@ def test_transformer_decoder_layer_converts():
 
     want = per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters()}, x, mem)
     assert_tree_close({n: p.grad_sample for n, p in layer.named_parameters()}, want)
+
+
+@pytest.mark.parametrize("length", [4, 3])
+def test_time_major_encoder_layer_is_refused(length):
+    """batch_first=False: the shell reads dim 1, the LayerNorm after it dim 0: refused, never
+    silently mixed (also when L == B, where shapes cannot tell)."""
+    layer = pnn.expand_weights(nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, dtype=F64), max_batch_size=8)
+    with pytest.raises(ValueError, match="DPMultiheadAttention 'self_attn'.*time-major"):
+        layer(torch.randn(length, 3, E, dtype=F64))
