@@ -179,3 +179,36 @@ def test_time_major_encoder_layer_is_refused(length):
     layer = pnn.expand_weights(nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, dtype=F64), max_batch_size=8)
     with pytest.raises(ValueError, match="DPMultiheadAttention 'self_attn'.*time-major"):
         layer(torch.randn(length, 3, E, dtype=F64))
+
+
+def test_dp_optimizer_fast_clipping_equals_grad_sample_path_with_every_parameter_kind():
+    """Separate q/k/v weights, the packed bias and bias_k/bias_v through module_call's pieces."""
+    def run(fast):
+        ours, _ = _pair(kdim=3, vdim=5, add_bias_kv=True, add_zero_attn=True, batch_first=True)
+        opt = dp.DPOptimizer(torch.optim.SGD(ours.parameters(), lr=0.5), max_norm=0.5,
+                             noise_multiplier=0.0, expected_batch_size=B, fast_clipping=fast)
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(B, n, f, generator=g, dtype=F64) for n, f in ((L, E), (S, 3), (S, 5)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, w = ours(q, k, v)
+            (out.square().sum() + w.square().sum()).backward()
+            norms = opt.accumulate()
+            opt.step()
+        return [p.detach().clone() for p in ours.parameters()], norms
+
+    (slow, slow_norms), (fast, fast_norms) = run(False), run(True)
+    torch.testing.assert_close(fast_norms, slow_norms, rtol=1e-10, atol=0)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kdim=3, vdim=5, add_bias_kv=True)])
+def test_empty_batch(kw):
+    """Poisson sampling draws empty batches: B = 0 gives [0, *shape] grad_samples."""
+    ours, _ = _pair(batch_first=True, **kw)
+    q = torch.zeros(0, L, E, dtype=F64)
+    k, v = torch.zeros(0, S, kw.get("kdim", E), dtype=F64), torch.zeros(0, S, kw.get("vdim", E), dtype=F64)
+    out, w = ours(q, k, v)
+    (out.sum() + w.sum()).backward()
+    assert all(p.grad_sample.shape == (0, *p.shape) for p in ours.parameters())

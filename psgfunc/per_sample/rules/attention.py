@@ -19,6 +19,7 @@ compiled route (``tapped``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,8 +37,9 @@ _ROWSUM = RowSum()
 
 
 def _sums(g: torch.Tensor) -> torch.Tensor:
-    """``[B, *, K] -> [B, K]``: the output gradient summed over each example's positions."""
-    return g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+    """``[B, *, K] -> [B, K]``: the output gradient summed over each example's positions
+    (explicit sizes: B may be 0)."""
+    return g.reshape(g.shape[0], math.prod(g.shape[1:-1]), g.shape[-1]).sum(1)
 
 
 class _SplitBias(torch.autograd.Function):
@@ -131,7 +133,7 @@ class BiasKVRule(Rule):
         for i, y in ((ik, outs[0]), (iv, outs[1])):
 
             def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor, i: int = i) -> list[Any]:
-                return [(i, kind, (g[:, -1:].reshape(g.shape[0], 1, -1),))]
+                return [(i, kind, (g[:, -1:].reshape(g.shape[0], 1, g.shape[-1]),))]
 
             tapped.append(tap.out(y, (), build))
         return tuple(tapped)
