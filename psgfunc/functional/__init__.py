@@ -5,6 +5,7 @@ wherever the matching torch op does, so it can be used under ``torch.func.vmap``
 ``torch.func.grad`` and inside :func:`psgfunc.per_sample_grads`.
 """
 
+from psgfunc.functional.attention import init_multi_head_attention, multi_head_attention
 from psgfunc.functional.conv import conv1d, conv2d, conv3d, init_conv
 from psgfunc.functional.embedding import embedding, init_embedding
 from psgfunc.functional.linear import init_linear, linear
@@ -59,4 +60,6 @@ __all__ = [
     "init_gru_cell",
     "init_rnn",
     "init_rnn_cell",
+    "multi_head_attention",
+    "init_multi_head_attention",
 ]

@@ -25,6 +25,7 @@ shells in place.
 """
 
 from psgfunc.nn._base import ExpandedModule, zero_grad
+from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d, expanded_convolution
 from psgfunc.nn.convert import CONVERTERS, expand_weights
 from psgfunc.nn.embedding import Embedding
@@ -68,6 +69,7 @@ __all__ = [
     "DPRNN",
     "DPGRUCell",
     "DPRNNCell",
+    "DPMultiheadAttention",
     # helpers
     "zero_grad",
     "ExpandedModule",

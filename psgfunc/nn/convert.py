@@ -23,6 +23,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
+from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
 from psgfunc.nn.embedding import Embedding
 from psgfunc.nn.linear import Linear
@@ -198,6 +199,7 @@ CONVERTERS: dict[type, Converter] = {
     nn.RNN: DPRNN.from_rnn,
     nn.GRUCell: DPGRUCell.from_gru_cell,
     nn.RNNCell: DPRNNCell.from_rnn_cell,
+    nn.MultiheadAttention: DPMultiheadAttention.from_multihead_attention,
 }
 """``torch.nn`` type (exact) -> ``(layer, max_batch_size) -> shell``. Add entries to extend."""
 
@@ -243,7 +245,9 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
 
     Every submodule whose exact type is in :data:`CONVERTERS` (``nn.Linear``,
     ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``,
-    ``nn.InstanceNorm1d/2d/3d``, ``nn.RMSNorm``, ``nn.LSTM``, ``nn.LSTMCell``) is
+    ``nn.InstanceNorm1d/2d/3d``, ``nn.RMSNorm``, ``nn.LSTM``, ``nn.LSTMCell``, ``nn.GRU``,
+    ``nn.RNN``, ``nn.GRUCell``, ``nn.RNNCell``, ``nn.MultiheadAttention``: so
+    ``nn.TransformerEncoderLayer``/``DecoderLayer`` with ``batch_first=True``) is
     replaced in its parent by the matching shell, which holds the SAME ``Parameter`` objects (no copy: values, ``requires_grad``
     and any optimizer already built on the model carry over) and the layer's ``training``
     flag. Outputs are unchanged; after ``loss.backward()`` on a batch of ``B <=
@@ -312,6 +316,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
                 buffered.append(f"{label} ({type(layer).__name__}): {names}")
         if isinstance(layer, ExpandedModule):
             existing.append(layer)
+            if getattr(layer, "_psg_serves_children", False):  # e.g. DPMultiheadAttention's out_proj
+                return
         elif type(layer) in CONVERTERS:
             if id(layer) not in shells:
                 try:

@@ -1,0 +1,153 @@
+"""Rules for the two parameter uses of :func:`psgfunc.functional.multi_head_attention` that
+are not linear maps.
+
+Everything else in multi-head attention is ``linear`` (the projections: the linear rule) or
+parameter-free (``F.scaled_dot_product_attention``). What remains are additions of a
+parameter to activations, whose per-sample gradient is a sum of the output gradient over
+positions (a :class:`~psgfunc.per_sample._kinds.RowSum`, as a Linear's bias):
+
+* :func:`~psgfunc.functional.attention.split_bias`: ``in_proj_bias [3E]`` added in three
+  blocks to q, k, v (separate projection weights). ``grad_b = [sum_n gq, sum_n gk,
+  sum_n gv]``, one ``[B, 3E]`` piece.
+* :func:`~psgfunc.functional.attention.append_bias_kv`: ``bias_k``/``bias_v [1, 1, E]``
+  appended as one more key and value position. ``grad_bias_k = gk[:, S]``, the output
+  gradient at that position.
+
+Both run the op with the shared parameter (``batched``) and tap their outputs on the
+compiled route (``tapped``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import vmap
+
+from psgfunc import _rules
+from psgfunc.functional.attention import append_bias_kv, split_bias
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
+from psgfunc.per_sample._kinds import RowSum, emit
+
+__all__ = ["SplitBiasRule", "BiasKVRule"]
+
+_ROWSUM = RowSum()
+
+
+def _sums(g: torch.Tensor) -> torch.Tensor:
+    """``[B, *, K] -> [B, K]``: the output gradient summed over each example's positions
+    (explicit sizes: B may be 0)."""
+    return g.reshape(g.shape[0], math.prod(g.shape[1:-1]), g.shape[-1]).sum(1)
+
+
+class _SplitBias(torch.autograd.Function):
+    """``q, k, v [B, *, E], b [B, 3E] (shared) -> q + b[:E], k + b[E:2E], v + b[2E:]``."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> Any:  # type: ignore[override]
+        bq, bk, bv = shared(b).chunk(3)
+        return q + bq, k + bk, v + bv
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.bias = inputs[3]  # identity only, for emit's bookkeeping
+
+    @staticmethod
+    def backward(ctx: Any, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> Any:
+        gb = None
+        if ctx.needs_input_grad[3]:
+            rows = torch.cat([_sums(gq), _sums(gk), _sums(gv)], dim=-1)  # [B, 3E]
+            gb = emit(ctx.bias, _ROWSUM, rows.unsqueeze(1))
+        return gq, gk, gv, gb
+
+
+class SplitBiasRule(Rule):
+    """Per-sample rule of ``split_bias`` (batch dim 0 of q, k, v)."""
+
+    def batched(self, params: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> Any:
+        b = params["bias"]
+        if not is_shared(b):
+            return vmap(lambda p, *x: self.plain(p, *x))(params, q, k, v)
+        return apply_function(_SplitBias, q, k, v, b)
+
+    def tapped(self, tap: Any, params: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> Any:
+        b = params["bias"]
+        ib = tap.index(b)
+        if ib is None:
+            return NotImplemented
+        e = q.shape[-1]
+        outs = self.plain({"bias": b.detach()}, q, k, v)
+        tapped = []
+        for j, y in enumerate(outs):
+
+            def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor, j: int = j) -> list[Any]:
+                rows = F.pad(_sums(g), (j * e, (2 - j) * e))  # this block's columns of [B, 3E]
+                return [(ib, _ROWSUM, (rows.unsqueeze(1),))]
+
+            tapped.append(tap.out(y, (), build))
+        return tuple(tapped)
+
+
+class _BiasKV(torch.autograd.Function):
+    """``k, v [B, S, E], bias_k, bias_v [B, 1, 1, E] (shared) -> [B, S + 1, E]`` each."""
+
+    @staticmethod
+    def forward(k: torch.Tensor, v: torch.Tensor, bk: torch.Tensor, bv: torch.Tensor) -> Any:  # type: ignore[override]
+        size, e = k.shape[0], k.shape[-1]
+        return (torch.cat([k, shared(bk).reshape(1, 1, e).expand(size, 1, e)], dim=1),
+                torch.cat([v, shared(bv).reshape(1, 1, e).expand(size, 1, e)], dim=1))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.bk, ctx.bv = inputs[2], inputs[3]  # identity only, for emit's bookkeeping
+
+    @staticmethod
+    def backward(ctx: Any, gk: torch.Tensor, gv: torch.Tensor) -> Any:
+        kind = RowSum(tuple(ctx.bk.shape[1:]))
+        gbk = emit(ctx.bk, kind, gk[:, -1:]) if ctx.needs_input_grad[2] else None
+        gbv = emit(ctx.bv, kind, gv[:, -1:]) if ctx.needs_input_grad[3] else None
+        return gk[:, :-1], gv[:, :-1], gbk, gbv
+
+
+class BiasKVRule(Rule):
+    """Per-sample rule of ``append_bias_kv`` (batch dim 0 of k, v ``[B, S, E]``)."""
+
+    def batched(self, params: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> Any:
+        bk, bv = params["bias_k"], params["bias_v"]
+        if k.dim() != 3 or v.dim() != 3 or not (is_shared(bk) and is_shared(bv)):
+            return vmap(lambda p, *x: self.plain(p, *x))(params, k, v)
+        return apply_function(_BiasKV, k, v, bk, bv)
+
+    def tapped(self, tap: Any, params: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> Any:
+        bk, bv = params["bias_k"], params["bias_v"]
+        ik, iv = tap.index(bk), tap.index(bv)
+        if ik is None or iv is None:
+            return NotImplemented
+        kind = RowSum(tuple(bk.shape))
+        outs = self.plain({"bias_k": bk.detach(), "bias_v": bv.detach()}, k, v)
+        tapped = []
+        for i, y in ((ik, outs[0]), (iv, outs[1])):
+
+            def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor, i: int = i) -> list[Any]:
+                return [(i, kind, (g[:, -1:].reshape(g.shape[0], 1, g.shape[-1]),))]
+
+            tapped.append(tap.out(y, (), build))
+        return tuple(tapped)
+
+
+SPLIT_BIAS = SplitBiasRule(split_bias.plain)
+BIAS_KV = BiasKVRule(append_bias_kv.plain)
+
+
+@_rules.register_rule(split_bias)
+def _split_bias(params: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+    return call_rule(SPLIT_BIAS, params, q, k, v)
+
+
+@_rules.register_rule(append_bias_kv)
+def _append_bias_kv(params: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> Any:
+    return call_rule(BIAS_KV, params, k, v)
