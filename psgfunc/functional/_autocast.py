@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["autocast_dtype", "cast", "disabled", "to_float32", "off"]
+__all__ = ["autocast_dtype", "cast", "disabled", "to_float32", "off", "linear"]
 
 
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -84,3 +84,16 @@ def disabled(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if autocast_dtype(t) is None:
         return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with autocast's cast made explicit (``[*, I] -> [*, O]``).
+
+    Under ``torch.func`` transforms with a grad-tracked weight, autocast returns float32 from
+    ``F.linear`` where the same eager call returns the autocast dtype; casting the operands
+    first gives the autocast dtype on every route (the compiled route's plan, made eagerly,
+    must match its traced pass)."""
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, weight, bias = cast(x, dtype), cast(weight, dtype), cast(bias, dtype)
+    return torch.nn.functional.linear(x, weight, bias)

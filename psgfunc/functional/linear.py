@@ -6,9 +6,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from psgfunc._rules import dispatchable
+from psgfunc.functional import _autocast
 
 __all__ = ["linear", "init_linear"]
 
@@ -27,7 +27,7 @@ def linear(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     Returns:
         ``x @ weight.T + bias``.
     """
-    return F.linear(x, params["weight"], params.get("bias"))
+    return _autocast.linear(x, params["weight"], params.get("bias"))
 
 
 def init_linear(

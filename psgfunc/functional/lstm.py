@@ -40,7 +40,7 @@ def _step(w_hh: torch.Tensor, carry: Carry, x_gates: torch.Tensor) -> tuple[Carr
     if h.dim() == 2:
         gates = torch.addmm(x_gates, h, w_hh.t())
     else:
-        gates = x_gates + F.linear(h, w_hh)
+        gates = x_gates + _autocast.linear(h, w_hh)
     i, f, g, o = gates.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
@@ -103,7 +103,7 @@ def lstm_cell(
                     f"{tuple(x.shape)} needs {want} (x.shape[:-1] + (H,))"
                 )
     b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
-    x_gates = F.linear(x, w_ih, b_ih)
+    x_gates = _autocast.linear(x, w_ih, b_ih)
     if b_hh is not None:
         x_gates = x_gates + b_hh
     return _step(w_hh, (carry[0], carry[1]), x_gates)
@@ -252,7 +252,7 @@ def _lstm(
             w_ih, w_hh = params["weight_ih" + sfx], params["weight_hh" + sfx]
             b_ih, b_hh = params.get("bias_ih" + sfx), params.get("bias_hh" + sfx)
             bias = b_ih if b_hh is None else (b_hh if b_ih is None else b_ih + b_hh)
-            x_gates = F.linear(layer_in, w_ih, bias)  # [T, B, 4H], hoisted out of the loop
+            x_gates = _autocast.linear(layer_in, w_ih, bias)  # [T, B, 4H], hoisted out of the loop
             k = layer * num_dir + d
             init = (h0[k], c0[k]) if h0 is not None else (x.new_zeros(batch, hidden),) * 2
             # autocast: x_gates is in its dtype; so are the recurrence and its state, as in nn.LSTM

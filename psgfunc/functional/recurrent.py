@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from psgfunc._rules import dispatchable
+from psgfunc.functional import _autocast
 from psgfunc.functional.linear import _uniform
 from psgfunc.scan import scan
 
@@ -52,7 +53,7 @@ def step(
     ``kind`` is ``"gru"``, ``"tanh"`` or ``"relu"``. Returns ``(h', r)`` where ``r`` is the
     GRU's reset gate (None for an RNN): the compiled route's tap needs it.
     """
-    gh = F.linear(h, w_hh, b_hh)
+    gh = _autocast.linear(h, w_hh, b_hh)
     if kind == "gru":
         xr, xz, xn = x_gates.chunk(3, dim=-1)
         hr, hz, hn = gh.chunk(3, dim=-1)
@@ -117,7 +118,7 @@ def _cell(kind: str, params: dict[str, torch.Tensor], h: Any, x: Any, fn: str) -
         b = params.get(name)
         if b is not None and tuple(b.shape) != (gates * hidden,):
             raise ValueError(f"{fn}: {name} must be [{gates * hidden}], got {tuple(b.shape)}")
-    x_gates = F.linear(x, w_ih, params.get("bias_ih"))
+    x_gates = _autocast.linear(x, w_ih, params.get("bias_ih"))
     h_new, _ = step(kind, w_hh, params.get("bias_hh"), h, x_gates)
     return h_new, h_new
 
@@ -445,7 +446,7 @@ def _layer(
         for d in range(num_dir):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             w_hh, b_hh = params["weight_hh" + sfx], params.get("bias_hh" + sfx)
-            x_gates = F.linear(layer_in, params["weight_ih" + sfx], params.get("bias_ih" + sfx))
+            x_gates = _autocast.linear(layer_in, params["weight_ih" + sfx], params.get("bias_ih" + sfx))
             k = layer * num_dir + d
             init = h0[k] if h0 is not None else x.new_zeros(batch, hidden)
 
