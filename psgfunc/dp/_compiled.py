@@ -48,9 +48,10 @@ import optree
 import torch
 from torch.func import grad, vmap
 
-from psgfunc._tree import batch_size, row_sq_norms
+from psgfunc._tree import batch_size
 from psgfunc.dp._clip import _check_positive_finite
 from psgfunc.per_sample._api import _prepare
+from psgfunc.per_sample._kinds import _acc, _up, certified_norm, dense_bound
 from psgfunc.per_sample._tap import discover, tap_pieces
 
 _METHODS = ("auto", "fast", "materialize")
@@ -104,14 +105,10 @@ def compiled_clipped_grad_sum(
         in_dims = tuple(optree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, b) for b in batch)
         grads = vmap(grad(fn), in_dims=(None, *in_dims))(params, *batch)
         leaves, spec = optree.tree_flatten(grads)
-        sq = None
-        for g in leaves:
-            s = row_sq_norms(g)
-            sq = s if sq is None else sq + s
-        norms = sq.sqrt()
+        norms = certified_norm([_Dense(g) for g in leaves])
         factor = c / norms.clamp_min(c)
-        sums = [torch.tensordot(factor.to(g.dtype), g, dims=1) for g in leaves]
-        return optree.tree_unflatten(spec, sums), norms
+        sums = [(factor.to(_acc(g.dtype)) @ _up(g.reshape(g.shape[0], -1))).to(g.dtype).reshape(g.shape[1:]) for g in leaves]
+        return optree.tree_unflatten(spec, sums), norms.to(_acc(leaves[0].dtype))
 
     compiled = torch.compile(graph, **compile_kwargs)
 
@@ -123,6 +120,13 @@ def compiled_clipped_grad_sum(
         return summed, _check_finite(norms)
 
     return step
+
+
+class _Dense:
+    """A materialised ``[B, *shape]`` leaf as :func:`certified_norm` reads it."""
+
+    def __init__(self, g: torch.Tensor):
+        self.bound, self.dtype = dense_bound(g), g.dtype
 
 
 def _empty_error() -> ValueError:
@@ -187,12 +191,9 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
             # flattened inside: the compiler traces optree with its own tree specs
             inner = _prepare(fn, params, batch, None, "different")
             leaves = tap_pieces(inner, plan, inner.p_leaves, inner.b_leaves)
-            sq = leaves[0].sq_norm
-            for leaf in leaves[1:]:
-                sq = sq + leaf.sq_norm
-            norms = sq.sqrt()
+            norms = certified_norm(leaves)  # covers the norms' and the sums' rounding
             factor = c / norms.clamp_min(c)
-            return [leaf.weighted_sum(factor) for leaf in leaves], norms
+            return [leaf.weighted_sum(factor) for leaf in leaves], norms.to(leaves[0].sq_norm.dtype)
 
         return torch.compile(graph, **compile_kwargs)
 

@@ -18,7 +18,7 @@ import torch
 from psgfunc._tree import batch_size, tree_flatten
 from psgfunc.dp._clip import _check_positive_finite, clipped_sum
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
-from psgfunc.per_sample._kinds import leaf_pieces
+from psgfunc.per_sample._kinds import certified_norm, leaf_pieces
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -315,11 +315,9 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         (size,) = sizes
         leaves = leaf_pieces(pieces, dense, size, [p.shape for p in params])
-        sq = leaves[0].sq_norm
-        for leaf in leaves[1:]:
-            sq = sq + leaf.sq_norm
         scale = size if self.loss_reduction == "mean" else 1  # gradients of a mean loss are g_b / B
-        norms = sq.sqrt() * scale
+        # certified: covers the rounding of the norms and of the sums (psgfunc.per_sample._kinds)
+        norms = certified_norm(leaves, [p.dtype for p in params]) * scale
         bad = ~torch.isfinite(norms)
         if bool(bad.any()):
             idx = bad.nonzero().flatten().tolist()
@@ -338,7 +336,7 @@ class DPOptimizer(torch.optim.Optimizer):
             p._psg_pieces = []
             p.grad_sample = None
             p.grad = None
-        return norms
+        return norms.to(leaves[0].sq_norm.dtype)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
