@@ -101,5 +101,5 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
             return None, n
         factors_by_key[key] = checked[key] / n.clamp_min(checked[key])
         sq = n.square() if sq is None else sq + n.square()
-    norms = sq.sqrt() if sq is not None else torch.zeros(pieces.size, dtype=torch.float64)
+    norms = sq.sqrt() if sq is not None else torch.zeros(pieces.size, dtype=dtype)
     return [factors_by_key[k] for k in group_of], norms.to(dtype)

@@ -53,31 +53,56 @@ __all__ = [
 F64 = torch.float64
 
 GRAM_TOLERANCE = 2e-4
-"""Largest certified relative error of a float32 Gram-form squared norm (so at most 1e-4
-on the norm) before the example's Gram is recomputed in float64 (eagerly; under
-``torch.compile`` the bound is kept, which over-clips such an example but never
-under-clips it)."""
+"""Largest rounding bound of the Gram forms, relative to an example's whole squared norm,
+taken as it comes (the certified norm then exceeds the estimate by at most 1e-4); above
+it, the finer bound is computed, and examples still above it (cancelling ones) have their
+Grams recomputed in float64 (eagerly; under ``torch.compile`` the finer bound is kept,
+which over-clips such an example but never under-clips it)."""
 
 
 class NormBound(NamedTuple):
     """What clipping needs to know about one parameter's per-example gradients ``grad_b``.
 
+    Tensors ``[B]`` in the accumulation dtype (float32, or float64 for float64 pieces); the
+    scales are numbers, so that rounding-error factors cost no tensor operation.
+
     Attributes:
-        sq: ``[B]`` estimate of ``||grad_b||^2`` (float32, float64 for float64 pieces).
-        hi: ``[B]`` float64 upper bound of the EXACT ``||grad_b||`` of the pieces (rounding
-            of the norm's computation included).
-        sum_err: ``[B]`` float64: the kind's ``weighted_sum(c)`` is ``sum_b c_b grad_b`` up
-            to an error of norm at most ``c_b * sum_err_b`` from example ``b``'s terms.
+        sq: estimate of ``||grad_b||^2``.
+        hi2: ``||grad_b||^2 <= hi2 * hi_scale`` for the EXACT gradient of the pieces
+            (rounding of the norm's computation included); None: ``sq`` in its place.
+        err: the kind's ``weighted_sum(c)`` is ``sum_b c_b grad_b`` up to an error of norm
+            at most ``c_b * err_b * err_scale`` from example ``b``'s terms; None:
+            ``sqrt(sq)`` in its place (rounding relative to the norm itself).
+        hi_scale, err_scale: see above.
+        unc: the part of ``hi2`` that is a rounding bound rather than the estimate (Gram
+            forms), or None.
+        refine: ``refine(total_sq) -> NormBound`` with a tighter ``hi2``, where ``unc`` is
+            too large against ``total_sq`` (the example's whole squared norm), or None.
     """
 
     sq: torch.Tensor
-    hi: torch.Tensor
-    sum_err: torch.Tensor
+    hi2: torch.Tensor | None = None
+    err: torch.Tensor | None = None
+    hi_scale: float = 1.0
+    err_scale: float = 0.0
+    unc: torch.Tensor | None = None
+    refine: Any = None
+
+
+def _relative(sq: torch.Tensor, rel: float, err: float) -> NormBound:
+    """:class:`NormBound` of a norm estimate ``sq`` with relative error ``rel`` and a
+    weighted sum erring by ``err`` relatively to the norm (no cancellation)."""
+    return NormBound(sq, hi_scale=1 + rel, err_scale=err * math.sqrt(1 + rel))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """The dtype norms and sums of ``dtype`` pieces are computed in (float32 for halves)."""
-    return torch.promote_types(dtype, torch.float32)
+    return F64 if dtype == F64 else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without an operation when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -88,53 +113,43 @@ def _up(t: torch.Tensor) -> torch.Tensor:
 def dense_bound(total: torch.Tensor) -> NormBound:
     """:class:`NormBound` of materialised per-example gradients ``[B, *shape]``, whose
     weighted sum is ``c @ total`` (one product per example and coordinate)."""
-    sq = accurate_sq_norms(total)
-    hi = sq.sqrt() * (1 + sq_norm_rel(total.dtype))
-    return NormBound(sq.to(_acc(total.dtype)), hi, gamma(2, _acc(total.dtype)) * hi)
+    return _relative(accurate_sq_norms(total), sq_norm_rel(total.dtype), gamma(2, _acc(total.dtype)))
 
 
 def _rho(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
-    """``[B, N, K] -> [B, N]`` float64 upper bounds of the row norms ``||t[b, n]||``."""
-
-    def compute() -> torch.Tensor:
-        rows = torch.linalg.vector_norm(_up(t), dim=2).to(F64)
-        return rows * (1 + gamma(t.shape[2] + 2, _acc(t.dtype)))
-
-    return _shared(cache, "rho", t, compute)
+    """``[B, N, K] -> [B, N]`` row norms ``||t[b, n]||`` (relative error ``gamma_{K+3}``)."""
+    return _shared(cache, "rho", t, lambda: torch.linalg.vector_norm(_up(t), dim=2))
 
 
 def _gram_error(
     gram_g: torch.Tensor, gram_x: torch.Tensor, rg: torch.Tensor, rx: torch.Tensor, a: torch.Tensor,
-    o: int, i: int, dtype: torch.dtype,
+    o: int, i: int, grow: float,
 ) -> tuple[torch.Tensor, Any]:
-    """``[B]`` bound on ``|sum(gram_g * gram_x) - ||sum_n g_n^T x_n||^2|` for Grams computed
-    in ``dtype`` from rows of norms ``<= rg, rx`` (``a = sum_n rg_n rx_n``), the final sum in
-    float64.
+    """``([B] bound, a function of no arguments giving a finer one)`` on
+    ``|sum(gram_g * gram_x) - ||sum_n g_n^T x_n||^2|`` for Grams computed from rows of
+    computed norms ``rg, rx`` (``a = sum_n rg_n rx_n``; the exact ``a`` is at most ``grow``
+    times that), their product summed in float64.
 
-    Each Gram entry is a dot product: ``|dG_nm| <= gamma_O rg_n rg_m`` (and ``gamma_I`` for
+    Each Gram entry is a dot product: ``|dG_nm| <= gamma_O |g_n| |g_m|`` (and ``gamma_I`` for
     ``x``). So the error is at most ``gamma_O sum rg rg |X| + gamma_I sum |G| rx rx`` plus
     second-order terms and the products' rounding, each at most ``a^2`` times a small
     constant. The cheap bound replaces ``|X|`` and ``|G|`` by their Cauchy-Schwarz bounds
     (``a^2`` in all); the finer one (a few ``[B, N, N]`` passes) is taken when the cheap
     one is not tight enough, or always under ``torch.compile`` (no data-dependent branch).
     """
-    n = gram_g.shape[1]
+    n, dtype = gram_g.shape[1], gram_g.dtype
     go, gi = gamma(o + 1, dtype), gamma(i + 1, dtype)
-    small = (go * gi + unit_roundoff(dtype) + gamma(n * n + 2, F64)) * (1 + go) * (1 + gi)
-    cheap = (go + gi + small) * (1 + gamma(4, F64)) * a.square()
-    return cheap, lambda: _fine_gram_error(gram_g, gram_x, rg, rx, a, go, gi, small, dtype)
+    # products' rounding, their float64 sum and its rounding back to dtype
+    small = (go * gi + 2 * unit_roundoff(dtype) + gamma(n * n + 2, F64)) * (1 + go) * (1 + gi)
+    cheap = a.square() * ((go + gi + small) * grow**2 * (1 + gamma(3, dtype)))
 
+    def fine() -> torch.Tensor:  # nonnegative sums: relative error gamma_{N^2 + 3}
+        t1 = (gram_x.abs() * (rg.unsqueeze(2) * rg.unsqueeze(1))).sum((1, 2))
+        t2 = (gram_g.abs() * (rx.unsqueeze(2) * rx.unsqueeze(1))).sum((1, 2))
+        k = grow**2 * (1 + gamma(n * n + 6, dtype))
+        return (t1 * (go * k) + t2 * (gi * k) + a.square() * (small * k)) * (1 + gamma(3, dtype))
 
-def _fine_gram_error(
-    gram_g: torch.Tensor, gram_x: torch.Tensor, rg: torch.Tensor, rx: torch.Tensor, a: torch.Tensor,
-    go: float, gi: float, small: float, dtype: torch.dtype,
-) -> torch.Tensor:
-    """The finer bound of :func:`_gram_error` (nonnegative sums: relative error gamma_N+3)."""
-    n = gram_g.shape[1]
-    t1 = (gram_x.abs() @ rg.to(dtype).unsqueeze(2)).squeeze(2).to(F64).mul(rg).sum(1)
-    t2 = (gram_g.abs() @ rx.to(dtype).unsqueeze(2)).squeeze(2).to(F64).mul(rx).sum(1)
-    slack = (1 + gamma(n + 3, dtype)) * (1 + gamma(2 * n + 4, F64))
-    return ((go * t1 + gi * t2) * slack + small * a.square()) * (1 + gamma(4, F64))
+    return cheap, fine
 
 
 def outer_bound(
@@ -150,35 +165,45 @@ def outer_bound(
     dtype = _acc(g.dtype)
     if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
         sq = _sq1(cache, g) * _sq1(cache, x)
-        hi = sq.sqrt() * (1 + 2 * sq_norm_rel(g.dtype))
-        return NormBound(sq.to(dtype), hi, gamma(pieces + 2, dtype) * hi)
-    rg, rx = _rho(cache, g), _rho(cache, x)
-    a = (rg * rx).sum(1)
-    sum_err = gamma(n + pieces + 2, dtype) * a
+        return _relative(sq, 2 * sq_norm_rel(g.dtype) + gamma(2, dtype), gamma(pieces + 2, dtype))
+    grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
+    err_scale = gamma(n + pieces + 2, dtype) * grow
     if not gram:
+        rg, rx = _rho(cache, g), _rho(cache, x)
+        a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
         dense = torch.bmm(_up(g).transpose(1, 2), _up(x))
         sq = accurate_sq_norms(dense)
         # the materialised sums of N products err by gamma_N a at most
-        hi = sq.sqrt() * (1 + sq_norm_rel(dtype)) + gamma(n + 1, dtype) * a
-        return NormBound(sq.to(dtype), hi, sum_err)
+        hi = sq.sqrt() * (1 + sq_norm_rel(dtype)) + a * (gamma(n + 2, dtype) * grow)
+        return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), err_scale)
     # [B, N, N] each; an LSTM's W_ih and W_hh share g (the gate gradients): one Gram
     gram_g = _shared(cache, "gram", g, lambda: torch.bmm(_up(g), _up(g).transpose(1, 2)))
     gram_x = _shared(cache, "gram", x, lambda: torch.bmm(_up(x), _up(x).transpose(1, 2)))
-    est = torch.sum(gram_g * gram_x, (1, 2), dtype=F64)
-    err, fine = _gram_error(gram_g, gram_x, rg, rx, a, o, i, dtype)
-    compiling = torch.compiler.is_compiling()
-    if compiling or bool((err > GRAM_TOLERANCE * est).any()):
-        err = torch.minimum(err, fine())
-    if not compiling and dtype != F64:
-        bad = (err > GRAM_TOLERANCE * est).nonzero().flatten()
-        if bad.numel():  # cancelling examples: their Grams again in float64, a few rows
+    # row norms from the Grams' diagonals (sums of squares: relative error gamma_K), which
+    # also spares a strided reduction over non-contiguous pieces (a conv's positions)
+    rg = _shared(cache, "gram_rho", g, lambda: gram_g.diagonal(dim1=1, dim2=2).sqrt())
+    rx = _shared(cache, "gram_rho", x, lambda: gram_x.diagonal(dim1=1, dim2=2).sqrt())
+    a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
+    est = torch.sum(gram_g * gram_x, (1, 2), dtype=F64).to(dtype)
+    cheap, fine = _gram_error(gram_g, gram_x, rg, rx, a, o, i, grow)
+    scales = (1 + gamma(2, dtype), err_scale)
+    if torch.compiler.is_compiling():  # no data-dependent branch: the finer bound, always
+        return NormBound(est, (est + torch.minimum(cheap, fine())).clamp_min(0), a, *scales)
+
+    def refine(total_sq: torch.Tensor) -> NormBound:
+        """The finer bound; examples it leaves uncertain (cancelling ones) get their Grams
+        again in float64 (a few rows)."""
+        err, new_est = torch.minimum(cheap, fine()), est
+        bad = (err > GRAM_TOLERANCE * total_sq).nonzero().flatten()
+        if bad.numel() and dtype != F64:
             g64, x64 = g[bad].to(F64), x[bad].to(F64)
             redo = (torch.bmm(g64, g64.transpose(1, 2)) * torch.bmm(x64, x64.transpose(1, 2))).sum((1, 2))
-            k64 = (gamma(o + i + 2, F64) + gamma(n * n + 2, F64)) * (1 + gamma(4, F64))
-            est = est.index_copy(0, bad, redo)
-            err = err.index_copy(0, bad, k64 * a[bad].square())
-    hi = (est + err).clamp_min(0).sqrt() * (1 + gamma(2, F64))
-    return NormBound(est.to(dtype), hi, sum_err)
+            k64 = (gamma(o + i + 2, F64) + gamma(n * n + 2, F64)) * grow**2 * (1 + gamma(3, dtype))
+            new_est = est.index_copy(0, bad, redo.to(dtype))
+            err = err.index_copy(0, bad, a[bad].square() * k64 + redo.abs().to(dtype) * (2 * unit_roundoff(dtype)))
+        return NormBound(new_est, (new_est + err).clamp_min(0), a, *scales)
+
+    return NormBound(est, (est + cheap).clamp_min(0), a, *scales, cheap, refine)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -210,8 +235,8 @@ def _shared(cache: dict | None, tag: str, t: torch.Tensor, compute: Any) -> Any:
 
 
 def _sq1(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
-    """``[B]`` float64 squared norms of ``t [B, 1, K]`` (one position per example), shared
-    via ``cache``; relative error at most ``sq_norm_rel``."""
+    """``[B]`` squared norms of ``t [B, 1, K]`` (one position per example), shared via
+    ``cache``; relative error at most ``sq_norm_rel``."""
     return _shared(cache, "sq1", t, lambda: accurate_sq_norms(t[:, 0]))
 
 
@@ -246,8 +271,10 @@ class GradKind:
         return dense_bound(total)
 
     def norm2(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> torch.Tensor:
-        """``[B]`` squared norms (estimates) of the summed pieces: ``bound(...).sq``."""
-        return self.bound(datas, cache).sq
+        """``[B]`` squared norms (estimates) of the summed pieces: ``bound(...).sq``, in the
+        pieces' accumulation dtype (float32, or float64)."""
+        first = next(t for t in datas[0] if isinstance(t, torch.Tensor) and t.is_floating_point())
+        return self.bound(datas, cache).sq.to(_acc(first.dtype))
 
     def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -300,13 +327,13 @@ class Outer(GradKind):
             # Rows in whichever order (b, n) or (n, b) the pieces are stored: the recurrence
             # keeps its gate gradients time-major, and copying them cost a third of the sum.
             out = g.dtype
-            c3 = c.to(_acc(out)).reshape(-1, 1, 1)
+            c3 = _as(c, _acc(out)).reshape(-1, 1, 1)
             if _time_major(g) or _time_major(x):
                 g, x, c3 = g.transpose(0, 1), x.transpose(0, 1), c3.transpose(0, 1)
             scaled = (_up(g) * c3).reshape(-1, g.shape[2])
             rows = _up(x).reshape(-1, x.shape[2])
             total = scaled.t() @ rows if total is None else total.addmm_(scaled.t(), rows)
-        total = total.to(out)
+        total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
 
 
@@ -329,16 +356,15 @@ class RowSum(GradKind):
         (g,) = datas[0]
         dtype = _acc(g.dtype)
         if g.shape[1] == 1:
-            sq = _sq1(cache, g)
-            hi = sq.sqrt() * (1 + sq_norm_rel(g.dtype))
-            return NormBound(sq.to(dtype), hi, gamma(3, dtype) * hi)
+            return _relative(_sq1(cache, g), sq_norm_rel(g.dtype), gamma(3, dtype))
 
         def compute() -> NormBound:
             n = g.shape[1]
             sq = accurate_sq_norms(_up(g).sum(1))
-            a = _rho(cache, g).sum(1)  # the sum of N rows errs by gamma_N a at most
-            hi = sq.sqrt() * (1 + sq_norm_rel(dtype)) + gamma(n + 1, dtype) * a
-            return NormBound(sq.to(dtype), hi, gamma(n + 2, dtype) * a)
+            a = _rho(cache, g).sum(1)  # the sum of N rows errs by gamma_N sum_n ||g_n|| at most
+            grow = (1 + gamma(g.shape[2] + 3, dtype)) * (1 + gamma(n + 2, dtype))
+            hi = sq.sqrt() * (1 + sq_norm_rel(dtype)) + a * (gamma(n + 2, dtype) * grow)
+            return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), gamma(n + 2, dtype) * grow)
 
         # the [B, K] gradient is the cheap form; an LSTM's b_ih and b_hh share it (both dz)
         return _shared(cache, "rowsum", g, compute)
@@ -348,9 +374,9 @@ class RowSum(GradKind):
         for (g,) in datas:
             out = g.dtype
             # [B] @ [N, B, K] -> [N, K] -> [K]
-            s = (c.to(_acc(out)) @ _up(g).transpose(0, 1)).sum(0)
+            s = (_as(c, _acc(out)) @ _up(g).transpose(0, 1)).sum(0)
             total = s if total is None else total + s
-        total = total.to(out)
+        total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
 
 
@@ -403,7 +429,7 @@ class LeafPieces:
 
     Attributes:
         bound: the :class:`NormBound` of the parameter's per-example gradients.
-        sq_norm: ``bound.sq``, ``[B]`` squared norm estimates.
+        sq_norm: ``[B]`` squared norm estimates (``bound.sq`` in float32 or float64).
         dtype: the dtype of :meth:`weighted_sum`'s result (the pieces').
     """
 
@@ -423,9 +449,7 @@ class LeafPieces:
             self.kind, self.datas = None, []
             self.dense = ref.new_zeros((0, *shape))
             self.dtype = ref.dtype
-            empty = ref.new_zeros(0, dtype=F64)
-            self.bound = NormBound(ref.new_zeros(0, dtype=_acc(ref.dtype)), empty, empty)
-            self.sq_norm = self.bound.sq
+            self.bound = NormBound(ref.new_zeros(0, dtype=_acc(ref.dtype)))
             return
         first = records[0][0] if records else None
         # kinds compare by value (GradKind.__eq__), rules mostly reuse one object: `is` first
@@ -436,7 +460,6 @@ class LeafPieces:
             self.dense = None
             self.dtype = next(t.dtype for t in self.datas[0] if isinstance(t, torch.Tensor) and t.is_floating_point())
             self.bound = first.bound(self.datas, cache)
-            self.sq_norm = self.bound.sq
             return
         self.kind, self.datas = None, []
         total = dense
@@ -448,7 +471,11 @@ class LeafPieces:
         self.dense = total
         self.dtype = total.dtype
         self.bound = dense_bound(total)
-        self.sq_norm = self.bound.sq
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """``[B]`` squared norm estimates, in float32 (float64 for float64 pieces)."""
+        return self.bound.sq
 
     def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:
         """``sum_b c_b grad_b``, shaped like the parameter, in :attr:`dtype` (computed in
@@ -456,7 +483,8 @@ class LeafPieces:
         if self.kind is not None:
             return self.kind.weighted_sum(self.datas, c)
         dense = self.dense
-        return (c.to(_acc(dense.dtype)) @ _up(_rows(dense))).to(dense.dtype).reshape(dense.shape[1:])
+        total = _as(c, _acc(dense.dtype)) @ _up(_rows(dense))
+        return _as(total, dense.dtype).reshape(dense.shape[1:])
 
 
 def leaf_pieces(
@@ -474,28 +502,67 @@ def leaf_pieces(
 
 
 def certified_norm(leaves: Sequence[LeafPieces], out_dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:
-    """``[B]`` float64 per-example norms to clip by: clipping with ``C / max(C, norm)`` keeps
-    each example's contribution to the weighted sums at most ``C`` in norm, AS COMPUTED.
+    """``[B]`` per-example norms to clip by (float32, float64 if any leaf is float64):
+    clipping with ``C / max(C, norm)`` keeps each example's contribution to the weighted
+    sums at most ``C`` in norm, AS COMPUTED.
 
-    ``norm = (sqrt(sum_l hi_l^2) + sqrt(sum_l sum_err_l^2)) * (1 + rel)`` over the leaves'
-    :class:`NormBound`: the exact norm's upper bound, plus what the weighted sums' rounding
-    can add (both bounds scale with ``sum_n ||g_n|| ||x_n||``, the size of the terms, which
-    only exceeds the norm when they cancel), and ``rel``: the factor's own rounding (4 units
-    of the accumulation dtype) and, where a sum ends in a narrower dtype (``out_dtypes``, by
+    ``norm = (sqrt(sum_l hi2_l) + sqrt(sum_l err_l^2)) * (1 + rel)`` over the leaves'
+    :class:`NormBound` (scales applied): the exact norm's upper bound, plus what the
+    weighted sums' rounding can add (both scale with ``sum_n ||g_n|| ||x_n||``, the size of
+    the terms, which only exceeds the norm when they cancel), and ``rel``: this sum's and
+    the factor's own rounding and, where a sum ends in a narrower dtype (``out_dtypes``, by
     default each leaf's :attr:`~LeafPieces.dtype`: bfloat16 pieces are summed in float32),
     that dtype's unit roundoff (each coordinate rounds by at most that, relatively).
-    On ordinary float32 inputs the result exceeds the exact norm by about 1e-5 relatively
-    at most; in float64 by about 1e-13.
+
+    Where the Gram forms' rounding bounds add up to more than ``GRAM_TOLERANCE`` of an
+    example's squared norm, their finer bounds are computed (:attr:`NormBound.refine`;
+    cancelling examples get float64 Grams), so on ordinary float32 inputs the result
+    exceeds the exact norm by about 1e-4 relatively at most (1e-5 without Gram forms); in
+    float64 by about 1e-13.
     """
-    hi2 = err2 = None
-    rel = 0.0
+    if not leaves:
+        return torch.zeros(0)
+    plain, hi2, err2, unc = [], [], [], []  # plain: the sq of leaves whose errors are relative
+    k_hi, k_plain, k_err, u_out = 1.0, 0.0, 0.0, 0.0
+    dtype = torch.float32
     for k, leaf in enumerate(leaves):
-        hi, err = leaf.bound.hi, leaf.bound.sum_err
-        hi2 = hi.square() if hi2 is None else hi2 + hi.square()
-        err2 = err.square() if err2 is None else err2 + err.square()
-        acc = _acc(leaf.dtype)
-        u_out = max(unit_roundoff(leaf.dtype), unit_roundoff(out_dtypes[k]) if out_dtypes else 0.0)
-        rel = max(rel, 4 * unit_roundoff(acc) + (u_out if u_out > unit_roundoff(acc) else 0.0))
-    if hi2 is None:
-        return torch.zeros(0, dtype=F64)
-    return (hi2.sqrt() + err2.sqrt()) * (1 + rel)
+        b = leaf.bound
+        dtype = F64 if b.sq.dtype == F64 else dtype
+        k_hi = max(k_hi, b.hi_scale)
+        if b.hi2 is None:
+            plain.append(b.sq)
+            k_plain = max(k_plain, b.err_scale)
+        else:
+            hi2.append(b.hi2)
+            err2.append(b.err)
+            k_err = max(k_err, b.err_scale)
+            if b.unc is not None:
+                unc.append(b.unc)
+        out = max(unit_roundoff(leaf.dtype), unit_roundoff(out_dtypes[k]) if out_dtypes else 0.0)
+        if out > unit_roundoff(_acc(leaf.dtype)):
+            u_out = max(u_out, out)
+    rel = (1 + gamma(len(leaves) + 8, dtype)) * (1 + u_out)
+    plain_sq = _total(plain, dtype)
+    if not hi2:  # no cancelling leaf: one relative bound
+        return plain_sq.sqrt() * ((math.sqrt(k_hi) + k_plain) * rel)
+    total = _total(hi2, dtype) if plain_sq is None else _total([*hi2, plain_sq], dtype)
+    if unc and not torch.compiler.is_compiling() and bool((_total(unc, dtype) > GRAM_TOLERANCE * total).any()):
+        for leaf in leaves:  # Gram rounding bounds too loose for some example: tighten
+            if leaf.bound.refine is not None:
+                leaf.bound = leaf.bound.refine(total)
+        return certified_norm(leaves, out_dtypes)
+    err = _total([e.square() for e in err2], dtype) * k_err**2
+    if plain_sq is not None:
+        err = err + plain_sq * k_plain**2
+    return (total.sqrt() * math.sqrt(k_hi) + err.sqrt()) * rel
+
+
+def _total(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """The sum of ``[B]`` tensors (in ``dtype``), None for none; one operation for many."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return _as(parts[0], dtype)
+    if len(parts) == 2:
+        return _as(parts[0], dtype) + _as(parts[1], dtype)
+    return torch.stack([_as(t, dtype) for t in parts]).sum(0)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from psgfunc import _rules
-from psgfunc._tree import accurate_sq_norms, gamma, sq_norm_rel
+from psgfunc._tree import accurate_sq_norms, gamma, sq_norm_rel, unit_roundoff
 from psgfunc.functional.embedding import _check_indices, _normalize_padding_idx, embedding
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import F64, GradKind, NormBound, _acc, _up, emit
@@ -84,26 +84,27 @@ class EmbeddingRows(GradKind):
         size, positions, dim = g.shape
         # rounding: a Gram entry errs by gamma_D ||g_t|| ||g_t'||, a row summed from m
         # positions by gamma_m sum ||g_t||, the weighted sum's rows likewise
-        rho = torch.linalg.vector_norm(g, dim=2).to(F64) * (1 + gamma(dim + 2, dtype))  # [B, T]
+        rho = torch.linalg.vector_norm(g, dim=2)  # [B, T]
         a = rho.sum(1)
-        sum_err = gamma(positions + 2, dtype) * a
+        grow = (1 + gamma(dim + 3, dtype)) * (1 + gamma(positions + 2, dtype))
+        err_scale = gamma(positions + 2, dtype) * grow
         gram = positions <= _GRAM_MAX_POSITIONS or torch.compiler.is_compiling()  # unique: not traceable
         if gram and positions**2 < self.num_embeddings:
             same = idx.unsqueeze(2) == idx.unsqueeze(1)  # [B, T, T]
-            est = torch.sum(torch.bmm(g, g.transpose(1, 2)) * same, (1, 2), dtype=F64)
+            est = torch.sum(torch.bmm(g, g.transpose(1, 2)) * same, (1, 2), dtype=F64).to(dtype)
             paired = ((rho.unsqueeze(2) * rho.unsqueeze(1)) * same).sum((1, 2))
-            err = (gamma(dim + 1, dtype) + gamma(positions**2 + 2, F64)) * (1 + gamma(4, F64)) * paired
-            hi = (est + err).clamp_min(0).sqrt() * (1 + gamma(2, F64))
-            return NormBound(est.to(dtype), hi, sum_err)
+            coef = gamma(dim + 1, dtype) + gamma(positions**2 + 2, F64) + unit_roundoff(dtype)
+            err = paired * (coef * grow**2 * (1 + gamma(positions**2 + 5, dtype)))
+            return NormBound(est, (est + err).clamp_min(0), a, 1 + gamma(2, dtype), err_scale)
         # longer sequences: add up each example's rows per distinct index (B*T*D work, never
         # the [B, V, D] table), then square
         offsets = torch.arange(size, device=idx.device).unsqueeze(1) * self.num_embeddings
         keys, inverse = torch.unique((idx.to(torch.int64) + offsets).reshape(-1), return_inverse=True)
         rows = g.new_zeros(keys.numel(), dim).index_add_(0, inverse, g.reshape(-1, dim))
         example = torch.div(keys, self.num_embeddings, rounding_mode="floor")
-        est = torch.zeros(size, dtype=F64, device=g.device).index_add_(0, example, accurate_sq_norms(rows))
-        hi = est.sqrt() * (1 + sq_norm_rel(dtype)) + gamma(positions + 1, dtype) * a
-        return NormBound(est.to(dtype), hi, sum_err)
+        est = g.new_zeros(size, dtype=F64).index_add_(0, example, accurate_sq_norms(rows).to(F64)).to(dtype)
+        hi = est.sqrt() * (1 + sq_norm_rel(dtype) + unit_roundoff(dtype)) + a * (gamma(positions + 2, dtype) * grow)
+        return NormBound(est, hi.square(), a, 1 + gamma(4, dtype), err_scale)
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
         idx, g = self._flat(datas)
