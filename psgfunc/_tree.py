@@ -7,7 +7,6 @@ have the structure of the params pytree with every leaf shaped ``[B, *leaf.shape
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -134,13 +133,15 @@ def row_sq_norms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     return torch.linalg.vector_norm(rows, dim=1, dtype=dtype).square()
 
 
-@functools.lru_cache(maxsize=None)
+_UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
 def unit_roundoff(dtype: torch.dtype) -> float:
     """``u``: the largest relative error of one rounding to ``dtype`` (half its epsilon)."""
-    return torch.finfo(dtype).eps / 2
+    u = _UNIT.get(dtype)
+    return torch.finfo(dtype).eps / 2 if u is None else u
 
 
-@functools.lru_cache(maxsize=None)
 def gamma(k: int, dtype: torch.dtype) -> float:
     """``gamma_k = k u / (1 - k u)``: the relative error bound of ``k`` roundings in ``dtype``,
     e.g. of a ``k``-term dot product in any summation order (Higham, "Accuracy and Stability
