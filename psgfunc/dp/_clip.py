@@ -235,7 +235,9 @@ def clip(grads: Any, max_norm: MaxNorm) -> Any:
 
     Example ``b`` is scaled by ``min(1, C / ||g_b||)`` with ``||g_b||`` the global norm over
     all leaves (:func:`per_sample_norms`); an example with norm ``<= C`` (a zero gradient
-    included) is left unchanged.
+    included) is left unchanged. Half-precision leaves are scaled in float32 and rounded
+    once, which can move each coordinate by 2^-8 (bfloat16) relatively, so their norms
+    are taken 2^-8 larger: the clipped gradient, as returned, has norm at most ``C``.
 
     Per-layer clipping: ``max_norm`` may be a dict ``{key: C_k}`` whose keys are exactly the
     top-level keys of ``grads`` (a params dict such as ``{"fc1": {...}, "fc2": {...}}`` or

@@ -52,12 +52,15 @@ def clipped_grad_sum(
         ``(clipped_sum, norms)``: ``params``' structure with leaves ``[*param_shape]`` (in
         each param's dtype), and the ``[B]`` global norms of the unclipped per-example
         gradients (float32, or float64 for float64 params), the ones clipping used: each
-        example is scaled by ``C / max(C, norm)``. They are certified upper bounds that
-        also cover the clipped sum's own rounding, so that every example's contribution
-        is at most ``C`` as computed: within about 1e-5 (relative) of the exact norm on
-        ordinary float32 inputs, 1e-13 in float64, 2^-8 for bfloat16 params (the sum is
-        computed in float32 and rounded once to bfloat16), and higher for examples whose
-        fast-path norm cancels (their outer products nearly sum to zero).
+        example is scaled by ``C / max(C, norm)``. With ``"fast"`` they are certified
+        upper bounds that also cover the clipped sum's own rounding, so that every
+        example's contribution is at most ``C`` as computed: above the exact norm by at
+        most about 1e-4 relatively on ordinary float32 inputs (2e-5 on the MLP here),
+        1e-13 in float64, 2^-8 more for bfloat16 params (their sums are computed in
+        float32 and rounded once to bfloat16), and more for examples whose terms cancel
+        (outer products that nearly sum to zero), which are then clipped a little harder.
+        ``"materialize"`` returns the norms of the materialised gradients (inflated by
+        2^-8 for bfloat16 leaves, see :func:`psgfunc.dp.clip`).
 
     Raises:
         ValueError: for an unknown ``method``, an invalid ``max_norm``, params without

@@ -248,8 +248,9 @@ class DPOptimizer(torch.optim.Optimizer):
         no-op).
 
         Returns:
-            ``[B]`` per-example gradient norms before clipping (for logging; computing
-            statistics from them is not private).
+            ``[B]`` per-example gradient norms before clipping, as clipping used them (with
+            ``fast_clipping``, certified upper bounds: see ``clipped_grad_sum``); for
+            logging, computing statistics from them is not private.
 
         Raises:
             ValueError: if some trainable parameters have ``grad_sample`` and others do not,

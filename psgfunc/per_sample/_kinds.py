@@ -117,7 +117,13 @@ def dense_bound(total: torch.Tensor) -> NormBound:
 
 
 def _rho(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
-    """``[B, N, K] -> [B, N]`` row norms ``||t[b, n]||`` (relative error ``gamma_{K+3}``)."""
+    """``[B, N, K] -> [B, N]`` row norms ``||t[b, n]||`` (relative error ``gamma_{K+3}``);
+    from ``t``'s Gram diagonal when a Gram form already computed it (an LSTM's biases
+    after its weights)."""
+    if cache is not None:
+        from_gram = cache.get(("gram_rho", _key(t)))
+        if from_gram is not None:
+            return from_gram
     return _shared(cache, "rho", t, lambda: torch.linalg.vector_norm(_up(t), dim=2))
 
 

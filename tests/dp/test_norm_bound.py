@@ -296,8 +296,8 @@ def test_dense_routes_within_bound(dtype, seed, c):
 
 
 def test_long_float32_rows_are_not_under_measured():
-    """float32 norms of 2^20 coordinates summed in few accumulators came out 2e-5 low: the
+    """float32 norms of 2^22 coordinates summed in few accumulators came out 7e-5 low: the
     clipped gradient exceeded C by that much."""
-    grads = {"w": torch.rand(1, 1 << 20, generator=torch.Generator().manual_seed(0))}
+    grads = {"w": torch.rand(1, 1 << 22, generator=torch.Generator().manual_seed(0))}
     check(tree_map(lambda t: t[0], dp.clip(grads, 1.0)), 1.0)
     check(dp.privatize(grads, 1.0, 0.0), 1.0)
