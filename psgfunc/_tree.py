@@ -155,11 +155,18 @@ _SQ_BLOCK = 128
 """Longest row part whose squares :func:`accurate_sq_norms` sums in the input's precision."""
 
 
-def sq_norm_rel(dtype: torch.dtype) -> float:
-    """Relative error bound of :func:`accurate_sq_norms` (and of its square root) on
-    tensors of ``dtype``: two levels of at most ``_SQ_BLOCK`` terms summed in the
-    accumulation dtype (float32 for half precision; longer second levels in float64)."""
-    return gamma(2 * _SQ_BLOCK + 4, torch.float64 if dtype == torch.float64 else torch.float32)
+def sq_norm_rel(dtype: torch.dtype, k: int | None = None) -> float:
+    """Relative error bound of :func:`accurate_sq_norms` (and of its square root) on rows of
+    ``k`` elements (None: any length) of ``dtype``: at most ``_SQ_BLOCK`` squares summed in
+    the accumulation dtype (float32 for half precision), then the partial sums (in float64
+    beyond ``_SQ_BLOCK`` of them)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if k is None:
+        return gamma(2 * _SQ_BLOCK + 4, acc)
+    block = _block(k)
+    parts = k // block if block else 0
+    second = parts if parts <= _SQ_BLOCK else 1
+    return gamma(block + second + (k % block > 0 if block else 0) + 4, acc)
 
 
 def _block(k: int) -> int:

@@ -181,7 +181,8 @@ def _slack(leaves: list[torch.Tensor]) -> float:
     rel = 0.0
     for leaf in leaves:
         if leaf.dtype not in (torch.float32, torch.float64):
-            slack = unit_roundoff(leaf.dtype) + sq_norm_rel(leaf.dtype) + 6 * unit_roundoff(torch.float32)
+            k = math.prod(leaf.shape[1:])
+            slack = unit_roundoff(leaf.dtype) + sq_norm_rel(leaf.dtype, k) + 6 * unit_roundoff(torch.float32)
             rel = max(rel, slack)
     return rel
 

@@ -113,7 +113,8 @@ def _up(t: torch.Tensor) -> torch.Tensor:
 def dense_bound(total: torch.Tensor) -> NormBound:
     """:class:`NormBound` of materialised per-example gradients ``[B, *shape]``, whose
     weighted sum is ``c @ total`` (one product per example and coordinate)."""
-    return _relative(accurate_sq_norms(total), sq_norm_rel(total.dtype), gamma(2, _acc(total.dtype)))
+    k = math.prod(total.shape[1:])
+    return _relative(accurate_sq_norms(total), sq_norm_rel(total.dtype, k), gamma(2, _acc(total.dtype)))
 
 
 def _rho(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,8 @@ def outer_bound(
     dtype = _acc(g.dtype)
     if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
         sq = _sq1(cache, g) * _sq1(cache, x)
-        return _relative(sq, 2 * sq_norm_rel(g.dtype) + gamma(2, dtype), gamma(pieces + 2, dtype))
+        rel = sq_norm_rel(g.dtype, o) + sq_norm_rel(x.dtype, i) + gamma(2, dtype)
+        return _relative(sq, rel, gamma(pieces + 2, dtype))
     grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
     err_scale = gamma(n + pieces + 2, dtype) * grow
     if not gram:
@@ -180,7 +182,7 @@ def outer_bound(
         dense = torch.bmm(_up(g).transpose(1, 2), _up(x))
         sq = accurate_sq_norms(dense)
         # the materialised sums of N products err by gamma_N a at most
-        hi = sq.sqrt() * (1 + sq_norm_rel(dtype)) + a * (gamma(n + 2, dtype) * grow)
+        hi = sq.sqrt() * (1 + sq_norm_rel(dtype, o * i)) + a * (gamma(n + 2, dtype) * grow)
         return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), err_scale)
     # [B, N, N] each; an LSTM's W_ih and W_hh share g (the gate gradients): one Gram
     gram_g = _shared(cache, "gram", g, lambda: torch.bmm(_up(g), _up(g).transpose(1, 2)))
@@ -362,14 +364,14 @@ class RowSum(GradKind):
         (g,) = datas[0]
         dtype = _acc(g.dtype)
         if g.shape[1] == 1:
-            return _relative(_sq1(cache, g), sq_norm_rel(g.dtype), gamma(3, dtype))
+            return _relative(_sq1(cache, g), sq_norm_rel(g.dtype, g.shape[2]), gamma(3, dtype))
 
         def compute() -> NormBound:
             n = g.shape[1]
             sq = accurate_sq_norms(_up(g).sum(1))
             a = _rho(cache, g).sum(1)  # the sum of N rows errs by gamma_N sum_n ||g_n|| at most
             grow = (1 + gamma(g.shape[2] + 3, dtype)) * (1 + gamma(n + 2, dtype))
-            hi = sq.sqrt() * (1 + sq_norm_rel(dtype)) + a * (gamma(n + 2, dtype) * grow)
+            hi = sq.sqrt() * (1 + sq_norm_rel(dtype, g.shape[2])) + a * (gamma(n + 2, dtype) * grow)
             return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), gamma(n + 2, dtype) * grow)
 
         # the [B, K] gradient is the cheap form; an LSTM's b_ih and b_hh share it (both dz)

@@ -103,7 +103,8 @@ class EmbeddingRows(GradKind):
         rows = g.new_zeros(keys.numel(), dim).index_add_(0, inverse, g.reshape(-1, dim))
         example = torch.div(keys, self.num_embeddings, rounding_mode="floor")
         est = g.new_zeros(size, dtype=F64).index_add_(0, example, accurate_sq_norms(rows).to(F64)).to(dtype)
-        hi = est.sqrt() * (1 + sq_norm_rel(dtype) + unit_roundoff(dtype)) + a * (gamma(positions + 2, dtype) * grow)
+        rel = sq_norm_rel(dtype, dim) + gamma(positions + 1, dtype)  # and the float64 sums' rounding
+        hi = est.sqrt() * (1 + rel) + a * (gamma(positions + 2, dtype) * grow)
         return NormBound(est, hi.square(), a, 1 + gamma(4, dtype), err_scale)
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
