@@ -17,7 +17,14 @@ from typing import Any, Union
 import optree
 import torch
 
-from psgfunc._tree import batch_size, row_sq_norms, tree_leaves, tree_map
+from psgfunc._tree import (
+    accurate_sq_norms,
+    batch_size,
+    sq_norm_rel,
+    tree_leaves,
+    tree_map,
+    unit_roundoff,
+)
 from psgfunc.functional import _autocast
 
 MaxNorm = Union[float, Mapping[Any, float]]
@@ -108,10 +115,10 @@ def _norms_of(
     finite, so that the error counts every bad example of the whole batch.
     """
     device = leaves[0].device if leaves else torch.device("cpu")
-    sq = torch.zeros(b, dtype=dtype, device=device)
-    for leaf in leaves:
-        sq = sq + row_sq_norms(leaf, dtype=dtype).to(device)
-    norms = sq.sqrt()
+    sq = torch.zeros(b, dtype=torch.float64, device=device)
+    for leaf in leaves:  # float64 sums of float32 blocks: accurate for rows of any length
+        sq = sq + accurate_sq_norms(leaf).to(device)
+    norms = sq.sqrt().to(dtype)
     if bool(torch.isfinite(norms).all()):
         return norms
     # Slow path: either a gradient holds NaN/Inf (an error), or the sum of squares overflowed.
@@ -161,19 +168,41 @@ def per_sample_norms(grads: Any) -> torch.Tensor:
 # --------------------------------------------------------------------------- clipping
 
 
+def _slack(leaves: list[torch.Tensor]) -> float:
+    """Relative slack of the norms clipping uses, so that the clipped gradients and sums
+    AS COMPUTED stay within ``C (1 + 1e-5)``.
+
+    Half-precision leaves are scaled (and summed) in float32 and rounded once to their
+    dtype, which may move a coordinate by ``u`` (2^-8 for bfloat16) relatively: their
+    norms are inflated by that, plus the float32 norm's and factor's error bound.
+    Float32 and float64 leaves get none: their norms are accurate to 4e-6 and 1e-14
+    (:func:`~psgfunc._tree.accurate_sq_norms`), inside the tolerance, and leaving them
+    keeps clipping exact where it can be.
+    """
+    rel = 0.0
+    for leaf in leaves:
+        if leaf.dtype not in (torch.float32, torch.float64):
+            k = math.prod(leaf.shape[1:])
+            slack = unit_roundoff(leaf.dtype) + sq_norm_rel(leaf.dtype, k) + 6 * unit_roundoff(torch.float32)
+            rel = max(rel, slack)
+    return rel
+
+
 def _clip_factors(
     grads: Any, max_norm: MaxNorm, where: str
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-leaf ``[B]`` clip factors ``min(1, C / ||g_b||)`` and the global norms ``[B]``.
 
     Factors are aligned with ``tree_leaves(grads)``; with per-layer ``max_norm`` every leaf
-    under top-level key ``k`` gets group ``k``'s factor.
+    under top-level key ``k`` gets group ``k``'s factor. The norms are inflated by
+    :func:`_slack` (2^-8 with bfloat16 leaves, none for float32/64) and returned as used.
     """
     checked = _check_max_norm(max_norm, grads, where)
     leaves, b = _check_leaves(grads, where)
     dtype = _acc_dtype(leaves)
+    slack = 1 + _slack(leaves)
     if not isinstance(checked, dict):
-        norms = _norms_of(leaves, b, dtype, where)
+        norms = _norms_of(leaves, b, dtype, where) * slack
         # C / max(norm, C): exactly 1 when norm <= C (zero gradients included), else C / norm.
         factor = checked / norms.clamp_min(checked)
         return [factor] * len(leaves), norms
@@ -185,16 +214,22 @@ def _clip_factors(
         group = [leaf for leaf, k in zip(leaves, group_of) if k == key]
         if not group:
             continue
-        norms_k = _norms_of(group, b, dtype, where, all_leaves=leaves)
+        norms_k = _norms_of(group, b, dtype, where, all_leaves=leaves) * slack
         factors_by_key[key] = c / norms_k.clamp_min(c)
         sq = norms_k.square() if sq is None else sq + norms_k.square().to(sq.device)
     norms = sq.sqrt() if sq is not None else torch.zeros(b, dtype=dtype)
     return [factors_by_key[k] for k in group_of], norms
 
 
+def _up(leaf: torch.Tensor) -> torch.Tensor:
+    """Half-precision leaves are scaled and summed in float32 (then rounded once)."""
+    return leaf if leaf.dtype in (torch.float32, torch.float64) else leaf.to(torch.float32)
+
+
 def _scale(leaf: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.to(device=leaf.device, dtype=leaf.dtype)
-    return leaf * f.reshape(-1, *([1] * (leaf.dim() - 1)))
+    up = _up(leaf)
+    f = factor.to(device=leaf.device, dtype=up.dtype)
+    return (up * f.reshape(-1, *([1] * (leaf.dim() - 1)))).to(leaf.dtype)
 
 
 def clip(grads: Any, max_norm: MaxNorm) -> Any:
@@ -202,7 +237,9 @@ def clip(grads: Any, max_norm: MaxNorm) -> Any:
 
     Example ``b`` is scaled by ``min(1, C / ||g_b||)`` with ``||g_b||`` the global norm over
     all leaves (:func:`per_sample_norms`); an example with norm ``<= C`` (a zero gradient
-    included) is left unchanged.
+    included) is left unchanged. Half-precision leaves are scaled in float32 and rounded
+    once, which can move each coordinate by 2^-8 (bfloat16) relatively, so their norms
+    are taken 2^-8 larger: the clipped gradient, as returned, has norm at most ``C``.
 
     Per-layer clipping: ``max_norm`` may be a dict ``{key: C_k}`` whose keys are exactly the
     top-level keys of ``grads`` (a params dict such as ``{"fc1": {...}, "fc2": {...}}`` or
@@ -232,7 +269,7 @@ def clipped_sum(grads: Any, max_norm: MaxNorm, where: str = "clipped_sum") -> tu
     factors, norms = _clip_factors(grads, max_norm, where)
     leaves, spec = optree.tree_flatten(grads)
     sums = [
-        torch.tensordot(f.to(device=g.device, dtype=g.dtype), g, dims=1)
+        torch.tensordot(f.to(device=g.device, dtype=_up(g).dtype), _up(g), dims=1).to(g.dtype)
         for g, f in zip(leaves, factors)
     ]
     return optree.tree_unflatten(spec, sums), norms

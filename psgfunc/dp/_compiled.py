@@ -55,9 +55,9 @@ from torch._dynamo.utils import counters
 from torch.func import grad, vmap
 
 from psgfunc import _rules
-from psgfunc._tree import row_sq_norms
 from psgfunc.dp._clip import _check_positive_finite
 from psgfunc.per_sample._api import _prepare
+from psgfunc.per_sample._kinds import _acc, _up, certified_norm, dense_bound
 from psgfunc.per_sample._tap import Plan, discover, traced_pieces
 
 _METHODS = ("auto", "fast", "materialize")
@@ -136,6 +136,13 @@ _ATTEMPTS = 3
 """Passes one call of a fast step may take (each one after a pass off its plan plans again)."""
 
 _NAMES = itertools.count()
+
+
+class _Dense:
+    """A materialised ``[B, *shape]`` leaf as :func:`certified_norm` reads it."""
+
+    def __init__(self, g: torch.Tensor):
+        self.bound, self.dtype = dense_bound(g), g.dtype
 
 
 def _empty_error() -> ValueError:
@@ -277,14 +284,11 @@ def _materialize_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs:
         in_dims = tuple(optree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, b) for b in batch)
         grads = vmap(grad(fn), in_dims=(None, *in_dims))(params, *batch)
         leaves, spec = optree.tree_flatten(grads)
-        sq = None
-        for g in leaves:
-            s = row_sq_norms(g)
-            sq = s if sq is None else sq + s
-        norms = sq.sqrt()
+        norms = certified_norm([_Dense(g) for g in leaves])
         factor = c / norms.clamp_min(c)
-        sums = [torch.tensordot(factor.to(g.dtype), g, dims=1) for g in leaves]
-        return optree.tree_unflatten(spec, sums), norms, torch.compiler.is_compiling()
+        sums = [(factor.to(_acc(g.dtype)) @ _up(g.reshape(g.shape[0], -1))).to(g.dtype).reshape(g.shape[1:])
+                for g in leaves]
+        return optree.tree_unflatten(spec, sums), norms.to(_acc(leaves[0].dtype)), torch.compiler.is_compiling()
 
     graphs: dict[Any, _Graph] = {}
 
@@ -335,13 +339,10 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
             if traced.leaves is None:  # off its plan (a constant of this trace): no sum
                 return None, None, None, traced.calls, torch.compiler.is_compiling()
             leaves = traced.leaves
-            sq = leaves[0].sq_norm
-            for leaf in leaves[1:]:
-                sq = sq + leaf.sq_norm
-            norms = sq.sqrt()
+            norms = certified_norm(leaves)  # covers the norms' and the sums' rounding
             factor = c / norms.clamp_min(c)
             sums = [leaf.weighted_sum(factor) for leaf in leaves]
-            return sums, norms, traced.unplanned, traced.calls, torch.compiler.is_compiling()
+            return sums, norms.to(leaves[0].sq_norm.dtype), traced.unplanned, traced.calls, torch.compiler.is_compiling()
 
         return graph
 

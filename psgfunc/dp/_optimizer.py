@@ -21,7 +21,7 @@ from psgfunc.dp._distributed import prepare_optimizer
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
 from psgfunc.functional import _autocast
 from psgfunc.per_sample import _rows
-from psgfunc.per_sample._kinds import leaf_pieces
+from psgfunc.per_sample._kinds import certified_norm, leaf_pieces
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -287,8 +287,9 @@ class DPOptimizer(torch.optim.Optimizer):
         no-op).
 
         Returns:
-            ``[B]`` per-example gradient norms before clipping (for logging; computing
-            statistics from them is not private).
+            ``[B]`` per-example gradient norms before clipping, as clipping used them (with
+            ``fast_clipping``, certified upper bounds: see ``clipped_grad_sum``); for
+            logging, computing statistics from them is not private.
 
         Raises:
             ValueError: if some trainable parameters have ``grad_sample`` and others do not,
@@ -407,11 +408,9 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         (size,) = sizes
         leaves = leaf_pieces(pieces, dense, size, [p.shape for p in params])
-        sq = leaves[0].sq_norm
-        for leaf in leaves[1:]:
-            sq = sq + leaf.sq_norm
         scale = size if self.loss_reduction == "mean" else 1  # gradients of a mean loss are g_b / B
-        norms = sq.sqrt() * scale
+        # certified: covers the rounding of the norms and of the sums (psgfunc.per_sample._kinds)
+        norms = certified_norm(leaves, [p.dtype for p in params]) * scale
         bad = ~torch.isfinite(norms)
         if bool(bad.any()):
             idx = bad.nonzero().flatten().tolist()
@@ -433,7 +432,7 @@ class DPOptimizer(torch.optim.Optimizer):
             _rows.consume(getattr(d, "_psg_call", None))
             p.grad_sample = None
             p.grad = None
-        return norms
+        return norms.to(leaves[0].sq_norm.dtype)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

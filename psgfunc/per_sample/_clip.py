@@ -38,8 +38,11 @@ class GradPieces:
 
     def __init__(self, prep: Any, leaves: list[LeafPieces]):
         self.prep, self.leaves, self.size = prep, leaves, prep.size
-        self.sq_norms = [leaf.sq_norm for leaf in leaves]
         self.materialized = [i for i, leaf in enumerate(leaves) if leaf.materialized]
+
+    @property
+    def sq_norms(self) -> list[torch.Tensor]:
+        return [leaf.sq_norm for leaf in self.leaves]
 
     def weighted_sums(self, factors: list[torch.Tensor]) -> Any:
         """``sum_b factors[i][b] * grad_b`` for every leaf ``i``; params' structure, no batch dim."""

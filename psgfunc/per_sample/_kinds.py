@@ -11,6 +11,15 @@ that knows three things about them:
 * ``weighted_sum(datas, c) -> [*shape]``: ``sum_b c_b * grad_b`` in one contraction
   (book-keeping, Bu et al. 2023).
 
+Norms a clipping factor is computed from must never be below the norm of what the weighted
+sum then adds (an example would escape its bound). So each kind also bounds its own
+rounding (:meth:`GradKind.bound`, a :class:`NormBound`): an upper bound of the exact norm
+of the summed pieces (the Gram form cancels: in float32 its error is relative to
+``(sum_n ||g_n|| ||x_n||)^2``, not to the norm, so a crafted example's estimate can be 0 or
+negative), and a bound on the weighted sum's own rounding per unit factor.
+:func:`certified_norm` adds these up; clipping by it keeps every example's contribution
+at most ``C`` as computed, in float32 and bfloat16 too (see its docstring).
+
 Normally :func:`emit` materialises. For parameters a :class:`Collector` tracks (fast
 clipping), the pieces are recorded instead and the rule passes no gradient on; the caller
 then asks the kinds for norms and the clipped sum.
@@ -20,13 +29,190 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from psgfunc._tree import row_sq_norms
+from psgfunc._tree import accurate_sq_norms, gamma, sq_norm_rel, unit_roundoff
 
-__all__ = ["GradKind", "Outer", "RowSum", "Materialized", "emit", "Collector", "LeafPieces", "leaf_pieces", "COMBINERS"]
+__all__ = [
+    "GradKind",
+    "Outer",
+    "RowSum",
+    "Materialized",
+    "NormBound",
+    "emit",
+    "Collector",
+    "LeafPieces",
+    "leaf_pieces",
+    "certified_norm",
+    "dense_bound",
+    "outer_bound",
+    "COMBINERS",
+]
+
+F64 = torch.float64
+
+GRAM_TOLERANCE = 2e-4
+"""Largest rounding bound of the Gram forms, relative to an example's whole squared norm,
+taken as it comes (the certified norm then exceeds the estimate by at most 1e-4); above
+it, the finer bound is computed, and examples still above it (cancelling ones) have their
+Grams recomputed in float64 (eagerly; under ``torch.compile`` the finer bound is kept,
+which over-clips such an example but never under-clips it)."""
+
+
+class NormBound(NamedTuple):
+    """What clipping needs to know about one parameter's per-example gradients ``grad_b``.
+
+    Tensors ``[B]`` in the accumulation dtype (float32, or float64 for float64 pieces); the
+    scales are numbers, so that rounding-error factors cost no tensor operation.
+
+    Attributes:
+        sq: estimate of ``||grad_b||^2``.
+        hi2: ``||grad_b||^2 <= hi2 * hi_scale`` for the EXACT gradient of the pieces
+            (rounding of the norm's computation included); None: ``sq`` in its place.
+        err: the kind's ``weighted_sum(c)`` is ``sum_b c_b grad_b`` up to an error of norm
+            at most ``c_b * err_b * err_scale`` from example ``b``'s terms; None:
+            ``sqrt(sq)`` in its place (rounding relative to the norm itself).
+        hi_scale, err_scale: see above.
+        unc: the part of ``hi2`` that is a rounding bound rather than the estimate (Gram
+            forms), or None.
+        refine: ``refine(total_sq) -> NormBound`` with a tighter ``hi2``, where ``unc`` is
+            too large against ``total_sq`` (the example's whole squared norm), or None.
+    """
+
+    sq: torch.Tensor
+    hi2: torch.Tensor | None = None
+    err: torch.Tensor | None = None
+    hi_scale: float = 1.0
+    err_scale: float = 0.0
+    unc: torch.Tensor | None = None
+    refine: Any = None
+
+
+def _relative(sq: torch.Tensor, rel: float, err: float) -> NormBound:
+    """:class:`NormBound` of a norm estimate ``sq`` with relative error ``rel`` and a
+    weighted sum erring by ``err`` relatively to the norm (no cancellation)."""
+    return NormBound(sq, hi_scale=1 + rel, err_scale=err * math.sqrt(1 + rel))
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and sums of ``dtype`` pieces are computed in (float32 for halves)."""
+    return F64 if dtype == F64 else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without an operation when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its accumulation dtype (half-precision pieces are computed on in float32)."""
+    return t if t.dtype in (torch.float32, F64) else t.to(torch.float32)
+
+
+def dense_bound(total: torch.Tensor) -> NormBound:
+    """:class:`NormBound` of materialised per-example gradients ``[B, *shape]``, whose
+    weighted sum is ``c @ total`` (one product per example and coordinate)."""
+    k = math.prod(total.shape[1:])
+    return _relative(accurate_sq_norms(total), sq_norm_rel(total.dtype, k), gamma(2, _acc(total.dtype)))
+
+
+def _rho(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
+    """``[B, N, K] -> [B, N]`` row norms ``||t[b, n]||`` (relative error ``gamma_{K+3}``);
+    from ``t``'s Gram diagonal when a Gram form already computed it (an LSTM's biases
+    after its weights)."""
+    if cache is not None:
+        from_gram = cache.get(("gram_rho", _key(t)))
+        if from_gram is not None:
+            return from_gram
+    return _shared(cache, "rho", t, lambda: torch.linalg.vector_norm(_up(t), dim=2))
+
+
+def _gram_error(
+    gram_g: torch.Tensor, gram_x: torch.Tensor, rg: torch.Tensor, rx: torch.Tensor, a: torch.Tensor,
+    o: int, i: int, grow: float,
+) -> tuple[torch.Tensor, Any]:
+    """``([B] bound, a function of no arguments giving a finer one)`` on
+    ``|sum(gram_g * gram_x) - ||sum_n g_n^T x_n||^2|`` for Grams computed from rows of
+    computed norms ``rg, rx`` (``a = sum_n rg_n rx_n``; the exact ``a`` is at most ``grow``
+    times that), their product summed in float64.
+
+    Each Gram entry is a dot product: ``|dG_nm| <= gamma_O |g_n| |g_m|`` (and ``gamma_I`` for
+    ``x``). So the error is at most ``gamma_O sum rg rg |X| + gamma_I sum |G| rx rx`` plus
+    second-order terms and the products' rounding, each at most ``a^2`` times a small
+    constant. The cheap bound replaces ``|X|`` and ``|G|`` by their Cauchy-Schwarz bounds
+    (``a^2`` in all); the finer one (a few ``[B, N, N]`` passes) is taken when the cheap
+    one is not tight enough, or always under ``torch.compile`` (no data-dependent branch).
+    """
+    n, dtype = gram_g.shape[1], gram_g.dtype
+    go, gi = gamma(o + 1, dtype), gamma(i + 1, dtype)
+    # products' rounding, their float64 sum and its rounding back to dtype
+    small = (go * gi + 2 * unit_roundoff(dtype) + gamma(n * n + 2, F64)) * (1 + go) * (1 + gi)
+    cheap = a.square() * ((go + gi + small) * grow**2 * (1 + gamma(3, dtype)))
+
+    def fine() -> torch.Tensor:  # nonnegative sums: relative error gamma_{N^2 + 3}
+        t1 = (gram_x.abs() * (rg.unsqueeze(2) * rg.unsqueeze(1))).sum((1, 2))
+        t2 = (gram_g.abs() * (rx.unsqueeze(2) * rx.unsqueeze(1))).sum((1, 2))
+        k = grow**2 * (1 + gamma(n * n + 6, dtype))
+        return (t1 * (go * k) + t2 * (gi * k) + a.square() * (small * k)) * (1 + gamma(3, dtype))
+
+    return cheap, fine
+
+
+def outer_bound(
+    g: torch.Tensor, x: torch.Tensor, pieces: int, cache: dict | None, gram: bool
+) -> NormBound:
+    """:class:`NormBound` of ``grad_b = sum_n g[b, n]^T x[b, n]`` (``g [B, N, O]``, ``x [B, N,
+    I]``), by the Gram form (``gram``) or by materialising ``[B, O, I]``, for a weighted sum
+    that adds the ``N`` outer products of an example in ``pieces`` contractions.
+
+    ``cache`` shares row norms and (Gram form) Grams of tensors several parameters see.
+    """
+    n, o, i = g.shape[1], g.shape[2], x.shape[2]
+    dtype = _acc(g.dtype)
+    if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
+        sq = _sq1(cache, g) * _sq1(cache, x)
+        rel = sq_norm_rel(g.dtype, o) + sq_norm_rel(x.dtype, i) + gamma(2, dtype)
+        return _relative(sq, rel, gamma(pieces + 2, dtype))
+    grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
+    err_scale = gamma(n + pieces + 2, dtype) * grow
+    if not gram:
+        rg, rx = _rho(cache, g), _rho(cache, x)
+        a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
+        dense = torch.bmm(_up(g).transpose(1, 2), _up(x))
+        sq = accurate_sq_norms(dense)
+        # the materialised sums of N products err by gamma_N a at most
+        hi = sq.sqrt() * (1 + sq_norm_rel(dtype, o * i)) + a * (gamma(n + 2, dtype) * grow)
+        return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), err_scale)
+    # [B, N, N] each; an LSTM's W_ih and W_hh share g (the gate gradients): one Gram
+    gram_g = _shared(cache, "gram", g, lambda: torch.bmm(_up(g), _up(g).transpose(1, 2)))
+    gram_x = _shared(cache, "gram", x, lambda: torch.bmm(_up(x), _up(x).transpose(1, 2)))
+    # row norms from the Grams' diagonals (sums of squares: relative error gamma_K), which
+    # also spares a strided reduction over non-contiguous pieces (a conv's positions)
+    rg = _shared(cache, "gram_rho", g, lambda: gram_g.diagonal(dim1=1, dim2=2).sqrt())
+    rx = _shared(cache, "gram_rho", x, lambda: gram_x.diagonal(dim1=1, dim2=2).sqrt())
+    a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
+    est = torch.sum(gram_g * gram_x, (1, 2), dtype=F64).to(dtype)
+    cheap, fine = _gram_error(gram_g, gram_x, rg, rx, a, o, i, grow)
+    scales = (1 + gamma(2, dtype), err_scale)
+    if torch.compiler.is_compiling():  # no data-dependent branch: the finer bound, always
+        return NormBound(est, (est + torch.minimum(cheap, fine())).clamp_min(0), a, *scales)
+
+    def refine(total_sq: torch.Tensor) -> NormBound:
+        """The finer bound; examples it leaves uncertain (cancelling ones) get their Grams
+        again in float64 (a few rows)."""
+        err, new_est = torch.minimum(cheap, fine()), est
+        bad = (err > GRAM_TOLERANCE * total_sq).nonzero().flatten()
+        if bad.numel() and dtype != F64:
+            g64, x64 = g[bad].to(F64), x[bad].to(F64)
+            redo = (torch.bmm(g64, g64.transpose(1, 2)) * torch.bmm(x64, x64.transpose(1, 2))).sum((1, 2))
+            k64 = (gamma(o + i + 2, F64) + gamma(n * n + 2, F64)) * grow**2 * (1 + gamma(3, dtype))
+            new_est = est.index_copy(0, bad, redo.to(dtype))
+            err = err.index_copy(0, bad, a[bad].square() * k64 + redo.abs().to(dtype) * (2 * unit_roundoff(dtype)))
+        return NormBound(new_est, (new_est + err).clamp_min(0), a, *scales)
+
+    return NormBound(est, (est + cheap).clamp_min(0), a, *scales, cheap, refine)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -58,8 +244,9 @@ def _shared(cache: dict | None, tag: str, t: torch.Tensor, compute: Any) -> Any:
 
 
 def _sq1(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
-    """``[B]`` squared norms of ``t [B, 1, K]`` (one position per example), shared via ``cache``."""
-    return _shared(cache, "sq1", t, lambda: row_sq_norms(t[:, 0]))
+    """``[B]`` squared norms of ``t [B, 1, K]`` (one position per example), shared via
+    ``cache``; relative error at most ``sq_norm_rel``."""
+    return _shared(cache, "sq1", t, lambda: accurate_sq_norms(t[:, 0]))
 
 
 class GradKind:
@@ -81,23 +268,30 @@ class GradKind:
     def prefers_dense(self, datas: Sequence[tuple[Any, ...]]) -> bool:
         """Whether materialising is the cheapest way to this parameter's norms (then the
         dense gradient is built once and also serves the weighted sum)."""
-        return type(self).norm2 is GradKind.norm2
+        return type(self).bound is GradKind.bound
 
-    def norm2(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> torch.Tensor:
-        """``[B]`` squared norms of the summed pieces; ``cache`` (see :func:`leaf_pieces`)
-        lets parameters whose pieces share a tensor compute what depends on it once."""
+    def bound(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> NormBound:
+        """Norm estimate, certified norm bound and weighted-sum error of the summed pieces
+        (:class:`NormBound`); ``cache`` (see :func:`leaf_pieces`) lets parameters whose
+        pieces share a tensor compute what depends on it once."""
         total = self.materialize(*datas[0])
         for data in datas[1:]:
             total = total + self.materialize(*data)
-        return row_sq_norms(total)
+        return dense_bound(total)
+
+    def norm2(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> torch.Tensor:
+        """``[B]`` squared norms (estimates) of the summed pieces: ``bound(...).sq``, in the
+        pieces' accumulation dtype (float32, or float64)."""
+        first = next(t for t in datas[0] if isinstance(t, torch.Tensor) and t.is_floating_point())
+        return self.bound(datas, cache).sq.to(_acc(first.dtype))
 
     def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
         total = None
         for data in datas:
             g = self.materialize(*data)
-            s = torch.tensordot(c.to(g.dtype), g, dims=1)
+            s = torch.tensordot(c.to(_acc(g.dtype)), _up(g), dims=1)
             total = s if total is None else total + s
-        return total
+        return total.to(g.dtype)
 
 
 class Materialized(GradKind):
@@ -127,19 +321,12 @@ class Outer(GradKind):
         o, i = datas[0][0].shape[2], datas[0][1].shape[2]
         return n > 1 and n * (o + i) >= o * i
 
-    def norm2(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], cache: dict | None = None) -> torch.Tensor:
-        g = torch.cat([d[0] for d in datas], dim=1) if len(datas) > 1 else datas[0][0]
-        x = torch.cat([d[1] for d in datas], dim=1) if len(datas) > 1 else datas[0][1]
+    def bound(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], cache: dict | None = None) -> NormBound:
+        one = len(datas) == 1  # a concatenation is a new tensor: nothing to share by identity
+        g = datas[0][0] if one else torch.cat([d[0] for d in datas], dim=1)
+        x = datas[0][1] if one else torch.cat([d[1] for d in datas], dim=1)
         n, o, i = g.shape[1], g.shape[2], x.shape[2]
-        if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
-            return _sq1(cache, g) * _sq1(cache, x)
-        if n * (o + i) < o * i:
-            # [B, N, N] each; an LSTM's W_ih and W_hh share g (the gate gradients): one Gram
-            one = len(datas) == 1
-            gram_g = _shared(cache if one else None, "gram", g, lambda: torch.bmm(g, g.transpose(1, 2)))
-            gram_x = _shared(cache if one else None, "gram", x, lambda: torch.bmm(x, x.transpose(1, 2)))
-            return (gram_g * gram_x).sum((1, 2))
-        return row_sq_norms(torch.bmm(g.transpose(1, 2), x))
+        return outer_bound(g, x, len(datas), cache if one else None, n * (o + i) < o * i)
 
     def weighted_sum(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -148,12 +335,14 @@ class Outer(GradKind):
             # [O, B*N] @ [B*N, I], one matmul (as autograd's own; einsum took 3x longer).
             # Rows in whichever order (b, n) or (n, b) the pieces are stored: the recurrence
             # keeps its gate gradients time-major, and copying them cost a third of the sum.
-            c3 = c.to(g.dtype).reshape(-1, 1, 1)
+            out = g.dtype
+            c3 = _as(c, _acc(out)).reshape(-1, 1, 1)
             if _time_major(g) or _time_major(x):
                 g, x, c3 = g.transpose(0, 1), x.transpose(0, 1), c3.transpose(0, 1)
-            scaled = (g * c3).reshape(-1, g.shape[2])
-            rows = x.reshape(-1, x.shape[2])
+            scaled = (_up(g) * c3).reshape(-1, g.shape[2])
+            rows = _up(x).reshape(-1, x.shape[2])
             total = scaled.t() @ rows if total is None else total.addmm_(scaled.t(), rows)
+        total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
 
 
@@ -170,20 +359,33 @@ class RowSum(GradKind):
     def prefers_dense(self, datas: Sequence[tuple[torch.Tensor]]) -> bool:
         return len(datas) > 1  # one piece: norms below; several: add them up densely
 
-    def norm2(self, datas: Sequence[tuple[torch.Tensor]], cache: dict | None = None) -> torch.Tensor:
+    def bound(self, datas: Sequence[tuple[torch.Tensor]], cache: dict | None = None) -> NormBound:
         if len(datas) > 1:
-            return super().norm2(datas)
+            return super().bound(datas)
         (g,) = datas[0]
+        dtype = _acc(g.dtype)
         if g.shape[1] == 1:
-            return _sq1(cache, g)
+            return _relative(_sq1(cache, g), sq_norm_rel(g.dtype, g.shape[2]), gamma(3, dtype))
+
+        def compute() -> NormBound:
+            n = g.shape[1]
+            sq = accurate_sq_norms(_up(g).sum(1))
+            a = _rho(cache, g).sum(1)  # the sum of N rows errs by gamma_N sum_n ||g_n|| at most
+            grow = (1 + gamma(g.shape[2] + 3, dtype)) * (1 + gamma(n + 2, dtype))
+            hi = sq.sqrt() * (1 + sq_norm_rel(dtype, g.shape[2])) + a * (gamma(n + 2, dtype) * grow)
+            return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), gamma(n + 2, dtype) * grow)
+
         # the [B, K] gradient is the cheap form; an LSTM's b_ih and b_hh share it (both dz)
-        return _shared(cache, "rowsum", g, lambda: row_sq_norms(g.sum(1)))
+        return _shared(cache, "rowsum", g, compute)
 
     def weighted_sum(self, datas: Sequence[tuple[torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
         total = None
         for (g,) in datas:
-            s = (c.to(g.dtype) @ g.transpose(0, 1)).sum(0)  # [B] @ [N, B, K] -> [N, K] -> [K]
+            out = g.dtype
+            # [B] @ [N, B, K] -> [N, K] -> [K]
+            s = (_as(c, _acc(out)) @ _up(g).transpose(0, 1)).sum(0)
             total = s if total is None else total + s
+        total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
 
 
@@ -248,6 +450,11 @@ class LeafPieces:
 
     If all records share one kind and there is no dense part, norms and sums come from the
     kind without materialising; otherwise the pieces are added up densely.
+
+    Attributes:
+        bound: the :class:`NormBound` of the parameter's per-example gradients.
+        sq_norm: ``[B]`` squared norm estimates (``bound.sq`` in float32 or float64).
+        dtype: the dtype of :meth:`weighted_sum`'s result (the pieces').
     """
 
     def __init__(
@@ -265,7 +472,8 @@ class LeafPieces:
             ref = dense if dense is not None else floats[0]
             self.kind, self.datas = None, []
             self.dense = ref.new_zeros((0, *shape))
-            self.sq_norm = ref.new_zeros(0)
+            self.dtype = ref.dtype
+            self.bound = NormBound(ref.new_zeros(0, dtype=_acc(ref.dtype)))
             return
         first = records[0][0] if records else None
         # kinds compare by value (GradKind.__eq__), rules mostly reuse one object: `is` first
@@ -274,7 +482,8 @@ class LeafPieces:
             self.kind: GradKind | None = first
             self.datas = [data for _, data in records]
             self.dense = None
-            self.sq_norm = first.norm2(self.datas, cache)
+            self.dtype = next(t.dtype for t in self.datas[0] if isinstance(t, torch.Tensor) and t.is_floating_point())
+            self.bound = first.bound(self.datas, cache)
             return
         self.kind, self.datas = None, []
         total = dense
@@ -284,14 +493,22 @@ class LeafPieces:
         if total is None:
             raise ValueError(f"no gradient pieces for a parameter of shape {tuple(shape)}")
         self.dense = total
-        self.sq_norm = row_sq_norms(total)
+        self.dtype = total.dtype
+        self.bound = dense_bound(total)
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """``[B]`` squared norm estimates, in float32 (float64 for float64 pieces)."""
+        return self.bound.sq
 
     def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:
-        """``sum_b c_b grad_b``, shaped like the parameter."""
+        """``sum_b c_b grad_b``, shaped like the parameter, in :attr:`dtype` (computed in
+        float32 for half-precision pieces)."""
         if self.kind is not None:
             return self.kind.weighted_sum(self.datas, c)
         dense = self.dense
-        return (c.to(dense.dtype) @ _rows(dense)).reshape(dense.shape[1:])
+        total = _as(c, _acc(dense.dtype)) @ _up(_rows(dense))
+        return _as(total, dense.dtype).reshape(dense.shape[1:])
 
 
 def leaf_pieces(
@@ -326,3 +543,70 @@ def _combined(records: Sequence[tuple[GradKind, tuple[Any, ...]]]) -> Sequence[t
         if out is not None:
             return out
     return records
+
+
+def certified_norm(leaves: Sequence[LeafPieces], out_dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:
+    """``[B]`` per-example norms to clip by (float32, float64 if any leaf is float64):
+    clipping with ``C / max(C, norm)`` keeps each example's contribution to the weighted
+    sums at most ``C`` in norm, AS COMPUTED.
+
+    ``norm = (sqrt(sum_l hi2_l) + sqrt(sum_l err_l^2)) * (1 + rel)`` over the leaves'
+    :class:`NormBound` (scales applied): the exact norm's upper bound, plus what the
+    weighted sums' rounding can add (both scale with ``sum_n ||g_n|| ||x_n||``, the size of
+    the terms, which only exceeds the norm when they cancel), and ``rel``: this sum's and
+    the factor's own rounding and, where a sum ends in a narrower dtype (``out_dtypes``, by
+    default each leaf's :attr:`~LeafPieces.dtype`: bfloat16 pieces are summed in float32),
+    that dtype's unit roundoff (each coordinate rounds by at most that, relatively).
+
+    Where the Gram forms' rounding bounds add up to more than ``GRAM_TOLERANCE`` of an
+    example's squared norm, their finer bounds are computed (:attr:`NormBound.refine`;
+    cancelling examples get float64 Grams), so on ordinary float32 inputs the result
+    exceeds the exact norm by about 1e-4 relatively at most (1e-5 without Gram forms); in
+    float64 by about 1e-13.
+    """
+    if not leaves:
+        return torch.zeros(0)
+    plain, hi2, err2, unc = [], [], [], []  # plain: the sq of leaves whose errors are relative
+    k_hi, k_plain, k_err, u_out = 1.0, 0.0, 0.0, 0.0
+    dtype = torch.float32
+    for k, leaf in enumerate(leaves):
+        b = leaf.bound
+        dtype = F64 if b.sq.dtype == F64 else dtype
+        k_hi = max(k_hi, b.hi_scale)
+        if b.hi2 is None:
+            plain.append(b.sq)
+            k_plain = max(k_plain, b.err_scale)
+        else:
+            hi2.append(b.hi2)
+            err2.append(b.err)
+            k_err = max(k_err, b.err_scale)
+            if b.unc is not None:
+                unc.append(b.unc)
+        out = max(unit_roundoff(leaf.dtype), unit_roundoff(out_dtypes[k]) if out_dtypes else 0.0)
+        if out > unit_roundoff(_acc(leaf.dtype)):
+            u_out = max(u_out, out)
+    rel = (1 + gamma(len(leaves) + 8, dtype)) * (1 + u_out)
+    plain_sq = _total(plain, dtype)
+    if not hi2:  # no cancelling leaf: one relative bound
+        return plain_sq.sqrt() * ((math.sqrt(k_hi) + k_plain) * rel)
+    total = _total(hi2, dtype) if plain_sq is None else _total([*hi2, plain_sq], dtype)
+    if unc and not torch.compiler.is_compiling() and bool((_total(unc, dtype) > GRAM_TOLERANCE * total).any()):
+        for leaf in leaves:  # Gram rounding bounds too loose for some example: tighten
+            if leaf.bound.refine is not None:
+                leaf.bound = leaf.bound.refine(total)
+        return certified_norm(leaves, out_dtypes)
+    err = _total([e.square() for e in err2], dtype) * k_err**2
+    if plain_sq is not None:
+        err = err + plain_sq * k_plain**2
+    return (total.sqrt() * math.sqrt(k_hi) + err.sqrt()) * rel
+
+
+def _total(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """The sum of ``[B]`` tensors (in ``dtype``), None for none; one operation for many."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return _as(parts[0], dtype)
+    if len(parts) == 2:
+        return _as(parts[0], dtype) + _as(parts[1], dtype)
+    return torch.stack([_as(t, dtype) for t in parts]).sum(0)

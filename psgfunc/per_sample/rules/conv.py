@@ -72,7 +72,7 @@ from psgfunc.functional.conv import (
     conv3d,
 )
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import GradKind, RowSum, emit
+from psgfunc.per_sample._kinds import GradKind, NormBound, RowSum, _up, emit, outer_bound
 
 __all__ = ["ConvRule", "ConvWeight", "per_sample_conv_weight_grad"]
 
@@ -223,17 +223,19 @@ class ConvWeight(GradKind):
         positions = sum(g.shape[0] * math.prod(g.shape[3:]) for _, g, _ in datas)
         return 2 * positions**2 >= math.prod(self.weight_shape)
 
-    def norm2(self, datas: Any, cache: dict | None = None) -> torch.Tensor:
+    def bound(self, datas: Any, cache: dict | None = None) -> NormBound:
         if self.prefers_dense(datas):
-            return super().norm2(datas)
-        u = _cat1([_patches_channels_last(x, self.weight_shape, *conf) for x, _, conf in datas])
-        g = _cat1([_positions(g) for _, g, _ in datas])
-        return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(u, u.transpose(1, 2))).sum((1, 2))
+            return super().bound(datas)
+        # the ghost norm is the Gram form of an outer product over output positions
+        u = _cat1([_patches_channels_last(_up(x), self.weight_shape, *conf) for x, _, conf in datas])
+        g = _cat1([_positions(_up(g)) for _, g, _ in datas])
+        return outer_bound(g, u, len(datas), None, True)
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
         total = None
         for x, g, (stride, padding, dilation) in datas:
             n, size = x.shape[:2]
+            out, x, g = g.dtype, _up(x), _up(g)  # half precision: summed in float32
             scaled = g * c.to(g.dtype).view(1, size, *([1] * (g.dim() - 2)))
             w_stub = g.new_empty(()).expand(*self.weight_shape)
             _, s, _ = torch.ops.aten.convolution_backward(
@@ -242,7 +244,7 @@ class ConvWeight(GradKind):
                 False, [0] * len(stride), self.groups, [False, True, False],
             )
             total = s if total is None else total + s
-        return total
+        return total.to(out)
 
 
 def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from psgfunc import _rules
-from psgfunc._tree import row_sq_norms
+from psgfunc._tree import accurate_sq_norms, gamma, sq_norm_rel, unit_roundoff
 from psgfunc.functional.embedding import _check_indices, _normalize_padding_idx, embedding
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import GradKind, emit
+from psgfunc.per_sample._kinds import F64, GradKind, NormBound, _acc, _up, emit
 
 __all__ = ["EmbeddingRule", "EmbeddingRows", "per_sample_embedding_grad"]
 
@@ -78,26 +78,41 @@ class EmbeddingRows(GradKind):
             g = g * (idx != self.padding_idx).unsqueeze(-1).to(g.dtype)
         return idx, g
 
-    def norm2(self, datas: Any, cache: dict | None = None) -> torch.Tensor:
+    def bound(self, datas: Any, cache: dict | None = None) -> NormBound:
         idx, g = self._flat(datas)
+        dtype, g = _acc(g.dtype), _up(g)
         size, positions, dim = g.shape
+        # rounding: a Gram entry errs by gamma_D ||g_t|| ||g_t'||, a row summed from m
+        # positions by gamma_m sum ||g_t||, the weighted sum's rows likewise
+        rho = torch.linalg.vector_norm(g, dim=2)  # [B, T]
+        a = rho.sum(1)
+        grow = (1 + gamma(dim + 3, dtype)) * (1 + gamma(positions + 2, dtype))
+        err_scale = gamma(positions + 2, dtype) * grow
         gram = positions <= _GRAM_MAX_POSITIONS or torch.compiler.is_compiling()  # unique: not traceable
         if gram and positions**2 < self.num_embeddings:
             same = idx.unsqueeze(2) == idx.unsqueeze(1)  # [B, T, T]
-            return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+            est = torch.sum(torch.bmm(g, g.transpose(1, 2)) * same, (1, 2), dtype=F64).to(dtype)
+            paired = ((rho.unsqueeze(2) * rho.unsqueeze(1)) * same).sum((1, 2))
+            coef = gamma(dim + 1, dtype) + gamma(positions**2 + 2, F64) + unit_roundoff(dtype)
+            err = paired * (coef * grow**2 * (1 + gamma(positions**2 + 5, dtype)))
+            return NormBound(est, (est + err).clamp_min(0), a, 1 + gamma(2, dtype), err_scale)
         # longer sequences: add up each example's rows per distinct index (B*T*D work, never
         # the [B, V, D] table), then square
         offsets = torch.arange(size, device=idx.device).unsqueeze(1) * self.num_embeddings
         keys, inverse = torch.unique((idx.to(torch.int64) + offsets).reshape(-1), return_inverse=True)
         rows = g.new_zeros(keys.numel(), dim).index_add_(0, inverse, g.reshape(-1, dim))
         example = torch.div(keys, self.num_embeddings, rounding_mode="floor")
-        return g.new_zeros(size).index_add_(0, example, row_sq_norms(rows))
+        est = g.new_zeros(size, dtype=F64).index_add_(0, example, accurate_sq_norms(rows).to(F64)).to(dtype)
+        rel = sq_norm_rel(dtype, dim) + gamma(positions + 1, dtype)  # and the float64 sums' rounding
+        hi = est.sqrt() * (1 + rel) + a * (gamma(positions + 2, dtype) * grow)
+        return NormBound(est, hi.square(), a, 1 + gamma(4, dtype), err_scale)
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
         idx, g = self._flat(datas)
+        dtype, g = g.dtype, _up(g)  # half precision: summed in float32
         g = g * c.to(g.dtype).view(-1, 1, 1)
         out = g.new_zeros(self.num_embeddings, g.shape[-1])
-        return out.index_add_(0, idx.reshape(-1).to(torch.int64), g.reshape(-1, g.shape[-1]))
+        return out.index_add_(0, idx.reshape(-1).to(torch.int64), g.reshape(-1, g.shape[-1])).to(dtype)
 
 
 _GRAM_MAX_POSITIONS = 16

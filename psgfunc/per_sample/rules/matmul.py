@@ -29,7 +29,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from psgfunc.per_sample._expanded import Rule, apply_function, is_shared, shared
-from psgfunc.per_sample._kinds import COMBINERS, GradKind, Outer, RowSum, emit
+from psgfunc.per_sample._kinds import (
+    COMBINERS,
+    GradKind,
+    NormBound,
+    Outer,
+    RowSum,
+    emit,
+    outer_bound,
+)
 
 __all__ = ["ContractPlan", "contract_plan", "CONTRACT", "ELEMENTWISE", "PermutedOuter"]
 
@@ -256,6 +264,24 @@ class TiedTable(GradKind):
     def prefers_dense(self, datas: Sequence[tuple[Any, ...]]) -> bool:
         rows, outer = self._parts(datas)
         return bool(outer) and _OUTER.prefers_dense(outer)
+
+    def bound(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> NormBound:
+        """The certified bound of the whole table's gradient (see ``_kinds.outer_bound``),
+        read as ONE sum of outer products: the head's ``gv_n^T h_n`` and, for each looked-up
+        token, ``e_{idx_t}^T g_t`` (a one-hot row, ``[B, T, V]``, as large as the head's
+        own ``gv``): Gram norm, its rounding bound, float64 Grams for cancelling examples."""
+        rows, outer = self._parts(datas)
+        us, vs = [g for g, _ in outer], [x for _, x in outer]
+        if rows:
+            idx, ge = self._rows_kind()._flat(rows)  # [B, T], [B, T, D] (padding zeroed)
+            ref = us[0] if us else ge
+            onehot = torch.zeros((*idx.shape, self.num_embeddings), dtype=ref.dtype, device=ref.device)
+            onehot.scatter_(2, idx.to(torch.int64).unsqueeze(2), 1.0)
+            us.append(onehot)
+            vs.append(ge.to(ref.dtype))
+        u = us[0] if len(us) == 1 else torch.cat(us, dim=1)
+        v = vs[0] if len(vs) == 1 else torch.cat(vs, dim=1)
+        return outer_bound(u, v, len(datas) + 1, None, True)
 
     def norm2(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> torch.Tensor:
         rows, outer = self._parts(datas)
