@@ -29,6 +29,7 @@ from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d, expanded_convolution
 from psgfunc.nn.convert import CONVERTERS, expand_weights
 from psgfunc.nn.embedding import Embedding
+from psgfunc.nn.generic import Generic, make_generic
 from psgfunc.nn.linear import ConvLinear, Linear
 from psgfunc.nn.lstm import DPLSTM, BidirectionalDPLSTMLayer, DPLSTMCell, DPLSTMLayer, LSTMLinear
 from psgfunc.nn.normalization import (
@@ -70,6 +71,9 @@ __all__ = [
     "DPGRUCell",
     "DPRNNCell",
     "DPMultiheadAttention",
+    # any other module with parameters (issue 13): op-level rules
+    "Generic",
+    "make_generic",
     # helpers
     "zero_grad",
     "ExpandedModule",
