@@ -21,7 +21,8 @@ outside any psgfunc layer (a tied head ``h @ emb.weight.T``): its ``.grad_sample
 miss that use. See ``psgfunc.per_sample._rows``.
 
 ``expand_weights(model, max_batch_size)`` converts a ``torch.nn`` model's layers into these
-shells in place.
+shells in place; a module with parameters and no converter becomes a ``Generic`` shell, whose
+own forward reaches the op-level per-sample rules (``psgfunc.nn.generic``).
 """
 
 from psgfunc.nn._base import ExpandedModule, zero_grad

@@ -252,10 +252,20 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     Dropout, Flatten, pooling, ...) and layers whose parameters are all frozen stay as they
     are.
 
+    Any other module with trainable parameters of its own (HF GPT-2's ``Conv1D``, HF
+    ``LlamaRMSNorm``, a custom ``LayerScale``, a subclass of a converted type) becomes a
+    :class:`~psgfunc.nn.generic.Generic` shell in place (:func:`~psgfunc.nn.generic.make_generic`:
+    its class is swapped, the object, its ``Parameter`` objects and ``state_dict`` keys stay):
+    its own forward runs under vmap over the examples with expanded parameters, so the torch
+    ops that take a parameter (matmul/addmm/einsum, ``F.linear``, elementwise ``*``/``+``,
+    norms, convolutions...) reach psgfunc's op-level rules; an op without a rule falls back
+    to torch's vmap (exact, materialised) with a warning naming it.
+
     Nothing is converted unless everything can be: a model with a layer that cannot give
     per-sample gradients raises one ValueError listing every such layer by its qualified
     name (``"features.3"``): BatchNorm (any variant; it mixes examples), InstanceNorm with
-    running statistics, and any other layer with trainable parameters and no converter.
+    running statistics, and a converted type in a configuration its shell refuses
+    (``nn.Embedding(max_norm=...)``).
 
     Note: module hooks registered on a replaced layer are not carried over to its shell.
 

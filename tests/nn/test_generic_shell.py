@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 import psgfunc.nn as pnn
 from psgfunc import dp
+from psgfunc.per_sample import _torch_ops
 from tests.oracles import per_example_grads
 
 F64 = torch.float64
@@ -120,16 +121,23 @@ def test_reconversion_and_no_grad_forward():
         model(torch.randn(B + 1, T, 4, dtype=F64))
 
 
-def test_op_without_rule_warns_once_and_stays_exact():
+@pytest.mark.parametrize("fast", [False, True])
+def test_op_without_rule_warns_and_stays_exact(fast, monkeypatch):
+    monkeypatch.setattr(_torch_ops, "_WARNED", set())  # warned once per process
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4, dtype=F64), Pow(4))
     x = torch.randn(B, 3, dtype=F64)
     expected = loop_grads(model, x, sq)
     pnn.expand_weights(model, B)
-    with pytest.warns(UserWarning, match="pow"):
+    c, norms, clipped_sum = clipped_reference(expected)
+    opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), max_norm=c, noise_multiplier=0.0,
+                         expected_batch_size=B, fast_clipping=fast)
+    with pytest.warns(UserWarning, match="torch.pow takes a parameter and has no per-sample rule"):
         sq(model(x)).backward()
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad_sample, expected[k], rtol=1e-10, atol=1e-12)
+    if not fast:
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad_sample, expected[k], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(opt.accumulate(), norms, rtol=1e-10, atol=0)
 
 
 def clipped_reference(expected):
@@ -138,11 +146,11 @@ def clipped_reference(expected):
     return c, norms, optree.tree_map(lambda g: g.sum(0), dp.clip(expected, c))
 
 
-def check_dp_step(model, inputs, loss, expected, fast):
+def check_dp_step(model, inputs, loss, expected, fast, size=B):
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     c, norms, clipped_sum = clipped_reference(expected)
     opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), max_norm=c, noise_multiplier=0.0,
-                         expected_batch_size=B, fast_clipping=fast)
+                         expected_batch_size=size, fast_clipping=fast)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "materialised" fallback
         loss(model(inputs)).backward()
@@ -153,7 +161,8 @@ def check_dp_step(model, inputs, loss, expected, fast):
     torch.testing.assert_close(got, norms, rtol=1e-10, atol=0)
     opt.step()
     for k, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), before[k] - 0.5 * clipped_sum[k] / B, rtol=1e-10, atol=1e-13)
+        want = before[k] - 0.5 * clipped_sum[k] / size
+        torch.testing.assert_close(p.detach(), want, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -163,6 +172,129 @@ def test_dp_optimizer_step_equals_clipped_loop(fast):
     expected = loop_grads(model, x, sq)
     pnn.expand_weights(model, B)
     check_dp_step(model, x, sq, expected, fast)
+
+
+class Block(nn.Module):
+    """Own parameter, a child layer that has a converter, and a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.randn(4, dtype=F64))
+        self.lin = nn.Linear(4, 4, dtype=F64)
+
+    def forward(self, x):
+        return self.lin(x) * self.alpha + x
+
+
+class Twice(nn.Module):
+    """One parameter used twice in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.randn(4, dtype=F64))
+
+    def forward(self, x):
+        return torch.tanh(x * self.g) * self.g
+
+
+class TiedHead(nn.Module):
+    """Reads another layer's weight (a tied head): ``x @ w.T``."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x):
+        return x @ self.w.t()
+
+
+def variant(name):
+    torch.manual_seed(0)
+    if name == "child":
+        return nn.Sequential(Block(), nn.Tanh(), Twice()), (B, 4)
+    if name == "root":
+        return Block(), (B, 2, 4)
+    if name == "batch-1":
+        return nn.Sequential(nn.Linear(4, 4, dtype=F64), Twice()), (1, 4)
+    if name == "shared":
+        t = Twice()
+        return nn.Sequential(t, nn.Tanh(), t), (B, 4)
+    lin = nn.Linear(4, 4, bias=False, dtype=F64)
+    return nn.Sequential(lin, nn.Tanh(), TiedHead(lin.weight)), (B, 4)
+
+
+VARIANTS = ["child", "root", "batch-1", "shared", "tied"]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variants_grad_sample_equals_loop(name):
+    model, shape = variant(name)
+    x = torch.randn(*shape, dtype=F64)
+    expected = loop_grads(model, x, sq)
+    model = pnn.expand_weights(model, B)
+    assert any(isinstance(m, pnn.Generic) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sq(model(x))
+        out.backward(retain_graph=True)
+        out.backward()  # a second backward of the same forward adds up
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_sample, 2 * expected[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variants_fast_clipping_step_equals_clipped_loop(name):
+    model, shape = variant(name)
+    x = torch.randn(*shape, dtype=F64)
+    expected = loop_grads(model, x, sq)
+    model = pnn.expand_weights(model, B)
+    check_dp_step(model, x, sq, expected, True, size=shape[0])
+
+
+def test_model_with_generic_shells_under_per_sample_grads():
+    from psgfunc import per_sample_grads
+
+    model = pnn.expand_weights(small_model(), B)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(B, T, 4, dtype=F64)
+
+    def fn(p, xi):
+        return sq(functional_call(model, p, (xi.unsqueeze(0),)))
+
+    expected = per_example_grads(fn, params, x)
+    for method in ("vmap", "expanded"):
+        got = per_sample_grads(fn, params, x, method=method)
+        for k in params:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-10, atol=1e-12)
+
+
+class Reduce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, dtype=F64))
+
+    def forward(self, x):
+        return (x * self.w).sum()  # drops the batch dim
+
+
+class Constant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, dtype=F64))
+
+    def forward(self, n):
+        return self.w * n
+
+
+def test_errors_name_the_module_and_the_fix():
+    model = pnn.expand_weights(nn.Sequential(Reduce()), B)
+    with pytest.raises(ValueError, match="Reduce.*keep that batch dim"):
+        model(torch.randn(B, 4, dtype=F64))
+    model = pnn.expand_weights(nn.Sequential(Constant()), B)
+    with pytest.raises(ValueError, match="Constant.*tensor input whose dim 0 is the batch"):
+        model(2.0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        pnn.make_generic(Constant(), 0)
 
 
 # --- HF models -------------------------------------------------------------------------------
