@@ -79,6 +79,28 @@ class Generic(ExpandedModule):
         return _forward.produce(self, out, 0)
 
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # the generated class is not importable by name: pickle (torch.save of the whole
+        # model) and deepcopy rebuild it from the module's own class
+        return _restore, (self._psg_generic_base,), self.__dict__
+
+
+def _generic_type(cls: type) -> type:
+    """``Generic{cls.__name__}``: a subclass of :class:`Generic` and ``cls`` (one per ``cls``)."""
+    new = _TYPES.get(cls)
+    if new is None:
+        new = _TYPES[cls] = type(f"Generic{cls.__name__}", (Generic, cls), {"_psg_generic_base": cls})
+        new.__module__ = __name__
+    return new
+
+
+def _restore(cls: type) -> nn.Module:
+    """An empty generic shell of ``cls`` (unpickling; the state is set after)."""
+    module = cls.__new__(cls)
+    module.__class__ = _generic_type(cls)
+    return module
+
+
 def _first_tensor(args: Any, kwargs: Any) -> torch.Tensor | None:
     for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
@@ -147,12 +169,6 @@ def make_generic(module: nn.Module, max_batch_size: int) -> nn.Module:
     """
     max_batch_size = check_max_batch_size(max_batch_size, "make_generic")
     if not isinstance(module, ExpandedModule):
-        cls = type(module)
-        new = _TYPES.get(cls)
-        if new is None:
-            new = _TYPES[cls] = type(f"Generic{cls.__name__}", (Generic, cls), {"_psg_generic_base": cls})
-            new.__module__ = __name__
-            new.__qualname__ = f"Generic{cls.__name__}"
-        module.__class__ = new
+        module.__class__ = _generic_type(type(module))
     module.max_batch_size = max_batch_size
     return module

@@ -108,6 +108,21 @@ def test_state_dict_loads_strict_both_ways():
     torch.testing.assert_close(shelled2(x), plain(x), rtol=1e-12, atol=1e-12)
 
 
+def test_pickle_and_deepcopy_keep_the_generic_shell():
+    import io
+
+    model = pnn.expand_weights(small_model(), B)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert type(copied[3]) is type(model[3]) and isinstance(copied[3], Conv1D)
+        x = torch.randn(B, T, 4, dtype=F64)
+        sq(copied(x)).backward()
+        assert copied[3].weight.grad_sample.shape == (B, 6, 5)
+        assert model[3].weight.grad is None  # a copy, not the same parameters
+
+
 def test_reconversion_and_no_grad_forward():
     model = pnn.expand_weights(small_model(), 2)
     cls = type(model[3])
