@@ -21,7 +21,8 @@ outside any psgfunc layer (a tied head ``h @ emb.weight.T``): its ``.grad_sample
 miss that use. See ``psgfunc.per_sample._rows``.
 
 ``expand_weights(model, max_batch_size)`` converts a ``torch.nn`` model's layers into these
-shells in place.
+shells in place; a module with parameters and no converter becomes a ``Generic`` shell, whose
+own forward reaches the op-level per-sample rules (``psgfunc.nn.generic``).
 """
 
 from psgfunc.nn._base import ExpandedModule, zero_grad
@@ -29,6 +30,7 @@ from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d, expanded_convolution
 from psgfunc.nn.convert import CONVERTERS, expand_weights
 from psgfunc.nn.embedding import Embedding
+from psgfunc.nn.generic import Generic, make_generic
 from psgfunc.nn.linear import ConvLinear, Linear
 from psgfunc.nn.lstm import DPLSTM, BidirectionalDPLSTMLayer, DPLSTMCell, DPLSTMLayer, LSTMLinear
 from psgfunc.nn.normalization import (
@@ -70,6 +72,9 @@ __all__ = [
     "DPGRUCell",
     "DPRNNCell",
     "DPMultiheadAttention",
+    # any other module with parameters (issue 13): op-level rules
+    "Generic",
+    "make_generic",
     # helpers
     "zero_grad",
     "ExpandedModule",

@@ -26,6 +26,7 @@ from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
 from psgfunc.nn.embedding import Embedding
+from psgfunc.nn.generic import make_generic
 from psgfunc.nn.linear import Linear
 from psgfunc.nn.lstm import DPLSTM, DPLSTMCell
 from psgfunc.nn.normalization import (
@@ -226,18 +227,13 @@ def _refusal(layer: nn.Module) -> str | None:
             "the examples of each batch, a release of the training data outside DP-SGD's "
             "accounting; build it with track_running_stats=False"
         )
-    trainable = [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
-    if trainable:
-        hint = HINTS.get(type(layer))
-        return (
-            f"it has trainable parameters {trainable} and no psgfunc converter, so they "
-            "would get no per-sample gradients; "
-            + (f"{hint}; or " if hint else "replace it with a supported layer ("
-               + ", ".join(t.__name__ for t in CONVERTERS) + "), ")
-            + "freeze them (p.requires_grad_(False)), or add a converter to "
-            "psgfunc.nn.convert.CONVERTERS"
-        )
     return None
+
+
+def _needs_generic(layer: nn.Module) -> bool:
+    """Whether ``layer`` (without a converter) has trainable parameters of its own: it then
+    becomes a :class:`~psgfunc.nn.generic.Generic` shell (its ops reach the op-level rules)."""
+    return any(p.requires_grad for p in layer.parameters(recurse=False))
 
 
 def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
@@ -256,10 +252,20 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     Dropout, Flatten, pooling, ...) and layers whose parameters are all frozen stay as they
     are.
 
+    Any other module with trainable parameters of its own (HF GPT-2's ``Conv1D``, HF
+    ``LlamaRMSNorm``, a custom ``LayerScale``, a subclass of a converted type) becomes a
+    :class:`~psgfunc.nn.generic.Generic` shell in place (:func:`~psgfunc.nn.generic.make_generic`:
+    its class is swapped, the object, its ``Parameter`` objects and ``state_dict`` keys stay):
+    its own forward runs under vmap over the examples with expanded parameters, so the torch
+    ops that take a parameter (matmul/addmm/einsum, ``F.linear``, elementwise ``*``/``+``,
+    norms, convolutions...) reach psgfunc's op-level rules; an op without a rule falls back
+    to torch's vmap (exact, materialised) with a warning naming it.
+
     Nothing is converted unless everything can be: a model with a layer that cannot give
     per-sample gradients raises one ValueError listing every such layer by its qualified
     name (``"features.3"``): BatchNorm (any variant; it mixes examples), InstanceNorm with
-    running statistics, and any other layer with trainable parameters and no converter.
+    running statistics, and a converted type in a configuration its shell refuses
+    (``nn.Embedding(max_norm=...)``).
 
     Note: module hooks registered on a replaced layer are not carried over to its shell.
 
@@ -305,6 +311,7 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     existing: list[ExpandedModule] = []  # shells already there: they get the new max_batch_size
     shells: dict[int, nn.Module] = {}  # id(layer) -> its shell (a layer used twice: one shell)
     problems: list[str] = []
+    generic: list[nn.Module] = []  # modules with parameters and no converter: Generic shells
     buffered: list[str] = []  # custom modules with buffers: "qualname (Type): ['a', 'b']"
     seen: set[int] = set()
 
@@ -334,6 +341,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
                     problems.append(f"{label} ({type(layer).__name__}): {reason}")
                 seen.add(id(layer))
                 return
+            if id(layer) not in seen and _needs_generic(layer):
+                generic.append(layer)
         if id(layer) in seen:
             return
         seen.add(id(layer))
@@ -360,6 +369,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
         )
     for layer in existing:
         layer.max_batch_size = max_batch_size
+    for layer in generic:
+        make_generic(layer, max_batch_size)  # in place: same object, same state_dict keys
     result = module
     for parent, attr, shell in plan:
         if parent is None:
