@@ -6,6 +6,12 @@ wherever the matching torch op does, so it can be used under ``torch.func.vmap``
 """
 
 from psgfunc.functional.conv import conv1d, conv2d, conv3d, init_conv
+from psgfunc.functional.conv_transpose import (
+    conv_transpose1d,
+    conv_transpose2d,
+    conv_transpose3d,
+    init_conv_transpose,
+)
 from psgfunc.functional.embedding import embedding, init_embedding
 from psgfunc.functional.linear import init_linear, linear
 from psgfunc.functional.lstm import init_lstm, init_lstm_cell, lstm, lstm_cell
@@ -27,6 +33,10 @@ __all__ = [
     "conv2d",
     "conv3d",
     "init_conv",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "init_conv_transpose",
     "embedding",
     "init_embedding",
     "layer_norm",
