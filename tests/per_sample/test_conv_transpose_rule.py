@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import psgfunc.dp as dp
 import psgfunc.functional as PF
 from psgfunc import _rules, per_sample_grads
-from psgfunc.per_sample._kinds import LeafPieces
 from psgfunc.per_sample.rules import conv_transpose as ct
 from tests.dp.test_fast_clipping import reference
 from tests.oracles import assert_tree_close, per_example_grads
@@ -186,31 +185,32 @@ def test_tapped_layer_keeps_the_plain_layers_errors():
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_float32_cancelling_batch_of_one_stays_within_bound(dense, monkeypatch):
-    """Input positions that cancel each other's weight-gradient terms (x repeats with opposite
-    output gradients): the clipped sum of one example stays within C, and the reported norm is
-    never under the norm of what the sum adds."""
+    """Two input positions whose weight-gradient terms nearly cancel (x repeats, opposite
+    output gradients): with one example the clipped sum must stay within C and the reported
+    norm is never under the norm of what the sum adds, both with the Gram form (rounding
+    made it 0 here before its margin) and with the materialised gradient."""
     if dense:
         monkeypatch.setattr(ct, "_UNFOLD_MAX", 0)
-    for seed in range(3):
+    used = Counter()
+    original = ct.ConvTransposeWeight.prefers_dense
+    monkeypatch.setattr(ct.ConvTransposeWeight, "prefers_dense",
+                        lambda self, d: used.update([original(self, d)]) or original(self, d))
+
+    def fn(p, x, a):
+        return (PF.conv_transpose1d(p, x) * a).sum()
+
+    for seed in range(6):
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(1, 2, 1, generator=gen).repeat(1, 1, 8)  # [1, C_in, 8]: equal columns
-        params = {"weight": torch.randn(2, 3, 1, generator=gen), "bias": torch.randn(3, generator=gen)}
-        sign = torch.ones(8)
-        sign[1::2] = -1
-        a = 1e3 * sign * (1 + 1e-4 * torch.randn(1, 3, 8, generator=gen))
-
-        def fn(p, x, a):
-            return (PF.conv_transpose1d(p, x) * a).sum()
-
-        batch = (x, a)
-        pieces = []
-        original = LeafPieces.__init__
-        monkeypatch.setattr(LeafPieces, "__init__", lambda self, *args, **kw: pieces.append(self) or original(self, *args, **kw))
-        for c in (1e-3, 1.0, 1e30):
-            summed, got = dp.clipped_grad_sum(fn, params, *batch, max_norm=c, method="fast")
+        x = torch.randn(1, 8, 1, generator=gen).repeat(1, 1, 2)  # [1, C_in, 2]: equal positions
+        params = {"weight": torch.randn(8, 8, 1, generator=gen)}
+        a = 1e3 * torch.tensor([1.0, -1.0]) * (1 + 1e-6 * torch.randn(1, 8, 2, generator=gen))
+        exact = dp.clipped_grad_sum(fn, {"weight": params["weight"].double()}, x.double(), a.double(),
+                                    max_norm=1e30, method="materialize")[1]
+        for c in (1e-3, float(exact[0]) * 0.5, 1e30):
+            summed, got = dp.clipped_grad_sum(fn, params, x, a, max_norm=c, method="fast")
             norm = math.sqrt(sum(float(t.double().square().sum()) for t in summed.values()))
             assert got.dtype == torch.float32
             assert norm <= c * (1 + 1e-5)
             if c == 1e30:
                 assert float(got[0]) >= norm * (1 - 1e-6)
-        monkeypatch.setattr(LeafPieces, "__init__", original)
+    assert set(used) == {dense}  # the path under test ran
