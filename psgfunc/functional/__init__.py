@@ -13,6 +13,7 @@ from psgfunc.functional.conv_transpose import (
     init_conv_transpose,
 )
 from psgfunc.functional.embedding import embedding, init_embedding
+from psgfunc.functional.embedding_bag import embedding_bag, init_embedding_bag
 from psgfunc.functional.linear import init_linear, linear
 from psgfunc.functional.lstm import init_lstm, init_lstm_cell, lstm, lstm_cell
 from psgfunc.functional.normalization import (
@@ -39,6 +40,8 @@ __all__ = [
     "init_conv_transpose",
     "embedding",
     "init_embedding",
+    "embedding_bag",
+    "init_embedding_bag",
     "layer_norm",
     "init_layer_norm",
     "group_norm",
