@@ -13,7 +13,9 @@ bag ``j`` adds a vector ``u_t`` to row ``idx_t`` of the example's table gradient
   of dim ``d`` (torch's choice: its CPU kernel keeps the first maximum), else 0;
 
 and ``padding_idx`` entries (left out of the bag) and positions in no bag add nothing. So
-the gradient is an embedding scatter of ``(idx [B, T], u [B, T, D])``: the kind of
+the gradient is an embedding scatter of ``(idx [B, T], u [B, T, D])`` (each example's
+positions of one row merged first, :func:`_merge`, so norms have no cancelling terms): the
+kind of
 :func:`psgfunc.functional.embedding`
 (:class:`~psgfunc.per_sample.rules.embedding.EmbeddingRows`), whose norms come from index
 matches (a ``[T, T]`` Gram, or sums per distinct index) without building ``[B, V, D]`` and
@@ -101,6 +103,28 @@ class _Layout:
         return (match & (count - before == 1)).to(rows.dtype)
 
 
+def _merge(idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx [B, T], u [B, T, D])`` with each example's positions of one row merged: slot s
+    of the result holds the row of the s-th distinct index and the sum of its vectors, the
+    slots after the last distinct index hold row 0 and zeros.
+
+    The table gradient is unchanged; but every pair of slots of an example now holds
+    different rows (or a zero vector), so the index-match norm of
+    :class:`~psgfunc.per_sample.rules.embedding.EmbeddingRows` is a sum of squares with no
+    cancelling cross terms: in float32, rows that nearly cancel (weights of opposite signs
+    on a repeated index, one row's gradients from several bags) can no longer round the norm
+    under the norm of what the clipped sum adds, which adds these same merged vectors.
+    Sort and scatters only: traceable by ``torch.compile``.
+    """
+    sorted_idx, order = idx.sort(dim=1, stable=True)
+    us = u.gather(1, order.unsqueeze(-1).expand_as(u))
+    first = torch.ones_like(sorted_idx[:, :1], dtype=torch.bool)
+    new = torch.cat([first, sorted_idx[:, 1:] != sorted_idx[:, :-1]], 1)
+    seg = new.to(torch.int64).cumsum(1) - 1
+    merged = torch.zeros_like(u).scatter_add(1, seg.unsqueeze(-1).expand_as(u), us)
+    return torch.zeros_like(idx).scatter(1, seg, sorted_idx), merged
+
+
 def _first(w: torch.Tensor) -> torch.Tensor:
     return w[0] if w.shape[0] > 0 else w.new_zeros(w.shape[1:])
 
@@ -139,7 +163,7 @@ class _BagPerSample(torch.autograd.Function):
                 u = gp * layout.first_max(F.embedding(call.idx, table), out)
             else:
                 u = gp * layout.coef.to(g.dtype).unsqueeze(-1)
-            gw = emit(w, _rows_kind(w.shape[1], call.padding_idx), *call.pieces(u))
+            gw = emit(w, _rows_kind(w.shape[1], call.padding_idx), *_merge(*call.pieces(u)))
         if ctx.needs_input_grad[1]:
             gpsw = ((gp * F.embedding(call.idx, table)).sum(-1) * layout.valid).reshape(ctx.psw_shape)
         return gw, gpsw, None
@@ -270,20 +294,23 @@ class EmbeddingBagRule(Rule):
         return apply_function(_BagPerSample, w, psw, call)
 
     def _fallback(self, params, idx, offsets, bags_are_examples, kwargs):
+        """Per-example tables that are not one shared tensor: the plain layer per example."""
         plain = self.plain
         psw = kwargs.pop("per_sample_weights")
         if bags_are_examples:  # one example per bag: split the ragged bags
-            last = kwargs["include_last_offset"]
-            ends = offsets[1:] if last else torch.cat([offsets[1:], offsets.new_tensor([idx.shape[0]])])
+            ends = offsets[1:].tolist() if kwargs["include_last_offset"] else [*offsets[1:].tolist(), idx.shape[0]]
+            sub = {**kwargs, "include_last_offset": False}
             outs = []
-            for b, (s, e) in enumerate(zip(offsets.tolist(), ends.tolist())):
+            for b, (s, e) in enumerate(zip(offsets.tolist(), ends)):
                 p = {k: v[b] for k, v in params.items()}
-                sub = {**kwargs, "include_last_offset": False}
-                outs.append(plain(p, idx[s:e], idx.new_zeros(1), per_sample_weights=None if psw is None else psw[s:e], **sub)[0])
-            return torch.stack(outs)
-        if idx.dim() == 2 and offsets is None:
-            return vmap(lambda p, i, s: plain(p, i.unsqueeze(0), None, per_sample_weights=None if s is None else s.unsqueeze(0), **kwargs)[0])(params, idx, psw)
-        return vmap(lambda p, i, o, s: plain(p, i, o, per_sample_weights=s, **kwargs))(params, idx, offsets, psw)
+                weights = None if psw is None else psw[s:e]
+                outs.append(plain(p, idx[s:e], idx.new_zeros(1), weights, **sub)[0])
+            return torch.stack(outs) if outs else params["weight"].new_zeros(0, params["weight"].shape[-1])
+        if idx.dim() == 2 and offsets is None:  # rows [B, n]: one bag each
+            idx, psw = idx.unsqueeze(1), None if psw is None else psw.unsqueeze(1)
+            return self._fallback(params, idx, None, False, {**kwargs, "per_sample_weights": psw})[:, 0]
+        dims = (0, 0, None if offsets is None else 0, None if psw is None else 0)
+        return vmap(lambda p, i, o, s: plain(p, i, o, s, **kwargs), in_dims=dims)(params, idx, offsets, psw)
 
     def vmapped(
         self,
@@ -346,7 +373,7 @@ class EmbeddingBagRule(Rule):
             gp = ext.gather(1, s_bag[:, 0].unsqueeze(-1).expand(-1, -1, d))  # [B, T, D]
             c = s_coef[:, 0].to(g.dtype)
             u = gp * (c if mode == "max" else c.unsqueeze(-1))
-            return [(i, kind, (s_idx[:, 0], u))]
+            return [(i, kind, _merge(s_idx[:, 0], u))]
 
         return tap.out(y[0], (row, layout.bag, coef), build)
 
