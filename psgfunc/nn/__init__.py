@@ -23,8 +23,10 @@ shells in place.
 
 from psgfunc.nn._base import ExpandedModule, zero_grad
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d, expanded_convolution
+from psgfunc.nn.conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from psgfunc.nn.convert import CONVERTERS, expand_weights
 from psgfunc.nn.embedding import Embedding
+from psgfunc.nn.embedding_bag import EmbeddingBag
 from psgfunc.nn.linear import ConvLinear, Linear
 from psgfunc.nn.lstm import DPLSTM, BidirectionalDPLSTMLayer, DPLSTMCell, DPLSTMLayer, LSTMLinear
 from psgfunc.nn.normalization import (
@@ -53,6 +55,11 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "RMSNorm",
+    # issue 13: transposed convolutions, embedding bags
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "EmbeddingBag",
     # Opacus DP-LSTM family
     "DPLSTM",
     "DPLSTMLayer",
