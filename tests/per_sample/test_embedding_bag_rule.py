@@ -206,3 +206,34 @@ def test_float32_cancelling_batch_of_one_stays_within_bound(method):
             assert norm <= c * (1 + 1e-5)
             if c == 1e30:
                 assert float(got[0]) >= norm * (1 - 1e-6)
+
+
+# ------------------------------------------------- torch.nn.EmbeddingBag, no rewriting
+
+
+@pytest.mark.parametrize("layout", ["rows", "offsets"])
+def test_nn_embedding_bag_through_functional_call_takes_the_rule(layout, rule_calls):
+    """F.embedding_bag on the expanded params (a torch.nn model under per_sample_grads and
+    clipped_grad_sum) runs this rule: exact, and fast clipping materialises nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.EmbeddingBag(7, 3, mode="mean", padding_idx=2).to(F64)
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 7, (4, 5), generator=gen)
+    y = torch.randint(0, 2, (4,), generator=gen)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fn(p, i, yi):
+        args = (i[None],) if layout == "rows" else (i, torch.tensor([0]))
+        return F.cross_entropy(torch.func.functional_call(model, p, args)[:, :2], yi[None])
+
+    expected = per_example_grads(fn, params, idx, y)
+    assert_tree_close(per_sample_grads(fn, params, idx, y, method="expanded"), expected, dtype=F64)
+    assert rule_calls["rule"] == 1
+    _, norms_ = reference(fn, params, (idx, y), 1e30)
+    c = float(norms_.median())
+    want, want_norms = reference(fn, params, (idx, y), c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summed, got = dp.clipped_grad_sum(fn, params, idx, y, max_norm=c, method="fast")
+    assert_tree_close(summed, want)
+    torch.testing.assert_close(got, want_norms, rtol=1e-10, atol=0)
