@@ -158,7 +158,17 @@ def test_tapped_equals_loop():
     torch.testing.assert_close(got, expected_norms, rtol=1e-10, atol=0)
 
 
-def test_compiled_fast_is_exact():
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's recompile budget (8 per code object) is shared by the whole test session and
+    every compiled step compiles the same inner code: start from and leave a clean cache, so
+    that these tests neither fail after others nor make later ones fail."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_fast_is_exact(fresh_dynamo):
     params = {"a": table(4)}
 
     def fn(p, i):

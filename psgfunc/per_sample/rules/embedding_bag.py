@@ -59,7 +59,7 @@ class _Layout:
 
     def __init__(self, idx: torch.Tensor, offsets: torch.Tensor | None, n: int, bags: int,
                  include_last_offset: bool, padding_idx: int | None, mode: str,
-                 psw: torch.Tensor | None):
+                 psw: torch.Tensor | None, dtype: torch.dtype):
         e, t = idx.shape
         pos = torch.arange(t, device=idx.device)
         if offsets is None:  # bags of n in a row
@@ -78,7 +78,7 @@ class _Layout:
         self.bag, self.start, self.valid, self.bags = bag.contiguous(), start, valid, bags
         self.coef = None
         if mode != "max":
-            coef = valid.to(psw.dtype if psw is not None else torch.float64)
+            coef = valid.to(psw.dtype if psw is not None else dtype)
             if mode == "mean":
                 counts = torch.zeros(e, bags + 1, dtype=coef.dtype, device=idx.device).scatter_add(1, self.bag, coef)
                 coef = coef / counts.gather(1, self.bag).clamp_min(1)
@@ -174,12 +174,12 @@ class _Call:
 
     def __init__(self, idx: torch.Tensor, offsets: torch.Tensor | None, n: int, bags: int,
                  examples_are_bags: bool, include_last_offset: bool, padding_idx: int | None,
-                 mode: str, psw: torch.Tensor | None):
+                 mode: str, psw: torch.Tensor | None, dtype: torch.dtype):
         self.mode, self.padding_idx, self.idx = mode, padding_idx, idx  # idx [E, T]
         self.e, t = idx.shape
         self.examples_are_bags = examples_are_bags
         self.layout = _Layout(idx, offsets, n, bags, include_last_offset, padding_idx, mode,
-                              None if psw is None else psw.reshape(idx.shape))
+                              None if psw is None else psw.reshape(idx.shape), dtype)
         if offsets is None:
             self.flat_idx, self.flat_offsets, self.flat_last = idx.reshape(-1, n), None, False
         elif examples_are_bags or self.e == 1:
@@ -278,19 +278,19 @@ class EmbeddingBagRule(Rule):
         if bags_are_examples:
             bags = offsets.shape[0] - (1 if include_last_offset else 0)
             call = _Call(idx.unsqueeze(0), offsets.unsqueeze(0), 0, bags, True, include_last_offset,
-                         padding_idx, mode, psw)
+                         padding_idx, mode, psw, w.dtype)
             return apply_function(_BagPerSample, w, psw, call)[0]
         if idx.dim() == 2 and offsets is None:  # one bag per example
             n = idx.shape[1]
-            call = _Call(idx, None, n, 1, False, include_last_offset, padding_idx, mode, psw)
+            call = _Call(idx, None, n, 1, False, include_last_offset, padding_idx, mode, psw, w.dtype)
             return apply_function(_BagPerSample, w, psw, call)[:, 0]
         if offsets is None:  # [B, bags, n]
             size, bags, n = idx.shape
             call = _Call(idx.reshape(size, bags * n), None, n, bags, False, include_last_offset,
-                         padding_idx, mode, psw)
+                         padding_idx, mode, psw, w.dtype)
             return apply_function(_BagPerSample, w, psw, call)
         bags = offsets.shape[1] - (1 if include_last_offset else 0)
-        call = _Call(idx, offsets, 0, bags, False, include_last_offset, padding_idx, mode, psw)
+        call = _Call(idx, offsets, 0, bags, False, include_last_offset, padding_idx, mode, psw, w.dtype)
         return apply_function(_BagPerSample, w, psw, call)
 
     def _fallback(self, params, idx, offsets, bags_are_examples, kwargs):
@@ -360,7 +360,7 @@ class EmbeddingBagRule(Rule):
             bags, n = offsets.shape[0] - (1 if include_last_offset else 0), 0
             row, off = idx.unsqueeze(0), offsets.unsqueeze(0)
         psw = None if per_sample_weights is None else per_sample_weights.reshape(1, -1)
-        layout = _Layout(row, off, n, bags, include_last_offset, padding_idx, mode, psw)
+        layout = _Layout(row, off, n, bags, include_last_offset, padding_idx, mode, psw, w.dtype)
         rows = F.embedding(row, table)  # [1, T, D]
         y = self._pure(layout, rows, mode)  # [1, bags, D]
         coef = layout.coef if mode != "max" else layout.first_max(rows, y)
