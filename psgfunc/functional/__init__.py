@@ -7,7 +7,14 @@ wherever the matching torch op does, so it can be used under ``torch.func.vmap``
 
 from psgfunc.functional.attention import init_multi_head_attention, multi_head_attention
 from psgfunc.functional.conv import conv1d, conv2d, conv3d, init_conv
+from psgfunc.functional.conv_transpose import (
+    conv_transpose1d,
+    conv_transpose2d,
+    conv_transpose3d,
+    init_conv_transpose,
+)
 from psgfunc.functional.embedding import embedding, init_embedding
+from psgfunc.functional.embedding_bag import embedding_bag, init_embedding_bag
 from psgfunc.functional.linear import init_linear, linear
 from psgfunc.functional.lstm import init_lstm, init_lstm_cell, lstm, lstm_cell
 from psgfunc.functional.normalization import (
@@ -38,8 +45,14 @@ __all__ = [
     "conv2d",
     "conv3d",
     "init_conv",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "init_conv_transpose",
     "embedding",
     "init_embedding",
+    "embedding_bag",
+    "init_embedding_bag",
     "layer_norm",
     "init_layer_norm",
     "group_norm",

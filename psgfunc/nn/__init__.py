@@ -28,8 +28,10 @@ own forward reaches the op-level per-sample rules (``psgfunc.nn.generic``).
 from psgfunc.nn._base import ExpandedModule, zero_grad
 from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d, expanded_convolution
+from psgfunc.nn.conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from psgfunc.nn.convert import CONVERTERS, expand_weights
 from psgfunc.nn.embedding import Embedding
+from psgfunc.nn.embedding_bag import EmbeddingBag
 from psgfunc.nn.generic import Generic, make_generic
 from psgfunc.nn.linear import ConvLinear, Linear
 from psgfunc.nn.lstm import DPLSTM, BidirectionalDPLSTMLayer, DPLSTMCell, DPLSTMLayer, LSTMLinear
@@ -60,6 +62,11 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "RMSNorm",
+    # issue 13: transposed convolutions, embedding bags
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "EmbeddingBag",
     # Opacus DP-LSTM family
     "DPLSTM",
     "DPLSTMLayer",

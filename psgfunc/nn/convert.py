@@ -25,7 +25,9 @@ from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.nn.attention import DPMultiheadAttention
 from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
+from psgfunc.nn.conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from psgfunc.nn.embedding import Embedding
+from psgfunc.nn.embedding_bag import EmbeddingBag
 from psgfunc.nn.generic import make_generic
 from psgfunc.nn.linear import Linear
 from psgfunc.nn.lstm import DPLSTM, DPLSTMCell
@@ -120,6 +122,29 @@ def _embedding(layer: nn.Embedding, max_batch_size: int) -> nn.Module:
     return adopt_parameters(shell, layer)
 
 
+def _conv_transpose(cls: type) -> Converter:
+    def convert(layer: nn.Module, max_batch_size: int) -> nn.Module:
+        shell = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, max_batch_size,
+            stride=layer.stride, padding=layer.padding, output_padding=layer.output_padding,
+            groups=layer.groups, bias=layer.bias is not None, dilation=layer.dilation,
+            padding_mode=layer.padding_mode, device="meta", dtype=_dtype(layer),
+        )
+        return adopt_parameters(shell, layer)
+
+    return convert
+
+
+def _embedding_bag(layer: nn.EmbeddingBag, max_batch_size: int) -> nn.Module:
+    shell = EmbeddingBag(
+        layer.num_embeddings, layer.embedding_dim, max_batch_size, max_norm=layer.max_norm,
+        norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq, mode=layer.mode,
+        sparse=layer.sparse, include_last_offset=layer.include_last_offset,
+        padding_idx=layer.padding_idx, device="meta", dtype=_dtype(layer),
+    )
+    return adopt_parameters(shell, layer)
+
+
 def _layer_norm(layer: nn.LayerNorm, max_batch_size: int) -> nn.Module:
     shell = LayerNorm(
         layer.normalized_shape,
@@ -188,6 +213,10 @@ CONVERTERS: dict[type, Converter] = {
     nn.Conv2d: _conv(Conv2d),
     nn.Conv3d: _conv(Conv3d),
     nn.Embedding: _embedding,
+    nn.EmbeddingBag: _embedding_bag,  # refuses max_norm, scale_grad_by_freq, sparse
+    nn.ConvTranspose1d: _conv_transpose(ConvTranspose1d),
+    nn.ConvTranspose2d: _conv_transpose(ConvTranspose2d),
+    nn.ConvTranspose3d: _conv_transpose(ConvTranspose3d),
     nn.LayerNorm: _layer_norm,
     nn.GroupNorm: _group_norm,
     nn.InstanceNorm1d: _instance_norm(InstanceNorm1d),  # refuses track_running_stats=True

@@ -376,6 +376,17 @@ def _embedding_bag(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[s
     # padding_idx and per_sample_weights: only max_norm, sparse and the error need handling
     a = _bind(F.embedding_bag, args, kwargs)
     _refuse_max_norm("F.embedding_bag", a["max_norm"])
+    idx, offsets = a["input"], a["offsets"]
+    if (method == "expanded" and not a["scale_grad_by_freq"] and _is_batched(a["weight"])
+            and isinstance(idx, torch.Tensor) and (idx.dim() == 2) == (offsets is None)):
+        # the expanded params: psgfunc's rule (one call on the shared table, per-sample
+        # gradients as an embedding scatter, fast-clipping pieces)
+        from psgfunc.per_sample._expanded import call_rule
+        from psgfunc.per_sample.rules.embedding_bag import EMBEDDING_BAG
+
+        return call_rule(EMBEDDING_BAG, {"weight": a["weight"]}, idx, offsets, a["per_sample_weights"],
+                         mode=a["mode"], padding_idx=a["padding_idx"],
+                         include_last_offset=a["include_last_offset"])
     a["sparse"] = False
     try:
         return F.embedding_bag(**a)
