@@ -54,7 +54,7 @@ from psgfunc.functional.conv_transpose import (
     conv_transpose3d,
 )
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import GradKind, RowSum, emit
+from psgfunc.per_sample._kinds import GradKind, NormBound, RowSum, emit, outer_bound
 
 __all__ = ["ConvTransposeRule", "ConvTransposeWeight", "per_sample_conv_transpose_weight_grad"]
 
@@ -178,6 +178,17 @@ class ConvTransposeWeight(GradKind):
             return True
         positions = sum(x.numel() // max(x.shape[1] * x.shape[2], 1) for x, _, _ in datas)
         return 2 * positions**2 >= math.prod(self.weight_shape)
+
+    def bound(self, datas: Any, cache: dict | None = None) -> NormBound:
+        """The certified bound (``_kinds.outer_bound``): the weight gradient is the sum over
+        input positions of ``u_t^T x_t`` (unfolded output-gradient patches, inputs), so the
+        Gram form, its rounding bound and the float64 Grams for cancelling examples apply."""
+        if self.prefers_dense(datas):
+            return super().bound(datas, cache)
+        kernel = tuple(self.weight_shape[2:])
+        u = _cat1([_patches(x, g, kernel, conf) for x, g, conf in datas])
+        x = _cat1([_positions(x) for x, _, _ in datas])
+        return outer_bound(u, x, len(datas), None, True)
 
     def norm2(self, datas: Any, cache: dict | None = None) -> torch.Tensor:
         if self.prefers_dense(datas):
