@@ -1,12 +1,21 @@
 """DP-SGD with fast clipping on a tiny Hugging Face GPT-2, next to the same model trained plainly.
 
 Command:  python examples/dp_gpt2_tiny.py
-Expected: MEASURED_PLACEHOLDER
+Expected: after 10 epochs (290 steps of expected batch 64 over 1839 windows, sigma 1.0,
+          clipping bound 1.0, Adam lr 3e-3) DP-SGD reaches validation perplexity 16.8 at
+          epsilon 3.87 (delta 1e-5), the same GPT-2 trained non-privately 9.9 (from 27.2 and
+          23.4 after the first epoch; uniform guessing is 92). Prints a per-epoch table (loss,
+          perplexity, epsilon; non-private beside it), a sampled continuation of each model
+          and a summary line; saves the curves to examples/out/dp_gpt2_tiny.png (--plot).
+          Measured on 2 shared CPU cores under load (load average 6.4 at the start, 8.6 at
+          the end; Python 3.11, torch 2.13, --threads 1): 4 min 53 s wall in all, of which
+          DP-SGD 130 s (0.45 s a step, per-epoch evaluation and accounting included) and the
+          non-private run 119 s (the load rose meanwhile); the rest is imports and sampling.
 
 The corpus ships with Python: the docstrings of a few standard-library modules and of their
 public classes and functions (``inspect.getdoc``; ASCII only, duplicates dropped), about
-110k characters, so the exact numbers follow the Python version. It is modelled character by
-character (a vocabulary of the ~95 characters present) and cut into non-overlapping windows
+133k characters on Python 3.11 (the exact numbers follow the Python version). It is modelled
+character by character (a vocabulary of the 92 characters present) and cut into non-overlapping windows
 of 65 characters: a window is one training example (the unit that differential privacy
 protects here), whose loss is the mean next-character cross-entropy over its 64 positions.
 Ten percent of the windows, chosen at random with a fixed seed, are held out to report the
@@ -26,10 +35,9 @@ Batches are Poisson samples of the windows (:func:`psgfunc.dp.poisson_batches`) 
 epoch. The non-private run starts from the same weights and sees the same batches.
 
 Other runs: ``--target-epsilon 8`` (sigma chosen for it), ``--sigma``, ``--epochs``,
-``--plot PATH``, ``--help``. The sampled continuations at the end are for fun: like the
-training losses, generated text of the private model is a DP release (post-processing);
-validation perplexities are computed on held-out windows, which the private model never
-trained on.
+``--plot PATH``, ``--help``. Text sampled from the private model is post-processing of a DP
+release, so it is as private as the model; the validation perplexities come from the held-out
+windows, which are not part of the private training set.
 """
 
 from __future__ import annotations
@@ -185,7 +193,6 @@ def train(
     start = time.perf_counter()
     with tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True) as bar:
         for epoch in range(1, epochs + 1):
-            train_losses = []
             for _ in range(steps_per_epoch):
                 idx = next(batches)
                 optimizer.zero_grad()
@@ -203,7 +210,6 @@ def train(
                     loss = F.cross_entropy(model(x[idx]).logits.flatten(0, 1), y[idx].flatten())
                     loss.backward()
                     optimizer.step()
-                    train_losses.append(loss.item())
                 steps += 1
                 bar.update()
             with _quiet_absl():
@@ -229,7 +235,7 @@ def train(
     }
 
 
-def plot(path: Path, private: dict[str, Any], plain: dict[str, Any], title: str) -> None:
+def plot(path: Path, private: dict[str, Any], plain: dict[str, Any], title: str, delta: float) -> None:
     """Validation perplexity per epoch of both runs, epsilon per epoch, into ``path`` (PNG)."""
     import matplotlib
 
@@ -240,11 +246,11 @@ def plot(path: Path, private: dict[str, Any], plain: dict[str, Any], title: str)
     for label, run in (("DP-SGD", private), ("non-private", plain)):
         epochs = [r["epoch"] for r in run["history"]]
         ax_ppl.plot(epochs, [r["val_ppl"] for r in run["history"]], marker="o", label=label)
-    ax_ppl.set(xlabel="epoch", ylabel="validation perplexity", yscale="log")
+    ax_ppl.set(xlabel="epoch", ylabel="validation perplexity")
     ax_ppl.legend()
     ax_eps.plot([r["epoch"] for r in private["history"]], [r["epsilon"] for r in private["history"]],
                 marker="o", color="C0")  # fmt: skip
-    ax_eps.set(xlabel="epoch", ylabel="epsilon spent (delta 1e-5)")
+    ax_eps.set(xlabel="epoch", ylabel=f"epsilon spent (delta {delta:g})")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
 
-    print(f"\n{'':>6}{'DP-SGD':^28}{'non-private':^20}")
+    print(f"\n{'':>6}{'DP-SGD':^30}{'non-private':^21}")
     print(f"{'epoch':>6}{'val loss':>10}{'perplexity':>11}{'epsilon':>9}{'val loss':>10}{'perplexity':>11}")
     for a, b in zip(private["history"], plain["history"]):
         print(
@@ -340,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"tiny GPT-2 on stdlib docstrings: DP-SGD (sigma {sigma:.2f}, C {args.max_norm:g}, "
         f"batch {args.batch_size:g}) vs non-private"
     )
-    plot(args.plot, private, plain, title)
+    plot(args.plot, private, plain, title, args.delta)
     if not args.quick:
         for label, run in (("DP-SGD", private), ("non-private", plain)):
             print(f"{label} sample: {sample(run['model'], data['vocab'], 'Return the ', 80, args.seed)!r}")
