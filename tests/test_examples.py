@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -98,3 +99,22 @@ def test_demo_table_columns_line_up():
     ms_end = header.index("ms") + 2
     assert all(row[:ms_end].endswith(("305.2", "7.0")) for row in rows)  # right-aligned under "ms"
     assert rows[1].startswith("per_sample_grads('expanded')  ")
+
+
+def test_dp_gpt2_tiny_quick(tmp_path, capsys):
+    # functional route on a Hugging Face GPT-2: fast clipping, Poisson batches, accountant, plot
+    spec = importlib.util.spec_from_file_location("psgfunc_example_dp_gpt2_tiny", EXAMPLES / "dp_gpt2_tiny.py")
+    gpt2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpt2)
+    plot = tmp_path / "curves.png"
+    with warnings.catch_warnings(record=True) as record:  # psgfunc warns if an op falls back to vmap
+        warnings.simplefilter("always")
+        result = gpt2.main(["--quick", "--batch-size", "16", "--plot", str(plot)])
+    assert [str(w.message) for w in record if "psgfunc" in str(w.message)] == []
+    for run in ("dp", "non_private"):
+        assert result[run]["steps"] == 2
+        assert all(math.isfinite(row["val_loss"]) for row in result[run]["history"])
+    assert 0 < result["dp"]["epsilon"] < math.inf
+    assert result["non_private"]["epsilon"] == math.inf
+    assert plot.is_file() and plot.stat().st_size > 0
+    assert "dp_gpt2_tiny: DP-SGD validation perplexity" in capsys.readouterr().out
