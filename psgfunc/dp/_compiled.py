@@ -202,6 +202,7 @@ class _Graph:
     def __init__(self, body: Callable[..., Any], compile_kwargs: dict[str, Any]):
         self.body = body
         self.compiled = torch.compile(_own_code(body), **compile_kwargs)
+        self.disabled = bool(compile_kwargs.get("disable", False))  # asked to run eagerly
 
 
 class _Runner:
@@ -235,7 +236,7 @@ class _Runner:
         if not out[-1]:  # the compiler ran the body without a graph
             stats["eager_runs"] += 1
             cache.pop(key, None)
-            if not self.warned_eager:
+            if not self.warned_eager and not graph.disabled:
                 self.warned_eager = True
                 warnings.warn(
                     "compiled_clipped_grad_sum: torch.compile ran this step eagerly (exact, but "

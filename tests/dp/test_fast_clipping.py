@@ -195,8 +195,9 @@ def test_parameter_without_a_rule_is_materialised_with_a_warning():
         return fn0(p, x * p["scale"].exp(), y)
 
     expected, _ = reference(fn, params, batch, 0.5)
-    with pytest.warns(UserWarning, match="1 of 5 parameter leaves"):
+    with pytest.warns(UserWarning) as caught:  # also the op's own once-per-process fallback warning
         summed, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=0.5)
+    assert any("1 of 5 parameter leaves" in str(w.message) for w in caught)
     assert_tree_close(summed, expected)
 
 

@@ -284,6 +284,7 @@ def test_compiled_reported_example():
 # ----------------------------------------------------------------------------- dense routes
 
 
+@pytest.mark.filterwarnings("ignore:psgfunc. .* has no per-sample rule:UserWarning")  # expected vmap fallback
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(**{**SETTINGS, "max_examples": 15})
 @given(seed=seeds, c=bounds)

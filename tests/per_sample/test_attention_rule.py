@@ -97,6 +97,7 @@ def test_float32_batch_of_one_norms_match_float64():
     torch.testing.assert_close(norms.double(), true, rtol=1e-5, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:psgfunc. .* has no per-sample rule:UserWarning")  # expected vmap fallback
 def test_nn_multihead_attention_through_functional_call():
     """A torch.nn model (no psgfunc layers) gets the same gradients as the functional layer."""
     torch.manual_seed(0)

@@ -158,6 +158,7 @@ def test_batch_norm_module_in_training_mode(kind):
     )
 
 
+@pytest.mark.filterwarnings("ignore:psgfunc. .* has no per-sample rule:UserWarning")  # expected vmap fallback
 def test_batch_norm_that_is_per_example_still_works():
     # eval mode (fixed statistics), and training mode without running statistics over the
     # example's own positions: both are per-example functions
