@@ -24,6 +24,8 @@ Opacus is imported in the measuring child only (see ``benchmarks.layers._grad_sa
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from typing import Any, Callable
 
@@ -55,7 +57,24 @@ METHODS: dict[str, str] = {
 }
 """Method name -> what one step computes. ``nn`` is the reference of every ratio."""
 
+COMPILED = ("clip-fast-compiled", "clip-compiled")
+"""The methods that compile (seconds to minutes per batch size, reported as ``compile_s``)."""
+
 Step = Callable[[], Any]
+
+
+def inductor_in_process() -> None:
+    """Make Inductor compile in this process, without its pool of compile workers.
+
+    The benchmark forks a process per cell; a pool (or its threads and locks) started before
+    a fork is copied into the child half-alive, and the child's compile then waits on it
+    forever (a forked cell once hung for over ten minutes). With one compile thread Inductor
+    never starts the pool, in this process or in its children
+    (``TORCHINDUCTOR_COMPILE_THREADS=1`` for processes that import torch afresh)."""
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -128,10 +147,19 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
         def step() -> Any:
             return clipped_grad_sum(fn, params, x, target, max_norm=MAX_NORM, method="fast")
 
-    elif method in ("clip-compiled", "clip-fast-compiled"):
+    elif method in COMPILED:
+        inductor_in_process()
         how = "fast" if method == "clip-fast-compiled" else "materialize"
         compiled = compiled_clipped_grad_sum(fn, MAX_NORM, method=how, dynamic=False)
         compiled(params, x, target)  # compile here, for this batch size: not part of a step
+        compile_s = sum(compiled.compile_seconds.values())
+        # FlopCounterMode cannot look inside an Inductor graph (and entering it would make the
+        # compiler trace again): FLOPs are counted on the same program run eagerly
+        # (backend="eager": the planned step, its norms and sums, without Inductor's kernels).
+        twin = compiled_clipped_grad_sum(fn, MAX_NORM, method=how, backend="eager")
+
+        def flop_step() -> Any:
+            return twin(params, x, target)
 
         def step() -> Any:
             return compiled(params, x, target)
@@ -195,7 +223,27 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
                 gsm.enable_hooks()
                 return [p.grad for p in weights]
 
-    return _checked(step, method, batch, [p.shape for p in weights])
+    checked = _checked(step, method, batch, [p.shape for p in weights])
+    if method in COMPILED:
+        checked.compile_s = compile_s  # type: ignore[attr-defined]
+        checked.flop_step = flop_step  # type: ignore[attr-defined]
+    return checked
+
+
+def count_flops(step: Step) -> float:
+    """FLOPs of one call of ``step`` (``torch.utils.flop_counter.FlopCounterMode``: matrix
+    products, convolutions and attention; elementwise ops count zero); NaN if it fails.
+
+    A step that carries a ``flop_step`` (the compiled methods) is counted on that."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            getattr(step, "flop_step", step)()
+    except Exception:  # the timed step reports errors; a count that fails is just missing
+        return math.nan
+    return float(counter.get_total_flops())
 
 
 def _checked(step: Step, method: str, batch: int, shapes: list[torch.Size]) -> Step:
