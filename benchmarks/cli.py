@@ -2,8 +2,10 @@
 
 Commands::
 
-    python -m benchmarks                              # full run: all suites, B = 16, 64
-    python -m benchmarks --quick                      # tiny shapes, 1 repeat: a smoke run (seconds),
+    python -m benchmarks                              # full run: layers, models, lstm; B = 16, 64
+    python -m benchmarks --suite scale                # GPT-2-shaped and WRN-16-4 (long: see below)
+    python -m benchmarks --quick                      # every suite and method once, tiny shapes:
+                                                      # a smoke run (about a minute on 2 idle cores),
                                                       # written to the git-ignored results/quick/
     python -m benchmarks --suite layers --batch-sizes 16,64,256 --repeats 9
     python -m benchmarks.report benchmarks/results/bench.csv   # Markdown again, from the CSV
@@ -15,7 +17,13 @@ Suites (configurations in the format of :mod:`benchmarks.methods`):
   Linear 512->512, Conv2d 64->64 k=8 on 50x100, LayerNorm 64, Embedding 20000x100;
 * ``models``: :func:`benchmarks.models.model_configs`: an MLP, the digits CNN, an
   Embedding+LSTM text classifier, a transformer block;
-* ``lstm``: one LSTM layer, T = 128, D = H = 100 (:func:`benchmarks.lstm.lstm_configs`).
+* ``lstm``: one LSTM layer, T = 128, D = H = 100 (:func:`benchmarks.lstm.lstm_configs`);
+* ``scale`` (not in the default full run): :func:`benchmarks.scale.scale_configs`, a
+  GPT-2-small-shaped transformer (2 blocks, d = 768, T = 128, vocab 8192, tied head; B = 4, 8)
+  and WRN-16-4 with GroupNorm on 3x32x32 (B = 16, 32), with the methods of
+  :data:`benchmarks.scale.SCALE_METHODS`; written to ``scale.csv``. Each step takes seconds
+  and the compiled method compiles for minutes per batch size: about an hour on 2 shared
+  cores (``--repeats 3 --min-time 0`` shortens it).
 
 Methods (:data:`benchmarks.methods.METHODS`): the non-private ``torch.nn`` step, psgfunc's
 ``per_sample_grads`` (vmap / expanded / auto), the ``psgfunc.nn`` shells, fast clipping
@@ -25,7 +33,17 @@ hooks / functorch / ew and ghost clipping. A method that does not support a conf
 gets its error message in the CSV and ``n/a`` in the tables.
 
 Measurement (:func:`benchmarks.layers.measure`): every (configuration, batch size, method)
-runs in its own freshly forked process with ``torch.set_num_threads(--threads)``. Time: the
+runs in its own freshly forked process with ``torch.set_num_threads(--threads)``, killed
+(and recorded as an error) if it has not reported after ``--cell-timeout`` seconds. The
+compiled methods compile in that process with Inductor's compile workers off
+(:func:`benchmarks.methods.inductor_in_process`, set before the first fork; nothing is
+compiled in the parent): a worker pool copied across a fork once left a cell waiting on it
+for over ten minutes. Their compile time, once per batch size and in a fresh process (so it
+includes the compiler's first-use costs), is the ``compile_s`` column. FLOPs of one step
+(``flops``, ``flop_ratio`` to the non-private step): ``torch.utils.flop_counter.FlopCounterMode``
+(matrix products, convolutions, attention), counted once outside the timed steps; for the
+compiled methods on the same program run eagerly (``backend="eager"``), since the counter
+cannot see inside an Inductor graph. Time: the
 median of ``--repeats`` steps (and of as many more as fit in ``--min-time`` seconds, at most
 100) after ``--warmup`` steps. Memory (:func:`benchmarks.layers.step_peak_mb`): the peak
 resident-set growth of ONE step over the live model and inputs, after a one-example step
@@ -37,6 +55,12 @@ measurement the run waits (up to ``--max-wait`` s) until other processes leave t
 (``busy_before`` in the CSV), and measures a cell again (up to ``--retries`` times) when other
 processes kept more than ``--max-busy`` of the CPU busy during it (``busy_during``,
 ``attempts``).
+
+``--quick``: tiny shapes, one batch size per configuration, one timed step, no waiting for a
+quiet CPU, no one-example step per cell (the parent took one of each method before forking),
+and the compiled methods only on the layers suite's Linear (compiling a model takes from
+seconds to minutes even at tiny sizes): every method runs at least once. Cold compiler
+cache, 2 cores: about 55 s of CPU in all.
 
 Outputs, in ``--out`` (default ``benchmarks/results``; ``benchmarks/results/quick``, which git
 ignores, for ``--quick`` runs): ``<name>.csv`` (every number), ``<name>.md`` (tables with ratios to
@@ -67,7 +91,7 @@ from benchmarks.methods import COMPILED, METHODS, inductor_in_process, make_step
 FIELDS = [
     "suite", "config", "desc", "batch", "method", "ms", "min_ms", "repeats", "peak_mb",
     "time_ratio", "mem_ratio", "flops", "flop_ratio", "compile_s", "busy_before", "busy_during",
-    "attempts", "error", "threads", "torch", "opacus", "cpus", "quick",
+    "attempts", "error", "note", "threads", "torch", "opacus", "cpus", "quick",
 ]
 MIN_BASE_MB = 1.0  # below this non-private peak growth, memory ratios are not meaningful
 RESULTS = "benchmarks/results"  # the committed results
@@ -224,6 +248,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
+def plan(opts: argparse.Namespace, methods: list[str]) -> list[tuple[str, str, str, int, str]]:
+    """The cells to measure, in order: ``(suite, config, desc, batch, method)``.
+
+    A suite in :data:`SUITE_METHODS` runs only its methods; batch sizes are ``--batch-sizes``,
+    else the configuration's ``batches``, else 16, 64 (quick: 4). With ``--quick`` (and no
+    ``--configs``) the compiled methods run only where :data:`QUICK_COMPILED` says."""
+    jobs = []
+    for suite in opts.suites:
+        configs = SUITES[suite](opts.quick)
+        suite_methods = [m for m in methods if m in SUITE_METHODS.get(suite, methods)]
+        for name, cfg in configs.items():
+            if opts.config_list and name not in opts.config_list:
+                continue
+            run = [m for m in suite_methods if not (opts.quick and m in COMPILED and not opts.config_list
+                                                     and name not in QUICK_COMPILED.get(suite, ()))]
+            for batch in opts.batches or cfg.get("batches") or ([4] if opts.quick else [16, 64]):
+                jobs += [(suite, name, cfg["desc"], batch, method) for method in run]
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     warmup = opts.warmup if opts.warmup is not None else (0 if opts.quick else 1)
@@ -240,17 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(threads=opts.threads, torch=_version("torch"), opacus=_version("opacus"),
                 cpus=os.cpu_count(), quick=int(opts.quick))
 
-    jobs = []
-    for suite in opts.suites:
-        configs = SUITES[suite](opts.quick)
-        suite_methods = [m for m in methods if m in SUITE_METHODS.get(suite, methods)]
-        for name, cfg in configs.items():
-            if opts.config_list and name not in opts.config_list:
-                continue
-            run = [m for m in suite_methods if not (opts.quick and m in COMPILED and not opts.config_list
-                                                     and name not in QUICK_COMPILED.get(suite, ()))]
-            for batch in opts.batches or cfg.get("batches") or ([4] if opts.quick else [16, 64]):
-                jobs += [(suite, name, cfg["desc"], batch, method) for method in run]
+    jobs = plan(opts, methods)
     if not jobs:
         print("nothing to run: check --suite and --configs", file=sys.stderr)
         return 2
@@ -282,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                    flop_ratio=math.nan, compile_s=result.get("compile_s", math.nan),
                    busy_before="" if math.isnan(busy) else round(busy, 2),
                    busy_during="" if math.isnan(during) else round(during, 2), attempts=attempt,
-                   error=" ".join(str(result.get("error", "")).split())[:300], **meta)
+                   error=" ".join(str(result.get("error", "")).split())[:300],
+                   note=" ".join(str(result.get("note", "")).split())[:300], **meta)
         key = (suite, name, batch)
         if method == "nn":
             base[key] = row

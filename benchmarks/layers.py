@@ -281,7 +281,8 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flo
             conn.send(None)
             return
         peak_mb = step_peak_mb(step)
-        result: dict[str, Any] = dict(compile_s=getattr(step, "compile_s", math.nan))
+        result: dict[str, Any] = dict(compile_s=getattr(step, "compile_s", math.nan),
+                                      note=getattr(step, "note", ""))
         if flops:
             from benchmarks.methods import count_flops
 

@@ -11,7 +11,11 @@ optional keys) describing one layer or model:
   ``params = dict(nn().named_parameters())`` (detached);
 * ``x(b)``: an input batch;
 * ``opacus_nn()``: the module Opacus wraps, when it differs from ``nn()`` (Opacus needs its
-  own ``opacus.layers.DPLSTM`` in place of ``nn.LSTM``; optional).
+  own ``opacus.layers.DPLSTM`` in place of ``nn.LSTM``; optional);
+* ``notes``: method -> what the benchmark knows about that method's result on this
+  configuration (the ``note`` column; optional); the compiled methods add the warnings
+  ``compiled_clipped_grad_sum`` gave while compiling (e.g. leaves materialised in the graph);
+* ``batches``: the batch sizes a run uses unless ``--batch-sizes`` is given (optional).
 
 Every method runs the same step: the forward, the loss ``sum(out * target)`` with a fixed
 random ``target`` shaped like the output (one scalar per example, summed over the batch),
@@ -126,6 +130,7 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
     params = {k: v.detach() for k, v in module.named_parameters()}
     forward = cfg["fn"]
     weights = list(module.parameters())  # the tensors the step differentiates
+    notes = [cfg["notes"][method]] if method in cfg.get("notes", {}) else []
 
     def fn(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
         return _loss(forward(p, xi), ti)
@@ -151,7 +156,10 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
         inductor_in_process()
         how = "fast" if method == "clip-fast-compiled" else "materialize"
         compiled = compiled_clipped_grad_sum(fn, MAX_NORM, method=how, dynamic=False)
-        compiled(params, x, target)  # compile here, for this batch size: not part of a step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled(params, x, target)  # compile here, for this batch size: not part of a step
+        notes += [str(w.message) for w in caught if "compiled_clipped_grad_sum" in str(w.message)]
         compile_s = sum(compiled.compile_seconds.values())
         # FlopCounterMode cannot look inside an Inductor graph (and entering it would make the
         # compiler trace again): FLOPs are counted on the same program run eagerly
@@ -224,6 +232,7 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
                 return [p.grad for p in weights]
 
     checked = _checked(step, method, batch, [p.shape for p in weights])
+    checked.note = "; ".join(dict.fromkeys(notes))  # type: ignore[attr-defined]
     if method in COMPILED:
         checked.compile_s = compile_s  # type: ignore[attr-defined]
         checked.flop_step = flop_step  # type: ignore[attr-defined]

@@ -44,6 +44,17 @@ SCALE_METHODS = ["nn", "clip-fast", "dpopt-fast", "clip-fast-compiled", "opacus-
 """The methods of the scale suite (Opacus's when installed)."""
 
 
+TIED_HEAD_NOTES = {
+    "dpopt-fast": "WRONG norms: the shells see the token embedding's lookup but not the tied head's "
+                  "plain F.linear on its weight, so each example's norm misses the head's share "
+                  "(3-4% low at the quick size) and no error is raised",
+    "opacus-hooks": "WRONG per-sample gradient of tok.weight: the hooks see the embedding's lookup, "
+                    "not the tied head's F.linear (norms 3-4% low at the quick size)",
+}
+"""What the module-based methods do with the GPT-2 model's tied head (the ``note`` column;
+checked by ``tests/test_benchmarks.py``)."""
+
+
 class ScaleModuleOps(ModuleOps):
     """:class:`benchmarks.models.ModuleOps` plus GroupNorm and the tied head."""
 
@@ -190,6 +201,7 @@ def scale_configs(quick: bool) -> dict[str, dict[str, Any]]:
                   f"idx [B, {steps}] -> logits [B, {steps}, {vocab}]"),
             nn=gpt2_net, fn=_functional_scale(gpt2_arch),
             x=lambda b: torch.randint(0, vocab, (b, steps)), batches=gpt_batches,
+            notes=TIED_HEAD_NOTES,
         ),
         "WRN16-4": dict(
             desc=(f"WRN-{depth} widths {stem}-{'-'.join(map(str, widths))}, GroupNorm({groups}) + ReLU, "
