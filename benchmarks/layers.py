@@ -260,21 +260,33 @@ def step_peak_mb(step: Callable[[], Any]) -> float:
     return (_status_kb("VmHWM") - before) / 1024
 
 
-def _child(conn, builder, args, threads, warmup, repeats, min_ms):
+def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flops=False):
     """In a fresh forked process (the parent never ran torch's thread pool, see
-    ``_grad_sample_module``): a one-example step (one-time initialisation), one step for
-    peak memory, then warm-up and timed steps. ``args[-1]`` is the batch size."""
+    ``_grad_sample_module``): a one-example step (one-time initialisation; not with
+    ``tiny=False``, where the parent already paid it), one step for peak memory, the FLOPs of
+    one step (``flops=True``, :func:`benchmarks.methods.count_flops`), then warm-up and timed
+    steps. ``args[-1]`` is the batch size. A step that compiled reports ``compile_s``."""
     try:
         warnings.simplefilter("ignore")
         torch.set_num_threads(threads)
-        tiny = builder(*args[:-1], 1)
-        if tiny is None:
+        if tiny:
+            first = builder(*args[:-1], 1)
+            if first is None:
+                conn.send(None)
+                return
+            first()
+            del first
+        step = builder(*args)
+        if step is None:
             conn.send(None)
             return
-        tiny()
-        del tiny
-        step = builder(*args)
         peak_mb = step_peak_mb(step)
+        result: dict[str, Any] = dict(compile_s=getattr(step, "compile_s", math.nan),
+                                      note=getattr(step, "note", ""))
+        if flops:
+            from benchmarks.methods import count_flops
+
+            result["flops"] = count_flops(step)
         for _ in range(warmup):
             step()
         times: list[float] = []
@@ -282,7 +294,8 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms):
             start = time.perf_counter()
             step()
             times.append((time.perf_counter() - start) * 1e3)
-        conn.send(dict(ms=statistics.median(times), min_ms=min(times), n=len(times), peak_mb=peak_mb))
+        result.update(ms=statistics.median(times), min_ms=min(times), n=len(times), peak_mb=peak_mb)
+        conn.send(result)
     except Exception as error:  # report, do not hang the parent
         conn.send(dict(error=f"{type(error).__name__}: {error}"))
     finally:
@@ -321,15 +334,25 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> float:
     return busy
 
 
-def measure(builder, args, threads, warmup, repeats, min_ms) -> dict[str, Any] | None:
+def measure(builder, args, threads, warmup, repeats, min_ms, *, timeout=None, tiny=True,
+            flops=False) -> dict[str, Any] | None:
+    """Run :func:`_child` in a forked process and return what it reports.
+
+    ``timeout``: seconds to wait for the child; past it the child is killed and the result is
+    an error (a cell never hangs the run). Raises EOFError when the child died silently."""
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, builder, args, threads, warmup, repeats, min_ms))
+    proc = ctx.Process(target=_child, args=(child, builder, args, threads, warmup, repeats, min_ms, tiny, flops))
     proc.start()
     child.close()
-    result = parent.recv()
-    proc.join()
-    return result
+    try:
+        if timeout is not None and not parent.poll(timeout):
+            proc.kill()
+            return dict(error=f"timed out: no result after {timeout:g} s (the cell was killed)")
+        return parent.recv()
+    finally:
+        proc.join()
+        parent.close()
 
 
 def _config_by_name(quick: bool, name: str) -> dict[str, Any]:

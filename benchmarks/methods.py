@@ -11,7 +11,11 @@ optional keys) describing one layer or model:
   ``params = dict(nn().named_parameters())`` (detached);
 * ``x(b)``: an input batch;
 * ``opacus_nn()``: the module Opacus wraps, when it differs from ``nn()`` (Opacus needs its
-  own ``opacus.layers.DPLSTM`` in place of ``nn.LSTM``; optional).
+  own ``opacus.layers.DPLSTM`` in place of ``nn.LSTM``; optional);
+* ``notes``: method -> what the benchmark knows about that method's result on this
+  configuration (the ``note`` column; optional); the compiled methods add the warnings
+  ``compiled_clipped_grad_sum`` gave while compiling (e.g. leaves materialised in the graph);
+* ``batches``: the batch sizes a run uses unless ``--batch-sizes`` is given (optional).
 
 Every method runs the same step: the forward, the loss ``sum(out * target)`` with a fixed
 random ``target`` shaped like the output (one scalar per example, summed over the batch),
@@ -24,6 +28,8 @@ Opacus is imported in the measuring child only (see ``benchmarks.layers._grad_sa
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from typing import Any, Callable
 
@@ -55,7 +61,24 @@ METHODS: dict[str, str] = {
 }
 """Method name -> what one step computes. ``nn`` is the reference of every ratio."""
 
+COMPILED = ("clip-fast-compiled", "clip-compiled")
+"""The methods that compile (seconds to minutes per batch size, reported as ``compile_s``)."""
+
 Step = Callable[[], Any]
+
+
+def inductor_in_process() -> None:
+    """Make Inductor compile in this process, without its pool of compile workers.
+
+    The benchmark forks a process per cell; a pool (or its threads and locks) started before
+    a fork is copied into the child half-alive, and the child's compile then waits on it
+    forever (a forked cell once hung for over ten minutes). With one compile thread Inductor
+    never starts the pool, in this process or in its children
+    (``TORCHINDUCTOR_COMPILE_THREADS=1`` for processes that import torch afresh)."""
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
 
 
 def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -107,6 +130,7 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
     params = {k: v.detach() for k, v in module.named_parameters()}
     forward = cfg["fn"]
     weights = list(module.parameters())  # the tensors the step differentiates
+    notes = [cfg["notes"][method]] if method in cfg.get("notes", {}) else []
 
     def fn(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
         return _loss(forward(p, xi), ti)
@@ -128,10 +152,22 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
         def step() -> Any:
             return clipped_grad_sum(fn, params, x, target, max_norm=MAX_NORM, method="fast")
 
-    elif method in ("clip-compiled", "clip-fast-compiled"):
+    elif method in COMPILED:
+        inductor_in_process()
         how = "fast" if method == "clip-fast-compiled" else "materialize"
         compiled = compiled_clipped_grad_sum(fn, MAX_NORM, method=how, dynamic=False)
-        compiled(params, x, target)  # compile here, for this batch size: not part of a step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled(params, x, target)  # compile here, for this batch size: not part of a step
+        notes += [str(w.message) for w in caught if "compiled_clipped_grad_sum" in str(w.message)]
+        compile_s = sum(compiled.compile_seconds.values())
+        # FlopCounterMode cannot look inside an Inductor graph (and entering it would make the
+        # compiler trace again): FLOPs are counted on the same program run eagerly
+        # (backend="eager": the planned step, its norms and sums, without Inductor's kernels).
+        twin = compiled_clipped_grad_sum(fn, MAX_NORM, method=how, backend="eager")
+
+        def flop_step() -> Any:
+            return twin(params, x, target)
 
         def step() -> Any:
             return compiled(params, x, target)
@@ -195,7 +231,28 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
                 gsm.enable_hooks()
                 return [p.grad for p in weights]
 
-    return _checked(step, method, batch, [p.shape for p in weights])
+    checked = _checked(step, method, batch, [p.shape for p in weights])
+    checked.note = "; ".join(dict.fromkeys(notes))  # type: ignore[attr-defined]
+    if method in COMPILED:
+        checked.compile_s = compile_s  # type: ignore[attr-defined]
+        checked.flop_step = flop_step  # type: ignore[attr-defined]
+    return checked
+
+
+def count_flops(step: Step) -> float:
+    """FLOPs of one call of ``step`` (``torch.utils.flop_counter.FlopCounterMode``: matrix
+    products, convolutions and attention; elementwise ops count zero); NaN if it fails.
+
+    A step that carries a ``flop_step`` (the compiled methods) is counted on that."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            getattr(step, "flop_step", step)()
+    except Exception:  # the timed step reports errors; a count that fails is just missing
+        return math.nan
+    return float(counter.get_total_flops())
 
 
 def _checked(step: Step, method: str, batch: int, shapes: list[torch.Size]) -> Step:

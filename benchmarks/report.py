@@ -8,7 +8,10 @@ Commands::
 
 ``--update FILE`` replaces what lies between the lines ``<!-- benchmark-results:begin -->``
 and ``<!-- benchmark-results:end -->`` in FILE (README.md or RESULTS.md), so the numbers a
-document shows always come from the committed CSV; text outside the markers is kept. Links
+document shows always come from the committed CSV; text outside the markers is kept.
+``--marker NAME`` uses ``<!-- benchmark-results:NAME:begin -->`` / ``...:NAME:end -->``
+instead, so one document holds several CSVs' tables (the scale suite's:
+``python -m benchmarks.report benchmarks/results/scale.csv --update README.md --marker scale``). Links
 to the plots are written relative to the repository root (``--link-prefix``).
 """
 
@@ -26,7 +29,8 @@ from benchmarks.methods import METHODS
 
 BEGIN = "<!-- benchmark-results:begin -->"
 END = "<!-- benchmark-results:end -->"
-_NUMERIC = ("batch", "ms", "min_ms", "repeats", "peak_mb", "time_ratio", "mem_ratio", "threads", "cpus", "quick")
+_NUMERIC = ("batch", "ms", "min_ms", "repeats", "peak_mb", "time_ratio", "mem_ratio", "flops", "flop_ratio",
+            "compile_s", "threads", "cpus", "quick")
 _INTS = ("batch", "repeats", "threads", "cpus", "quick")
 # One fixed style per method, the same in every plot: psgfunc's methods are solid lines in the
 # tab10 colours, torch's and Opacus's dashed lines in Paul Tol's muted colours (none repeats a
@@ -65,6 +69,7 @@ _SUITE_TITLES = {
     "layers": "Layers (Opacus's benchmark shapes)",
     "models": "Models",
     "lstm": "LSTM layer",
+    "scale": "Scale: a GPT-2-shaped transformer and WRN-16-4",
 }
 
 
@@ -133,6 +138,33 @@ def _mem_cell(r: dict[str, Any]) -> str:
     return text + (f" ({_num(r['mem_ratio'])}x)" if _ok(r["mem_ratio"]) else "")
 
 
+def _flop_cell(r: dict[str, Any]) -> str:
+    return _num(r.get("flop_ratio", math.nan))
+
+
+def _gflop(r: dict[str, Any]) -> str:
+    return _num(r.get("flops", math.nan) / 1e9)
+
+
+def flop_floors(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per configuration: the non-private step's FLOPs (the floor every method
+    pays) at each batch size, and how many FLOPs the cheapest private method adds."""
+    lines = []
+    for config in _unique(r["config"] for r in rows):
+        sub = [r for r in rows if r["config"] == config and _ok(r.get("flops", math.nan))]
+        base = [r for r in sub if r["method"] == "nn" and not r["error"]]
+        if not base:
+            continue
+        floors = ", ".join(f"{_gflop(r)} GFLOP at B={r['batch']}" for r in base)
+        private = [r for r in sub if r["method"] != "nn" and not r["error"] and _ok(r.get("flop_ratio", math.nan))
+                   and not str(r.get("note", "")).startswith("WRONG")]
+        best = min(private, key=lambda r: r["flop_ratio"], default=None)
+        extra = (f"; the fewest FLOPs of a private step: `{best['method']}`, {_num(best['flop_ratio'])}x "
+                 f"(B={best['batch']})") if best else ""
+        lines.append(f"- `{config}`: non-private step {floors}{extra}.")
+    return lines
+
+
 def machine_line(rows: Sequence[dict[str, Any]]) -> str:
     r = rows[0]
     opacus = f"opacus {r['opacus']}" if r.get("opacus") else "opacus not installed"
@@ -180,21 +212,39 @@ def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = ()
         out += _table(sub, _time_cell, "non-private (ms)", lambda r: _num(r["ms"]))
         out += ["", "Peak memory growth of one step, MB (ratio to non-private):", ""]
         out += _table(sub, _mem_cell, "non-private (MB)", lambda r: _mb(r["peak_mb"]))
+        if any(_ok(r.get("flops", math.nan)) and r["method"] != "nn" for r in sub) and suite == "scale":
+            out += ["", "FLOPs of one step (`torch.utils.flop_counter.FlopCounterMode`: matrix products, "
+                    "convolutions, attention), ratio to non-private; the compiled methods' counted on the "
+                    "same program run eagerly. The FLOP floor, per model:", ""]
+            out += flop_floors(sub)
+            out += [""] + _table(sub, _flop_cell, "non-private (GFLOP)", _gflop)
+        compiled = [r for r in sub if _ok(r.get("compile_s", math.nan))]
+        if compiled:
+            out += ["", "Compile time of the compiled methods (s, once per batch size, in the cell's "
+                    "fresh process, before timing): "
+                    + ", ".join(f"`{r['method']}` {r['config']} B={r['batch']} {r['compile_s']:.0f}" for r in compiled)
+                    + "."]
         if suite in links:
             out += ["", f"![{suite}: time and peak memory against batch size]({links[suite]})"]
     failures = _unique((r["method"], r["config"], r["error"]) for r in rows if r["error"])
     if failures:
         out += ["", "Not supported (`n/a`):", ""]
         out += [f"- `{m}` on {c}: {e[:160]}" for m, c, e in failures]
+    notes = _unique((r["method"], r["config"], r["note"]) for r in rows if r.get("note"))
+    if notes:
+        out += ["", "Notes (the numbers are given, but read them with this):", ""]
+        out += [f"- `{m}` on {c}: {n[:300]}" for m, c, n in notes]
     if details:
         out += ["", "#### Every measurement", "",
-                "| suite | config | B | method | median (ms) | min (ms) | steps | x time | peak (MB) | x memory | others' CPU before / during | attempts | error |",
-                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "| suite | config | B | method | median (ms) | min (ms) | steps | x time | peak (MB) | x memory "
+                "| GFLOP | x FLOPs | compile (s) | others' CPU before / during | attempts | error |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             out.append(
                 f"| {r['suite']} | {r['config']} | {r['batch']} | {r['method']} | {_num(r['ms'])} | "
                 f"{_num(r['min_ms'])} | {r['repeats']} | {_num(r['time_ratio'])} | {_mb(r['peak_mb'])} | "
-                f"{_num(r['mem_ratio'])} | {r['busy_before']} / {r.get('busy_during', '')} | {r.get('attempts', '')} | "
+                f"{_num(r['mem_ratio'])} | {_gflop(r)} | {_flop_cell(r)} | {_num(r.get('compile_s', math.nan))} | "
+                f"{r['busy_before']} / {r.get('busy_during', '')} | {r.get('attempts', '')} | "
                 f"{r['error'][:80]} |"
             )
     return "\n".join(out) + "\n"
@@ -255,8 +305,17 @@ def plot(rows: Sequence[dict[str, Any]], prefix: str | Path) -> list[Path]:
     return paths
 
 
-def update(path: str | Path, text: str) -> None:
-    """Replace the text between :data:`BEGIN` and :data:`END` in ``path`` (appended if absent)."""
+def markers(name: str = "") -> tuple[str, str]:
+    """The begin and end lines of the block ``name`` (``""``: :data:`BEGIN`, :data:`END`)."""
+    if not name:
+        return BEGIN, END
+    return f"<!-- benchmark-results:{name}:begin -->", f"<!-- benchmark-results:{name}:end -->"
+
+
+def update(path: str | Path, text: str, name: str = "") -> None:
+    """Replace the text between the markers of block ``name`` (:func:`markers`) in ``path``
+    (appended if absent)."""
+    BEGIN, END = markers(name)  # noqa: N806
     path = Path(path)
     old = path.read_text() if path.exists() else ""
     block = f"{BEGIN}\n{text.rstrip()}\n{END}"
@@ -275,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--details", action="store_true", help="add the long table of every measurement")
     parser.add_argument("--update", default=None, metavar="FILE",
                         help="write the Markdown between the benchmark-results markers of FILE")
+    parser.add_argument("--marker", default="", metavar="NAME",
+                        help="with --update: the block between <!-- benchmark-results:NAME:begin/end --> "
+                             "(default: the unnamed block)")
     parser.add_argument("--link-prefix", default=None,
                         help="prefix of plot links (default: the CSV's folder, e.g. benchmarks/results/)")
     args = parser.parse_args(argv)
@@ -285,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     link_prefix = args.link_prefix if args.link_prefix is not None else csv_path.parent.as_posix() + "/"
     text = markdown(rows, plots=plots, details=args.details, relative_to=csv_path.parent, link_prefix=link_prefix)
     if args.update:
-        update(args.update, text)
+        update(args.update, text, args.marker)
         print(f"updated {args.update}")
     else:
         sys.stdout.write(text)

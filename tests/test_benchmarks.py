@@ -18,6 +18,7 @@ from benchmarks import report
 from benchmarks.layers import layer_configs
 from benchmarks.lstm import lstm_configs
 from benchmarks.models import model_configs
+from benchmarks.scale import SCALE_METHODS, scale_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["nn", "vmap", "expanded", "auto", "shell", "dpopt-fast", "clip-fast", "torch-ew"]
@@ -67,12 +68,14 @@ def test_report_regenerates_markdown_between_markers(quick_run: Path, tmp_path: 
     "suite, name",
     [("layers", n) for n in layer_configs(True)]
     + [("models", n) for n in model_configs(True)]
-    + [("lstm", n) for n in lstm_configs(True)],
+    + [("lstm", n) for n in lstm_configs(True)]
+    + [("scale", n) for n in scale_configs(True)],
 )
 def test_functional_forward_equals_module(suite: str, name: str) -> None:
     """Each configuration's one-example ``fn`` (what per_sample_grads sees) computes the
     module's forward: the methods being compared really do the same work."""
-    cfg = {"layers": layer_configs, "models": model_configs, "lstm": lstm_configs}[suite](True)[name]
+    suites = {"layers": layer_configs, "models": model_configs, "lstm": lstm_configs, "scale": scale_configs}
+    cfg = suites[suite](True)[name]
     torch.manual_seed(0)
     module = cfg["nn"]()
     x = cfg["x"](3)
@@ -103,3 +106,139 @@ def test_quick_runs_default_to_a_git_ignored_folder() -> None:
     assert cli.parse_args(["--quick", "--out", "elsewhere"]).out == "elsewhere"
     ignored = subprocess.run(["git", "check-ignore", "-q", f"{cli.QUICK_RESULTS}/bench-quick.csv"], cwd=ROOT)
     assert ignored.returncode == 0, f"{cli.QUICK_RESULTS} is not listed in .gitignore"
+
+
+# ------------------------------------------------------------------------------ scale suite
+
+
+@pytest.mark.parametrize("name", list(scale_configs(True)))
+@pytest.mark.parametrize("method", [m for m in SCALE_METHODS if m != "clip-fast-compiled"])
+def test_scale_quick_configs_take_one_step_of_each_method(name: str, method: str) -> None:
+    """Every scale-suite method builds and takes one step on the quick configurations, or
+    fails the way the CSV records (Opacus's ghost clipping on the GPT-2 model); its FLOPs
+    are counted. (``clip-fast-compiled`` compiles for minutes here: run by the suite only.)"""
+    from benchmarks.methods import count_flops, make_step
+
+    if method.startswith("opacus"):
+        pytest.importorskip("opacus")
+    cfg = scale_configs(True)[name]
+    if (name, method) == ("GPT2", "opacus-ghost"):
+        with pytest.raises(RuntimeError, match="view size"):
+            make_step(cfg, method, 2)()
+        return
+    step = make_step(cfg, method, 2)
+    step()  # checks every shape the method promises (benchmarks.methods._checked)
+    assert count_flops(step) > 0
+    assert step.note == cfg.get("notes", {}).get(method, "")
+
+
+def _gpt2_norms(method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the norms ``method`` clips by, the true per-example gradient norms) on the quick GPT-2
+    model in float64, three examples."""
+    from torch.func import grad, vmap
+
+    import psgfunc.nn as pnn
+    from psgfunc.dp import DPOptimizer, clipped_grad_sum
+
+    cfg = scale_configs(True)["GPT2"]
+    torch.manual_seed(0)
+    module = cfg["nn"]().double()
+    x = cfg["x"](3)
+    with torch.no_grad():
+        target = torch.randn_like(module(x))
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def fn(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+        return (cfg["fn"](p, xi) * ti).sum()
+
+    per_example = vmap(grad(fn), (None, 0, 0))(params, x, target)
+    true = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_example.values()]).sum(0).sqrt()
+    if method == "clip-fast":
+        return clipped_grad_sum(fn, params, x, target, max_norm=1.0, method="fast")[1], true
+    shell = pnn.expand_weights(module, 3)
+    opt = DPOptimizer(torch.optim.SGD(list(shell.parameters()), lr=0.0), max_norm=1.0,
+                      noise_multiplier=0.0, expected_batch_size=3, fast_clipping=True)
+    opt.zero_grad()
+    (shell(x) * target).sum().backward()
+    return opt.accumulate(), true
+
+
+def test_gpt2_tied_head_clip_fast_clips_by_the_true_norms() -> None:
+    """The functional GPT-2 ties the head to the token embedding's leaf through PF.linear:
+    clipped_grad_sum sees both uses and clips by the true per-example norms."""
+    norms, true = _gpt2_norms("clip-fast")
+    torch.testing.assert_close(norms, true, rtol=1e-10, atol=0)
+
+
+@pytest.mark.xfail(reason="psgfunc.nn shells do not see a weight used in a plain F.linear (the tied head): "
+                          "DPOptimizer(fast_clipping=True) clips by norms that miss its share; the scale "
+                          "suite's note column (benchmarks.scale.TIED_HEAD_NOTES) says so. When this passes, "
+                          "drop the note and this marker.", strict=True)
+def test_gpt2_tied_head_dpopt_fast_clips_by_the_true_norms() -> None:
+    norms, true = _gpt2_norms("dpopt-fast")
+    torch.testing.assert_close(norms, true, rtol=1e-10, atol=0)
+
+
+def test_quick_plan_runs_every_method_once_and_compiles_only_on_linear() -> None:
+    from benchmarks import cli
+    from benchmarks.methods import COMPILED
+    from benchmarks.methods import METHODS as ALL_METHODS
+
+    opts = cli.parse_args(["--quick"])
+    assert opts.suites == list(cli.SUITES) and "scale" in opts.suites
+    jobs = cli.plan(opts, list(ALL_METHODS))
+    assert {j[4] for j in jobs} == set(ALL_METHODS)
+    for method in COMPILED:
+        assert [(j[0], j[1]) for j in jobs if j[4] == method] == [("layers", "Linear")]
+    scale_jobs = [j for j in jobs if j[0] == "scale"]
+    assert {j[4] for j in scale_jobs} == set(SCALE_METHODS) - set(COMPILED)
+    assert {j[3] for j in jobs} == {2, 4}  # one batch size per configuration
+
+
+def test_full_plan_uses_each_scale_models_own_batch_sizes_and_file_name() -> None:
+    from benchmarks import cli
+
+    opts = cli.parse_args(["--suite", "scale"])
+    assert opts.name == "scale" and cli.parse_args([]).suites == cli.DEFAULT_SUITES
+    jobs = cli.plan(opts, list(SCALE_METHODS))
+    assert {(j[1], j[3]) for j in jobs} == {("GPT2", 4), ("GPT2", 8), ("WRN16-4", 16), ("WRN16-4", 32)}
+    assert {j[4] for j in jobs} == set(SCALE_METHODS)
+    assert "GPT-2-shaped, 2 blocks: Embedding(8192, 768)" in jobs[0][2]
+    assert cli.plan(cli.parse_args(["--suite", "scale", "--batch-sizes", "3"]), ["nn"])[0][3] == 3
+
+
+def _sleepy_builder(*args: object) -> object:
+    import time
+
+    time.sleep(60)
+
+
+def test_a_cell_that_hangs_is_killed_and_recorded() -> None:
+    from benchmarks import layers
+
+    result = layers.measure(_sleepy_builder, (1,), 1, 0, 1, 0.0, timeout=0.5, tiny=False)
+    assert result is not None and result["error"].startswith("timed out")
+
+
+def test_report_states_the_flop_floor_and_compile_times(tmp_path: Path) -> None:
+    from benchmarks.cli import FIELDS
+
+    rows = []
+    for method, flops, compile_s, note in (("nn", 2e9, "", ""), ("clip-fast", 2.2e9, "", ""),
+                                           ("dpopt-fast", 2.1e9, "", "WRONG norms"),
+                                           ("clip-fast-compiled", 2.4e9, 61.0, "")):
+        rows.append({k: "" for k in FIELDS} | dict(
+            suite="scale", config="GPT2", desc="d", batch=4, method=method, ms=10, peak_mb=5,
+            time_ratio=1, flops=flops, flop_ratio=flops / 2e9, compile_s=compile_s, note=note,
+            threads=2, cpus=2, quick=0, torch="2", opacus=""))
+    path = tmp_path / "scale.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    text = report.markdown(report.load(path))
+    assert "- `GPT2`: non-private step 2.00 GFLOP at B=4; the fewest FLOPs of a private step: `clip-fast`, 1.10x" in text
+    assert "| GPT2 | 4 | 2.00 | 1.10 | 1.05 | 1.20 |" not in text  # methods are in METHODS order
+    assert "| GPT2 | 4 | 2.00 | 1.05 | 1.10 | 1.20 |" in text
+    assert "`clip-fast-compiled` GPT2 B=4 61" in text
+    assert "- `dpopt-fast` on GPT2: WRONG norms" in text
