@@ -45,9 +45,9 @@ SCALE_METHODS = ["nn", "clip-fast", "dpopt-fast", "clip-fast-compiled", "opacus-
 
 
 TIED_HEAD_NOTES = {
-    "dpopt-fast": "WRONG norms: the shells see the token embedding's lookup but not the tied head's "
-                  "plain F.linear on its weight, so each example's norm misses the head's share "
-                  "(3-4% low at the quick size) and no error is raised",
+    "dpopt-fast": "refused: DPOptimizer raises a ValueError for the tied head's plain F.linear on the "
+                  "token embedding's weight (the committed timing row predates that check, when the "
+                  "norms missed the head's share silently)",
     "opacus-hooks": "WRONG per-sample gradient of tok.weight: the hooks see the embedding's lookup, "
                     "not the tied head's F.linear (norms 3-4% low at the quick size)",
 }
