@@ -143,7 +143,7 @@ def _quiet_absl() -> Iterator[None]:
 
 
 def epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon spent after ``steps`` DP-SGD steps (RDP accountant, Poisson sampling)."""
+    """Epsilon spent after ``steps`` DP-SGD steps (the default PLD accountant, Poisson sampling)."""
     with _quiet_absl():
         return dp.epsilon(sigma, sample_rate, steps, delta)
 
