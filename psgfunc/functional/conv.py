@@ -39,6 +39,31 @@ def _ntuple(value: Any, dim: int, name: str, fn: str, *, minimum: int) -> tuple[
     return values
 
 
+def _kernel_dim(kernel_size: Any, dim: int | None, fn: str) -> tuple[int, tuple[int, ...]]:
+    """``(dim, kernel sizes)`` of an ``init_*`` call: the dimension from ``dim`` or from a
+    ``kernel_size`` tuple's length (an int ``kernel_size`` needs ``dim``); ValueError naming
+    ``fn`` otherwise."""
+    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
+        if dim is None:
+            raise ValueError(
+                f"{fn}: kernel_size={kernel_size} is an int, so the dimension is unknown; pass "
+                "dim=1, 2 or 3, or a kernel_size tuple with one size per spatial dim"
+            )
+    elif isinstance(kernel_size, (tuple, list, torch.Size)):
+        if dim is None:
+            dim = len(kernel_size)
+        elif dim != len(kernel_size):
+            raise ValueError(
+                f"{fn}: dim={dim} disagrees with kernel_size={tuple(kernel_size)} "
+                f"({len(kernel_size)} sizes); pass one of them only"
+            )
+    else:
+        raise ValueError(f"{fn}: kernel_size={kernel_size!r} must be an int or a tuple of ints")
+    if dim not in (1, 2, 3):
+        raise ValueError(f"{fn}: dim={dim} must be 1, 2 or 3 (spatial dims of the convolution)")
+    return dim, _ntuple(kernel_size, dim, "kernel_size", fn, minimum=1)
+
+
 def _resolve_padding(
     padding: str | IntOrTuple,
     kernel_size: tuple[int, ...],
@@ -348,25 +373,7 @@ def init_conv(
             disagreeing with ``kernel_size``, channels not divisible by ``groups``.
     """
     fn = "init_conv"
-    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
-        if dim is None:
-            raise ValueError(
-                f"{fn}: kernel_size={kernel_size} is an int, so the dimension is unknown; pass "
-                "dim=1, 2 or 3, or a kernel_size tuple with one size per spatial dim"
-            )
-    elif isinstance(kernel_size, (tuple, list, torch.Size)):
-        if dim is None:
-            dim = len(kernel_size)
-        elif dim != len(kernel_size):
-            raise ValueError(
-                f"{fn}: dim={dim} disagrees with kernel_size={tuple(kernel_size)} "
-                f"({len(kernel_size)} sizes); pass one of them only"
-            )
-    else:
-        raise ValueError(f"{fn}: kernel_size={kernel_size!r} must be an int or a tuple of ints")
-    if dim not in (1, 2, 3):
-        raise ValueError(f"{fn}: dim={dim} must be 1, 2 or 3 (spatial dims of the convolution)")
-    kernel = _ntuple(kernel_size, dim, "kernel_size", fn, minimum=1)
+    dim, kernel = _kernel_dim(kernel_size, dim, fn)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{fn}: groups={groups!r} must be a positive int")
     if in_channels < 0 or out_channels < 0:

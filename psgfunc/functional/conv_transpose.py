@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from psgfunc._rules import dispatchable
-from psgfunc.functional.conv import _SPATIAL, IntOrTuple, _ntuple
+from psgfunc.functional.conv import _SPATIAL, IntOrTuple, _kernel_dim, _ntuple
 from psgfunc.functional.linear import _uniform
 
 __all__ = ["conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "init_conv_transpose"]
@@ -246,25 +246,7 @@ def init_conv_transpose(
             malformed stride/padding/output_padding/dilation.
     """
     fn = "init_conv_transpose"
-    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
-        if dim is None:
-            raise ValueError(
-                f"{fn}: kernel_size={kernel_size} is an int, so the dimension is unknown; pass "
-                "dim=1, 2 or 3, or a kernel_size tuple with one size per spatial dim"
-            )
-    elif isinstance(kernel_size, (tuple, list, torch.Size)):
-        if dim is None:
-            dim = len(kernel_size)
-        elif dim != len(kernel_size):
-            raise ValueError(
-                f"{fn}: dim={dim} disagrees with kernel_size={tuple(kernel_size)} "
-                f"({len(kernel_size)} sizes); pass one of them only"
-            )
-    else:
-        raise ValueError(f"{fn}: kernel_size={kernel_size!r} must be an int or a tuple of ints")
-    if dim not in (1, 2, 3):
-        raise ValueError(f"{fn}: dim={dim} must be 1, 2 or 3 (spatial dims of the convolution)")
-    kernel = _ntuple(kernel_size, dim, "kernel_size", fn, minimum=1)
+    dim, kernel = _kernel_dim(kernel_size, dim, fn)
     _conf(dim, fn, stride, padding, output_padding, dilation)
     _check_groups(groups, fn)
     if in_channels < 0 or out_channels < 0:
