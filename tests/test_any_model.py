@@ -142,3 +142,61 @@ def test_psgfunc_shells_inside_torch_func_transforms():
             close(pf.per_sample_grads(fn, params, x, method=method), ref)
         grads = torch.func.vmap(torch.func.grad(fn), in_dims=(None, 0))(params, x)
         close(grads, ref)
+
+
+def _batch_loss(loss, out, y):
+    """The sum over examples of ``loss`` on each example's slice of ``out``."""
+    if hasattr(out, "logits"):
+        return sum(F.cross_entropy(out.logits[b], y[b]) for b in range(B))
+    if hasattr(out, "last_hidden_state"):
+        return ((out.last_hidden_state - y) ** 2).sum()
+    return loss(out, y, reduction="sum")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "transformer_encoder", "lstm", "gru", "groupnorm_resnet"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_any_model_expand_weights(name, fast):
+    """The same models converted in place: ``.grad_sample`` equals the per-example loop, and a
+    fast-clipping ``DPOptimizer`` step the clipped loop update. HF BERT's pooler, which the
+    loss does not use, gets no gradient: its per-sample gradients are zero (no error)."""
+    import copy
+
+    import psgfunc.nn as pnn
+
+    torch.manual_seed(0)
+    model, x, y, loss, _ = _model(name)
+    model = model.double().eval()
+    x, y = (t.double() if t.is_floating_point() else t for t in (x, y))
+    ref = copy.deepcopy(model)
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+
+    def fn(p, x, y):
+        return loss(functional_call(ref, p, (x[None],)), y[None])
+
+    expected = per_example_grads(fn, params, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # custom modules holding buffers (rotary tables)
+        pnn.expand_weights(model, B)
+    if not fast:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no op fell back, no batching-rule warning
+            _batch_loss(loss, model(x), y).backward()
+        got = {k: p.grad_sample if getattr(p, "grad_sample", None) is not None else torch.zeros_like(p.expand(B, *p.shape))
+               for k, p in model.named_parameters()}
+        close(got, expected)
+        return
+    c = 0.1
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()]).norm(dim=0)
+    factor = c / norms.clamp_min(c)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = pf.dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=c, noise_multiplier=0.0,
+                            expected_batch_size=B, fast_clipping=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing materialised
+        _batch_loss(loss, model(x), y).backward()
+        got = opt.accumulate()
+    torch.testing.assert_close(got, norms, rtol=1e-10, atol=0)
+    opt.step()
+    for k, p in model.named_parameters():
+        want = before[k] - torch.einsum("b,b...->...", factor, expected[k]) / B
+        torch.testing.assert_close(p.detach(), want, rtol=1e-10, atol=1e-13, msg=k)

@@ -308,7 +308,10 @@ class DPOptimizer(torch.optim.Optimizer):
         if not any(present):
             return self._empty(params)
         if not all(present):
-            raise self._missing_error(params, present)
+            self._unreached(params, present)  # ValueError unless no backward reached them
+            b = batch_size([s for s in samples if s is not None], what="grad_sample")
+            samples = [s if ok else p.new_zeros(()).expand(b, *p.shape)
+                       for p, s, ok in zip(params, samples, present)]
         for i, (p, s) in enumerate(zip(params, samples)):
             if not isinstance(s, torch.Tensor) or s.dim() != p.dim() + 1 or s.shape[1:] != p.shape:
                 got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
@@ -372,6 +375,23 @@ class DPOptimizer(torch.optim.Optimizer):
                 raise _rows.plain_use_error(f"DPOptimizer: trainable parameter #{i} (shape "
                                             f"{tuple(p.shape)}, in param_groups order)")
 
+    def _unreached(self, params: list[torch.Tensor], present: list[bool]) -> list[int]:
+        """Indices of the parameters without per-sample gradients, whose per-sample gradients
+        are zero: psgfunc layers used them, and no backward reached them (``p.grad`` is None,
+        or still this optimizer's last update), e.g. a BERT pooler whose output the loss does
+        not use. ValueError for any other (a parameter that psgfunc layers never used, or one
+        with a gradient that nothing recorded per example)."""
+        missing = [i for i, ok in enumerate(present) if not ok]
+        bad = []
+        for i in missing:
+            g, ours = params[i].grad, self._updates.get(id(params[i]))
+            untouched = g is None or (ours is not None and g is ours[0] and g._version == ours[1])
+            if not (untouched and _rows.watched(params[i])):
+                bad.append(i)
+        if bad:
+            raise self._missing_error(params, [i not in bad for i in range(len(params))])
+        return missing
+
     def _missing_error(self, params: list[torch.Tensor], present: list[bool]) -> ValueError:
         missing = [f"#{i} shape {tuple(p.shape)}" for i, (p, ok) in enumerate(zip(params, present)) if not ok]
         return ValueError(
@@ -397,16 +417,17 @@ class DPOptimizer(torch.optim.Optimizer):
         present = [bool(r) or d is not None for r, d in zip(pieces, dense)]
         if not any(present):
             return self._empty(params)
-        if not all(present):
-            raise self._missing_error(params, present)
+        unreached = self._unreached(params, present) if not all(present) else []
         self._check_plain_uses(params, [log is not None and log.plain for log in logs], dense)
-        sizes = {log.batch if r else d.shape[0] for log, r, d in zip(logs, pieces, dense)}
+        sizes = {log.batch if r else d.shape[0] for log, r, d in zip(logs, pieces, dense) if r or d is not None}
         if len(sizes) != 1:
             raise ValueError(
                 f"DPOptimizer: parameters saw different batch sizes {sorted(sizes)} in one "
                 "micro-batch; run one forward and backward per micro-batch, then accumulate()"
             )
         (size,) = sizes
+        for i in unreached:  # no backward reached it: its per-sample gradients are zero
+            dense[i] = params[i].new_zeros(()).expand(size, *params[i].shape)
         leaves = leaf_pieces(pieces, dense, size, [p.shape for p in params])
         scale = size if self.loss_reduction == "mean" else 1  # gradients of a mean loss are g_b / B
         # certified: covers the rounding of the norms and of the sums (psgfunc.per_sample._kinds)

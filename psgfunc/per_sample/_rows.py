@@ -57,7 +57,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["Call", "PieceLog", "claim", "log_of", "row_hook", "recorder", "watch", "consume", "pad_rows",
-           "plain_use_error", "describe"]
+           "plain_use_error", "describe", "watched"]
 
 _LOCK = threading.RLock()
 # graph task id -> the rows held until that backward pass ends (dies with the graph task,
@@ -453,6 +453,11 @@ def watch(p: torch.Tensor, name: str) -> None:
     p.register_hook(hook)
     with _LOCK:
         _WATCHED[id(p)] = p
+
+
+def watched(p: torch.Tensor) -> bool:
+    """Whether a psgfunc layer call has used ``p`` (it carries the total-gradient hook)."""
+    return _WATCHED.get(id(p)) is p
 
 
 def describe(p: torch.Tensor, name: str, layer: Any) -> str:

@@ -450,3 +450,33 @@ def test_gradient_present_when_the_optimizer_is_built_is_not_a_backward():
     (p * 2).sum().backward()  # a plain backward accumulates into the existing p.grad in place
     with pytest.raises(ValueError, match="no trainable parameter has per-sample gradients"):
         opt2.step()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_layer_the_loss_does_not_use_has_zero_per_sample_gradients(fast):
+    """A shell that ran in the forward but that no backward reached (HF BERT's pooler when the
+    loss reads the hidden states) has zero per-sample gradients: the step clips the others and
+    leaves it where it was; a parameter no psgfunc layer used, without grad_sample, still raises."""
+    torch.manual_seed(0)
+    body, unused = pnn.Linear(3, 4, 4, dtype=F64), pnn.Linear(4, 2, 4, dtype=F64)
+    x = torch.randn(4, 3, dtype=F64)
+    before = [p.detach().clone() for p in body.parameters()]
+    per_example = per_example_grads(
+        lambda p, x: functional_call(body, p, (x[None],)).tanh().sum(),
+        {k: v.detach() for k, v in body.named_parameters()}, x)
+    want, norms = clipped_step(before, list(per_example.values()), 0.5, 4.0)
+    opt = optimizer([*body.parameters(), *unused.parameters()], "fast" if fast else "dense", max_norm=0.5)
+    h = body(x)
+    unused(h)  # runs, but its output is not in the loss
+    h.tanh().sum().backward()
+    torch.testing.assert_close(opt.accumulate(), norms, rtol=1e-10, atol=0)
+    opt.step()
+    for p, w in zip(body.parameters(), want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-13)
+    assert all(p.grad is None or not p.grad.any() for p in unused.parameters())
+
+    stray = nn.Parameter(torch.randn(2, dtype=F64))  # never seen by a psgfunc layer
+    opt = optimizer([*body.parameters(), stray], "fast" if fast else "dense")
+    body(x).sum().backward()
+    with pytest.raises(ValueError, match="have no grad_sample while others do"):
+        opt.accumulate()
