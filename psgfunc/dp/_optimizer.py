@@ -292,8 +292,10 @@ class DPOptimizer(torch.optim.Optimizer):
             logging, computing statistics from them is not private.
 
         Raises:
-            ValueError: if some trainable parameters have ``grad_sample`` and others do not,
-                a ``grad_sample`` is not shaped ``[B, *p.shape]``, the ``B``'s differ, or an
+            ValueError: if some trainable parameters have ``grad_sample`` and others do not
+                (except parameters of psgfunc layers that no backward reached, e.g. a pooler
+                the loss does not use: their per-sample gradients are zero), a
+                ``grad_sample`` is not shaped ``[B, *p.shape]``, the ``B``'s differ, or an
                 example's gradient holds NaN or Inf; if none has per-sample gradients but
                 backward left ``p.grad`` (a model not converted with ``expand_weights``); if a
                 parameter's per-sample gradients miss a use of it outside psgfunc layers; if
