@@ -88,8 +88,7 @@ class EmbeddingRows(GradKind):
         a = rho.sum(1)
         grow = (1 + gamma(dim + 3, dtype)) * (1 + gamma(positions + 2, dtype))
         err_scale = gamma(positions + 2, dtype) * grow
-        gram = positions <= _GRAM_MAX_POSITIONS or torch.compiler.is_compiling()  # unique: not traceable
-        if gram and positions**2 < self.num_embeddings:
+        if positions <= _GRAM_MAX_POSITIONS and positions**2 < self.num_embeddings:
             same = idx.unsqueeze(2) == idx.unsqueeze(1)  # [B, T, T]
             est = torch.sum(torch.bmm(g, g.transpose(1, 2)) * same, (1, 2), dtype=F64).to(dtype)
             paired = ((rho.unsqueeze(2) * rho.unsqueeze(1)) * same).sum((1, 2))
@@ -97,11 +96,15 @@ class EmbeddingRows(GradKind):
             err = paired * (coef * grow**2 * (1 + gamma(positions**2 + 5, dtype)))
             return NormBound(est, (est + err).clamp_min(0), a, 1 + gamma(2, dtype), err_scale)
         # longer sequences: add up each example's rows per distinct index (B*T*D work, never
-        # the [B, V, D] table), then square
+        # the [B, V, D] table), then square. The keys are sorted and each run of equal keys
+        # numbered (static shapes, unlike torch.unique: torch.compile traces it in one graph);
+        # the B*T slots left over stay zero rows
         offsets = torch.arange(size, device=idx.device).unsqueeze(1) * self.num_embeddings
-        keys, inverse = torch.unique((idx.to(torch.int64) + offsets).reshape(-1), return_inverse=True)
-        rows = g.new_zeros(keys.numel(), dim).index_add_(0, inverse, g.reshape(-1, dim))
-        example = torch.div(keys, self.num_embeddings, rounding_mode="floor")
+        keys, order = torch.sort((idx.to(torch.int64) + offsets).reshape(-1))
+        starts = torch.cat([keys.new_ones(min(keys.numel(), 1), dtype=torch.bool), keys[1:] != keys[:-1]])
+        run = torch.cumsum(starts, 0) - 1  # [B*T] the run (distinct key) of each sorted slot
+        rows = g.new_zeros(keys.numel(), dim).index_add_(0, run, g.reshape(-1, dim)[order])
+        example = torch.zeros_like(keys).scatter_(0, run, torch.div(keys, self.num_embeddings, rounding_mode="floor"))
         est = g.new_zeros(size, dtype=F64).index_add_(0, example, accurate_sq_norms(rows).to(F64)).to(dtype)
         rel = sq_norm_rel(dtype, dim) + gamma(positions + 1, dtype)  # and the float64 sums' rounding
         hi = est.sqrt() * (1 + rel) + a * (gamma(positions + 2, dtype) * grow)
@@ -118,7 +121,8 @@ class EmbeddingRows(GradKind):
 _GRAM_MAX_POSITIONS = 16
 """Longest (flattened) sequence whose embedding norms use the ``T x T`` Gram; longer ones
 sort the indices instead. Measured (1 thread, D = 100): Gram 40-125 us against 70-140 us up
-to T = 16 (the sort's fixed cost), but 1.1 ms against 0.29 ms at B = T = 64."""
+to T = 16 (the sort's fixed cost), but 1.1 ms against 0.29 ms at B = T = 64 (with
+``torch.unique``; the sort and run numbering that replaced it cost about the same)."""
 
 
 @functools.lru_cache(maxsize=64)
