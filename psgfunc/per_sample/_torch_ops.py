@@ -580,9 +580,13 @@ def _contract(x: Any, w: Any, a: str, w_sub: str, y: str, bias: Any = None) -> A
     plan = contract_plan(a, sub, y, tuple(leaf.shape))
     if plan is None or x.dim() != len(a):
         return NotImplemented
+    x_sizes = dict(zip(a, x.shape))
+    if any(x_sizes.get(c, n) != n for c, n in zip(sub, leaf.shape)):
+        return NotImplemented  # an index broadcast (size 1 on one side), or torch's own error
     params = {"weight": leaf}
     if bias is not None:
-        if not _direct(bias) or tuple(bias.shape) != tuple(plan.o_sizes) or len(plan.o) != 1 or not y.endswith(plan.o):
+        if (plan.s or not _direct(bias) or tuple(bias.shape) != tuple(plan.o_sizes) or len(plan.o) != 1
+                or not y.endswith(plan.o)):
             return NotImplemented
         params["bias"] = bias
     return call_rule(CONTRACT, params, x, plan)
@@ -670,8 +674,11 @@ _LETTERS = "abcdefghjklmpqrstuvwxyABCDEFGHIJKLMNOPQRSTUVWXY"  # not i, o, n, z, 
 
 def _matmul_parts(x: Any, w: Any, w_right: bool) -> Any:
     """``x @ w`` (``w_right``) or ``w @ x`` through the contraction rule, or NotImplemented."""
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() < 1:
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() < 2 or x.dim() < 1:
         return NotImplemented
+    if w.dim() > 2:
+        subs = _broadcast_matmul_subscripts(tuple(x.shape), tuple(w.shape), w_right)
+        return NotImplemented if subs is None else _contract(x, w, *subs)
     if w_right:
         lead = _LETTERS[: x.dim() - 1]
         return _contract(x, w, lead + "i", "io", lead + "o")
@@ -679,6 +686,34 @@ def _matmul_parts(x: Any, w: Any, w_right: bool) -> Any:
         return _contract(x, w, "i", "oi", "o")
     lead = _LETTERS[: x.dim() - 2]
     return _contract(x, w, lead + "in", "oi", lead + "on")
+
+
+def _broadcast_matmul_subscripts(x_shape: tuple[int, ...], w_shape: tuple[int, ...], w_right: bool) -> Any:
+    """``(a, w, y)`` subscripts of ``torch.matmul`` with a parameter ``w`` of 3 or more dims:
+    ``x [*xb, M, K] @ w [*wb, K, N]`` (``w_right``) or ``w [*wb, M, K] @ x [*xb, K, N]``, the
+    batch dims broadcast from the right (a 1-d ``x`` has none). A batch dim of both is a group
+    index (``W``'s blocks, one per group) when the sizes agree, an index of ``w`` and ``y``
+    alone where ``x`` has size 1 there; None where ``w`` is broadcast over ``x`` (size 1)."""
+    if len(x_shape) == 1:
+        wb = _LETTERS[: len(w_shape) - 2]
+        return ("i", wb + "io", wb + "o") if w_right else ("i", wb + "oi", wb + "o")
+    xb, wb = x_shape[:-2], w_shape[:-2]
+    rank = max(len(xb), len(wb))
+    out, spare = _LETTERS[:rank], iter(_LETTERS[rank:])
+    x_sub, w_sub = "", ""
+    for d in range(rank):
+        j, k = d - rank + len(xb), d - rank + len(wb)
+        if j >= 0 and k >= 0 and xb[j] != wb[k]:
+            if xb[j] != 1:
+                return None  # w broadcast over x's dim (a weight index summed alone), or an error
+            x_sub += next(spare)  # x's size-1 dim: summed away; y takes w's
+        elif j >= 0:
+            x_sub += out[d]
+        if k >= 0:
+            w_sub += out[d]
+    if w_right:
+        return x_sub + "ni", w_sub + "io", out + "no"
+    return x_sub + "in", w_sub + "oi", out + "on"
 
 
 @register(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
@@ -702,8 +737,82 @@ def _rmatmul(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     return _matmul(method, torch.matmul, (args[1], args[0]), {})
 
 
+def _mm_parts(left: Any, right: Any, bias: Any = None) -> Any:
+    """``left @ right (+ bias)`` of 2-d matrices, a parameter on one side."""
+    if not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor) or left.dim() != 2 or right.dim() != 2:
+        return NotImplemented
+    if param_of(right) is not None:
+        return _contract(left, right, "ni", "io", "no", bias)
+    return _contract(right, left, "in", "oi", "on", bias)
+
+
+def _mv_parts(mat: Any, vec: Any, bias: Any = None) -> Any:
+    """``mat [N, M] @ vec [M] (+ bias)``, a parameter on one side."""
+    if not isinstance(mat, torch.Tensor) or not isinstance(vec, torch.Tensor) or mat.dim() != 2 or vec.dim() != 1:
+        return NotImplemented
+    if param_of(mat) is not None:
+        return _contract(vec, mat, "i", "oi", "o", bias)
+    return _contract(mat, vec, "ni", "i", "n", bias)
+
+
+def _bmm_parts(left: Any, right: Any, bias: Any = None) -> Any:
+    """``bmm(left, right)``: ``[G, M, K] @ [G, K, N]``, a parameter on one side (the group
+    index ``g`` is in all three: the weight's blocks, one per group)."""
+    if not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor) or left.dim() != 3 or right.dim() != 3:
+        return NotImplemented
+    if param_of(right) is not None:
+        return _contract(left, right, "gni", "gio", "gno")
+    return _contract(right, left, "gin", "goi", "gon")
+
+
+def _add_input(method: str, out: torch.Tensor, b: Any, beta: Any) -> Any:
+    """``out + beta * b``: the ``input`` term of ``addmm``/``baddbmm``/``addmv`` (ignored for
+    ``beta = 0``, NaN and inf included, as torch does); a parameter ``b`` through the
+    elementwise rule."""
+    if param_of(b) is not None:
+        if beta == 0:
+            return NotImplemented  # b then gets no gradient at all: torch's own op
+        return _elementwise(method, torch.add, (out, b), {} if beta == 1 else {"alpha": beta})
+    if beta == 0:
+        return out
+    return out + b if beta == 1 else torch.add(out, b, alpha=beta)
+
+
+def _scaled_product(method: str, b: Any, left: Any, right: Any, beta: Any, alpha: Any,
+                    parts: Callable[..., Any]) -> Any:
+    """``beta * b + alpha * parts(left, right)`` with one of ``left``, ``right`` a parameter:
+    ``alpha`` scales the other operand (exact per-sample gradients, the kinds' pieces see it),
+    a parameter ``b`` is the bias of the contraction rule (``beta = 1``) or an elementwise add."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (beta, alpha)):
+        return NotImplemented
+    if not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor):
+        return NotImplemented
+    on_right = param_of(right) is not None
+    if on_right == (param_of(left) is not None):
+        return NotImplemented
+    if alpha != 1:
+        if on_right:
+            left = left * alpha
+        else:
+            right = right * alpha
+    if beta == 1 and _direct(b):
+        out = parts(left, right, b)
+        if out is not NotImplemented:
+            return out
+    out = parts(left, right)
+    return out if out is NotImplemented else _add_input(method, out, b, beta)
+
+
 def _addmm_signature(input: Any, mat1: Any, mat2: Any, *, beta: Any = 1, alpha: Any = 1) -> None:  # pragma: no cover
     """``torch.addmm``'s arguments."""
+
+
+def _addmv_signature(input: Any, mat: Any, vec: Any, *, beta: Any = 1, alpha: Any = 1) -> None:  # pragma: no cover
+    """``torch.addmv``'s arguments."""
+
+
+def _baddbmm_signature(input: Any, batch1: Any, batch2: Any, *, beta: Any = 1, alpha: Any = 1) -> None:  # pragma: no cover
+    """``torch.baddbmm``'s arguments."""
 
 
 @register(torch.addmm, torch.Tensor.addmm)
@@ -713,19 +822,70 @@ def _addmm(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         a = _bind(_addmm_signature, args, kwargs)
     except TypeError:
         return NotImplemented
-    b, x, w = a["input"], a["mat1"], a["mat2"]
-    if a["beta"] != 1 or a["alpha"] != 1 or param_of(x) is not None or param_of(w) is None:
+    return _scaled_product(method, a["input"], a["mat1"], a["mat2"], a["beta"], a["alpha"], _mm_parts)
+
+
+@register(torch.addmv, torch.Tensor.addmv)
+@_expanded_only
+def _addmv(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        a = _bind(_addmv_signature, args, kwargs)
+    except TypeError:
         return NotImplemented
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not isinstance(w, torch.Tensor) or w.dim() != 2:
+    return _scaled_product(method, a["input"], a["mat"], a["vec"], a["beta"], a["alpha"], _mv_parts)
+
+
+@register(torch.bmm, torch.Tensor.bmm)
+@_expanded_only
+def _bmm(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) != 2 or kwargs:
         return NotImplemented
-    if _direct(b) and b.dim() == 1:
-        return _contract(x, w, "ni", "io", "no", b)
-    out = _contract(x, w, "ni", "io", "no")
-    if out is NotImplemented:
+    left, right = args
+    if (param_of(left) is None) == (param_of(right) is None):
+        return NotImplemented
+    return _bmm_parts(left, right)
+
+
+@register(torch.baddbmm, torch.Tensor.baddbmm)
+@_expanded_only
+def _baddbmm(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        a = _bind(_baddbmm_signature, args, kwargs)
+    except TypeError:
+        return NotImplemented
+    return _scaled_product(method, a["input"], a["batch1"], a["batch2"], a["beta"], a["alpha"], _bmm_parts)
+
+
+def _bilinear_signature(input1: Any, input2: Any, weight: Any, bias: Any = None) -> None:  # pragma: no cover
+    """``F.bilinear``'s arguments."""
+
+
+@register(F.bilinear)
+@_expanded_only
+def _bilinear(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``y_o = x1 W_o x2^T + b_o`` as the contraction of ``x1 (x) x2 [*, I1, I2]`` with the
+    parameter ``W [O, I1, I2]``: its pieces are that outer product and the output gradient."""
+    try:
+        a = _bind(_bilinear_signature, args, kwargs)
+    except TypeError:
+        return NotImplemented
+    x1, x2, w, b = a["input1"], a["input2"], a["weight"], a["bias"]
+    if not all(isinstance(t, torch.Tensor) for t in (x1, x2, w)) or w.dim() != 3 or x1.dim() < 1:
+        return NotImplemented
+    if param_of(x1) is not None or param_of(x2) is not None or param_of(w) is None:
+        return NotImplemented
+    if x1.shape[:-1] != x2.shape[:-1] or (x1.shape[-1], x2.shape[-1]) != tuple(w.shape[1:]):
+        return NotImplemented  # torch's own error
+    x = x1.unsqueeze(-1) * x2.unsqueeze(-2)
+    lead = _LETTERS[: x1.dim() - 1]
+    if b is not None and _direct(b):
+        out = _contract(x, w, lead + "ij", "oij", lead + "o", b)
+        if out is not NotImplemented:
+            return out
+    out = _contract(x, w, lead + "ij", "oij", lead + "o")
+    if out is NotImplemented or b is None:
         return out
-    if param_of(b) is not None:
-        return _elementwise(method, torch.add, (out, b), {})
-    return out + b
+    return _add_input(method, out, b, 1)
 
 
 def _parse_einsum(equation: str, operands: Sequence[torch.Tensor]) -> tuple[list[str], str] | None:

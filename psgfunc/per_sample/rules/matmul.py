@@ -9,9 +9,13 @@ hand-written RMSNorm, LayerScale's ``gamma * x``) use parameters outside psgfunc
   ``y``); indices of ``x`` and ``y`` alone are positions ``N``. Then ``x`` reshaped to
   ``[B, N, I]``, ``y = x W_{IO}`` and example b's gradient is ``sum_n x_bn^T g_bn`` (an
   :class:`~psgfunc.per_sample._kinds.Outer` kind: norms in Gram form, the clipped sum in one
-  matmul), laid out in ``W``'s own index order. ``matmul``/``mm``/``addmm`` are written as such
-  contractions. An index in all three operands (a batched matmul over a parameter's leading
-  dim) or a repeated index has no such form: the caller falls back to vmap.
+  matmul), laid out in ``W``'s own index order. ``matmul``/``mm``/``addmm``/``bmm`` are written
+  as such contractions. An index in all three operands (``S``: a group, e.g. the head of
+  ``einsum("bhtd,hde->bhte")`` or the batch of ``bmm(x, W)`` with ``W [G, K, N]``) makes the
+  weight block diagonal in it: ``x`` is reshaped to ``[B, S, N, I]``, ``y_s = x_s W_s`` and
+  example b's gradient is ``sum_n x_bsn^T g_bsn`` for each group (a :class:`GroupedOuter`
+  kind: the squared norm is the sum over the groups of their Gram norms). A repeated index
+  has no such form: the caller falls back to vmap.
 * :data:`ELEMENTWISE`: a broadcasting elementwise op (``mul``, ``add``, ``sub``, ``div``)
   with a parameter ``p``. The op runs on the batch with ``p``'s expansion aligned to every
   example; autograd's broadcasting reduction then leaves example b's gradient ``[B, *p.shape]``
@@ -28,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from psgfunc._tree import gamma
 from psgfunc.per_sample._expanded import Rule, apply_function, is_shared, shared
 from psgfunc.per_sample._kinds import (
     COMBINERS,
@@ -35,11 +40,14 @@ from psgfunc.per_sample._kinds import (
     NormBound,
     Outer,
     RowSum,
+    _acc,
+    _as,
+    _up,
     emit,
     outer_bound,
 )
 
-__all__ = ["ContractPlan", "contract_plan", "CONTRACT", "ELEMENTWISE", "PermutedOuter"]
+__all__ = ["ContractPlan", "contract_plan", "CONTRACT", "ELEMENTWISE", "PermutedOuter", "GroupedOuter"]
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY"  # "Z" is the batch
 
@@ -59,24 +67,110 @@ class PermutedOuter(Outer):
         return super().weighted_sum(datas, c).permute(*self.perm)
 
 
+class GroupedOuter(GradKind):
+    """``grad_b[s] = sum_n u[b, s, n]^T v[b, s, n]`` for every group ``s`` (a weight block
+    diagonal in an index that the input, the weight and the output share): data
+    ``(u [B, S, N, P], v [B, S, N, Q])`` -> ``[B, S, P, Q]``, reshaped to ``shape`` and then
+    permuted by ``perm`` (None: kept) into the weight's own index order.
+
+    The groups' gradients are disjoint blocks, so ``|grad_b|^2 = sum_s |grad_b[s]|^2``: each
+    block is an :class:`~psgfunc.per_sample._kinds.Outer` gradient of ``N`` positions, normed
+    by ``outer_bound`` on the ``B * S`` blocks (the Gram form when ``N (P + Q) < P Q``, with
+    its rounding bound and float64 Grams for cancelling blocks), whose bounds then add up
+    per example (:func:`_per_example`). The weighted sum is one batched matmul over the
+    groups, ``[S, P, B*N] @ [S, B*N, Q]``: per block the same sum of products as ``Outer``'s.
+    """
+
+    def __init__(self, shape: tuple[int, ...], perm: tuple[int, ...] | None = None):
+        self.shape, self.perm = tuple(shape), perm
+
+    def _layout(self, t: torch.Tensor, lead: int) -> torch.Tensor:
+        """``[*lead, S, P, Q] -> [*lead, *shape]`` in the weight's index order."""
+        t = t.reshape(*t.shape[:lead], *self.shape)
+        return t if self.perm is None else t.permute(*range(lead), *(lead + d for d in self.perm))
+
+    def materialize(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._layout(torch.matmul(u.transpose(2, 3), v), 1)
+
+    def prefers_dense(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        n = sum(d[0].shape[2] for d in datas)
+        p, q = datas[0][0].shape[3], datas[0][1].shape[3]
+        return n > 1 and n * (p + q) >= p * q
+
+    def bound(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], cache: dict | None = None) -> NormBound:
+        u = datas[0][0] if len(datas) == 1 else torch.cat([d[0] for d in datas], dim=2)
+        v = datas[0][1] if len(datas) == 1 else torch.cat([d[1] for d in datas], dim=2)
+        size, groups, n, p = u.shape
+        q = v.shape[3]
+        # the [B*S, N, *] blocks are (mostly) copies, new tensors: nothing to share by identity
+        blocks = outer_bound(u.reshape(size * groups, n, p), v.reshape(size * groups, n, q), len(datas), None,
+                             n * (p + q) < p * q)
+        return _per_example(blocks, size, groups)
+
+    def weighted_sum(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], c: torch.Tensor) -> torch.Tensor:
+        total = None
+        for u, v in datas:
+            out = u.dtype
+            scaled = _up(u) * _as(c, _acc(out)).reshape(-1, 1, 1, 1)
+            # [S, P, B*N] @ [S, B*N, Q]: each block's sum over the examples' positions
+            s = torch.bmm(scaled.permute(1, 3, 0, 2).reshape(u.shape[1], u.shape[3], -1),
+                          _up(v).transpose(0, 1).reshape(v.shape[1], -1, v.shape[3]))
+            total = s if total is None else total + s
+        total = total if total.dtype == out else total.to(out)
+        return self._layout(total, 0)
+
+
+def _per_example(blocks: NormBound, size: int, groups: int) -> NormBound:
+    """The :class:`NormBound` of ``B`` examples from that of their ``B * S`` disjoint blocks
+    (example-major): squared norms and their bounds add up, the weighted sum's error bounds
+    add up in quadrature (the blocks' errors lie in disjoint coordinates). The float sums of
+    ``S`` nonnegative terms round down by at most ``gamma_S`` relatively: the scales say so."""
+    dtype = blocks.sq.dtype
+
+    def fold(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.reshape(size, groups).sum(1)
+
+    err = None if blocks.err is None else blocks.err.reshape(size, groups).square().sum(1).sqrt()
+    refine = None
+    if blocks.refine is not None:
+        finer = blocks.refine
+
+        def refine(total_sq: torch.Tensor) -> NormBound:  # each block against its example's norm
+            return _per_example(finer(total_sq.repeat_interleave(groups)), size, groups)
+
+    return NormBound(
+        fold(blocks.sq), fold(blocks.hi2), err, blocks.hi_scale * (1 + gamma(groups + 1, dtype)),
+        blocks.err_scale * (1 + gamma(groups + 3, dtype)), fold(blocks.unc), refine,
+    )
+
+
 class ContractPlan:
     """How ``einsum(f"{a},{w}->{y}")`` with a parameter ``w`` becomes ``[B, N, I] @ [I, O]``.
 
+    With group indices ``s`` (in all three operands), ``[B, S, N, I] @ [S, I, O]``, one
+    matmul per group, and a :class:`GroupedOuter` kind.
+
     Attributes:
         a, w, y: the per-example subscripts.
-        n, i, o: the position, summed and kept index strings.
+        s, n, i, o: the group, position, summed and kept index strings.
         kind: the gradient kind; ``x_first``: whether its data is ``(x, g)`` (else ``(g, x)``).
     """
 
     def __init__(self, a: str, w: str, y: str, w_shape: Sequence[int]):
         self.a, self.w, self.y = a, w, y
+        self.s = "".join(c for c in w if c in a and c in y)
         self.n = "".join(c for c in a if c in y and c not in w)
         self.i = "".join(c for c in w if c in a and c not in y)
         self.o = "".join(c for c in w if c in y and c not in a)
         sizes = dict(zip(w, w_shape))
+        self.s_sizes = [sizes[c] for c in self.s]
         self.i_sizes = [sizes[c] for c in self.i]
         self.o_sizes = [sizes[c] for c in self.o]
         self.w_shape = tuple(w_shape)
+        self.w_perm = tuple(w.index(c) for c in self.s + self.i + self.o)  # w -> [S..., I..., O...]
+        if self.s:
+            self._grouped()
+            return
         two_d = len(w) == 2
         if w == self.i + self.o:  # gradient [I..., O...] = x^T g
             self.x_first, self.kind = True, Outer(None if two_d else self.w_shape)
@@ -87,16 +181,25 @@ class ContractPlan:
             inverse = tuple(order.index(c) for c in w)
             self.x_first = True
             self.kind = PermutedOuter(tuple(self.i_sizes + self.o_sizes), inverse)
-        self.w_perm = tuple(w.index(c) for c in self.i + self.o)  # w -> [I..., O...]
+
+    def _grouped(self) -> None:
+        s, i, o, w = self.s, self.i, self.o, self.w
+        if w == s + i + o:  # gradient [S..., I..., O...]: x^T g per group
+            self.x_first, self.kind = True, GroupedOuter(self.w_shape)
+        elif w == s + o + i:  # [S..., O..., I...]: g^T x per group (bmm(W, x)'s layout)
+            self.x_first, self.kind = False, GroupedOuter(self.w_shape)
+        else:
+            order = s + i + o
+            inverse = tuple(order.index(c) for c in w)
+            self.x_first = True
+            self.kind = GroupedOuter(tuple(self.s_sizes + self.i_sizes + self.o_sizes), inverse)
 
 
 @functools.lru_cache(maxsize=256)
 def contract_plan(a: str, w: str, y: str, w_shape: tuple[int, ...]) -> ContractPlan | None:
-    """The plan for ``einsum(f"{a},{w}->{y}")``, or None when it has no Outer form."""
+    """The plan for ``einsum(f"{a},{w}->{y}")``, or None when it has no (grouped) Outer form."""
     if len(set(a)) != len(a) or len(set(w)) != len(w) or len(set(y)) != len(y):
         return None  # a diagonal
-    if any(c in a and c in w and c in y for c in w):
-        return None  # an index of all three: per-group weights
     if any(c not in a and c not in y for c in w):
         return None  # a weight index summed on its own
     if any(c not in a and c not in w for c in y):
@@ -107,16 +210,28 @@ def contract_plan(a: str, w: str, y: str, w_shape: tuple[int, ...]) -> ContractP
 
 
 def _weight_matrix(w: torch.Tensor, plan: ContractPlan) -> torch.Tensor:
-    """The shared ``W`` as ``[I, O]`` (``w`` unbatched)."""
-    return w.permute(*plan.w_perm).reshape(math.prod(plan.i_sizes), math.prod(plan.o_sizes))
+    """The shared ``W`` as ``[I, O]``, or ``[S, I, O]`` with groups (``w`` unbatched)."""
+    mat = (math.prod(plan.i_sizes), math.prod(plan.o_sizes))
+    return w.permute(*plan.w_perm).reshape(*((math.prod(plan.s_sizes),) if plan.s else ()), *mat)
+
+
+def _grouped_mm(x: torch.Tensor, wm: torch.Tensor) -> torch.Tensor:
+    """``[B, S, N, I] @ [S, I, O] -> [B, S, N, O]``: one ``bmm`` over the groups, the shared
+    ``wm`` read once (``torch.matmul`` would broadcast it to ``B`` copies)."""
+    size, groups, n, i = x.shape
+    out = torch.bmm(x.transpose(0, 1).reshape(groups, size * n, i), wm)
+    return out.view(groups, size, n, wm.shape[2]).transpose(0, 1)
 
 
 class _ContractPerSample(torch.autograd.Function):
-    """``x [B, N, I], w [B, *w] (shared), b [B, O] or None -> [B, N, O]`` with per-sample grads."""
+    """``x [B, N, I], w [B, *w] (shared), b [B, O] or None -> [B, N, O]`` with per-sample grads
+    (with groups: ``x [B, S, N, I] -> [B, S, N, O]``, no bias)."""
 
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: ContractPlan) -> torch.Tensor:  # type: ignore[override]
         wm = _weight_matrix(shared(w), plan)
+        if plan.s:
+            return _grouped_mm(x, wm)
         return x @ wm if b is None else torch.addmm(shared(b), x.reshape(-1, x.shape[-1]), wm).reshape(
             *x.shape[:-1], wm.shape[1]
         )
@@ -131,7 +246,10 @@ class _ContractPerSample(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         x, w = ctx.saved_tensors
         plan = ctx.plan
-        gx = g @ _weight_matrix(shared(w), plan).t() if ctx.needs_input_grad[0] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            wm = _weight_matrix(shared(w), plan)
+            gx = _grouped_mm(g, wm.transpose(1, 2)) if plan.s else g @ wm.t()
         gw = gb = None
         if ctx.needs_input_grad[1]:
             data = (x, g) if plan.x_first else (g, x)
@@ -158,13 +276,14 @@ class ContractRule(Rule):
         w, b = params["weight"], params.get("bias")
         if not is_shared(w) or (b is not None and not is_shared(b)):
             return NotImplemented
-        size = x.shape[0]
+        size, s = x.shape[0], plan.s
         n_sizes = [dict(zip(plan.a, x.shape[1:]))[c] for c in plan.n]
-        xs = torch.einsum(f"Z{plan.a}->Z{plan.n}{plan.i}", x)  # indices of x alone are summed
-        x3 = xs.reshape(size, math.prod(n_sizes), math.prod(plan.i_sizes))
+        xs = torch.einsum(f"Z{plan.a}->Z{s}{plan.n}{plan.i}", x)  # indices of x alone are summed
+        groups = (math.prod(plan.s_sizes),) if s else ()
+        x3 = xs.reshape(size, *groups, math.prod(n_sizes), math.prod(plan.i_sizes))
         y3 = apply_function(_ContractPerSample, x3, w, b, plan)
-        y = y3.reshape(size, *n_sizes, *plan.o_sizes)
-        return torch.einsum(f"Z{plan.n}{plan.o}->Z{plan.y}", y)
+        y = y3.reshape(size, *plan.s_sizes, *n_sizes, *plan.o_sizes)
+        return torch.einsum(f"Z{s}{plan.n}{plan.o}->Z{plan.y}", y)
 
     vmapped = batched
 
