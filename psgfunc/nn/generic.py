@@ -29,6 +29,7 @@ keeps the batch dim); it is removed and the examples are stacked back to ``[B, .
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import optree
@@ -75,7 +76,11 @@ class Generic(ExpandedModule):
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         if not params or not torch.is_grad_enabled():
             return _forward.produce(self, plain(*args, **kwargs), 0)
-        out = expanded_call(_Runner(self, plain, size), params, size, (args, kwargs), {})
+        runner = _Runner(f"{type(self).__name__}.forward", functools.partial(_module_body, self, plain),
+                         size, f"{type(self).__name__}: psgfunc's generic shell runs the forward",
+                         "return batch-first outputs, or give the module a converter in "
+                         "psgfunc.nn.convert.CONVERTERS")
+        out = expanded_call(runner, params, size, (args, kwargs), {})
         return _forward.produce(self, out, 0)
 
 
@@ -109,14 +114,24 @@ def _first_tensor(args: Any, kwargs: Any) -> torch.Tensor | None:
 
 
 class _Runner:
-    """The layer ``expanded_call`` calls: the module's forward, vmapped over the examples."""
+    """The layer ``expanded_call`` calls: ``body`` vmapped over the examples.
 
-    def __init__(self, module: nn.Module, plain: Any, size: int):
-        self.module, self.plain, self.size = module, plain, size
-        self.__name__ = f"{type(module).__name__}.forward"
+    ``body(views, args, kwargs)`` computes ONE example, given as a batch of one: ``views``
+    maps each parameter name to that example's copy (a row of the expanded view), the
+    tensors of ``args``/``kwargs`` whose dim 0 is ``size`` are the example's row with a
+    leading 1, the others as they are. It runs with the op-level rules of
+    :mod:`psgfunc.per_sample._torch_ops` active. Serves both a generic shell's forward
+    (:func:`_module_body`) and one torch op on the model's parameters outside any shell
+    (:class:`_OutsideShells`). ``what`` and ``fix`` complete the error for an output
+    without the example's leading 1.
+    """
+
+    def __init__(self, name: str, body: Any, size: int, what: str, fix: str):
+        self.body, self.size, self.what, self.fix = body, size, what, fix
+        self.__name__ = name
 
     def __call__(self, expanded: dict[str, torch.Tensor], args: Any, kwargs: Any) -> Any:
-        module, size = self.module, self.size
+        size = self.size
         names = list(expanded)
         views = [expanded[n] for n in names]
         leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
@@ -130,19 +145,16 @@ class _Runner:
             it = iter(rows)
             full = [next(it).unsqueeze(0) if b else t for t, b in zip(leaves, batched)]
             a, k = optree.tree_unflatten(spec, full)
-            with _reparametrize_module(module, dict(zip(names, p_views))):
-                out = self.plain(*a, **k)
+            out = self.body(dict(zip(names, p_views)), a, k)
             o_leaves, o_spec = optree.tree_flatten(out, none_is_leaf=True)
             tensors = []
             for o in o_leaves:
                 if isinstance(o, torch.Tensor):
                     if o.dim() == 0 or o.shape[0] != 1:
                         raise ValueError(
-                            f"{type(module).__name__}: psgfunc's generic shell runs the forward on "
-                            "each example as a batch of one and needs every tensor output to keep "
-                            f"that batch dim at dim 0, got an output of per-example shape "
-                            f"{tuple(o.shape)}; return batch-first outputs, or give the module a "
-                            "converter in psgfunc.nn.convert.CONVERTERS"
+                            f"{self.what} on each example as a batch of one and needs every "
+                            "tensor output to keep that batch dim at dim 0, got an output of "
+                            f"per-example shape {tuple(o.shape)}; {self.fix}"
                         )
                     tensors.append(o.squeeze(0))
             out_info["spec"], out_info["leaves"] = o_spec, o_leaves
@@ -155,6 +167,12 @@ class _Runner:
         it = iter(stacked)
         o_leaves = [next(it) if isinstance(o, torch.Tensor) else o for o in out_info["leaves"]]
         return optree.tree_unflatten(out_info["spec"], o_leaves)
+
+
+def _module_body(module: nn.Module, plain: Any, views: dict[str, torch.Tensor], args: Any, kwargs: Any) -> Any:
+    """A generic shell's own forward on one example, with ``views`` as its parameters."""
+    with _reparametrize_module(module, views):
+        return plain(*args, **kwargs)
 
 
 def make_generic(module: nn.Module, max_batch_size: int) -> nn.Module:
