@@ -28,7 +28,7 @@ from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
 from psgfunc.nn.conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from psgfunc.nn.embedding import Embedding
 from psgfunc.nn.embedding_bag import EmbeddingBag
-from psgfunc.nn.generic import make_generic
+from psgfunc.nn.generic import install_outside_shells, make_generic
 from psgfunc.nn.linear import Linear
 from psgfunc.nn.lstm import DPLSTM, DPLSTMCell
 from psgfunc.nn.normalization import (
@@ -407,6 +407,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
         else:
             setattr(parent, attr, shell)
     _forward.install(result)
+    if not isinstance(result, ExpandedModule):  # a shell's (or generic shell's) forward serves itself
+        install_outside_shells(result)  # plain ops on its parameters outside shells
     return result
 
 
