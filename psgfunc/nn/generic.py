@@ -300,51 +300,59 @@ class _OutsideShells(TorchFunctionMode):
     def __init__(self, root: nn.Module, record: Any):
         super().__init__()
         self.root, self.record = root, record
-        self.params: dict[str, torch.Tensor] | None = None  # trainable, by name
-        self.ids: dict[int, str] = {}
-        # id(view) -> (view, parameter name, view ops from the parameter); alive with the mode
-        self.views: dict[int, tuple[torch.Tensor, str, tuple[Any, ...]]] = {}
+        self.params: dict[str, torch.Tensor] = {}  # trainable, by name (read at first use)
+        # id(t) -> (t, parameter name, view ops from the parameter): the parameters, and
+        # their views taken in this forward (alive with the mode, so no id is reused)
+        self.known: dict[int, tuple[torch.Tensor, str, tuple[Any, ...]]] | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         is_view = func in _VIEW_FNS
         if not is_view and _torch_ops.rule_for(func) is None:
             return func(*args, **kwargs)
-        if (_rules.expanded_mode_kind() is not None or _rules.current_tap() is not None
+        hit = (self._lookup(args[0]) if args else None) if is_view else self._first_hit(args, kwargs)
+        if (hit is None or _rules.expanded_mode_kind() is not None or _rules.current_tap() is not None
                 or torch._C._are_functorch_transforms_active() or not torch.is_grad_enabled()
                 or _forward.current() is not self.record):
-            return func(*args, **kwargs)  # a rule's or a transform's own ops, or no gradient
+            return func(*args, **kwargs)  # no parameter; a rule's or a transform's own ops; no gradient
         if is_view:
-            return self._view(func, args, kwargs)
-        if not any(self._lookup(v) is not None for _, _, v in _shallow(args, kwargs)):
-            return func(*args, **kwargs)
+            return self._view(func, args, kwargs, hit)
         return self._serve(func, args, kwargs)
+
+    def _first_hit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
+        """:meth:`_lookup` of the first argument (or list/tuple element) it knows."""
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if type(a) is list or type(a) is tuple:
+                for v in a:
+                    hit = self._lookup(v)
+                    if hit is not None:
+                        return hit
+            elif isinstance(a, torch.Tensor):
+                hit = self._lookup(a)
+                if hit is not None:
+                    return hit
+        return None
 
     def _lookup(self, t: Any) -> tuple[str, tuple[Any, ...]] | None:
         """``(parameter name, view ops)`` when ``t`` is a trainable parameter of the model or
         a view of one followed by this mode; None otherwise."""
-        if not isinstance(t, torch.Tensor):
-            return None
-        if self.params is None:  # first use: the model's parameters now (names deduplicated)
+        known = self.known
+        if known is None:  # first use: the model's parameters now (names deduplicated)
             self.params = {n: p for n, p in self.root.named_parameters() if p.requires_grad}
-            self.ids = {id(p): n for n, p in self.params.items()}
-        name = self.ids.get(id(t))
-        if name is not None and self.params[name] is t:
-            return name, ()
-        view = self.views.get(id(t))
-        if view is not None and view[0] is t:
-            return view[1], view[2]
-        return None
+            known = self.known = {id(p): (p, n, ()) for n, p in self.params.items()}
+        hit = known.get(id(t))
+        if hit is None or hit[0] is not t:
+            return None
+        return hit[1], hit[2]
 
-    def _view(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _view(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], hit: tuple[str, Any]) -> Any:
         out = func(*args, **kwargs)
-        hit = self._lookup(args[0]) if args else None
-        if hit is None or not isinstance(out, torch.Tensor) or out is args[0]:
+        if not isinstance(out, torch.Tensor) or out is args[0]:
             return out
         rest = args[1:]
         if not _VIEW_FNS[func] and any(isinstance(v, torch.Tensor) for _, _, v in _shallow(rest, kwargs)):
             return out  # e.g. an index tensor: not followed (a use without a rule)
-        self.views[id(out)] = (out, hit[0], (*hit[1], (func, rest, dict(kwargs))))
+        self.known[id(out)] = (out, hit[0], (*hit[1], (func, rest, dict(kwargs))))  # type: ignore[index]
         return out
 
     def _serve(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -354,7 +362,7 @@ class _OutsideShells(TorchFunctionMode):
             hit = self._lookup(v)
             if hit is None:
                 return v
-            params[hit[0]] = self.params[hit[0]]  # type: ignore[index]
+            params[hit[0]] = self.params[hit[0]]
             return _Slot(*hit)
 
         s_args, s_kwargs = _replace(args, kwargs, swap)
