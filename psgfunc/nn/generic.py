@@ -253,15 +253,14 @@ def _view_functions() -> dict[Any, bool]:
 _VIEW_FNS = _view_functions()
 
 
-def _shallow(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[Any, Any, Any]]:
-    """``(container, key, value)`` of each argument and of each element of a list/tuple
-    argument (torch functions nest no deeper)."""
-    out: list[tuple[Any, Any, Any]] = []
-    for i, a in enumerate(args):
-        out.append((args, i, a))
-        if isinstance(a, (list, tuple)):
-            out.extend((a, j, v) for j, v in enumerate(a))
-    out.extend((kwargs, k, v) for k, v in kwargs.items())
+def _shallow(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Each argument, and each element of a list/tuple argument (torch functions take their
+    tensors no deeper)."""
+    out: list[Any] = []
+    for a in (*args, *kwargs.values()):
+        out.append(a)
+        if type(a) is list or type(a) is tuple:
+            out.extend(a)
     return out
 
 
@@ -269,9 +268,7 @@ def _replace(args: tuple[Any, ...], kwargs: dict[str, Any], swap: Any) -> tuple[
     """``args``/``kwargs`` with each argument (and list/tuple element) ``v`` as ``swap(v)``."""
 
     def one(v: Any) -> Any:
-        if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
-            return type(v)(swap(e) for e in v) if type(v) in (list, tuple) else v
-        return swap(v)
+        return type(v)(swap(e) for e in v) if type(v) is list or type(v) is tuple else swap(v)
 
     return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
@@ -350,7 +347,7 @@ class _OutsideShells(TorchFunctionMode):
         if not isinstance(out, torch.Tensor) or out is args[0]:
             return out
         rest = args[1:]
-        if not _VIEW_FNS[func] and any(isinstance(v, torch.Tensor) for _, _, v in _shallow(rest, kwargs)):
+        if not _VIEW_FNS[func] and any(isinstance(v, torch.Tensor) for v in _shallow(rest, kwargs)):
             return out  # e.g. an index tensor: not followed (a use without a rule)
         self.known[id(out)] = (out, hit[0], (*hit[1], (func, rest, dict(kwargs))))  # type: ignore[index]
         return out
@@ -366,7 +363,7 @@ class _OutsideShells(TorchFunctionMode):
             return _Slot(*hit)
 
         s_args, s_kwargs = _replace(args, kwargs, swap)
-        inputs = [v for _, _, v in _shallow(s_args, s_kwargs) if isinstance(v, torch.Tensor) and v.dim() > 0]
+        inputs = [v for v in _shallow(s_args, s_kwargs) if isinstance(v, torch.Tensor) and v.dim() > 0]
         record = self.record
         batch = record.batch if record.batch is not None else record.hint
         first = next((t for t in inputs if batch is None or t.shape[0] == batch), None)

@@ -32,6 +32,9 @@ HEADS = {
     "einsum": lambda m, h: torch.einsum("btd,vd->btv", h, m.emb.weight),
     "elementwise": lambda m, h: (m.emb.weight * h.unsqueeze(-2)).sum(-1),
     "F.linear, bias of a shell": lambda m, h: F.linear(h, m.emb.weight, m.out.bias) + m.out(h),
+    "einsum, operand list": lambda m, h: torch.einsum("btd,vd->btv", [h, m.emb.weight]),
+    "F.layer_norm, weight=": lambda m, h: F.linear(F.layer_norm(h, (D,), weight=m.ln.weight, bias=m.ln.bias),
+                                                  m.emb.weight),
 }
 
 
@@ -46,6 +49,7 @@ class TiedLM(nn.Module):
         self.emb = nn.Embedding(V, D, dtype=F64)
         self.mix = nn.Linear(D, D, dtype=F64)
         self.out = nn.Linear(D, V, dtype=F64)
+        self.ln = nn.LayerNorm(D, dtype=F64)
 
     def forward(self, idx):
         h = torch.tanh(self.mix(self.emb(idx)))
@@ -81,8 +85,9 @@ def clipped_step(params, grads, max_norm, expected):
 
 
 def used(model):
-    """The parameters each head reaches (``out``'s are unused by most)."""
-    return {k: p for k, p in model.named_parameters() if model.head.startswith("F.linear, bias") or not k.startswith("out.")}
+    """The parameters the model's head reaches (not ``out``'s or ``ln``'s in most)."""
+    skip = {"F.linear, bias of a shell": ("ln.",), "F.layer_norm, weight=": ("out.",)}.get(model.head, ("out.", "ln."))
+    return {k: p for k, p in model.named_parameters() if not k.startswith(skip)}
 
 
 @pytest.mark.parametrize("head", list(HEADS))
@@ -102,8 +107,7 @@ def test_grad_sample_equals_the_loop(head, b):
 
 
 @pytest.mark.parametrize("head", ["F.linear", "@ .T", "elementwise", "F.linear, bias of a shell"])
-@pytest.mark.parametrize("fast", [True, False])
-@pytest.mark.parametrize("b", [4, 1])
+@pytest.mark.parametrize("fast, b", [(True, 4), (True, 1), (False, 4)])
 def test_dp_optimizer_step_equals_the_clipped_loop(head, fast, b):
     model = TiedLM(head)
     idx, y = data(b)
@@ -175,12 +179,16 @@ def scaled_head(m, h):
     return F.linear(h, m.emb.weight * 2.0)  # a ruled op, but no batched input: not served
 
 
+def flattened_head(m, h):
+    return torch.addmm(m.out.bias, h.flatten(0, 1), m.emb.weight.T)  # rows are not examples
+
+
 def indexed_head(m, h):
     ids = torch.arange(V).expand(h.shape[0], V)  # an index tensor: the view is not followed
     return (m.emb.weight[ids].unsqueeze(1) * h.unsqueeze(-2)).sum(-1)
 
 
-@pytest.mark.parametrize("head", [pow_head, scaled_head, indexed_head])
+@pytest.mark.parametrize("head", [pow_head, scaled_head, flattened_head, indexed_head])
 @pytest.mark.parametrize("mode", ["plain", "fast"])
 def test_a_use_no_rule_serves_still_raises_the_fix(head, mode, monkeypatch):
     monkeypatch.setitem(HEADS, "custom", head)
