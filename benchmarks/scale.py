@@ -14,9 +14,9 @@ Opacus see an ordinary model, and run per example through ``psgfunc.functional``
   MLP 768-3072-768 with GELU), a final LayerNorm and the head TIED to the token embedding
   (``logits = F.linear(h, tok.weight)``: ``[B, T, 8192]``). The functional version ties
   the same leaf (``PF.linear({"weight": params["tok.weight"]}, h)``); the module version
-  uses the embedding's weight in a plain ``F.linear``, which a method that only sees
-  layers (shells, Opacus) may refuse or miss: the CSV says what each method did. Batch
-  sizes 4 and 8.
+  uses the embedding's weight in a plain ``F.linear`` in the root's forward, which a method
+  that only sees layers may miss (Opacus's hooks) and ``expand_weights`` serves through the
+  op-level rules: the CSV's note says what each method did. Batch sizes 4 and 8.
 * ``WRN16-4``: Wide ResNet 16-4 with GroupNorm (De et al. 2022) on ``x [B, 3, 32, 32]``:
   conv3x3 3->16, three groups of 2 pre-activation basic blocks (widths 64, 128, 256,
   strides 1, 2, 2; GroupNorm(16) + ReLU before each conv3x3, a 1x1 conv shortcut where the
@@ -45,9 +45,9 @@ SCALE_METHODS = ["nn", "clip-fast", "dpopt-fast", "clip-fast-compiled", "opacus-
 
 
 TIED_HEAD_NOTES = {
-    "dpopt-fast": "refused: DPOptimizer raises a ValueError for the tied head's plain F.linear on the "
-                  "token embedding's weight (the committed timing row predates that check, when the "
-                  "norms missed the head's share silently)",
+    "dpopt-fast": "exact: expand_weights serves the tied head's plain F.linear on the token "
+                  "embedding's weight through the op-level rules, so the norms include the head's "
+                  "share (a timing row from before that, if committed, missed it)",
     "opacus-hooks": "WRONG per-sample gradient of tok.weight: the hooks see the embedding's lookup, "
                     "not the tied head's F.linear (norms 3-4% low at the quick size)",
 }

@@ -17,12 +17,15 @@ forward pass are never added: clear between batches (``psgfunc.nn.zero_grad(mode
 ``zero_grad()`` does the same for its parameters; ``optimizer.zero_grad()`` and a
 container's ``model.zero_grad()`` clear ``.grad`` only), or a backward of the next forward
 pass raises a ValueError. So does a backward in which a shell's parameter is also used
-outside any psgfunc layer (a tied head ``h @ emb.weight.T``): its ``.grad_sample`` would
-miss that use. See ``psgfunc.per_sample._rows``.
+outside any psgfunc layer in a way nothing serves (e.g. ``h @ emb.weight.T`` in a model
+not passed to ``expand_weights``, or an op without a per-sample rule): its
+``.grad_sample`` would miss that use. See ``psgfunc.per_sample._rows``.
 
 ``expand_weights(model, max_batch_size)`` converts a ``torch.nn`` model's layers into these
 shells in place; a module with parameters and no converter becomes a ``Generic`` shell, whose
-own forward reaches the op-level per-sample rules (``psgfunc.nn.generic``).
+own forward reaches the op-level per-sample rules (``psgfunc.nn.generic``); so do plain
+torch ops on the model's parameters in the converted model's forward outside any shell (a
+head tied to the embedding, ``F.linear(h, self.emb.weight)``).
 """
 
 from psgfunc.nn._base import ExpandedModule, zero_grad

@@ -66,6 +66,23 @@ class ExpandedModule(nn.Module):
 
     max_batch_size: int
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # While a converted model's forward runs, a torch-function mode serves plain ops on
+        # its parameters outside shells (psgfunc.nn.generic._OutsideShells); a shell's own
+        # calls must not reach it (nor pay for it): it is paused while the shell runs.
+        n = torch._C._len_torch_function_stack()
+        if not n or not getattr(torch._C._get_function_stack_at(n - 1), "_psg_outside_shells", False):
+            return super().__call__(*args, **kwargs)
+        paused = []
+        while n and getattr(torch._C._get_function_stack_at(n - 1), "_psg_outside_shells", False):
+            paused.append(torch._C._pop_torch_function_stack())
+            n -= 1
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            for mode in reversed(paused):
+                torch._C._push_on_torch_function_stack(mode)
+
     def _set_max_batch_size(self, max_batch_size: Any) -> None:
         self.max_batch_size = check_max_batch_size(max_batch_size, type(self).__name__)
 

@@ -28,7 +28,7 @@ from psgfunc.nn.conv import Conv1d, Conv2d, Conv3d
 from psgfunc.nn.conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from psgfunc.nn.embedding import Embedding
 from psgfunc.nn.embedding_bag import EmbeddingBag
-from psgfunc.nn.generic import make_generic
+from psgfunc.nn.generic import install_outside_shells, make_generic
 from psgfunc.nn.linear import Linear
 from psgfunc.nn.lstm import DPLSTM, DPLSTMCell
 from psgfunc.nn.normalization import (
@@ -290,6 +290,16 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     norms, convolutions...) reach psgfunc's op-level rules; an op without a rule falls back
     to torch's vmap (exact, materialised) with a warning naming it.
 
+    Plain torch ops on the model's trainable parameters outside any shell, in the returned
+    model's forward (a module without parameters of its own that ties its head to the
+    embedding: ``F.linear(h, self.emb.weight)``, ``h @ self.emb.weight.T``,
+    ``self.emb.weight * x``), are served the same way while that forward runs: each op that
+    has an op-level rule runs with the parameter expanded and hooked, under vmap over the
+    examples, so its per-sample gradient (or fast-clipping pieces) joins the shells' for
+    the same ``Parameter``. An op without a rule, or without an input batched like the
+    forward, runs unchanged, and the backward then raises the ValueError naming the fix
+    (see :mod:`psgfunc.nn.generic`).
+
     Nothing is converted unless everything can be: a model with a layer that cannot give
     per-sample gradients raises one ValueError listing every such layer by its qualified
     name (``"features.3"``): BatchNorm (any variant; it mixes examples), InstanceNorm with
@@ -407,6 +417,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
         else:
             setattr(parent, attr, shell)
     _forward.install(result)
+    if not isinstance(result, ExpandedModule):  # a shell's (or generic shell's) forward serves itself
+        install_outside_shells(result)  # plain ops on its parameters outside shells
     return result
 
 

@@ -318,6 +318,8 @@ class TiedLM(nn.Module):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_a_plain_use_next_to_a_shell_is_refused(mode, reduction):
+    """Shells assembled by hand, in a model not passed to expand_weights: nothing serves the
+    head's plain op (expand_weights would: see the test below)."""
     model = TiedLM(through_shell=False)
     opt = optimizer(model.parameters(), mode, loss_reduction=reduction) if mode != "plain" else None
     idx, y = torch.randint(0, 6, (4, 2)), torch.randint(0, 6, (4, 2))
@@ -338,10 +340,12 @@ def test_a_penalty_on_a_shell_weight_is_refused(mode):
 
 @pytest.mark.parametrize("mode", ["dense", "fast"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_tying_through_shells_matches_the_float64_loop(mode, reduction):
-    """The fix the error names: both uses through psgfunc layers, exact; repeated backward
-    calls of one forward pass (p.grad accumulating) raise nothing."""
-    model = TiedLM(through_shell=True)
+@pytest.mark.parametrize("tie", ["shell", "plain op, converted"])
+def test_tying_through_shells_matches_the_float64_loop(mode, reduction, tie):
+    """The fix the error names: both uses through psgfunc layers, exact; or the plain
+    ``h @ emb.weight.T`` in a model converted by expand_weights, which serves it through the
+    op-level rules. Repeated backward calls of one forward pass raise nothing."""
+    model = TiedLM(through_shell=True) if tie == "shell" else pnn.expand_weights(TiedLM(through_shell=False), 8)
     params = [p.detach().clone() for p in model.parameters()]
     opt = optimizer(model.parameters(), mode, max_norm=0.2, expected=4.0, loss_reduction=reduction)
     idx, y = torch.randint(0, 6, (4, 2)), torch.randint(0, 6, (4, 2))
