@@ -260,23 +260,30 @@ class ConvWeight(GradKind):
         step = max(1, _CHUNK // max(1, per_example))
         rows = [(lo, min(lo + step, size)) for lo in range(0, size, step)]
         parts = [self._rows(datas, lo, hi, gram) for lo, hi in rows]
-        if parts[0].refine is not None:  # refine from x and g again: no patches kept alive
-            parts = [p._replace(refine=functools.partial(self._refine_rows, datas, lo, hi))
-                     for p, (lo, hi) in zip(parts, rows)]
         return parts[0] if len(parts) == 1 else _merge(parts, rows)
 
     def _rows(self, datas: Any, lo: int, hi: int, gram: bool) -> NormBound:
         """:meth:`bound` of examples ``lo:hi``: from their patches and output gradients by
         :func:`~psgfunc.per_sample._kinds.outer_bound` (the Gram form, or ``dW_b`` by one
-        batched matmul), or for grouped and 3-d layers from ``dW_b`` materialised."""
+        batched matmul), or for grouped and 3-d layers from ``dW_b`` materialised. The
+        bound keeps the Grams for its refinement, not the patches (rebuilt for the few
+        examples that need them)."""
         if not self._unfolds():
             return self._direct_rows(datas, lo, hi)
-        u = _cat1([_patches_channels_last(_up(x[:, lo:hi]), self.weight_shape, *conf) for x, _, conf in datas])
-        g = _cat1([_positions(_up(g[:, lo:hi])) for _, g, _ in datas])
-        return outer_bound(g, u, len(datas), None, gram)
+        g, u = self._pieces(datas, lo, hi, None)
+        return outer_bound(g, u, len(datas), None, gram, functools.partial(self._pieces, datas, lo, hi))
 
-    def _refine_rows(self, datas: Any, lo: int, hi: int, total_sq: torch.Tensor) -> NormBound:
-        return self._rows(datas, lo, hi, True).refine(total_sq)
+    def _pieces(self, datas: Any, lo: int, hi: int, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g [b, T, O], u [b, T, I])``: output gradients and patches at all positions of
+        examples ``lo:hi`` (of those ``idx`` among them, if given)."""
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            t = t[:, lo:hi]
+            return _up(t if idx is None else t.index_select(1, idx))
+
+        u = _cat1([_patches_channels_last(pick(x), self.weight_shape, *conf) for x, _, conf in datas])
+        g = _cat1([_positions(pick(g)) for _, g, _ in datas])
+        return g, u
 
     def _direct_rows(self, datas: Any, lo: int, hi: int) -> NormBound:
         """:meth:`bound` of examples ``lo:hi`` from their materialised gradients.
