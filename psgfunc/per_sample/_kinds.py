@@ -161,13 +161,16 @@ def _gram_error(
 
 
 def outer_bound(
-    g: torch.Tensor, x: torch.Tensor, pieces: int, cache: dict | None, gram: bool
+    g: torch.Tensor, x: torch.Tensor, pieces: int, cache: dict | None, gram: bool, rows: Any = None
 ) -> NormBound:
     """:class:`NormBound` of ``grad_b = sum_n g[b, n]^T x[b, n]`` (``g [B, N, O]``, ``x [B, N,
     I]``), by the Gram form (``gram``) or by materialising ``[B, O, I]``, for a weighted sum
     that adds the ``N`` outer products of an example in ``pieces`` contractions.
 
     ``cache`` shares row norms and (Gram form) Grams of tensors several parameters see.
+    ``rows(idx) -> (g[idx], x[idx])``, if given, builds the rows of examples ``idx`` again
+    when the refinement needs them, so that the bound does not keep ``g`` and ``x`` alive
+    (a convolution's patches: built for the norms, then dropped).
     """
     n, o, i = g.shape[1], g.shape[2], x.shape[2]
     dtype = _acc(g.dtype)
@@ -199,13 +202,15 @@ def outer_bound(
     if torch.compiler.is_compiling():  # no data-dependent branch: the finer bound, always
         return NormBound(est, (est + torch.minimum(cheap, fine())).clamp_min(0), a, *scales)
 
+    fetch = rows if rows is not None else (lambda idx: (g[idx], x[idx]))
+
     def refine(total_sq: torch.Tensor) -> NormBound:
         """The finer bound; examples it leaves uncertain (cancelling ones) get their Grams
         again in float64 (a few rows)."""
         err, new_est = torch.minimum(cheap, fine()), est
         bad = (err > GRAM_TOLERANCE * total_sq).nonzero().flatten()
         if bad.numel() and dtype != F64:
-            g64, x64 = g[bad].to(F64), x[bad].to(F64)
+            g64, x64 = (t.to(F64) for t in fetch(bad))
             redo = (torch.bmm(g64, g64.transpose(1, 2)) * torch.bmm(x64, x64.transpose(1, 2))).sum((1, 2))
             k64 = (gamma(o + i + 2, F64) + gamma(n * n + 2, F64)) * grow**2 * (1 + gamma(3, dtype))
             new_est = est.index_copy(0, bad, redo.to(dtype))

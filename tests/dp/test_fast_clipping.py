@@ -83,19 +83,20 @@ def cnn(dim):
 
 
 def conv_ghost(dim, rows):
-    """An ungrouped conv, used twice, whose output positions are few (2 T^2 < O C K): its
-    norms take the Gram (ghost) form; ``rows``: examples shaped [N, C, *S]."""
+    """An ungrouped conv, used twice, whose output positions are few (``T^2 (I + O) < (T + 2)
+    O I``, ``I = C K``): its norms take the Gram (ghost) form; ``rows``: examples shaped
+    [N, C, *S]."""
     g = gen()
-    params = {"conv": PF.init_conv(8, 8, (3,) * dim, dtype=DT, generator=g), "fc": PF.init_linear(8, 2, dtype=DT, generator=g)}
+    params = {"conv": PF.init_conv(32, 32, (3,) * dim, dtype=DT, generator=g), "fc": PF.init_linear(32, 2, dtype=DT, generator=g)}
     conv = {1: PF.conv1d, 2: PF.conv2d}[dim]
 
     def fn(p, x, y):
         h = torch.tanh(conv(p["conv"], x, stride=2, padding=1))
         h = torch.tanh(conv(p["conv"], h, padding=2, dilation=2))  # the same weight again
-        h = h.movedim(-1 - dim, -1).reshape(-1, 8).mean(0)
+        h = h.movedim(-1 - dim, -1).reshape(-1, 32).mean(0)
         return F.cross_entropy(PF.linear(p["fc"], h), y)
 
-    shape = (3, *((rows,) if rows else ()), 8) + (4,) * dim
+    shape = (3, *((rows,) if rows else ()), 32) + (4,) * dim
     return fn, params, (torch.randn(*shape, dtype=DT, generator=g), torch.randint(0, 2, (3,), generator=g))
 
 

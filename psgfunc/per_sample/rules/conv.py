@@ -53,6 +53,7 @@ the per-sample gradients in the parameters' dtype.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -60,6 +61,7 @@ import torch
 from torch.func import vmap
 
 from psgfunc import _rules
+from psgfunc._tree import accurate_sq_norms, gamma, sq_norm_rel
 from psgfunc.functional import _autocast
 from psgfunc.functional.conv import (
     _SPATIAL,
@@ -72,7 +74,7 @@ from psgfunc.functional.conv import (
     conv3d,
 )
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import GradKind, NormBound, RowSum, _up, emit, outer_bound
+from psgfunc.per_sample._kinds import F64, GradKind, NormBound, RowSum, _up, emit, outer_bound
 
 __all__ = ["ConvRule", "ConvWeight", "per_sample_conv_weight_grad"]
 
@@ -201,12 +203,23 @@ class ConvWeight(GradKind):
 
     ``materialize`` is :func:`per_sample_conv_weight_grad`; ``weighted_sum`` needs no
     per-sample tensor at all: ``sum_b c_b dW_b`` is the ORDINARY weight gradient of the
-    convolution with ``g_b`` scaled by ``c_b`` (one ``convolution_backward`` per call). Norms:
-    with ``u`` the input patches ``[B, T, C*K]`` and ``g`` the output gradients ``[B, T, O]``
-    at the ``T`` output positions of all calls, ``||dW_b||^2 = sum_{t,s} (g_bt . g_bs)(u_bt .
-    u_bs)`` (ghost clipping) where ``2 T^2 < O*C*K`` (the "mixed" rule of Bu et al.: the two
-    ``[B, T, T]`` Grams are smaller than the ``[B, O, C*K]`` gradient), for ungrouped 1-d/2-d
-    layers whose patches fit the unfold budget; otherwise from the materialised form.
+    convolution with ``g_b`` scaled by ``c_b`` (one ``convolution_backward`` per call).
+
+    Norms, with ``u`` the input patches ``[B, T, I]`` (``I = C/G * K``) and ``g`` the output
+    gradients ``[B, T, O]`` at the ``T`` output positions of all calls, by the cheaper of
+    (the "mixed" rule of Bu et al., by the cost of each form, :meth:`uses_gram`):
+
+    * the Gram form ``||dW_b||^2 = sum_{t,s} (g_bt . g_bs)(u_bt . u_bs)`` (ghost clipping),
+      ``T^2 (I + O)`` products per example: few output positions (a WRN's last stage);
+    * the direct form, ``dW_b = g_b^T u_b`` by one batched matmul (``T O I``) and its norm.
+      Grouped and 3-d layers (no patches here) take it from the grouped convolution
+      (:func:`per_sample_conv_weight_grad`).
+
+    Either way the per-example tensors (patches, Grams, ``dW_b``) are transient, built for
+    a few examples at a time (at most about ``_CHUNK`` elements): only ``[B]`` norms outlive
+    the call, and the data kept for the weighted sum is ``x`` and ``g``. A gradient of at
+    most ``_KEEP_DENSE`` elements in all that the Gram form does not cover is materialised
+    once and kept for the sum (``c @ dW``: cheaper than a convolution backward there).
     """
 
     def __init__(self, weight_shape: tuple[int, ...], groups: int):
@@ -216,20 +229,89 @@ class ConvWeight(GradKind):
         return per_sample_conv_weight_grad(x, g, self.weight_shape, *conf, self.groups)
 
     def prefers_dense(self, datas: Any) -> bool:
-        if self.groups != 1 or len(self.weight_shape) > 4:
-            return True
-        if sum(x.numel() for x, _, _ in datas) * math.prod(self.weight_shape[2:]) > _UNFOLD_MAX:
-            return True
-        positions = sum(g.shape[0] * math.prod(g.shape[3:]) for _, g, _ in datas)
-        return 2 * positions**2 >= math.prod(self.weight_shape)
+        small = datas[0][1].shape[1] * math.prod(self.weight_shape) <= _KEEP_DENSE
+        return small and not self.uses_gram(datas)
+
+    def _unfolds(self) -> bool:
+        """Whether the patches exist here (ungrouped 1-d/2-d layers)."""
+        return self.groups == 1 and len(self.weight_shape) <= 4
+
+    def uses_gram(self, datas: Any) -> bool:
+        """Whether the norms take the Gram form: its ``T^2 (I + O)`` products per example
+        against the ``T O I`` of the direct form, plus the ``O I`` of writing and reading
+        ``dW_b`` (the patches are built either way)."""
+        if not self._unfolds():
+            return False
+        out_channels, inputs = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        t = _positions_per_example(datas)
+        return t * t * (inputs + out_channels) < (t + 2) * out_channels * inputs
 
     def bound(self, datas: Any, cache: dict | None = None) -> NormBound:
         if self.prefers_dense(datas):
             return super().bound(datas)
-        # the ghost norm is the Gram form of an outer product over output positions
-        u = _cat1([_patches_channels_last(_up(x), self.weight_shape, *conf) for x, _, conf in datas])
-        g = _cat1([_positions(_up(g)) for _, g, _ in datas])
-        return outer_bound(g, u, len(datas), None, True)
+        gram = self.uses_gram(datas)
+        size = datas[0][1].shape[1]
+        t = _positions_per_example(datas)
+        out_channels, inputs = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        if not self._unfolds():
+            per_example = out_channels * inputs  # dW_b
+        else:  # patches and output gradients, then the Grams or dW_b
+            per_example = t * (inputs + out_channels) + (2 * t * t if gram else out_channels * inputs)
+        step = max(1, _CHUNK // max(1, per_example))
+        rows = [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+        parts = [self._rows(datas, lo, hi, gram) for lo, hi in rows]
+        return parts[0] if len(parts) == 1 else _merge(parts, rows)
+
+    def _rows(self, datas: Any, lo: int, hi: int, gram: bool) -> NormBound:
+        """:meth:`bound` of examples ``lo:hi``: from their patches and output gradients by
+        :func:`~psgfunc.per_sample._kinds.outer_bound` (the Gram form, or ``dW_b`` by one
+        batched matmul), or for grouped and 3-d layers from ``dW_b`` materialised. The
+        bound keeps the Grams for its refinement, not the patches (rebuilt for the few
+        examples that need them)."""
+        if not self._unfolds():
+            return self._direct_rows(datas, lo, hi)
+        g, u = self._pieces(datas, lo, hi, None)
+        return outer_bound(g, u, len(datas), None, gram, functools.partial(self._pieces, datas, lo, hi))
+
+    def _pieces(self, datas: Any, lo: int, hi: int, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g [b, T, O], u [b, T, I])``: output gradients and patches at all positions of
+        examples ``lo:hi`` (of those ``idx`` among them, if given)."""
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            t = t[:, lo:hi]
+            return _up(t if idx is None else t.index_select(1, idx))
+
+        u = _cat1([_patches_channels_last(pick(x), self.weight_shape, *conf) for x, _, conf in datas])
+        g = _cat1([_positions(pick(g)) for _, g, _ in datas])
+        return g, u
+
+    def _direct_rows(self, datas: Any, lo: int, hi: int) -> NormBound:
+        """:meth:`bound` of examples ``lo:hi`` from their materialised gradients.
+
+        The computed ``dW_b`` (sums of ``n`` products per coordinate over all calls) is
+        within ``gamma_{n + pieces} a_b`` of the exact one, ``a_b = sum_t ||g_bt|| ||u_bt||``
+        (``u_bt`` over all input channels: an upper bound for grouped layers), computed in
+        float64 from per-position norms; the weighted sum errs by as much (as
+        :func:`~psgfunc.per_sample._kinds.outer_bound`'s direct form)."""
+        total, a = None, None
+        for x, g, conf in datas:
+            xs, gs = _up(x[:, lo:hi]), _up(g[:, lo:hi])
+            dense = self.materialize(xs, gs, conf)
+            total = dense if total is None else total + dense
+            rg = torch.linalg.vector_norm(gs, dim=2, dtype=F64)  # [N, b, *S']
+            rx = _patch_norms(xs, tuple(self.weight_shape[2:]), *conf)
+            t = (rg * rx).flatten(2).sum(2).sum(0)
+            a = t if a is None else a + t
+        dtype = total.dtype
+        o, i = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        n = _positions_per_example(datas)
+        channels_all = datas[0][0].shape[2] * math.prod(self.weight_shape[2:])
+        grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(channels_all + 3, dtype)) * (1 + gamma(n + 2, dtype))
+        err_scale = gamma(n + len(datas) + 2, dtype) * grow
+        a = a.to(dtype)
+        sq = accurate_sq_norms(total)
+        bound = sq.sqrt() * (1 + sq_norm_rel(dtype, o * i)) + a * err_scale
+        return NormBound(sq, bound.square(), a, 1 + gamma(4, dtype), err_scale)
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -245,6 +327,61 @@ class ConvWeight(GradKind):
             )
             total = s if total is None else total + s
         return total.to(out)
+
+
+_KEEP_DENSE = 1 << 19
+"""Largest per-sample conv weight gradient (elements, ``B * O * C/G * K``) that fast
+clipping materialises once and keeps for the weighted sum; larger ones are reduced to their
+norms a chunk of examples at a time and summed by a convolution backward (the kept
+gradients of a WRN-16-4 took 4x the non-private step's memory)."""
+
+_CHUNK = 1 << 22
+"""Most elements of the transient per-example tensors (``dW_b``, or patches and output
+gradients of the Gram form) that :meth:`ConvWeight.bound` builds at once (16 MB float32)."""
+
+
+def _positions_per_example(datas: Any) -> int:
+    """``T``: the output positions of one example over all calls (rows included)."""
+    return sum(g.shape[0] * math.prod(g.shape[3:]) for _, g, _ in datas)
+
+
+def _patch_norms(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+                 padding: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+    """``x [N, B, C, *S] -> [N, B, *S']`` float64 norms of every input patch over all
+    channels (the window of each output position, zero padding included): a sum of the
+    ``prod(kernel)`` shifted, strided views of the channel-summed squares."""
+    sq = torch.linalg.vector_norm(x, dim=2, dtype=F64).square()  # [N, B, *S]
+    if any(padding):
+        pads = [p for q in reversed(padding) for p in (q, q)]
+        sq = torch.nn.functional.pad(sq, pads)
+    spatial = sq.shape[2:]
+    out = [(s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(spatial, kernel, stride, dilation)]
+    total = None
+    for offsets in itertools.product(*(range(k) for k in kernel)):
+        view = sq[(..., *(slice(o * d, o * d + (m - 1) * st + 1, st)
+                         for o, d, st, m in zip(offsets, dilation, stride, out)))]
+        total = view if total is None else total + view
+    return total.sqrt()
+
+
+def _merge(parts: list[NormBound], rows: list[tuple[int, int]]) -> NormBound:
+    """One :class:`NormBound` of the whole batch from those of its chunks ``rows``."""
+
+    def cat(field: str) -> torch.Tensor | None:
+        values = [getattr(p, field) for p in parts]
+        if all(v is None for v in values):
+            return None
+        return torch.cat([p.sq.new_zeros(p.sq.shape) if v is None else v for p, v in zip(parts, values)])
+
+    refine = None
+    if any(p.refine is not None for p in parts):
+
+        def refine(total_sq: torch.Tensor) -> NormBound:
+            return _merge([p.refine(total_sq[lo:hi]) if p.refine is not None else p
+                           for p, (lo, hi) in zip(parts, rows)], rows)
+
+    return NormBound(cat("sq"), cat("hi2"), cat("err"), max(p.hi_scale for p in parts),
+                     max(p.err_scale for p in parts), cat("unc"), refine)
 
 
 def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""Fast-clipping norms of convolution weights (issue 15): the Gram and direct forms, chunked
+over the batch, against the materialised per-example gradients; what they keep alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import psgfunc.dp as dp
+import psgfunc.functional as PF
+from psgfunc.per_sample import _kinds
+from psgfunc.per_sample._clip import grad_pieces
+from psgfunc.per_sample.rules import conv as conv_rule
+from psgfunc.per_sample.rules.conv import ConvWeight, per_sample_conv_weight_grad
+
+F64 = torch.float64
+
+
+def out_size(s, k, st, p, d):
+    return (s + 2 * p - d * (k - 1) - 1) // st + 1
+
+
+def conv_data(gen, size, rows, channels, weight_shape, spatial, conf, dtype=F64):
+    """``(x [N, B, C, *S], g [N, B, O, *S'], conf)`` for one call."""
+    stride, padding, dilation = conf
+    out = [out_size(s, k, st, p, d) for s, k, st, p, d in zip(spatial, weight_shape[2:], stride, padding, dilation)]
+    x = torch.randn(rows, size, channels, *spatial, dtype=F64, generator=gen).to(dtype)
+    g = torch.randn(rows, size, weight_shape[0], *out, dtype=F64, generator=gen).to(dtype)
+    return x, g, conf
+
+
+# (weight shape, groups, input channels, spatial, confs of the calls, expected route)
+LAYERS = {
+    "2d-direct": ((6, 4, 3, 3), 1, 4, (9, 8), [((1, 1), (1, 1), (1, 1)), ((2, 1), (0, 2), (1, 2))], "direct"),
+    "2d-gram": ((32, 12, 3, 3), 1, 12, (4, 4), [((2, 2), (1, 1), (1, 1)), ((2, 2), (2, 2), (2, 2))], "gram"),
+    "1d-gram": ((16, 12, 3), 1, 12, (5,), [((2,), (1,), (1,))], "gram"),
+    "1d-direct": ((3, 2, 2), 1, 2, (11,), [((1,), (0,), (2,))], "direct"),
+    "2d-grouped": ((6, 2, 3, 3), 2, 4, (6, 7), [((1, 2), (1, 0), (1, 1))], "direct"),
+    "3d": ((4, 3, 2, 2, 2), 1, 3, (4, 5, 3), [((1, 2, 1), (1, 0, 1), (1, 1, 2))], "direct"),
+}
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_chunked_norms_and_sums_equal_materialised(name, rows, monkeypatch):
+    """Both forms, one example per chunk, several calls of one weight: the norms equal the
+    materialised gradients' (float64, 1e-10), the certified bound is above them and the
+    weighted sum is sum_b c_b dW_b."""
+    monkeypatch.setattr(conv_rule, "_CHUNK", 1)
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    weight_shape, groups, channels, spatial, confs, route = LAYERS[name]
+    gen = torch.Generator().manual_seed(1)
+    size = 3
+    datas = [conv_data(gen, size, rows, channels, weight_shape, spatial, conf) for conf in confs]
+    kind = ConvWeight(weight_shape, groups)
+    assert kind.uses_gram(datas) == (route == "gram")
+    assert not kind.prefers_dense(datas)
+    dense = sum(per_sample_conv_weight_grad(x, g, weight_shape, *conf, groups) for x, g, conf in datas)
+    exact = dense.flatten(1).square().sum(1)
+    bound = kind.bound(datas)
+    torch.testing.assert_close(bound.sq, exact, rtol=1e-10, atol=0)
+    assert bool((bound.hi2 * bound.hi_scale >= exact).all())
+    c = torch.tensor([0.5, -2.0, 1.5], dtype=F64)
+    torch.testing.assert_close(kind.weighted_sum(datas, c), torch.einsum("b,b...->...", c, dense), rtol=1e-10, atol=1e-12)
+    leaf = _kinds.LeafPieces([(kind, d) for d in datas], None, size, weight_shape)
+    assert leaf.dense is None
+    norms = _kinds.certified_norm([leaf])
+    torch.testing.assert_close(norms, exact.sqrt(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("route", ["gram", "direct"])
+def test_cancelling_examples_in_chunks_are_bounded(route, monkeypatch):
+    """float32 examples whose outer products cancel (a nearly constant input, output
+    gradients of alternating sign), split into chunks: every certified norm is at least the
+    float64 norm of the float32 pieces, and the weighted sum of each example scaled by
+    1 / certified norm has norm at most 1."""
+    monkeypatch.setattr(conv_rule, "_CHUNK", 1)
+    weight_shape = (16, 12, 3, 3) if route == "gram" else (2, 1, 3, 3)
+    spatial = (4, 4) if route == "gram" else (10, 10)
+    gen = torch.Generator().manual_seed(3)
+    size, conf = 3, ((1, 1), (0, 0), (1, 1))
+    channels = weight_shape[1]
+    x = 1e3 * (1 + 1e-3 * torch.randn(1, size, channels, *spatial, generator=gen, dtype=F64))
+    out = [s - 2 for s in spatial]
+    sign = torch.ones(out[0] * out[1], dtype=F64)
+    sign[1::2] = -1
+    g = 30 * torch.randn(1, size, weight_shape[0], 1, generator=gen, dtype=F64) * sign
+    g = (g * (1 + 1e-3 * torch.randn(g.shape, generator=gen, dtype=F64))).view(1, size, weight_shape[0], *out)
+    x32, g32 = x.float(), g.float()
+    datas = [(x32, g32, conf)]
+    kind = ConvWeight(weight_shape, 1)
+    assert kind.uses_gram(datas) == (route == "gram")
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    exact = per_sample_conv_weight_grad(x32.double(), g32.double(), weight_shape, *conf, 1).flatten(1).norm(dim=1)
+    norms = _kinds.certified_norm([_kinds.LeafPieces([(kind, datas[0])], None, size, weight_shape)])
+    assert bool((norms.double() >= exact).all())
+    for b in range(size):
+        c = torch.zeros(size)
+        c[b] = 1 / float(norms[b])
+        assert float(kind.weighted_sum(datas, c).double().norm()) <= 1 + 1e-5
+
+
+def test_gram_bound_keeps_no_patches(monkeypatch):
+    """The Gram form's bound (and its refinement) keeps the Grams, not the patches: they are
+    rebuilt only for examples the refinement recomputes."""
+    made = []
+    original = conv_rule._patches_channels_last
+
+    def tracking(*args):
+        u = original(*args)
+        made.append(weakref.ref(u))
+        return u
+
+    monkeypatch.setattr(conv_rule, "_patches_channels_last", tracking)
+    gen = torch.Generator().manual_seed(0)
+    weight_shape = (16, 12, 3, 3)
+    datas = [conv_data(gen, 4, 1, 12, weight_shape, (4, 4), ((1, 1), (0, 0), (1, 1)), torch.float32)]
+    kind = ConvWeight(weight_shape, 1)
+    assert kind.uses_gram(datas)
+    bound = kind.bound(datas)
+    gc.collect()
+    assert made and all(r() is None for r in made)
+    refined = bound.refine(torch.full((4,), 1e-30))  # every example uncertain: rebuilt rows
+    assert bool((refined.hi2 >= refined.sq).all())
+
+
+def test_fast_clipping_keeps_no_per_sample_conv_gradient(monkeypatch):
+    """A convolution whose per-sample gradient is larger than _KEEP_DENSE: fast clipping
+    keeps x and g for it, no [B, O, C, *k] tensor (a WRN-16-4 kept 4x the step's memory
+    that way), and the clipped sum equals the materialising route's."""
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    gen = torch.Generator().manual_seed(0)
+    params = {"conv": PF.init_conv(8, 8, (3, 3), dtype=F64, generator=gen), "fc": PF.init_linear(8, 2, dtype=F64, generator=gen)}
+
+    def fn(p, x, y):
+        h = torch.relu(PF.conv2d(p["conv"], x, padding=1)).mean((-2, -1))
+        return torch.nn.functional.cross_entropy(PF.linear(p["fc"], h), y)
+
+    x = torch.randn(5, 8, 12, 12, dtype=F64, generator=gen)
+    y = torch.randint(0, 2, (5,), generator=gen)
+    pieces = grad_pieces(fn, params, x, y)
+    weight = pieces.leaves[1]  # optree order: conv.bias, conv.weight, fc.bias, fc.weight
+    assert isinstance(weight.kind, ConvWeight) and weight.dense is None and not weight.kind.uses_gram(weight.datas)
+    summed, norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=0.3)
+    expected, expected_norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=0.3, method="materialize")
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=0)
+    for k in ("conv", "fc"):
+        for name in summed[k]:
+            torch.testing.assert_close(summed[k][name], expected[k][name], rtol=1e-10, atol=1e-12)
