@@ -318,16 +318,23 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
     graphs: dict[Any, _Graph] = {}  # (signature, plan, batch size) -> its graph
     warned: set[Any] = set()
 
-    def plan(prep: Any, key: Any, excluded: Any = ()) -> Plan:
-        new = plans[key] = discover(prep, excluded) if excluded else discover(prep)
+    def plan(prep: Any, key: Any, excluded: Any = (), ops: bool = True) -> Plan:
+        if not ops:
+            new = discover(prep, excluded, ops=False)
+        else:
+            new = discover(prep, excluded) if excluded else discover(prep)
+        plans[key] = new
         step.stats["plans"] += 1
         if new.materialized and (key, tuple(new.materialized)) not in warned:
             warned.add((key, tuple(new.materialized)))
             warnings.warn(
                 f"psgfunc fast clipping (compiled): {len(new.materialized)} of "
                 f"{len(prep.p_leaves)} parameter leaves are used by functions without a tap "
-                "(psgfunc.functional.linear, conv*, embedding, layer_norm and lstm without "
-                "lengths have one), so their per-sample gradients are materialised in the graph",
+                "(psgfunc's layers and the torch functions with per-sample rules have one: "
+                "F.linear, conv, norms, embeddings, matmul/einsum, elementwise ops with a "
+                "parameter...)" + ("" if new.ops else ", or by torch functions whose compiled "
+                "calls differ from their eager ones (only psgfunc layers are tapped here)")
+                + ", so their per-sample gradients are materialised in the graph",
                 stacklevel=4,
             )
         return new
@@ -354,7 +361,9 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
         if not prep.p_leaves:
             raise ValueError("compiled_clipped_grad_sum: params has no tensor leaves; nothing to differentiate")
         key = _signature(prep)
-        current = plans.get(key) or plan(prep, key)
+        current = plans.get(key)
+        fresh = current is None  # planned in this call
+        current = current or plan(prep, key)
         detached = prep.unflatten(prep.p_leaves)
         why = ""
         for _ in range(_ATTEMPTS):
@@ -365,12 +374,17 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
             summed, norms, unplanned, calls, _ = run(g, prep.size, graphs, gkey, detached, *batch)
             if summed is None:
                 why = f"it made {len(calls)} tapped layer calls, the plan {len(current.calls)}"
-                current = plan(prep, key)
+                # a plan made from the current fn first; a pass off that one too may be the
+                # torch-function rules' doing (a call that the compiler shows them otherwise
+                # than the eager planning run): then tap psgfunc layers only
+                current = plan(prep, key, ops=current.ops and not fresh)
+                fresh = True
                 continue
             reached = unplanned.nonzero().flatten().tolist() if bool(unplanned.any()) else []
             if reached:
                 why = f"plain ops reached the tapped params leaves {reached}"
-                current = plan(prep, key, set(reached) | set(current.materialized))
+                current = plan(prep, key, set(reached) | set(current.materialized), current.ops)
+                fresh = True
                 continue
             return prep.unflatten(summed), _check_finite(norms)
         raise ValueError(
@@ -387,4 +401,4 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
 
 
 def _plan_key(p: Plan) -> tuple[Any, ...]:
-    return (tuple(p.calls), tuple(p.materialized))
+    return (tuple(p.calls), tuple(p.materialized), p.ops)
