@@ -10,9 +10,13 @@ per-example gradient is the layer's output gradient), so the graph holds layer i
 output gradients, never a ``[B, *shape]`` gradient of a psgfunc layer's params, and the
 norms and sums are the eager fast path's formulas (Gram or materialised per layer, one
 contraction per clipped sum). Linear, conv1d/2d/3d, embedding, layer_norm and lstm (one
-example ``[T, D]`` without ``lengths``: the tap sits on the gate pre-activations) are tapped;
-params of other calls (``lstm`` with ``lengths``, ``lstm_cell``, plain torch ops) are
-differentiated per example inside the graph, with a warning. Which calls are tapped is
+example ``[T, D]`` without ``lengths``: the tap sits on the gate pre-activations) are tapped,
+and so are the torch functions with per-sample rules that a plain-torch model calls
+(``functional_call`` of ``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm``, ``nn.GroupNorm``,
+``nn.Embedding``, HF ``Conv1D``'s ``addmm``, ``x @ W``, ``einsum``, ``weight * x``, a tied
+head ``F.linear(h, emb.weight)``...); params of other calls (``lstm`` with ``lengths``,
+``lstm_cell``, torch ops without a rule) are differentiated per example inside the graph,
+with a warning. Which calls are tapped is
 planned by one eager run of ``fn`` on the first example, per input signature (shapes, dtypes,
 structure): each new signature plans and compiles again, and so does a pass that finds ``fn``
 no longer doing what was planned (see :func:`compiled_clipped_grad_sum`). The batch size is

@@ -16,6 +16,17 @@ differentiated at all (they enter detached), so no ``[B, *shape]`` gradient is b
 them; a params leaf that some op without a tap also uses is differentiated per example and
 materialised, as in the eager path.
 
+Covered layers are psgfunc's functional layers and, for models written in plain torch, the
+torch functions with per-sample rules (:mod:`psgfunc.per_sample._torch_ops`: ``F.linear``,
+conv, the norms, embeddings, ``matmul``/``addmm``/``einsum``, elementwise ops with a
+parameter operand...): the rules' torch-function mode runs around ``fn`` in the planning run
+and in the traced pass alike (the compiler traces it), hands those calls to the rules, whose
+``tapped`` paths then run. It knows the leaves by identity (:meth:`Tap.index`) and views of
+them by their ``_base`` (so ``h @ wte.weight.T`` and ``F.linear(h, wte.weight)``, a tied
+head, are taps on the table). Where the compiler shows the mode a call otherwise than the
+eager run does, the pass is off its plan; the step then plans with the mode off (``Plan.ops``:
+psgfunc layers tapped, other leaves materialised).
+
 Which calls are tapped, and the shapes of their outputs, is found once per input signature
 by a discovery run of ``fn`` on the first example (:func:`discover`); the traced pass then
 follows that plan (:func:`traced_pieces`) and checks it: it reports the layer calls it made

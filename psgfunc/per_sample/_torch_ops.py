@@ -27,6 +27,10 @@ fails with an error that does not say what to do:
 While ``per_sample_grads`` (every method) and ``clipped_grad_sum`` run ``fn``, a
 :class:`torch.overrides.TorchFunctionMode` (:func:`active`) hands every torch function that
 ``fn`` calls and that is registered here to its rule; everything else runs untouched. The
+compiled fast-clipping route (``psgfunc.per_sample._tap``) runs ``fn`` under the same mode
+(:func:`tapping`, method ``"expanded"``), traced by ``torch.compile``: there the parameters
+are the tap's leaves, known by identity and their views by ``_base``, and the rules' psgfunc
+layers take their ``tapped`` paths. The
 mode is suspended while psgfunc's own rules run (:func:`suspend`), so it costs one Python
 call (~3 us) per torch function called directly by ``fn``, none inside psgfunc layers.
 
@@ -276,7 +280,8 @@ def active(method: str, params: Any = ()) -> Iterator[None]:
 
     ``params``: the tensors ``fn`` differentiates (as ``fn`` sees them, or the tensors a
     functorch transform wraps), so that rules recognise them (:func:`param_of`).
-    Off while ``torch.compile`` traces (the compiled paths trace ``fn`` their own way).
+    Off while ``torch.compile`` traces (``id()`` lookups and functorch's unwrapping do not
+    trace); the compiled fast-clipping route enters its own mode, :func:`tapping`, which does.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

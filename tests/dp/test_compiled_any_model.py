@@ -166,7 +166,7 @@ def test_a_call_the_compiler_shows_otherwise_falls_back_to_psgfunc_layers(monkey
     assert [m for m in messages if "only psgfunc layers are tapped" in m], messages
 
 
-@pytest.mark.skipif(not os.environ.get("PSGFUNC_SLOW_TESTS"), reason="HF GPT-2 compiles ~30 s: PSGFUNC_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("PSGFUNC_SLOW_TESTS"), reason="HF GPT-2 compiles in ~20 s: set PSGFUNC_SLOW_TESTS=1")
 def test_hf_gpt2(monkeypatch):
     """A tiny HF GPT-2 (Conv1D's addmm, LayerNorm, the tied lm_head, two embeddings): nothing
     materialised. Sequences of 3 tokens: with ``T * T`` at least the table size (16 positions)
