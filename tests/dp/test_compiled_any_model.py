@@ -22,6 +22,10 @@ from torch.func import functional_call
 
 import psgfunc.dp as dp
 from psgfunc.dp import _compiled
+from psgfunc.per_sample import _kinds
+from psgfunc.per_sample._api import _prepare
+from psgfunc.per_sample._tap import discover, tap_pieces
+from psgfunc.per_sample.rules.matmul import TiedTable
 from tests.oracles import assert_tree_close
 
 DT = torch.float64
@@ -130,6 +134,19 @@ def test_plain_torch_model_is_tapped_and_exact(name, monkeypatch):
     if name == "mlp-batch-of-one":
         batch = tuple(t[:1] for t in batch)
     assert_nothing_materialised(*run(fn, params, batch, monkeypatch))
+
+
+def test_the_tied_table_combines_its_lookup_and_both_heads(monkeypatch):
+    """The embedding's rows and the two heads' Outer pieces on ``emb.weight`` (one through
+    ``F.linear``, one through ``h @ W.T``: a view read from ``_base``) are one TiedTable."""
+    fn, params, batch = block()
+    combined = []
+    honest = _kinds._combined
+    monkeypatch.setattr(_kinds, "_combined", lambda r: combined.append(honest(r)) or combined[-1])
+    prep = _prepare(fn, params, batch, None, "different")
+    tap_pieces(prep, discover(prep), prep.p_leaves, prep.b_leaves)
+    table = combined[sorted(params).index("emb.weight")]
+    assert [type(kind) for kind, _ in table] == [TiedTable] * 3
 
 
 def test_a_leaf_that_an_op_without_a_rule_uses_is_materialised_and_exact(monkeypatch):
