@@ -209,6 +209,10 @@ class _Graph:
         self.disabled = bool(compile_kwargs.get("disable", False))  # asked to run eagerly
 
 
+class _Untraceable(ValueError):
+    """The compiler could not trace a step that runs eagerly without error."""
+
+
 class _Runner:
     """Runs graphs for one step: counts compiles, times them, keeps the tap slot clean, and
     turns a failed trace into a clear error that leaves no broken graph behind."""
@@ -260,7 +264,7 @@ class _Runner:
             graph.body(*args)
         except Exception as eager_err:
             raise eager_err from err
-        raise ValueError(
+        raise _Untraceable(
             "compiled_clipped_grad_sum: torch.compile could not trace this step "
             f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}), which runs "
             "eagerly without error; fn must trace into one graph (no print, .item() or other "
@@ -337,7 +341,8 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
                 "(psgfunc's layers and the torch functions with per-sample rules have one: "
                 "F.linear, conv, norms, embeddings, matmul/einsum, elementwise ops with a "
                 "parameter...)" + ("" if new.ops else ", or by torch functions whose compiled "
-                "calls differ from their eager ones (only psgfunc layers are tapped here)")
+                "calls differ from their eager ones or that the compiler cannot trace under "
+                "those rules (only psgfunc layers are tapped here)")
                 + ", so their per-sample gradients are materialised in the graph",
                 stacklevel=4,
             )
@@ -375,7 +380,18 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
             g = graphs.get(gkey)
             if g is None:
                 g = graphs[gkey] = _Graph(build(current), compile_kwargs)
-            summed, norms, unplanned, calls, _ = run(g, prep.size, graphs, gkey, detached, *batch)
+            try:
+                summed, norms, unplanned, calls, _ = run(g, prep.size, graphs, gkey, detached, *batch)
+            except _Untraceable:
+                if not current.ops:
+                    raise
+                # the compiler fails on some Python-level Tensor methods (Tensor.unflatten,
+                # inside nn.MultiheadAttention...) under the torch-function rules' mode: plan
+                # without it (psgfunc layers tapped), as the compiler traced before
+                why = "the compiler could not trace the torch-function rules"
+                current = plan(prep, key, ops=False)
+                fresh = True
+                continue
             if summed is None:
                 why = f"it made {len(calls)} tapped layer calls, the plan {len(current.calls)}"
                 # a plan made from the current fn first; a pass off that one too may be the

@@ -85,9 +85,27 @@ def register(*torch_fns: Callable[..., Any]) -> Callable[[Rule], Rule]:
     def decorate(rule: Rule) -> Rule:
         for fn in torch_fns:
             _RULES[fn] = rule
+            name = getattr(fn, "__name__", None)
+            _BY_NAME[name] = tuple((f, r) for f, r in _BY_NAME.get(name, ()) if f is not fn) + ((fn, rule),)
         return rule
 
     return decorate
+
+
+_BY_NAME: dict[Any, tuple[tuple[Callable[..., Any], Rule], ...]] = {}
+"""``_RULES`` by the functions' ``__name__``, for :func:`_rule_of` under ``torch.compile``."""
+
+
+def _rule_of(func: Any) -> Rule | None:
+    """``_RULES.get(func)``; under ``torch.compile`` by name, then identity: the compiler
+    guards a dict lookup keyed by some Python-level Tensor methods (``Tensor.__rsub__``,
+    ``__rdiv__``) wrongly and fails its own guard."""
+    if not torch.compiler.is_compiling():
+        return _RULES.get(func)
+    for fn, rule in _BY_NAME.get(getattr(func, "__name__", None), ()):
+        if fn is func:
+            return rule
+    return None
 
 
 def rule_for(torch_fn: Callable[..., Any]) -> Rule | None:
@@ -112,7 +130,7 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        rule = _RULES.get(func)
+        rule = _rule_of(func)
         if rule is not None:
             _STACK.append(self)
             try:
@@ -121,13 +139,17 @@ class _Mode(TorchFunctionMode):
                 _STACK.pop()
             if out is not NotImplemented:
                 return out
+        if torch.compiler.is_compiling():
+            # a tapped pass: nothing to track or warn about (views: _tapped_param), and no
+            # lookups keyed by func (see _rule_of). Transparent functions run plainly: the
+            # compiler fails on Python-level Tensor methods inside them under the mode, so
+            # where the eager planning run saw rules inside, the step plans without the mode
+            return func(*args, **kwargs)
         if func in _TRANSPARENT and self.method != "loop" and (
                 self.tap is not None or torch._C._are_functorch_transforms_active()):
             return _run_transparent(self, func, args, kwargs)
         if (not self.params and self.tap is None) or func in _QUIET:
             return func(*args, **kwargs)
-        if self.tap is not None and torch.compiler.is_compiling():
-            return func(*args, **kwargs)  # nothing to track or warn about (see _tapped_param)
         _STACK.append(self)
         try:
             used = [t for t in _tensors(args, kwargs) if param_of(t) is not None]

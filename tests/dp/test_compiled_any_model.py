@@ -114,6 +114,7 @@ class Block(nn.Module):
         h = h + torch.addmm(self.proj_b, flat, self.proj_w).view(a.shape)  # HF Conv1D
         h = h + torch.tanh(torch.einsum("btd,ed->bte", h, self.mix))
         h = self.rms * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        h = h * (1.5 - torch.sigmoid(h))  # Tensor.__rsub__: a Python-level method
         return F.linear(h, self.emb.weight) + 0.5 * (h @ self.emb.weight.T)
 
 
@@ -181,6 +182,20 @@ def test_a_call_the_compiler_shows_otherwise_falls_back_to_psgfunc_layers(monkey
     step, plans, messages = run(fn, params, (x, y), monkeypatch)
     assert [(p.ops, p.materialized) for p in plans] == [(True, []), (False, [0, 1])]
     assert [m for m in messages if "only psgfunc layers are tapped" in m], messages
+
+
+def test_a_step_the_compiler_cannot_trace_under_the_rules_falls_back_to_psgfunc_layers(monkeypatch):
+    """``Tensor.unflatten`` (a Python-level method) under the torch-function rules' mode makes
+    the compiler fail; the step plans without the mode (the leaf materialised) and is exact."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4).double()
+    x, y = torch.randn(3, 4, dtype=DT), torch.randn(3, 2, dtype=DT)
+
+    def fn(p, xi, yi):
+        return ((functional_call(model, p, (xi,)).unflatten(-1, (2, 2)).sum(-1) - yi) ** 2).sum()
+
+    step, plans, messages = run(fn, leaves(model), (x, y), monkeypatch)
+    assert [(p.ops, p.materialized) for p in plans] == [(True, []), (False, [0, 1])]
 
 
 @pytest.mark.skipif(not os.environ.get("PSGFUNC_SLOW_TESTS"), reason="HF GPT-2 compiles in ~20 s: set PSGFUNC_SLOW_TESTS=1")
