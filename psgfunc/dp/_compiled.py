@@ -98,6 +98,9 @@ def compiled_clipped_grad_sum(
     one more host sync per call). A pass that differs
     from its plan gives no sum: the step plans again from the current ``fn`` and reruns (plans
     and graphs are kept, so a flag that goes back and forth does not compile again). A pass
+    still off a plan made in the same call, or a pass the compiler cannot trace under the
+    torch-function rules' mode (``Tensor.unflatten`` in ``fn``, ``nn.MultiheadAttention``),
+    plans once more with that mode off: psgfunc layers tapped, other leaves materialised. A pass
     that swaps which params a layer uses is followed as it is (the pieces come from the
     traced pass). Each compiled graph has a code object of its own, so steps, signatures and
     batch sizes do not share the compiler's cache or its recompile limit
