@@ -10,9 +10,13 @@ per-example gradient is the layer's output gradient), so the graph holds layer i
 output gradients, never a ``[B, *shape]`` gradient of a psgfunc layer's params, and the
 norms and sums are the eager fast path's formulas (Gram or materialised per layer, one
 contraction per clipped sum). Linear, conv1d/2d/3d, embedding, layer_norm and lstm (one
-example ``[T, D]`` without ``lengths``: the tap sits on the gate pre-activations) are tapped;
-params of other calls (``lstm`` with ``lengths``, ``lstm_cell``, plain torch ops) are
-differentiated per example inside the graph, with a warning. Which calls are tapped is
+example ``[T, D]`` without ``lengths``: the tap sits on the gate pre-activations) are tapped,
+and so are the torch functions with per-sample rules that a plain-torch model calls
+(``functional_call`` of ``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm``, ``nn.GroupNorm``,
+``nn.Embedding``, HF ``Conv1D``'s ``addmm``, ``x @ W``, ``einsum``, ``weight * x``, a tied
+head ``F.linear(h, emb.weight)``...); params of other calls (``lstm`` with ``lengths``,
+``lstm_cell``, torch ops without a rule) are differentiated per example inside the graph,
+with a warning. Which calls are tapped is
 planned by one eager run of ``fn`` on the first example, per input signature (shapes, dtypes,
 structure): each new signature plans and compiles again, and so does a pass that finds ``fn``
 no longer doing what was planned (see :func:`compiled_clipped_grad_sum`). The batch size is
@@ -94,6 +98,9 @@ def compiled_clipped_grad_sum(
     one more host sync per call). A pass that differs
     from its plan gives no sum: the step plans again from the current ``fn`` and reruns (plans
     and graphs are kept, so a flag that goes back and forth does not compile again). A pass
+    still off a plan made in the same call, or a pass the compiler cannot trace under the
+    torch-function rules' mode (``Tensor.unflatten`` in ``fn``, ``nn.MultiheadAttention``),
+    plans once more with that mode off: psgfunc layers tapped, other leaves materialised. A pass
     that swaps which params a layer uses is followed as it is (the pieces come from the
     traced pass). Each compiled graph has a code object of its own, so steps, signatures and
     batch sizes do not share the compiler's cache or its recompile limit
@@ -205,6 +212,10 @@ class _Graph:
         self.disabled = bool(compile_kwargs.get("disable", False))  # asked to run eagerly
 
 
+class _Untraceable(ValueError):
+    """The compiler could not trace a step that runs eagerly without error."""
+
+
 class _Runner:
     """Runs graphs for one step: counts compiles, times them, keeps the tap slot clean, and
     turns a failed trace into a clear error that leaves no broken graph behind."""
@@ -256,7 +267,7 @@ class _Runner:
             graph.body(*args)
         except Exception as eager_err:
             raise eager_err from err
-        raise ValueError(
+        raise _Untraceable(
             "compiled_clipped_grad_sum: torch.compile could not trace this step "
             f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}), which runs "
             "eagerly without error; fn must trace into one graph (no print, .item() or other "
@@ -318,16 +329,24 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
     graphs: dict[Any, _Graph] = {}  # (signature, plan, batch size) -> its graph
     warned: set[Any] = set()
 
-    def plan(prep: Any, key: Any, excluded: Any = ()) -> Plan:
-        new = plans[key] = discover(prep, excluded) if excluded else discover(prep)
+    def plan(prep: Any, key: Any, excluded: Any = (), ops: bool = True) -> Plan:
+        if not ops:
+            new = discover(prep, excluded, ops=False)
+        else:
+            new = discover(prep, excluded) if excluded else discover(prep)
+        plans[key] = new
         step.stats["plans"] += 1
         if new.materialized and (key, tuple(new.materialized)) not in warned:
             warned.add((key, tuple(new.materialized)))
             warnings.warn(
                 f"psgfunc fast clipping (compiled): {len(new.materialized)} of "
                 f"{len(prep.p_leaves)} parameter leaves are used by functions without a tap "
-                "(psgfunc.functional.linear, conv*, embedding, layer_norm and lstm without "
-                "lengths have one), so their per-sample gradients are materialised in the graph",
+                "(psgfunc's layers and the torch functions with per-sample rules have one: "
+                "F.linear, conv, norms, embeddings, matmul/einsum, elementwise ops with a "
+                "parameter...)" + ("" if new.ops else ", or by torch functions whose compiled "
+                "calls differ from their eager ones or that the compiler cannot trace under "
+                "those rules (only psgfunc layers are tapped here)")
+                + ", so their per-sample gradients are materialised in the graph",
                 stacklevel=4,
             )
         return new
@@ -354,7 +373,9 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
         if not prep.p_leaves:
             raise ValueError("compiled_clipped_grad_sum: params has no tensor leaves; nothing to differentiate")
         key = _signature(prep)
-        current = plans.get(key) or plan(prep, key)
+        current = plans.get(key)
+        fresh = current is None  # planned in this call
+        current = current or plan(prep, key)
         detached = prep.unflatten(prep.p_leaves)
         why = ""
         for _ in range(_ATTEMPTS):
@@ -362,15 +383,31 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
             g = graphs.get(gkey)
             if g is None:
                 g = graphs[gkey] = _Graph(build(current), compile_kwargs)
-            summed, norms, unplanned, calls, _ = run(g, prep.size, graphs, gkey, detached, *batch)
+            try:
+                summed, norms, unplanned, calls, _ = run(g, prep.size, graphs, gkey, detached, *batch)
+            except _Untraceable:
+                if not current.ops:
+                    raise
+                # the compiler fails on some Python-level Tensor methods (Tensor.unflatten,
+                # inside nn.MultiheadAttention...) under the torch-function rules' mode: plan
+                # without it (psgfunc layers tapped), as the compiler traced before
+                why = "the compiler could not trace the torch-function rules"
+                current = plan(prep, key, ops=False)
+                fresh = True
+                continue
             if summed is None:
                 why = f"it made {len(calls)} tapped layer calls, the plan {len(current.calls)}"
-                current = plan(prep, key)
+                # a plan made from the current fn first; a pass off that one too may be the
+                # torch-function rules' doing (a call that the compiler shows them otherwise
+                # than the eager planning run): then tap psgfunc layers only
+                current = plan(prep, key, ops=current.ops and not fresh)
+                fresh = True
                 continue
             reached = unplanned.nonzero().flatten().tolist() if bool(unplanned.any()) else []
             if reached:
                 why = f"plain ops reached the tapped params leaves {reached}"
-                current = plan(prep, key, set(reached) | set(current.materialized))
+                current = plan(prep, key, set(reached) | set(current.materialized), current.ops)
+                fresh = True
                 continue
             return prep.unflatten(summed), _check_finite(norms)
         raise ValueError(
@@ -387,4 +424,4 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
 
 
 def _plan_key(p: Plan) -> tuple[Any, ...]:
-    return (tuple(p.calls), tuple(p.materialized))
+    return (tuple(p.calls), tuple(p.materialized), p.ops)

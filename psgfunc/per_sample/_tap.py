@@ -16,6 +16,17 @@ differentiated at all (they enter detached), so no ``[B, *shape]`` gradient is b
 them; a params leaf that some op without a tap also uses is differentiated per example and
 materialised, as in the eager path.
 
+Covered layers are psgfunc's functional layers and, for models written in plain torch, the
+torch functions with per-sample rules (:mod:`psgfunc.per_sample._torch_ops`: ``F.linear``,
+conv, the norms, embeddings, ``matmul``/``addmm``/``einsum``, elementwise ops with a
+parameter operand...): the rules' torch-function mode runs around ``fn`` in the planning run
+and in the traced pass alike (the compiler traces it), hands those calls to the rules, whose
+``tapped`` paths then run. It knows the leaves by identity (:meth:`Tap.index`) and views of
+them by their ``_base`` (so ``h @ wte.weight.T`` and ``F.linear(h, wte.weight)``, a tied
+head, are taps on the table). Where the compiler shows the mode a call otherwise than the
+eager run does, the pass is off its plan; the step then plans with the mode off (``Plan.ops``:
+psgfunc layers tapped, other leaves materialised).
+
 Which calls are tapped, and the shapes of their outputs, is found once per input signature
 by a discovery run of ``fn`` on the first example (:func:`discover`); the traced pass then
 follows that plan (:func:`traced_pieces`) and checks it: it reports the layer calls it made
@@ -39,6 +50,7 @@ import torch
 from torch.func import grad, vmap
 
 from psgfunc import _rules
+from psgfunc.per_sample import _torch_ops
 from psgfunc.per_sample._kinds import LeafPieces, leaf_pieces
 
 __all__ = ["Tap", "Plan", "Traced", "discover", "traced_pieces", "tap_pieces"]
@@ -93,10 +105,12 @@ class Tap:
 
 class Plan(NamedTuple):
     """What :func:`discover` found: the tapped calls' output shapes and dtypes (one example),
-    in order, and the leaves to materialise."""
+    in order, the leaves to materialise, and whether torch functions go to their rules
+    (``ops``; else only psgfunc layers are tapped)."""
 
     calls: list[tuple[tuple[int, ...], torch.dtype]]
     materialized: list[int]
+    ops: bool = True
 
 
 class Traced(NamedTuple):
@@ -115,21 +129,25 @@ class Traced(NamedTuple):
     unplanned: torch.Tensor | None
 
 
-def _run(prep: Any, tap: Tap, leaves: list[torch.Tensor], example: list[Any]) -> torch.Tensor:
+def _run(prep: Any, tap: Tap, leaves: list[torch.Tensor], example: list[Any], ops: bool) -> torch.Tensor:
     prev = _rules.set_tap(tap)
     try:
-        return prep.loss(leaves, *example)
+        if not ops:
+            return prep.loss(leaves, *example)
+        with _torch_ops.tapping(tap):  # torch functions on the leaves reach their rules too
+            return prep.loss(leaves, *example)
     finally:
         _rules.set_tap(prev)
 
 
-def discover(prep: Any, excluded: Iterable[int] = ()) -> Plan:
+def discover(prep: Any, excluded: Iterable[int] = (), ops: bool = True) -> Plan:
     """Run ``fn`` on the first example to plan the tapped pass (eagerly, outside any graph).
 
     A leaf whose gradient reaches it through an op without a tap is materialised, and is not
     tapped anywhere else either (a layer that sees it then runs plainly); this repeats until
     the set is stable (a layer taps only when all of its params are tappable). ``excluded``:
     leaves to materialise whatever this run finds (those a traced pass saw plain ops reach).
+    ``ops=False``: torch functions run plainly (only psgfunc layers are tapped).
     """
     example = [t[0] if d == 0 else t for t, d in zip(prep.b_leaves, prep.b_dims)]
     excluded = set(excluded)
@@ -137,14 +155,14 @@ def discover(prep: Any, excluded: Iterable[int] = ()) -> Plan:
         leaves = [p.detach().requires_grad_(True) for p in prep.p_leaves]
         tap = Tap([None if i in excluded else p for i, p in enumerate(leaves)], None)
         with torch.enable_grad():
-            loss = _run(prep, tap, leaves, example)
+            loss = _run(prep, tap, leaves, example, ops)
         if loss.requires_grad:
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         else:
             grads = (None,) * len(leaves)
         reached = {i for i, g in enumerate(grads) if g is not None}
         if reached <= excluded:
-            return Plan(list(tap.calls), sorted(excluded))
+            return Plan(list(tap.calls), sorted(excluded), ops)
         excluded |= reached
 
 
@@ -183,7 +201,7 @@ def traced_pieces(prep: Any, plan: Plan, p_leaves: list[torch.Tensor],
         for i in dense_idx:
             candidates[i] = None
         tap = Tap(candidates, zs)
-        loss = _run(prep, tap, leaves, list(example))
+        loss = _run(prep, tap, leaves, list(example), plan.ops)
         traced.append(tap)
         return loss, [tuple(t) for t in tap.saved]
 

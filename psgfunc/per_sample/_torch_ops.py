@@ -27,6 +27,10 @@ fails with an error that does not say what to do:
 While ``per_sample_grads`` (every method) and ``clipped_grad_sum`` run ``fn``, a
 :class:`torch.overrides.TorchFunctionMode` (:func:`active`) hands every torch function that
 ``fn`` calls and that is registered here to its rule; everything else runs untouched. The
+compiled fast-clipping route (``psgfunc.per_sample._tap``) runs ``fn`` under the same mode
+(:func:`tapping`, method ``"expanded"``), traced by ``torch.compile``: there the parameters
+are the tap's leaves, known by identity and their views by ``_base``, and the rules' psgfunc
+layers take their ``tapped`` paths. The
 mode is suspended while psgfunc's own rules run (:func:`suspend`), so it costs one Python
 call (~3 us) per torch function called directly by ``fn``, none inside psgfunc layers.
 
@@ -62,7 +66,7 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover - then values under vmap stay hidden
     _functorch = None
 
-__all__ = ["register", "register_layer", "rule_for", "active", "suspend", "resume", "param_of", "METHODS"]
+__all__ = ["register", "register_layer", "rule_for", "active", "tapping", "suspend", "resume", "param_of", "METHODS"]
 
 METHODS = ("vmap", "expanded", "loop")
 
@@ -81,9 +85,27 @@ def register(*torch_fns: Callable[..., Any]) -> Callable[[Rule], Rule]:
     def decorate(rule: Rule) -> Rule:
         for fn in torch_fns:
             _RULES[fn] = rule
+            name = getattr(fn, "__name__", None)
+            _BY_NAME[name] = tuple((f, r) for f, r in _BY_NAME.get(name, ()) if f is not fn) + ((fn, rule),)
         return rule
 
     return decorate
+
+
+_BY_NAME: dict[Any, tuple[tuple[Callable[..., Any], Rule], ...]] = {}
+"""``_RULES`` by the functions' ``__name__``, for :func:`_rule_of` under ``torch.compile``."""
+
+
+def _rule_of(func: Any) -> Rule | None:
+    """``_RULES.get(func)``; under ``torch.compile`` by name, then identity: the compiler
+    guards a dict lookup keyed by some Python-level Tensor methods (``Tensor.__rsub__``,
+    ``__rdiv__``) wrongly and fails its own guard."""
+    if not torch.compiler.is_compiling():
+        return _RULES.get(func)
+    for fn, rule in _BY_NAME.get(getattr(func, "__name__", None), ()):
+        if fn is func:
+            return rule
+    return None
 
 
 def rule_for(torch_fn: Callable[..., Any]) -> Rule | None:
@@ -99,15 +121,16 @@ class _Mode(TorchFunctionMode):
     (:func:`param_of`). An op without a rule that takes one of them warns once, naming it.
     """
 
-    def __init__(self, method: str, params: Any = ()):
+    def __init__(self, method: str, params: Any = (), tap: Any = None):
         super().__init__()
         self.method = method
         self.params: dict[int, Any] = {id(p): (p, None) for p in params}
         self.keep: list[Any] = []  # views whose ids are in params: alive while the mode is
+        self.tap = tap  # a tapped pass (psgfunc.per_sample._tap): its leaves, by identity
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        rule = _RULES.get(func)
+        rule = _rule_of(func)
         if rule is not None:
             _STACK.append(self)
             try:
@@ -116,9 +139,16 @@ class _Mode(TorchFunctionMode):
                 _STACK.pop()
             if out is not NotImplemented:
                 return out
-        if func in _TRANSPARENT and self.method != "loop" and torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling():
+            # a tapped pass: nothing to track or warn about (views: _tapped_param), and no
+            # lookups keyed by func (see _rule_of). Transparent functions run plainly: the
+            # compiler fails on Python-level Tensor methods inside them under the mode, so
+            # where the eager planning run saw rules inside, the step plans without the mode
+            return func(*args, **kwargs)
+        if func in _TRANSPARENT and self.method != "loop" and (
+                self.tap is not None or torch._C._are_functorch_transforms_active()):
             return _run_transparent(self, func, args, kwargs)
-        if not self.params or func in _QUIET:
+        if (not self.params and self.tap is None) or func in _QUIET:
             return func(*args, **kwargs)
         _STACK.append(self)
         try:
@@ -137,11 +167,11 @@ class _Mode(TorchFunctionMode):
                 _STACK.pop()
             if perm is None:
                 leaf = used[0]  # the parameter as fn sees it (wrapped by the transforms)
-            new = view(perm, used[0], args, kwargs)
-            self.params[id(out)] = (leaf, new)
-            self.keep.append(out)
+            if self.tap is None:  # (a tapped pass reads views from the tensor: _tapped_param)
+                self.params[id(out)] = (leaf, view(perm, used[0], args, kwargs))
+                self.keep.append(out)
             return out
-        if self.method == "expanded" and _differentiable(out):
+        if self.method == "expanded" and _differentiable(out) and not torch.compiler.is_compiling():
             _warn_fallback(func)
         return out
 
@@ -157,7 +187,10 @@ def param_of(t: Any) -> tuple[Any, tuple[int, ...] | None] | None:
     None otherwise. Only valid inside a rule or the mode."""
     if not _STACK or not isinstance(t, torch.Tensor):
         return None
-    params = _STACK[-1].params
+    mode = _STACK[-1]
+    if mode.tap is not None:
+        return _tapped_param(mode, t)
+    params = mode.params
     hit = params.get(id(t))
     if hit is not None:
         return hit
@@ -167,6 +200,54 @@ def param_of(t: Any) -> tuple[Any, tuple[int, ...] | None] | None:
         if hit is not None:
             return hit
     return None
+
+
+def _tapped_param(mode: _Mode, t: torch.Tensor) -> tuple[Any, tuple[int, ...] | None] | None:
+    """:func:`param_of` in a tapped pass, by identity (``is`` is what ``torch.compile``
+    traces; ``id()`` and functorch's unwrapping are not): a leaf of the tap, or a view of one
+    (``t._base``; the compiler does not show the mode ``.T``/``.mT``, so views are read from
+    the tensor, not tracked), a transposition where its layout is one."""
+    tap = mode.tap
+    if tap.index(t) is not None:
+        return t, None
+    base = t._base
+    if base is None or tap.index(base) is None:
+        return None
+    return base, _permutation(t, base)
+
+
+def _permutation(t: torch.Tensor, base: torch.Tensor) -> tuple[int, ...]:
+    """``perm`` with ``t`` laid out as ``base.permute(perm)`` (``t`` a view of ``base``), or
+    ``()`` where it is another view. Read from sizes and strides (each of ``t``'s dims is one
+    of ``base``'s: the same elements in the same places; size-1 dims, whose strides mean
+    nothing, pair up in order)."""
+    if t.dim() != base.dim() or t.numel() != base.numel() or t.numel() == 0:
+        return ()
+    if not torch.compiler.is_compiling() and t.storage_offset() != base.storage_offset():
+        return ()  # (the compiler cannot read it: a traced pass that differs is not used)
+    free = list(range(base.dim()))
+    perm = []
+    for size, stride in zip(t.shape, t.stride()):
+        match = next((d for d in free if base.shape[d] == size and (size == 1 or base.stride(d) == stride)), None)
+        if match is None:
+            return ()
+        free.remove(match)
+        perm.append(match)
+    return tuple(perm)
+
+
+def _transformed() -> bool:
+    """Whether ``fn`` runs as one example of a batch: under a functorch transform, or in a
+    tapped pass (whose eager planning run makes the same calls as its traced pass)."""
+    return (bool(_STACK) and _STACK[-1].tap is not None) or torch._C._are_functorch_transforms_active()
+
+
+def _per_sample_weight(weight: Any) -> bool:
+    """Whether a lookup's ``weight`` goes to psgfunc's rule: a tapped leaf in a tapped pass,
+    else the expanded params (batched)."""
+    if _STACK and _STACK[-1].tap is not None:
+        return _direct(weight)
+    return _is_batched(weight)
 
 
 def _tensors(args: Any, kwargs: Any) -> list[torch.Tensor]:
@@ -221,7 +302,8 @@ def active(method: str, params: Any = ()) -> Iterator[None]:
 
     ``params``: the tensors ``fn`` differentiates (as ``fn`` sees them, or the tensors a
     functorch transform wraps), so that rules recognise them (:func:`param_of`).
-    Off while ``torch.compile`` traces (the compiled paths trace ``fn`` their own way).
+    Off while ``torch.compile`` traces (``id()`` lookups and functorch's unwrapping do not
+    trace); the compiled fast-clipping route enters its own mode, :func:`tapping`, which does.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -230,6 +312,15 @@ def active(method: str, params: Any = ()) -> Iterator[None]:
         return
     with _Mode(method, params):
         yield
+
+
+def tapping(tap: Any) -> _Mode:
+    """The mode for a tapped pass (``psgfunc.per_sample._tap``), entered as ``with
+    tapping(tap):`` around ``fn``, also while ``torch.compile`` traces (which traces the
+    mode: plain ``with``, no generator). Torch functions that take one of ``tap``'s leaves
+    (or a view of one) go to the ``"expanded"`` rules, whose psgfunc rules then take their
+    ``tapped`` path; leaves are recognised by identity (:meth:`Tap.index`)."""
+    return _Mode("expanded", tap=tap)
 
 
 def suspend() -> Any:
@@ -253,16 +344,53 @@ def resume(mode: Any) -> None:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _signature(fn: Callable[..., Any]) -> inspect.Signature:
-    return inspect.signature(fn)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_EMPTY = inspect.Parameter.empty
+
+_SPECS: dict[Any, Any] = {}
+"""``fn -> ((name, kind, default), ...)`` or None (a signature with ``*args``/``**kwargs``):
+read eagerly once, so that :func:`_bind` under ``torch.compile`` (a tapped pass, whose eager
+planning run bound the same functions first) never traces ``inspect``, which dynamo gets
+wrong for some of torch's signatures."""
+
+
+def _spec(fn: Callable[..., Any]) -> Any:
+    if fn in _SPECS:
+        return _SPECS[fn]
+    params = inspect.signature(fn).parameters.values()
+    spec = None
+    if all(p.kind in _POSITIONAL or p.kind == inspect.Parameter.KEYWORD_ONLY for p in params):
+        spec = tuple((p.name, p.kind, p.default) for p in params)
+    _SPECS[fn] = spec
+    return spec
 
 
 def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """All of ``fn``'s arguments by name, defaults filled in."""
-    bound = _signature(fn).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    """All of ``fn``'s arguments by name, defaults filled in (``TypeError`` as a call would)."""
+    spec = _spec(fn)
+    if spec is None:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    given: dict[str, Any] = {}
+    positional = [name for name, kind, _ in spec if kind in _POSITIONAL]
+    if len(args) > len(positional):
+        raise TypeError(f"{fn.__name__}() takes {len(positional)} positional arguments, got {len(args)}")
+    for name, value in zip(positional, args):
+        given[name] = value
+    for name, value in kwargs.items():
+        if name in given or not any(n == name and k != inspect.Parameter.POSITIONAL_ONLY for n, k, _ in spec):
+            raise TypeError(f"{fn.__name__}() got an unexpected or repeated argument {name!r}")
+        given[name] = value
+    out = {}
+    for name, _, default in spec:
+        if name in given:
+            out[name] = given[name]
+        elif default is _EMPTY:
+            raise TypeError(f"{fn.__name__}() missing argument {name!r}")
+        else:
+            out[name] = default
+    return out
 
 
 def _is_batched(t: Any) -> bool:
@@ -320,7 +448,7 @@ def _embedding_lookup(
     """``weight[idx]`` with ``padding_idx``'s row getting a zero gradient in every example."""
     size = weight.shape[0]
     padding_idx = _normalize_padding_idx(padding_idx, size, layer)
-    if method == "expanded" and not scale_grad_by_freq and _is_batched(weight):
+    if method == "expanded" and not scale_grad_by_freq and _per_sample_weight(weight):
         # the expanded params: psgfunc's rule looks up the shared table once and gives each
         # example its own gradient (and its pieces to fast clipping)
         from psgfunc.per_sample._expanded import call_rule
@@ -377,7 +505,7 @@ def _embedding_bag(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[s
     a = _bind(F.embedding_bag, args, kwargs)
     _refuse_max_norm("F.embedding_bag", a["max_norm"])
     idx, offsets = a["input"], a["offsets"]
-    if (method == "expanded" and not a["scale_grad_by_freq"] and _is_batched(a["weight"])
+    if (method == "expanded" and not a["scale_grad_by_freq"] and _per_sample_weight(a["weight"])
             and isinstance(idx, torch.Tensor) and (idx.dim() == 2) == (offsets is None)):
         # the expanded params: psgfunc's rule (one call on the shared table, per-sample
         # gradients as an embedding scatter, fast-clipping pieces)
@@ -566,6 +694,10 @@ def _leaf_subscripts(t: torch.Tensor, sub: str) -> tuple[Any, str] | None:
     return leaf, "".join(out)
 
 
+_UNCACHED: dict[str, Any] = {}
+"""Cached functions without their cache, set eagerly (the planning run of a tapped pass)."""
+
+
 def _contract(x: Any, w: Any, a: str, w_sub: str, y: str, bias: Any = None) -> Any:
     """``einsum(a, w_sub -> y)(x, w) (+ bias)`` through the contraction rule, or NotImplemented."""
     from psgfunc.per_sample._expanded import call_rule
@@ -577,7 +709,11 @@ def _contract(x: Any, w: Any, a: str, w_sub: str, y: str, bias: Any = None) -> A
     if found is None:
         return NotImplemented
     leaf, sub = found
-    plan = contract_plan(a, sub, y, tuple(leaf.shape))
+    if not torch.compiler.is_compiling():
+        _UNCACHED.setdefault("contract_plan", getattr(contract_plan, "__wrapped__", contract_plan))
+        plan = contract_plan(a, sub, y, tuple(leaf.shape))
+    else:  # a tapped pass: the compiler warns about caches (it traces past them)
+        plan = _UNCACHED.get("contract_plan", contract_plan)(a, sub, y, tuple(leaf.shape))
     if plan is None or x.dim() != len(a):
         return NotImplemented
     x_sizes = dict(zip(a, x.shape))
@@ -1027,7 +1163,7 @@ def _lstm(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     """``nn.LSTM`` through functional_call: psgfunc's scan-based LSTM (its rule under
     ``"expanded"``; under ``"vmap"`` it batches, where torch's fused op has no batching rule)."""
     a = _rnn_args(args, kwargs)
-    if a is None or method == "loop" or not torch._C._are_functorch_transforms_active():
+    if a is None or method == "loop" or not _transformed():
         return NotImplemented
     names = _rnn_names(a["num_layers"], a["bidirectional"], a["has_biases"], len(a["params"]))
     if names is None:
@@ -1100,7 +1236,7 @@ _RNN_LAYERS: dict[str, str] = {"gru": "gru", "rnn_tanh": "rnn", "rnn_relu": "rnn
 def _fused_rnn(kind: str) -> Rule:
     def rule(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         a = _rnn_args(args, kwargs)
-        if a is None or method == "loop" or not torch._C._are_functorch_transforms_active():
+        if a is None or method == "loop" or not _transformed():
             return NotImplemented
         names = _rnn_names(a["num_layers"], a["bidirectional"], a["has_biases"], len(a["params"]))
         if names is None:
@@ -1138,7 +1274,7 @@ def _sdpa_signature(query: Any, key: Any, value: Any, attn_mask: Any = None, dro
 def _sdpa(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Under a transform, attention as ordinary ops: torch's fused CPU kernel has no batching
     rule (vmap would loop over the examples and warn)."""
-    if method == "loop" or not torch._C._are_functorch_transforms_active():
+    if method == "loop" or not _transformed():
         return NotImplemented
     a = _bind(_sdpa_signature, args, kwargs)
     q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
@@ -1173,6 +1309,12 @@ def _group_norm(a: dict[str, Any]) -> Any:
     return layer, {"weight": a["weight"], "bias": a["bias"]}, (a["input"], a["num_groups"]), {"eps": a["eps"]}
 
 
+def _rms_norm_signature(input: Any, normalized_shape: Any, weight: Any = None,
+                       eps: Any = None) -> None:  # pragma: no cover
+    """``torch.rms_norm``'s arguments."""
+
+
+@register_layer(torch.rms_norm, _rms_norm_signature)  # what torch.compile shows the mode for F.rms_norm
 @register_layer(F.rms_norm)
 def _rms_norm(a: dict[str, Any]) -> Any:
     layer = _when("rms_norm")

@@ -53,7 +53,7 @@ def closure_flag_fn(change):
     def fn(p, xi, yi):
         h = torch.tanh(PF.linear(p["a"], xi))
         if flag and change == "plain-use":
-            h = h + 0.5 * (xi @ p["a"]["weight"].T)  # a tapped leaf now also feeds a plain op
+            h = h + 0.5 * (xi @ torch.sin(p["a"]["weight"]).T)  # a tapped leaf now also feeds a plain op
         if flag and change == "more-calls":
             h = torch.tanh(PF.linear(p["a"], h[:3]))  # a third layer call, planned for two
         return (h - yi).pow(2).sum()
@@ -68,7 +68,7 @@ def closure_flag_fn(change):
 def global_flag_fn(p, xi, yi):
     h = torch.tanh(PF.linear(p["a"], xi))
     if PLAIN:
-        h = h + 0.5 * (xi @ p["a"]["weight"].T)
+        h = h + 0.5 * (xi @ torch.sin(p["a"]["weight"]).T)  # sin: no per-sample rule
     return (h - yi).pow(2).sum()
 
 
@@ -141,7 +141,7 @@ def test_a_pass_that_keeps_differing_from_fresh_plans_raises(monkeypatch):
     params, x, y = tiny()
     honest = _compiled.discover
     monkeypatch.setattr(_compiled, "discover",
-                        lambda prep, excluded=(): honest(prep)._replace(calls=[]))
+                        lambda prep, excluded=(), **kw: honest(prep, **kw)._replace(calls=[]))
     fn, _ = closure_flag_fn("plain-use")
     step = dp.compiled_clipped_grad_sum(fn, 0.3, backend="eager")
     with pytest.raises(ValueError, match="still differs from its plan"):

@@ -287,6 +287,29 @@ class ContractRule(Rule):
 
     vmapped = batched
 
+    def tapped(self, tap: Any, params: dict[str, torch.Tensor], x: torch.Tensor, plan: ContractPlan) -> Any:
+        """One example with ``W`` (and the bias) detached; the pieces are :meth:`batched`'s:
+        ``x`` as ``[B, N, I]`` and the output gradient as ``[B, N, O]`` in ``plan.kind``."""
+        w, b = params["weight"], params.get("bias")
+        iw, ib = tap.index(w), tap.index(b)
+        if iw is None or (b is not None and ib is None) or x.dim() != len(plan.a):
+            return NotImplemented
+        detached = {"weight": w.detach()} if b is None else {"weight": w.detach(), "bias": b.detach()}
+        y = self.plain(detached, x, plan)
+        z = [c for c in _LETTERS + "Z" if c not in plan.a + plan.w + plan.y][0]  # the batch
+
+        def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+            size = g.shape[0]
+            sizes = dict(zip(plan.a, saved[0].shape[1:]))
+            n = math.prod([sizes[c] for c in plan.n])
+            x3 = torch.einsum(f"{z}{plan.a}->{z}{plan.n}{plan.i}", saved[0])  # x's own indices summed
+            x3 = x3.reshape(size, n, math.prod(plan.i_sizes))
+            g3 = torch.einsum(f"{z}{plan.y}->{z}{plan.n}{plan.o}", g).reshape(size, n, math.prod(plan.o_sizes))
+            out = [(iw, plan.kind, (x3, g3) if plan.x_first else (g3, x3))]
+            return out + ([] if ib is None else [(ib, _ROWSUM, (g3,))])
+
+        return tap.out(y, (x,), build)
+
 
 CONTRACT = ContractRule(_plain_contract)
 
@@ -342,6 +365,42 @@ class ElementwiseRule(Rule):
         return op(*full, **kwargs)
 
     vmapped = batched
+
+    def tapped(self, tap: Any, params: dict[str, torch.Tensor], *args: Any, op: Callable[..., Any], slot: int,
+               kwargs: dict[str, Any]) -> Any:
+        """One example with ``p`` detached. The piece is :meth:`batched`'s: example b's
+        gradient ``[B, *p.shape]`` (a ``p``-sized vector-Jacobian product of the op at
+        example b's operands and output gradient) as a one-position :class:`RowSum`."""
+        p = params["p"]
+        i = tap.index(p)
+        if i is None:
+            return NotImplemented
+        full = list(args)
+        full.insert(slot, p.detach())
+        y = op(*full, **kwargs)
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+            return NotImplemented  # the plain op (its leaf then materialised)
+        where = [k for k, t in enumerate(full) if isinstance(t, torch.Tensor)]
+        constants = [None if isinstance(t, torch.Tensor) else t for t in full]
+        shape = tuple(p.shape)
+        kind = RowSum(shape)  # not the lru_cache: torch.compile traces this
+
+        def one(g: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+            """Example b's gradient of ``p``: the op's vector-Jacobian product at its operands."""
+            operands = list(constants)
+            for k, t in zip(where, tensors):
+                operands[k] = t
+
+            def at(q: torch.Tensor) -> torch.Tensor:
+                return op(*operands[:slot], q, *operands[slot + 1:], **kwargs)
+
+            return torch.func.vjp(at, operands[slot])[1](g)[0]
+
+        def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+            per = torch.func.vmap(one)(g, *saved)  # [B, *p.shape]
+            return [(i, kind, (per.reshape(g.shape[0], 1, math.prod(shape)),))]
+
+        return tap.out(y, tuple(full[k] for k in where), build)
 
 
 ELEMENTWISE = ElementwiseRule(_plain_elementwise)
