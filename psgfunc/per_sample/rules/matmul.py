@@ -292,8 +292,8 @@ class ContractRule(Rule):
         ``x`` as ``[B, N, I]`` and the output gradient as ``[B, N, O]`` in ``plan.kind``."""
         w, b = params["weight"], params.get("bias")
         iw, ib = tap.index(w), tap.index(b)
-        if iw is None or (b is not None and ib is None) or x.dim() != len(plan.a):
-            return NotImplemented
+        if iw is None or (b is not None and ib is None) or x.dim() != len(plan.a) or plan.s:
+            return NotImplemented  # grouped plans (bmm, per-head einsum): the leaf is materialised
         detached = {"weight": w.detach()} if b is None else {"weight": w.detach(), "bias": b.detach()}
         y = self.plain(detached, x, plan)
         z = [c for c in _LETTERS + "Z" if c not in plan.a + plan.w + plan.y][0]  # the batch
