@@ -77,10 +77,13 @@ class _AffinePerSample(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = g if w is None else g * _first(w)
+        # each example's sum over its positions, [B, 1, K]: what fast clipping records is
+        # then K numbers per example, not the [B, positions, K] product (nor g, which no
+        # other piece keeps) held until the clip factors are known
         if w is not None and ctx.needs_input_grad[1]:
-            gw = emit(w, _rowsum(norm), g3 * x_hat.reshape(g3.shape))
+            gw = emit(w, _rowsum(norm), (g3 * x_hat.reshape(g3.shape)).sum(1, keepdim=True))
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = emit(ctx.bias, _rowsum(norm), g3)
+            gb = emit(ctx.bias, _rowsum(norm), g3.sum(1, keepdim=True))
         return gx, gw, gb
 
 
