@@ -64,33 +64,35 @@ which over-clips such an example but never under-clips it)."""
 
 
 GRAM_BLOCK = 128
-"""Gram entries (dot products of rows) longer than ``2 * GRAM_BLOCK`` are summed as float64
-sums of float32 dot products of ``GRAM_BLOCK`` coordinates (:func:`gram_of`): their rounding
-bound is then that of a dot product of ``GRAM_BLOCK + 2``, not of the whole row, which
-keeps the certified bound of wide layers (an MLP's 3072, a tied head's vocabulary) under
-:data:`GRAM_TOLERANCE` instead of sending every example to the float64 recomputation."""
+"""Gram entries (dot products of rows) longer than ``2 * GRAM_BLOCK`` are summed blockwise
+(:func:`gram_of`): their rounding bound is then that of a dot product of about
+``GRAM_BLOCK + K / GRAM_BLOCK`` terms, not ``K``, which keeps the certified bound of wide
+layers (an MLP's 3072, a tied head's vocabulary) under :data:`GRAM_TOLERANCE` instead of
+sending every example to the float64 recomputation."""
 
 
 def gram_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``t [B, N, K] -> (t t^T [B, N, N], k)`` in ``t``'s accumulation dtype: every entry
     within ``gamma_k ||t_n|| ||t_m||`` of the exact dot product.
 
-    Long rows (float32, ``K > 2 * GRAM_BLOCK``, eagerly) are summed blockwise: float32 dot
-    products of ``GRAM_BLOCK`` coordinates (each within ``gamma_GRAM_BLOCK`` of its block's
-    sum of ``|t_nk t_mk|``), added in float64 (exactly enough: the blocks' rounding is far
-    below one float32 unit) and rounded once to float32 (one unit ``u``), so ``k =
-    GRAM_BLOCK + 2``; otherwise one product, ``k = K``.
+    Long rows (``K > 2 * GRAM_BLOCK``, eagerly) are summed blockwise: ``nb`` products of
+    ``GRAM_BLOCK`` coordinates (each within ``gamma_GRAM_BLOCK`` of its block's
+    ``S_j = sum |t_nk t_mk|``), then added one by one (within ``gamma_nb`` of the sum of
+    their magnitudes, at most ``(1 + gamma_GRAM_BLOCK) sum_j S_j``), so with
+    ``sum_j S_j <= ||t_n|| ||t_m||`` the entry errs by ``gamma_(GRAM_BLOCK + nb)`` of that at
+    most. Otherwise one product, ``k = K``. (One product's own order of summation is
+    unknown, hence its ``gamma_K``.)
     """
     t = _up(t)
     k = t.shape[2]
-    if t.dtype == F64 or k <= 2 * GRAM_BLOCK or torch.compiler.is_compiling():
+    if k <= 2 * GRAM_BLOCK or torch.compiler.is_compiling():
         return torch.bmm(t, t.transpose(1, 2)), k
     acc = None
     for start in range(0, k, GRAM_BLOCK):
         block = t[:, :, start:start + GRAM_BLOCK]
-        part = torch.bmm(block, block.transpose(1, 2)).to(F64)
+        part = torch.bmm(block, block.transpose(1, 2))
         acc = part if acc is None else acc.add_(part)
-    return acc.to(t.dtype), GRAM_BLOCK + 2
+    return acc, GRAM_BLOCK + -(-k // GRAM_BLOCK)
 
 
 class NormBound(NamedTuple):
