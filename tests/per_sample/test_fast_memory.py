@@ -181,3 +181,21 @@ def test_attention_runs_on_the_whole_batch_with_torch_kernel():
     with Ops():  # float32, causal: torch's fused kernel, not ordinary ops (no softmax)
         per_sample_grads(_attention_fn("causal"), params, x, m, method="expanded")
     assert softmax == []
+
+
+def test_layer_norm_saves_its_input_not_a_normalised_copy():
+    """Like torch's own layer norm, the rule keeps ``x`` (the residual stream, alive anyway)
+    and the per-position statistics for its backward, not ``x_hat`` next to the output."""
+    from psgfunc.per_sample.rules.layer_norm import LAYER_NORM
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, generator=gen, requires_grad=True)
+    w, b = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
+    params = {"weight": w.expand(3, 12).requires_grad_(), "bias": b.expand(3, 12).requires_grad_()}
+    y = LAYER_NORM.batched(params, x, (12,))
+    big = [t for t in y.grad_fn.saved_tensors if t is not None and t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    torch.testing.assert_close(y, F.layer_norm(x, (12,), w, b))
+    gx, gw, gb = torch.autograd.grad(y.square().sum(), [x, params["weight"], params["bias"]])
+    ref = torch.autograd.grad(F.layer_norm(x, (12,), w, b).square().sum(), x)[0]
+    torch.testing.assert_close(gx, ref)
