@@ -77,7 +77,7 @@ def clipped_grad_sum(
     factors, norms = _factors(pieces, params, checked)
     if factors is None:  # a non-finite norm: the materialising path names the bad examples
         return clipped_sum(per_sample_grads(fn, params, *batch, method="auto"), max_norm, "clipped_grad_sum")
-    return pieces.weighted_sums(factors), norms
+    return pieces.weighted_sums(factors, release=True), norms
 
 
 def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tuple[Any, torch.Tensor]:

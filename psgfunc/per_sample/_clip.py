@@ -44,10 +44,45 @@ class GradPieces:
     def sq_norms(self) -> list[torch.Tensor]:
         return [leaf.sq_norm for leaf in self.leaves]
 
-    def weighted_sums(self, factors: list[torch.Tensor]) -> Any:
-        """``sum_b factors[i][b] * grad_b`` for every leaf ``i``; params' structure, no batch dim."""
+    def weighted_sums(self, factors: list[torch.Tensor], *, release: bool = False) -> Any:
+        """``sum_b factors[i][b] * grad_b`` for every leaf ``i``; params' structure, no batch dim.
+
+        ``release=True``: each leaf's pieces are dropped as soon as its sum is taken
+        (:meth:`~psgfunc.per_sample._kinds.LeafPieces.release`), so the pass never holds all
+        the pieces and all the sums at once; the pieces cannot be summed again afterwards.
+        """
+        sums: list[Any] = [None] * len(self.leaves)
+        order = _release_order(self.leaves) if release else range(len(self.leaves))
         with _autocast.off():  # a caller's autocast block: the sums stay in the params' dtype
-            return self.prep.unflatten([leaf.weighted_sum(c) for leaf, c in zip(self.leaves, factors)])
+            for i in order:
+                sums[i] = self.leaves[i].weighted_sum(factors[i])
+                if release:
+                    self.leaves[i].release()
+        return self.prep.unflatten(sums)
+
+
+def _release_order(leaves: list[LeafPieces]) -> list[int]:
+    """The leaves' indices, those with the largest pieces first, each followed by the other
+    leaves that share a piece with it (a layer's bias after its weight: their output
+    gradient goes as soon as both sums are taken), so that large pieces are freed before
+    most sums exist."""
+    storages = [
+        {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+         for data in leaf.datas for t in data if isinstance(t, torch.Tensor)}
+        for leaf in leaves
+    ]
+    order: list[int] = []
+    done = [False] * len(leaves)
+    for i in sorted(range(len(leaves)), key=lambda i: -sum(storages[i].values())):
+        if done[i]:
+            continue
+        done[i] = True
+        order.append(i)
+        for j in range(len(leaves)):
+            if not done[j] and not storages[i].keys().isdisjoint(storages[j]):
+                done[j] = True
+                order.append(j)
+    return order
 
 
 def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different") -> GradPieces:

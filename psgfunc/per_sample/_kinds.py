@@ -48,6 +48,8 @@ __all__ = [
     "certified_norm",
     "dense_bound",
     "outer_bound",
+    "gram_bound",
+    "gram_of",
     "COMBINERS",
 ]
 
@@ -59,6 +61,38 @@ taken as it comes (the certified norm then exceeds the estimate by at most 1e-4)
 it, the finer bound is computed, and examples still above it (cancelling ones) have their
 Grams recomputed in float64 (eagerly; under ``torch.compile`` the finer bound is kept,
 which over-clips such an example but never under-clips it)."""
+
+
+GRAM_BLOCK = 128
+"""Gram entries (dot products of rows) longer than ``2 * GRAM_BLOCK`` are summed blockwise
+(:func:`gram_of`): their rounding bound is then that of a dot product of about
+``GRAM_BLOCK + K / GRAM_BLOCK`` terms, not ``K``, which keeps the certified bound of wide
+layers (an MLP's 3072, a tied head's vocabulary) under :data:`GRAM_TOLERANCE` instead of
+sending every example to the float64 recomputation."""
+
+
+def gram_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t [B, N, K] -> (t t^T [B, N, N], k)`` in ``t``'s accumulation dtype: every entry
+    within ``gamma_k ||t_n|| ||t_m||`` of the exact dot product.
+
+    Long rows (``K > 2 * GRAM_BLOCK``, eagerly) are summed blockwise: ``nb`` products of
+    ``GRAM_BLOCK`` coordinates (each within ``gamma_GRAM_BLOCK`` of its block's
+    ``S_j = sum |t_nk t_mk|``), then added one by one (within ``gamma_nb`` of the sum of
+    their magnitudes, at most ``(1 + gamma_GRAM_BLOCK) sum_j S_j``), so with
+    ``sum_j S_j <= ||t_n|| ||t_m||`` the entry errs by ``gamma_(GRAM_BLOCK + nb)`` of that at
+    most. Otherwise one product, ``k = K``. (One product's own order of summation is
+    unknown, hence its ``gamma_K``.)
+    """
+    t = _up(t)
+    k = t.shape[2]
+    if k <= 2 * GRAM_BLOCK or torch.compiler.is_compiling():
+        return torch.bmm(t, t.transpose(1, 2)), k
+    acc = None
+    for start in range(0, k, GRAM_BLOCK):
+        block = t[:, :, start:start + GRAM_BLOCK]
+        part = torch.bmm(block, block.transpose(1, 2))
+        acc = part if acc is None else acc.add_(part)
+    return acc, GRAM_BLOCK + -(-k // GRAM_BLOCK)
 
 
 class NormBound(NamedTuple):
@@ -189,20 +223,48 @@ def outer_bound(
         hi = sq.sqrt() * (1 + sq_norm_rel(dtype, o * i)) + a * (gamma(n + 2, dtype) * grow)
         return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), err_scale)
     # [B, N, N] each; an LSTM's W_ih and W_hh share g (the gate gradients): one Gram
-    gram_g = _shared(cache, "gram", g, lambda: torch.bmm(_up(g), _up(g).transpose(1, 2)))
-    gram_x = _shared(cache, "gram", x, lambda: torch.bmm(_up(x), _up(x).transpose(1, 2)))
+    gram_g, ko = _shared(cache, "gram", g, lambda: gram_of(g))
+    gram_x, ki = _shared(cache, "gram", x, lambda: gram_of(x))
     # row norms from the Grams' diagonals (sums of squares: relative error gamma_K), which
     # also spares a strided reduction over non-contiguous pieces (a conv's positions)
     rg = _shared(cache, "gram_rho", g, lambda: gram_g.diagonal(dim1=1, dim2=2).sqrt())
     rx = _shared(cache, "gram_rho", x, lambda: gram_x.diagonal(dim1=1, dim2=2).sqrt())
+
+    fetch = rows if rows is not None else (lambda idx: (g[idx], x[idx]))
+
+    def redo(bad: torch.Tensor) -> torch.Tensor:
+        g64, x64 = (t.to(F64) for t in fetch(bad))
+        return (torch.bmm(g64, g64.transpose(1, 2)) * torch.bmm(x64, x64.transpose(1, 2))).sum((1, 2))
+
+    return gram_bound(gram_g, gram_x, rg, rx, o, i, pieces, redo, ko, ki)
+
+
+def gram_bound(
+    gram_g: torch.Tensor, gram_x: torch.Tensor, rg: torch.Tensor, rx: torch.Tensor,
+    o: int, i: int, pieces: int, redo: Any, ko: int | None = None, ki: int | None = None,
+) -> NormBound:
+    """:class:`NormBound` of ``grad_b = sum_n g[b, n]^T x[b, n]`` from its Grams
+    ``gram_g = g g^T``, ``gram_x = x x^T`` ``[B, N, N]`` (entries computed as dot products
+    of length ``o`` and ``i``, or exactly), their diagonals' square roots ``rg, rx [B, N]``,
+    for a weighted sum that adds the outer products in ``pieces`` contractions.
+
+    ``redo(bad) -> [len(bad)]``: ``sum(gram_g * gram_x)`` of examples ``bad`` (an index
+    tensor) from float64 Grams, for the cancelling examples the finer bound leaves
+    uncertain. Grams are all it keeps: a caller can build them without ``g`` itself (a
+    tied table's one-hot rows, :class:`~psgfunc.per_sample.rules.matmul.TiedTable`).
+    ``ko, ki`` (default ``o, i``): the lengths whose ``gamma`` bounds the Grams' entries
+    (the ``k`` of :func:`gram_of`); ``o, i`` bound the float64 recomputation.
+    """
+    n, dtype = gram_g.shape[1], gram_g.dtype
+    ko, ki = o if ko is None else ko, i if ki is None else ki
+    grow = (1 + gamma(ko + 3, dtype)) * (1 + gamma(ki + 3, dtype)) * (1 + gamma(n + 2, dtype))
+    err_scale = gamma(n + pieces + 2, dtype) * grow
     a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
     est = torch.sum(gram_g * gram_x, (1, 2), dtype=F64).to(dtype)
-    cheap, fine = _gram_error(gram_g, gram_x, rg, rx, a, o, i, grow)
+    cheap, fine = _gram_error(gram_g, gram_x, rg, rx, a, ko, ki, grow)
     scales = (1 + gamma(2, dtype), err_scale)
     if torch.compiler.is_compiling():  # no data-dependent branch: the finer bound, always
         return NormBound(est, (est + torch.minimum(cheap, fine())).clamp_min(0), a, *scales)
-
-    fetch = rows if rows is not None else (lambda idx: (g[idx], x[idx]))
 
     def refine(total_sq: torch.Tensor) -> NormBound:
         """The finer bound; examples it leaves uncertain (cancelling ones) get their Grams
@@ -210,11 +272,10 @@ def outer_bound(
         err, new_est = torch.minimum(cheap, fine()), est
         bad = (err > GRAM_TOLERANCE * total_sq).nonzero().flatten()
         if bad.numel() and dtype != F64:
-            g64, x64 = (t.to(F64) for t in fetch(bad))
-            redo = (torch.bmm(g64, g64.transpose(1, 2)) * torch.bmm(x64, x64.transpose(1, 2))).sum((1, 2))
+            redone = redo(bad)
             k64 = (gamma(o + i + 2, F64) + gamma(n * n + 2, F64)) * grow**2 * (1 + gamma(3, dtype))
-            new_est = est.index_copy(0, bad, redo.to(dtype))
-            err = err.index_copy(0, bad, a[bad].square() * k64 + redo.abs().to(dtype) * (2 * unit_roundoff(dtype)))
+            new_est = est.index_copy(0, bad, redone.to(dtype))
+            err = err.index_copy(0, bad, a[bad].square() * k64 + redone.abs().to(dtype) * (2 * unit_roundoff(dtype)))
         return NormBound(new_est, (new_est + err).clamp_min(0), a, *scales)
 
     return NormBound(est, (est + cheap).clamp_min(0), a, *scales, cheap, refine)
@@ -344,9 +405,13 @@ class Outer(GradKind):
             c3 = _as(c, _acc(out)).reshape(-1, 1, 1)
             if _time_major(g) or _time_major(x):
                 g, x, c3 = g.transpose(0, 1), x.transpose(0, 1), c3.transpose(0, 1)
-            scaled = (_up(g) * c3).reshape(-1, g.shape[2])
-            rows = _up(x).reshape(-1, x.shape[2])
-            total = scaled.t() @ rows if total is None else total.addmm_(scaled.t(), rows)
+            # scale the narrower operand: a tied head's output gradient [B, N, V] is ten
+            # times its input [B, N, D], and the scaled copy is a temporary of that size
+            if g.shape[2] <= x.shape[2]:
+                left, right = (_up(g) * c3).reshape(-1, g.shape[2]), _up(x).reshape(-1, x.shape[2])
+            else:
+                left, right = _up(g).reshape(-1, g.shape[2]), (_up(x) * c3).reshape(-1, x.shape[2])
+            total = left.t() @ right if total is None else total.addmm_(left.t(), right)
         total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
 
@@ -505,6 +570,13 @@ class LeafPieces:
     def sq_norm(self) -> torch.Tensor:
         """``[B]`` squared norm estimates, in float32 (float64 for float64 pieces)."""
         return self.bound.sq
+
+    def release(self) -> None:
+        """Drop the pieces and the bound (and what they keep alive: layer inputs, output
+        gradients, Grams): call once this parameter's last :meth:`weighted_sum` is taken,
+        so that a pass holds each layer's pieces only until its own sum is done."""
+        self.datas, self.dense, self.kind = [], None, None
+        self.bound = self.bound._replace(refine=None)
 
     def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:
         """``sum_b c_b grad_b``, shaped like the parameter, in :attr:`dtype` (computed in

@@ -1272,11 +1272,18 @@ def _sdpa_signature(query: Any, key: Any, value: Any, attn_mask: Any = None, dro
 
 @register(F.scaled_dot_product_attention)
 def _sdpa(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Under a transform, attention as ordinary ops: torch's fused CPU kernel has no batching
-    rule (vmap would loop over the examples and warn)."""
+    """Under a transform, attention on the whole batch with torch's own kernel where our vmap
+    is the innermost transform (:func:`~psgfunc.per_sample.rules.attention.batched_sdpa`),
+    else as ordinary ops: torch's fused CPU kernel has no batching rule (vmap would loop
+    over the examples and warn)."""
     if method == "loop" or not _transformed():
         return NotImplemented
     a = _bind(_sdpa_signature, args, kwargs)
+    from psgfunc.per_sample.rules.attention import batched_sdpa  # the rules import this module
+
+    fused = batched_sdpa(a)  # the whole batch through torch's own (fused) kernel
+    if fused is not NotImplemented:
+        return fused
     q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     if a["enable_gqa"] and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:

@@ -28,10 +28,18 @@ from torch.func import vmap
 
 from psgfunc import _rules
 from psgfunc.functional.attention import append_bias_kv, split_bias
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
+from psgfunc.per_sample._expanded import (
+    Rule,
+    _call_batched,
+    apply_function,
+    call_rule,
+    is_shared,
+    shared,
+    vmap_randomness,
+)
 from psgfunc.per_sample._kinds import RowSum, emit
 
-__all__ = ["SplitBiasRule", "BiasKVRule"]
+__all__ = ["SplitBiasRule", "BiasKVRule", "batched_sdpa"]
 
 _ROWSUM = RowSum()
 
@@ -151,3 +159,44 @@ def _split_bias(params: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tenso
 @_rules.register_rule(append_bias_kv)
 def _append_bias_kv(params: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> Any:
     return call_rule(BIAS_KV, params, k, v)
+
+
+class _SDPARule(Rule):
+    """``F.scaled_dot_product_attention`` (no parameters) on a vmap's whole batch at once.
+
+    The examples' tensors ``[*, L, E]`` become ``[B, *, L, E]``; attention treats every
+    leading dim as a batch dim, so one call of torch's own kernel (the fused one where it
+    applies: it saves ``[B, heads, L]`` statistics, not the ``[B, heads, L, S]`` weights
+    the ordinary-ops route keeps for its backward) computes every example's attention.
+    """
+
+    def vmapped(self, params: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: Any, dropout_p: float, is_causal: bool, scale: Any, enable_gqa: bool) -> Any:
+        if dropout_p > 0 and vmap_randomness() != "different":
+            return NotImplemented  # one mask for all examples, or an error: the vmap route
+        tensors = [t for t in (q, k, v, mask) if isinstance(t, torch.Tensor)]
+        rank = max(t.dim() for t in tensors)
+
+        def aligned(t: Any) -> Any:  # examples' dims right-aligned behind the batch dim
+            if not isinstance(t, torch.Tensor) or t.dim() == rank:
+                return t
+            return t.reshape(t.shape[0], *([1] * (rank - t.dim())), *t.shape[1:])
+
+        kwargs = {"enable_gqa": True} if enable_gqa else {}
+        return F.scaled_dot_product_attention(
+            aligned(q), aligned(k), aligned(v), attn_mask=aligned(mask), dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, **kwargs)
+
+
+_SDPA = _SDPARule(F.scaled_dot_product_attention)
+
+
+def batched_sdpa(a: dict[str, Any]) -> Any:
+    """Attention with the arguments ``a`` (by name, as ``F.scaled_dot_product_attention``
+    takes them) on the whole batch when the innermost transform is psgfunc's vmap (the
+    expanded method and fast clipping); else ``NotImplemented``."""
+    args = (a["query"], a["key"], a["value"], a["attn_mask"], a["dropout_p"], a["is_causal"],
+            a["scale"], a["enable_gqa"])
+    if not all(isinstance(t, torch.Tensor) for t in args[:3]):
+        return NotImplemented
+    return _call_batched(_SDPA, {}, args, {})

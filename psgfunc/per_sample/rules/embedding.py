@@ -72,8 +72,11 @@ class EmbeddingRows(GradKind):
 
     def _flat(self, datas: Any) -> tuple[torch.Tensor, torch.Tensor]:
         size, dim = datas[0][1].shape[0], datas[0][1].shape[-1]
-        idx = torch.cat([i.reshape(size, -1) for i, _ in datas], dim=1)
-        g = torch.cat([gi.reshape(size, -1, dim) for _, gi in datas], dim=1)
+        if len(datas) == 1:  # no concatenation: a copy of the output gradient
+            idx, g = datas[0][0].reshape(size, -1), datas[0][1].reshape(size, -1, dim)
+        else:
+            idx = torch.cat([i.reshape(size, -1) for i, _ in datas], dim=1)
+            g = torch.cat([gi.reshape(size, -1, dim) for _, gi in datas], dim=1)
         if self.padding_idx is not None:
             g = g * (idx != self.padding_idx).unsqueeze(-1).to(g.dtype)
         return idx, g
@@ -110,11 +113,16 @@ class EmbeddingRows(GradKind):
         hi = est.sqrt() * (1 + rel) + a * (gamma(positions + 2, dtype) * grow)
         return NormBound(est, hi.square(), a, 1 + gamma(4, dtype), err_scale)
 
-    def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
+    def weighted_sum(self, datas: Any, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_b c_b grad_b`` ``[V, D]``; ``out``: a ``[V, D]`` tensor to add it to in place
+        (a tied head's sum; in the accumulation dtype), returned."""
         idx, g = self._flat(datas)
         dtype, g = g.dtype, _up(g)  # half precision: summed in float32
         g = g * c.to(g.dtype).view(-1, 1, 1)
-        out = g.new_zeros(self.num_embeddings, g.shape[-1])
+        if out is None:
+            out = g.new_zeros(self.num_embeddings, g.shape[-1])
+        elif out.dtype != g.dtype:
+            return out + self.weighted_sum(datas, c).to(out.dtype)
         return out.index_add_(0, idx.reshape(-1).to(torch.int64), g.reshape(-1, g.shape[-1])).to(dtype)
 
 

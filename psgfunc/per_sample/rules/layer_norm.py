@@ -53,35 +53,49 @@ def _affine(x_hat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     return torch.addcmul(bias, x_hat, weight)
 
 
-class _AffinePerSample(torch.autograd.Function):
-    """``x_hat [B, *, *N], w [B, *N], b [B, *N] (shared) -> x_hat * w[0] + b[0]``."""
+class _LayerNormPerSample(torch.autograd.Function):
+    """``x [B, *, *N], w [B, *N], b [B, *N] (shared) -> (layer_norm(x) * w[0] + b[0], mean,
+    rstd)`` in one kernel, saving what ``torch``'s own layer norm saves (``x`` and the
+    per-position statistics): ``x_hat`` is recomputed in the backward rather than kept
+    next to the output from the forward to the backward (a second ``[B, *, *N]`` tensor per
+    layer, as large as the output itself)."""
 
     @staticmethod
-    def forward(x_hat: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        return _affine(x_hat, _first(w), _first(b))
+    def forward(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
+                shape: tuple[int, ...], eps: float) -> Any:  # type: ignore[override]
+        w0, b0 = (None if p is None else _first(p).to(x.dtype) for p in (w, b))
+        return torch.native_layer_norm(x, shape, w0, b0, eps)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x_hat, w, b = inputs
-        ctx.save_for_backward(x_hat if w is not None else None, w)
-        ctx.has_bias = b is not None
+        x, w, b, shape, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, mean, rstd, w, b)
+        ctx.shape = shape
         ctx.bias = b  # identity only, for emit's bookkeeping
-        ctx.shape = tuple((w if w is not None else b).shape)  # (B, *N)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x_hat, w = ctx.saved_tensors
-        size, norm = ctx.shape[0], ctx.shape[1:]
+    def backward(ctx: Any, g: torch.Tensor, _mean: Any, _rstd: Any) -> Any:
+        x, mean, rstd, w, b = ctx.saved_tensors
+        norm = ctx.shape
+        size = x.shape[0]
         positions = math.prod(g.shape[1 : g.dim() - len(norm)])
         g3 = g.reshape(size, positions, math.prod(norm))  # [B, positions, K]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = g if w is None else g * _first(w)
+            w0, b0 = (None if p is None else _first(p).to(x.dtype) for p in (w, b))
+            gx = torch.ops.aten.native_layer_norm_backward(g, x, list(norm), mean, rstd, w0, b0,
+                                                           [True, False, False])[0]
+        # each example's sum over its positions, [B, 1, K]: what fast clipping records is
+        # then K numbers per example, not the [B, positions, K] product (nor g, which no
+        # other piece keeps) held until the clip factors are known
         if w is not None and ctx.needs_input_grad[1]:
-            gw = emit(w, _rowsum(norm), g3 * x_hat.reshape(g3.shape))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = emit(ctx.bias, _rowsum(norm), g3)
-        return gx, gw, gb
+            x_hat = ((x - mean) * rstd).reshape(g3.shape)
+            gw = emit(w, _rowsum(norm), (g3 * x_hat).sum(1, keepdim=True))
+        if b is not None and ctx.needs_input_grad[2]:
+            gb = emit(ctx.bias, _rowsum(norm), g3.sum(1, keepdim=True))
+        return gx, gw, gb, None, None
 
 
 class LayerNormRule(Rule):
@@ -116,8 +130,7 @@ class LayerNormRule(Rule):
             return F.layer_norm(x, shape, None, None, eps)
         if not all(is_shared(p) for p in present):
             return vmap(lambda p, xi: self.plain(p, xi, shape, eps=eps))(params, x)
-        x_hat = F.layer_norm(x, shape, None, None, eps)
-        return apply_function(_AffinePerSample, x_hat, w, b)
+        return apply_function(_LayerNormPerSample, x, w, b, shape, eps)[0]
 
     def tapped(
         self,

@@ -36,6 +36,7 @@ from psgfunc._tree import gamma
 from psgfunc.per_sample._expanded import Rule, apply_function, is_shared, shared
 from psgfunc.per_sample._kinds import (
     COMBINERS,
+    F64,
     GradKind,
     NormBound,
     Outer,
@@ -44,6 +45,8 @@ from psgfunc.per_sample._kinds import (
     _as,
     _up,
     emit,
+    gram_bound,
+    gram_of,
     outer_bound,
 )
 
@@ -444,22 +447,41 @@ class TiedTable(GradKind):
         return bool(outer) and _OUTER.prefers_dense(outer)
 
     def bound(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> NormBound:
-        """The certified bound of the whole table's gradient (see ``_kinds.outer_bound``),
+        """The certified bound of the whole table's gradient (see ``_kinds.gram_bound``),
         read as ONE sum of outer products: the head's ``gv_n^T h_n`` and, for each looked-up
-        token, ``e_{idx_t}^T g_t`` (a one-hot row, ``[B, T, V]``, as large as the head's
-        own ``gv``): Gram norm, its rounding bound, float64 Grams for cancelling examples."""
+        token, ``e_{idx_t}^T g_t`` (a one-hot row): Gram norm, its rounding bound, float64
+        Grams for cancelling examples. The one-hot rows' Gram blocks are read off ``idx``
+        (``gv_n . e_{idx_t} = gv_n[idx_t]``, ``e_{idx_t} . e_{idx_t'} = [idx_t == idx_t']``,
+        both exact), so no ``[B, T, V]`` one-hot tensor is built."""
         rows, outer = self._parts(datas)
-        us, vs = [g for g, _ in outer], [x for _, x in outer]
-        if rows:
-            idx, ge = self._rows_kind()._flat(rows)  # [B, T], [B, T, D] (padding zeroed)
-            ref = us[0] if us else ge
-            onehot = torch.zeros((*idx.shape, self.num_embeddings), dtype=ref.dtype, device=ref.device)
-            onehot.scatter_(2, idx.to(torch.int64).unsqueeze(2), 1.0)
-            us.append(onehot)
-            vs.append(ge.to(ref.dtype))
-        u = us[0] if len(us) == 1 else torch.cat(us, dim=1)
-        v = vs[0] if len(vs) == 1 else torch.cat(vs, dim=1)
-        return outer_bound(u, v, len(datas) + 1, None, True)
+        if not rows or not outer:
+            kind = self._rows_kind() if rows else _OUTER
+            return kind.bound(rows or outer)
+        gv = outer[0][0] if len(outer) == 1 else torch.cat([g for g, _ in outer], dim=1)  # [B, N, V]
+        h = outer[0][1] if len(outer) == 1 else torch.cat([x for _, x in outer], dim=1)  # [B, N, D]
+        idx, ge = self._rows_kind()._flat(rows)  # [B, T], [B, T, D] (padding zeroed)
+        idx = idx.to(torch.int64)
+
+        def grams(gv: torch.Tensor, idx: torch.Tensor, h: torch.Tensor, ge: torch.Tensor) -> Any:
+            """``[B, N + T, N + T]`` Grams of the rows ``[gv; one-hot(idx)]`` and ``[h; ge]``,
+            and the lengths bounding their entries' rounding (see ``_kinds.gram_of``)."""
+            uu, ku = gram_of(gv)
+            uo = torch.gather(gv, 2, idx.unsqueeze(1).expand(-1, gv.shape[1], -1))  # [B, N, T]
+            oo = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(uu.dtype)  # [B, T, T]
+            gram_u = torch.cat([torch.cat([uu, uo.to(uu.dtype)], dim=2),
+                                torch.cat([uo.transpose(1, 2).to(uu.dtype), oo], dim=2)], dim=1)
+            gram_v, kv = gram_of(torch.cat([h, ge.to(h.dtype)], dim=1))
+            return gram_u, gram_v, ku, kv
+
+        gram_u, gram_v, ku, kv = grams(_up(gv), idx, _up(h), _up(ge))
+        rg = gram_u.diagonal(dim1=1, dim2=2).sqrt()
+        rx = gram_v.diagonal(dim1=1, dim2=2).sqrt()
+
+        def redo(bad: torch.Tensor) -> torch.Tensor:
+            gu, gx, _, _ = grams(gv[bad].to(F64), idx[bad], h[bad].to(F64), ge[bad].to(F64))
+            return (gu * gx).sum((1, 2))
+
+        return gram_bound(gram_u, gram_v, rg, rx, gv.shape[2], h.shape[2], len(datas) + 1, redo, ku, kv)
 
     def norm2(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> torch.Tensor:
         rows, outer = self._parts(datas)
@@ -480,12 +502,9 @@ class TiedTable(GradKind):
 
     def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
         rows, outer = self._parts(datas)
-        total = None
-        if rows:
-            total = self._rows_kind().weighted_sum(rows, c)
-        if outer:
-            head = _OUTER.weighted_sum(outer, c)
-            total = head if total is None else total + head
+        total = _OUTER.weighted_sum(outer, c) if outer else None
+        if rows:  # the lookup's rows added into the head's [V, D] sum in place
+            total = self._rows_kind().weighted_sum(rows, c, out=total)
         return total
 
 
