@@ -1281,7 +1281,10 @@ def _sdpa(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     a = _bind(_sdpa_signature, args, kwargs)
     from psgfunc.per_sample.rules.attention import batched_sdpa  # the rules import this module
 
-    fused = batched_sdpa(a)  # the whole batch through torch's own (fused) kernel
+    tapped = bool(_STACK) and _STACK[-1].tap is not None
+    # the whole batch through torch's own (fused) kernel; not in a tapped pass (one example,
+    # and the compiler cannot trace the unwrapping from psgfunc's vmap)
+    fused = NotImplemented if tapped or torch.compiler.is_compiling() else batched_sdpa(a)
     if fused is not NotImplemented:
         return fused
     q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
