@@ -171,7 +171,9 @@ class _Mode(TorchFunctionMode):
                 self.params[id(out)] = (leaf, view(perm, used[0], args, kwargs))
                 self.keep.append(out)
             return out
-        if self.method == "expanded" and _differentiable(out) and not torch.compiler.is_compiling():
+        # (a tapped pass's leaves that such ops reach are materialised by the compiled route,
+        # which says so itself)
+        if self.method == "expanded" and self.tap is None and _differentiable(out) and not torch.compiler.is_compiling():
             _warn_fallback(func)
         return out
 
