@@ -96,6 +96,15 @@ def _clear(params: list[torch.Tensor]) -> None:
             p.grad_sample = None
 
 
+def _take(params: list[torch.Tensor], attr: str) -> list[Any]:
+    """The step's result (``p.grad`` or ``p.grad_sample`` of each parameter), handed over as
+    the functional methods hand theirs: nothing left on the parameters, so that no method
+    starts its next step (or the memory measurement its baseline) holding its last result."""
+    out = [getattr(p, attr, None) for p in params]
+    _clear(params)
+    return out
+
+
 def _shell(cfg: dict[str, Any], module: nn.Module, batch: int) -> nn.Module:
     """The psgfunc.nn version of ``module`` holding ``module``'s weights (copied)."""
     shell = cfg["shell"](batch) if "shell" in cfg else pnn.expand_weights(cfg["nn"](), batch)
@@ -140,7 +149,7 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
         def step() -> Any:
             _clear(weights)
             _loss(module(x), target).backward()
-            return [p.grad for p in weights]
+            return _take(weights, "grad")
 
     elif method in ("vmap", "expanded", "auto"):
 
@@ -180,7 +189,7 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
             def step() -> Any:
                 _clear(weights)
                 _loss(shell(x), target).backward()
-                return [p.grad_sample for p in weights]
+                return _take(weights, "grad_sample")
 
         else:
             opt = DPOptimizer(
@@ -204,7 +213,7 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
         def step() -> Any:
             _clear(weights)
             _loss(wrapped(x), target).backward()
-            return [p.grad_sample for p in weights]
+            return _take(weights, "grad_sample")
 
     else:  # opacus-*
         mode = method.split("-", 1)[1]
@@ -216,7 +225,7 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
             def step() -> Any:
                 _clear(weights)
                 _loss(gsm(x), target).backward()
-                return [p.grad_sample for p in weights]
+                return _take(weights, "grad_sample")
 
         else:
 
@@ -229,7 +238,7 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
                 gsm.disable_hooks()
                 (coef * losses).sum().backward()  # pass 2: the clipped sum
                 gsm.enable_hooks()
-                return [p.grad for p in weights]
+                return _take(weights, "grad")
 
     checked = _checked(step, method, batch, [p.shape for p in weights])
     checked.note = "; ".join(dict.fromkeys(notes))  # type: ignore[attr-defined]
