@@ -99,7 +99,7 @@ def compiled_clipped_grad_sum(
     from its plan gives no sum: the step plans again from the current ``fn`` and reruns (plans
     and graphs are kept, so a flag that goes back and forth does not compile again). A pass
     still off a plan made in the same call, or a pass the compiler cannot trace under the
-    torch-function rules' mode (``Tensor.unflatten`` in ``fn``, ``nn.MultiheadAttention``),
+    torch-function rules' mode (``Tensor.unflatten`` in ``fn``),
     plans once more with that mode off: psgfunc layers tapped, other leaves materialised. A pass
     that swaps which params a layer uses is followed as it is (the pieces come from the
     traced pass). Each compiled graph has a code object of its own, so steps, signatures and
@@ -388,8 +388,8 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
             except _Untraceable:
                 if not current.ops:
                     raise
-                # the compiler fails on some Python-level Tensor methods (Tensor.unflatten,
-                # inside nn.MultiheadAttention...) under the torch-function rules' mode: plan
+                # the compiler fails on some Python-level Tensor methods (Tensor.unflatten)
+                # under the torch-function rules' mode: plan
                 # without it (psgfunc layers tapped), as the compiler traced before
                 why = "the compiler could not trace the torch-function rules"
                 current = plan(prep, key, ops=False)

@@ -1356,3 +1356,48 @@ def _conv_transpose_adapter(name: str) -> Adapter:
 for _n in (1, 2, 3):
     register_layer(getattr(torch, f"conv_transpose{_n}d"), _conv_transpose_signature)(
         _conv_transpose_adapter(f"conv_transpose{_n}d"))
+
+
+def _mha_signature(query: Any, key: Any, value: Any, embed_dim_to_check: int, num_heads: int,
+                   in_proj_weight: Any, in_proj_bias: Any, bias_k: Any, bias_v: Any, add_zero_attn: bool,
+                   dropout_p: float, out_proj_weight: Any, out_proj_bias: Any, training: bool = True,
+                   key_padding_mask: Any = None, need_weights: bool = True, attn_mask: Any = None,
+                   use_separate_proj_weight: bool = False, q_proj_weight: Any = None, k_proj_weight: Any = None,
+                   v_proj_weight: Any = None, static_k: Any = None, static_v: Any = None,
+                   average_attn_weights: bool = True, is_causal: bool = False) -> None:  # pragma: no cover
+    """``F.multi_head_attention_forward``'s arguments."""
+
+
+@register(F.multi_head_attention_forward)
+def _multi_head_attention(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """In a tapped pass (the compiled route), ``nn.MultiheadAttention`` as psgfunc's
+    ``multi_head_attention`` layer, whose tap serves all its weights: the compiler cannot
+    follow torch's Python implementation back through the mode (the eager planning run and
+    the traced pass would make different calls). Elsewhere torch's implementation runs with
+    its projections reaching the ``F.linear`` rule (``_TRANSPARENT``)."""
+    if not (_STACK and _STACK[-1].tap is not None):
+        return NotImplemented
+    try:
+        a = _bind(_mha_signature, args, kwargs)
+    except TypeError:
+        return NotImplemented
+    if a["static_k"] is not None or a["static_v"] is not None:
+        return NotImplemented
+    names = {"in_proj_bias": "in_proj_bias", "out_proj_weight": "out_proj.weight",
+             "out_proj_bias": "out_proj.bias", "bias_k": "bias_k", "bias_v": "bias_v"}
+    if a["use_separate_proj_weight"]:
+        names.update(q_proj_weight="q_proj_weight", k_proj_weight="k_proj_weight", v_proj_weight="v_proj_weight")
+    else:
+        names["in_proj_weight"] = "in_proj_weight"
+    params = {ours: a[theirs] for theirs, ours in names.items() if a[theirs] is not None}
+    if not all(_direct(p) for p in params.values()):
+        return NotImplemented
+    # with the weights: the attention as ordinary ops (torch's fused SDPA kernel, which the
+    # layer runs otherwise, has no batching rule: one example at a time, with a warning)
+    out, weights = _pf().multi_head_attention(
+        params, a["query"], a["key"], a["value"], a["num_heads"], key_padding_mask=a["key_padding_mask"],
+        attn_mask=a["attn_mask"], is_causal=a["is_causal"], dropout=a["dropout_p"], training=a["training"],
+        need_weights=True, batch_first=False, average_attn_weights=a["average_attn_weights"],
+        add_zero_attn=a["add_zero_attn"],
+    )
+    return out, weights if a["need_weights"] else None
