@@ -895,12 +895,13 @@ def _mv_parts(mat: Any, vec: Any, bias: Any = None) -> Any:
 
 def _bmm_parts(left: Any, right: Any, bias: Any = None) -> Any:
     """``bmm(left, right)``: ``[G, M, K] @ [G, K, N]``, a parameter on one side (the group
-    index ``g`` is in all three: the weight's blocks, one per group)."""
+    index ``g`` is in all three: the weight's blocks, one per group; a ``bias`` makes
+    ``_contract`` decline, grouped plans take none: the caller adds it)."""
     if not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor) or left.dim() != 3 or right.dim() != 3:
         return NotImplemented
     if param_of(right) is not None:
-        return _contract(left, right, "gni", "gio", "gno")
-    return _contract(right, left, "gin", "goi", "gon")
+        return _contract(left, right, "gni", "gio", "gno", bias)
+    return _contract(right, left, "gin", "goi", "gon", bias)
 
 
 def _add_input(method: str, out: torch.Tensor, b: Any, beta: Any) -> Any:

@@ -66,6 +66,8 @@ OPS = {
     "W@x 3-d": (lambda p, x: (p["w"] @ x).sin().sum(), {"w": rand(2, 12, 16)}, rand(B, 2, 16, 3)),
     "baddbmm": (lambda p, x: torch.baddbmm(p["b"], x, p["w"], beta=0.5, alpha=2.0).sin().sum(),
                 {"w": rand(2, 16, 16), "b": rand(2, 1, 16)}, rand(B, 2, 3, 16)),
+    "baddbmm beta 1": (lambda p, x: torch.baddbmm(p["b"], x, p["w"]).sin().sum(),
+                       {"w": rand(2, 4, 3), "b": rand(2, 5, 3)}, rand(B, 2, 5, 4)),
     "Tensor.baddbmm": (lambda p, x: (x.sum(-1, keepdim=True) * 0).baddbmm(x, p["w"], beta=0).sin().sum(),
                        {"w": rand(2, 4, 4)}, rand(B, 2, 3, 4)),
     "einsum heads": (lambda p, x: torch.einsum("htd,hde->hte", x, p["w"]).sin().sum(),
