@@ -253,17 +253,6 @@ def _view_functions() -> dict[Any, bool]:
 _VIEW_FNS = _view_functions()
 
 
-def _shallow(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-    """Each argument, and each element of a list/tuple argument (torch functions take their
-    tensors no deeper)."""
-    out: list[Any] = []
-    for a in (*args, *kwargs.values()):
-        out.append(a)
-        if type(a) is list or type(a) is tuple:
-            out.extend(a)
-    return out
-
-
 def _replace(args: tuple[Any, ...], kwargs: dict[str, Any], swap: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``args``/``kwargs`` with each argument (and list/tuple element) ``v`` as ``swap(v)``."""
 
@@ -347,7 +336,7 @@ class _OutsideShells(TorchFunctionMode):
         if not isinstance(out, torch.Tensor) or out is args[0]:
             return out
         rest = args[1:]
-        if not _VIEW_FNS[func] and any(isinstance(v, torch.Tensor) for v in _shallow(rest, kwargs)):
+        if not _VIEW_FNS[func] and _torch_ops._tensors(rest, kwargs):
             return out  # e.g. an index tensor: not followed (a use without a rule)
         self.known[id(out)] = (out, hit[0], (*hit[1], (func, rest, dict(kwargs))))  # type: ignore[index]
         return out
@@ -363,7 +352,7 @@ class _OutsideShells(TorchFunctionMode):
             return _Slot(*hit)
 
         s_args, s_kwargs = _replace(args, kwargs, swap)
-        inputs = [v for v in _shallow(s_args, s_kwargs) if isinstance(v, torch.Tensor) and v.dim() > 0]
+        inputs = [v for v in _torch_ops._tensors(s_args, s_kwargs) if v.dim() > 0]
         record = self.record
         batch = record.batch if record.batch is not None else record.hint
         first = next((t for t in inputs if batch is None or t.shape[0] == batch), None)
