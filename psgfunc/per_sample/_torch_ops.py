@@ -1359,16 +1359,6 @@ for _n in (1, 2, 3):
         _conv_transpose_adapter(f"conv_transpose{_n}d"))
 
 
-def _mha_signature(query: Any, key: Any, value: Any, embed_dim_to_check: int, num_heads: int,
-                   in_proj_weight: Any, in_proj_bias: Any, bias_k: Any, bias_v: Any, add_zero_attn: bool,
-                   dropout_p: float, out_proj_weight: Any, out_proj_bias: Any, training: bool = True,
-                   key_padding_mask: Any = None, need_weights: bool = True, attn_mask: Any = None,
-                   use_separate_proj_weight: bool = False, q_proj_weight: Any = None, k_proj_weight: Any = None,
-                   v_proj_weight: Any = None, static_k: Any = None, static_v: Any = None,
-                   average_attn_weights: bool = True, is_causal: bool = False) -> None:  # pragma: no cover
-    """``F.multi_head_attention_forward``'s arguments."""
-
-
 @register(F.multi_head_attention_forward)
 def _multi_head_attention(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """In a tapped pass (the compiled route), ``nn.MultiheadAttention`` as psgfunc's
@@ -1379,7 +1369,7 @@ def _multi_head_attention(method: str, func: Any, args: tuple[Any, ...], kwargs:
     if not (_STACK and _STACK[-1].tap is not None):
         return NotImplemented
     try:
-        a = _bind(_mha_signature, args, kwargs)
+        a = _bind(F.multi_head_attention_forward, args, kwargs)  # a Python function: its own signature
     except TypeError:
         return NotImplemented
     if a["static_k"] is not None or a["static_v"] is not None:
