@@ -193,15 +193,21 @@ def accurate_sq_norms(t: torch.Tensor) -> torch.Tensor:
     """
     size = t.shape[0]
     k = math.prod(t.shape[1:])
-    rows = t.reshape(size, k)
-    acc = None if rows.dtype in (torch.float32, torch.float64) else torch.float32
+    acc = None if t.dtype in (torch.float32, torch.float64) else torch.float32
     block = _block(k)
-    if block == k:
-        return torch.linalg.vector_norm(rows, dim=1, dtype=acc).square()
+    if block == k:  # (over t's own dims: no reshape op)
+        dims = tuple(range(1, t.dim())) if t.dim() > 1 else None
+        rows = t if dims else t.reshape(size, k)
+        return torch.linalg.vector_norm(rows, dim=dims or 1, dtype=acc).square()
     m = k - k % block
-    main = rows if m == k else rows[:, :m]
-    parts = torch.linalg.vector_norm(main.reshape(size, m // block, block), dim=2, dtype=acc).square()
-    sq = parts.sum(1) if m // block <= _SQ_BLOCK else parts.sum(1, dtype=torch.float64).to(parts.dtype)
+    if m == k:  # (one view op: a step of a small model pays per op)
+        parts = torch.linalg.vector_norm(t.reshape(size, m // block, block), dim=2, dtype=acc)
+    else:
+        rows = t.reshape(size, k)
+        parts = torch.linalg.vector_norm(rows[:, :m].reshape(size, m // block, block), dim=2, dtype=acc)
+    # the sum of the parts' squares (each square rounded, then added: the bound's terms)
+    sq = torch.linalg.vecdot(parts, parts) if m // block <= _SQ_BLOCK else (
+        parts.square().sum(1, dtype=torch.float64).to(parts.dtype))
     if m < k:
         sq = sq + torch.linalg.vector_norm(rows[:, m:], dim=1, dtype=acc).square()
     return sq

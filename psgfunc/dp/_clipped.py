@@ -18,7 +18,7 @@ import torch
 from psgfunc.dp._clip import MaxNorm, _check_max_norm, clipped_sum
 from psgfunc.per_sample import per_sample_grads
 from psgfunc.per_sample._clip import grad_pieces
-from psgfunc.per_sample._kinds import certified_norm
+from psgfunc.per_sample._kinds import _as, certified_norm
 
 _METHODS = ("auto", "fast", "materialize")
 
@@ -90,7 +90,7 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
         norms = certified_norm(leaves)
         if not bool(torch.isfinite(norms).all()):
             return None, norms
-        return [checked / norms.clamp_min(checked)] * len(leaves), norms.to(dtype)
+        return [checked / norms.clamp_min(checked)] * len(leaves), _as(norms, dtype)
     paths, _, _ = optree.tree_flatten_with_path(params)
     group_of = [path[0] for path in paths]
     by_key: dict[Any, list[Any]] = {}

@@ -12,6 +12,7 @@ from torch.func import grad, vmap
 from psgfunc import _rules
 from psgfunc._tree import batch_size
 from psgfunc.per_sample import _torch_ops
+from psgfunc.per_sample._expanded import expand_leaf
 
 try:
     import torch._C._functorch as _functorch
@@ -126,7 +127,8 @@ class _Prepared:
                     + "; every params leaf must be a floating tensor (move constants into the "
                     "batch or close over them in fn)"
                 )
-        self.p_leaves = [p.detach() for p in p_leaves]
+        # (a leaf that needs no grad has no history to cut: no detach op per leaf per step)
+        self.p_leaves = [p.detach() if p.requires_grad else p for p in p_leaves]
         self.size = batch_size(*batch)
         self.b_leaves, self.b_spec = optree.tree_flatten(batch, none_is_leaf=True)
         self.b_dims = [0 if isinstance(t, torch.Tensor) else None for t in self.b_leaves]
@@ -260,7 +262,7 @@ def _vmap_grads(prep: _Prepared, b_leaves, size):
 def _expanded_grads(prep: _Prepared, b_leaves, size):
     if not prep.p_leaves:  # nothing to differentiate (as vmap(grad) of no params: no leaves)
         return []
-    views = [p.expand(size, *p.shape).requires_grad_(True) for p in prep.p_leaves]
+    views = [expand_leaf(p, size) for p in prep.p_leaves]
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
         losses = prep.expanded_losses(views, b_leaves)
         grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)

@@ -21,6 +21,7 @@ import torch
 from psgfunc import _rules
 from psgfunc.functional import _autocast
 from psgfunc.per_sample._api import _prepare
+from psgfunc.per_sample._expanded import expand_leaf
 from psgfunc.per_sample._kinds import Collector, LeafPieces, leaf_pieces
 
 __all__ = ["GradPieces", "grad_pieces"]
@@ -95,7 +96,7 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
     size = prep.size
     if size == 0:
         return GradPieces(prep, [LeafPieces([], p.new_zeros((0, *p.shape)), 0, p.shape) for p in prep.p_leaves])
-    views = [p.expand(size, *p.shape).requires_grad_(True) for p in prep.p_leaves]
+    views = [expand_leaf(p, size) for p in prep.p_leaves]
     collector = Collector(views)
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
         losses = prep.expanded_losses(views, prep.b_leaves)

@@ -114,6 +114,22 @@ def shared(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided(t.shape[1:], t.stride()[1:], t.storage_offset())
 
 
+def expand_leaf(p: torch.Tensor, size: int) -> torch.Tensor:
+    """``p [*shape] -> [B, *shape]``: a stride-0 view, a leaf that requires grad, which also
+    remembers ``p`` (:func:`repeated`)."""
+    view = p.expand(size, *p.shape).requires_grad_(True)
+    view._psg_repeats = p
+    return view
+
+
+def repeated(t: torch.Tensor) -> torch.Tensor:
+    """:func:`shared` of a stride-0 expansion, without an operation where it is an
+    :func:`expand_leaf` view (its ``p``). For use where no gradient flows through the result
+    (an ``autograd.Function``'s forward and backward): ``p`` carries no history to ``t``."""
+    p = getattr(t, "_psg_repeats", None)
+    return shared(t) if p is None else p
+
+
 def is_shared(t: torch.Tensor) -> bool:
     """Whether ``t``'s dim 0 holds copies of one tensor (stride 0, or size 1)."""
     return t.dim() > 0 and (t.shape[0] <= 1 or t.stride(0) == 0)
@@ -171,7 +187,9 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     vmap_info = _functorch.CVmapInterpreterPtr(interpreter)
     size = vmap_info.batchSize()
     names = [k for k, v in params.items() if v is not None]
-    arg_leaves, arg_spec = optree.tree_flatten(args, none_is_leaf=True)
+    # args of tensors only (a layer's usual call): no pytree pass
+    flat = all(isinstance(a, torch.Tensor) for a in args)
+    arg_leaves, arg_spec = (list(args), None) if flat else optree.tree_flatten(args, none_is_leaf=True)
     moved, batched = [], False
     for t in [params[k] for k in names] + arg_leaves:
         if isinstance(t, torch.Tensor):
@@ -187,9 +205,12 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
         moved.append(t)
     n = len(names)
     batch_params = dict(zip(names, moved[:n]))
-    if not batched or not all(is_shared(p) for p in batch_params.values()):
+    if not batched:
         return NotImplemented
-    batch_args = optree.tree_unflatten(arg_spec, moved[n:])
+    for p in moved[:n]:
+        if not is_shared(p):
+            return NotImplemented
+    batch_args = tuple(moved[n:]) if flat else optree.tree_unflatten(arg_spec, moved[n:])
     token = _RANDOMNESS.set(_randomness_name(vmap_info.randomness()))
     saved = _functorch.pop_dynamic_layer_stack()
     mode = _rules.enter_mode("batch")

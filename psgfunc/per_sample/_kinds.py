@@ -312,7 +312,7 @@ def _shared(cache: dict | None, tag: str, t: torch.Tensor, compute: Any) -> Any:
 def _sq1(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
     """``[B]`` squared norms of ``t [B, 1, K]`` (one position per example), shared via
     ``cache``; relative error at most ``sq_norm_rel``."""
-    return _shared(cache, "sq1", t, lambda: accurate_sq_norms(t[:, 0]))
+    return _shared(cache, "sq1", t, lambda: accurate_sq_norms(t))
 
 
 class GradKind:
@@ -452,8 +452,10 @@ class RowSum(GradKind):
         total = None
         for (g,) in datas:
             out = g.dtype
-            # [B] @ [N, B, K] -> [N, K] -> [K]
-            s = (_as(c, _acc(out)) @ _up(g).transpose(0, 1)).sum(0)
+            if g.shape[1] == 1:  # [B] @ [B, K] -> [K]
+                s = _as(c, _acc(out)) @ _up(g).reshape(g.shape[0], g.shape[2])
+            else:  # [B] @ [N, B, K] -> [N, K] -> [K]
+                s = (_as(c, _acc(out)) @ _up(g).transpose(0, 1)).sum(0)
             total = s if total is None else total + s
         total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
@@ -501,7 +503,7 @@ def _in_dtype(t: Any, dtype: torch.dtype) -> Any:
     if not isinstance(t, torch.Tensor):
         return t
     if t.dtype == dtype or not t.is_floating_point():
-        return t.detach()
+        return t.detach() if t.requires_grad else t  # (an output gradient has no history)
     cached = getattr(t, "_psg_cast", None)  # (version of t, its cast)
     if cached is None or cached[0] != t._version or cached[1].dtype != dtype:
         cached = t._psg_cast = (t._version, t.detach().to(dtype))

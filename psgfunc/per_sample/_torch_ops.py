@@ -130,6 +130,8 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func in _QUIET:  # metadata (shape, dim, ...): the most frequent calls, never a rule
+            return func(*args, **kwargs)
         rule = _rule_of(func)
         if rule is not None:
             _STACK.append(self)
@@ -137,6 +139,8 @@ class _Mode(TorchFunctionMode):
                 out = rule(self.method, func, args, kwargs)
             finally:
                 _STACK.pop()
+            if out is _PLAIN:
+                return func(*args, **kwargs)
             if out is not NotImplemented:
                 return out
         if torch.compiler.is_compiling():
@@ -148,7 +152,7 @@ class _Mode(TorchFunctionMode):
         if func in _TRANSPARENT and self.method != "loop" and (
                 self.tap is not None or torch._C._are_functorch_transforms_active()):
             return _run_transparent(self, func, args, kwargs)
-        if (not self.params and self.tap is None) or func in _QUIET:
+        if not self.params and self.tap is None:
             return func(*args, **kwargs)
         _STACK.append(self)
         try:
@@ -730,11 +734,29 @@ def _contract(x: Any, w: Any, a: str, w_sub: str, y: str, bias: Any = None) -> A
     return call_rule(CONTRACT, params, x, plan)
 
 
+_PLAIN = object()
+"""What a rule returns for a call that takes no parameter of ``fn`` (nothing to track, view
+or warn about): the mode then runs the function as it is, at once."""
+
+
+def _takes_param(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a tensor argument is a parameter of ``fn`` or a view of one (see
+    :func:`param_of`); inside a rule or the mode."""
+    for t in _tensors(args, kwargs):
+        if param_of(t) is not None:
+            return True
+    return False
+
+
 def _expanded_only(rule: Rule) -> Rule:
+    """``rule`` under ``"expanded"`` for calls that take a parameter (the only ones these
+    rules serve: an op on activations alone, most of a model's, is passed on at once)."""
     @functools.wraps(rule)
     def wrapped(method: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if method != "expanded":
             return NotImplemented
+        if _STACK and _STACK[-1].tap is None and not _takes_param(args, kwargs):
+            return _PLAIN
         return rule(method, func, args, kwargs)
 
     return wrapped

@@ -21,8 +21,15 @@ import torch.nn.functional as F
 from psgfunc import _rules
 from psgfunc.functional import _autocast
 from psgfunc.functional.linear import linear
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
-from psgfunc.per_sample._kinds import Outer, RowSum, emit
+from psgfunc.per_sample._expanded import (
+    Rule,
+    apply_function,
+    call_rule,
+    is_shared,
+    repeated,
+    shared,
+)
+from psgfunc.per_sample._kinds import Outer, RowSum, _as, emit
 
 _OUTER, _ROWSUM = Outer(), RowSum()
 
@@ -33,24 +40,30 @@ class _LinearPerSample(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         dtype = _autocast.autocast_dtype(x)  # x is already in it (LinearRule casts it)
+        if dtype is None:  # (no context manager: a small layer's step pays per call)
+            return F.linear(x, repeated(w), None if b is None else repeated(b))
         with _autocast.disabled(x):
-            return F.linear(x, _autocast.cast(shared(w), dtype), None if b is None else _autocast.cast(shared(b), dtype))
+            return F.linear(x, _autocast.cast(repeated(w), dtype), None if b is None else _autocast.cast(repeated(b), dtype))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b = inputs
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        ctx.bias = b  # identity only, for emit's bookkeeping
+        ctx.save_for_backward(x)
+        # the params by identity, not saved: emit finds a Collector's record on the tensor
+        # object itself, which a saved tensor's unpacked copy (saved_tensors_hooks) lacks
+        ctx.weight, ctx.bias = w, b
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, w = ctx.saved_tensors
-        size, out_f, in_f = w.shape
-        gx = g @ shared(w).to(g.dtype) if ctx.needs_input_grad[0] else None  # autocast: in g's dtype
-        g3, x3 = _positions(g, x, size)
-        gw = emit(w, _OUTER, g3, x3) if ctx.needs_input_grad[1] else None
-        gb = emit(ctx.bias, _ROWSUM, g3) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        (x,) = ctx.saved_tensors
+        w, b = ctx.weight, ctx.bias
+        need = ctx.needs_input_grad
+        # (create_graph: the shared view of w, so that the input gradient reaches w too)
+        wm = shared(w) if torch.is_grad_enabled() else repeated(w)
+        gx = g @ _as(wm, g.dtype) if need[0] else None  # autocast: in g's dtype
+        g3, x3 = _positions(g, x, w.shape[0])
+        gw = emit(w, _OUTER, g3, x3) if need[1] else None
+        gb = emit(b, _ROWSUM, g3) if b is not None and need[2] else None
         return gx, gw, gb
 
 
