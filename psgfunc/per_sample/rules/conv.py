@@ -73,7 +73,7 @@ from psgfunc.functional.conv import (
     conv2d,
     conv3d,
 )
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
 from psgfunc.per_sample._kinds import F64, GradKind, NormBound, RowSum, _up, emit, outer_bound
 
 __all__ = ["ConvRule", "ConvWeight", "per_sample_conv_weight_grad"]
@@ -422,19 +422,23 @@ class _ConvPerSample(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b, n, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(x, w)
+        # the shared weight for the input gradient; the expanded params by identity for emit
+        # (a saved tensor may come back from saved-tensor hooks as another object, without
+        # its Collector; and packing the expanded w would copy it B times)
+        ctx.save_for_backward(x, shared(w))
         ctx.has_bias = b is not None
-        ctx.bias = b  # identity only, for emit's bookkeeping
+        ctx.weight, ctx.bias = w, b
         ctx.conf = (n, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, w = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        w = ctx.weight
         n, stride, padding, dilation, groups = ctx.conf
         size = w.shape[0]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            weight = (w[0] if size > 0 else w.new_zeros(w.shape[1:])).to(g.dtype)  # autocast: g's dtype
+            weight = weight.to(g.dtype)  # autocast: g's dtype
             gx = torch.ops.aten.convolution_backward(
                 g, x, weight, None, list(stride), list(padding), list(dilation), False,
                 [0] * len(stride), groups, [True, False, False],

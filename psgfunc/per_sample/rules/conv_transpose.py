@@ -53,7 +53,7 @@ from psgfunc.functional.conv_transpose import (
     conv_transpose2d,
     conv_transpose3d,
 )
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
 from psgfunc.per_sample._kinds import GradKind, NormBound, RowSum, emit, outer_bound
 
 __all__ = ["ConvTransposeRule", "ConvTransposeWeight", "per_sample_conv_transpose_weight_grad"]
@@ -271,20 +271,24 @@ class _ConvTransposePerSample(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b, n, stride, padding, output_padding, dilation, groups = inputs
-        ctx.save_for_backward(x, w)
+        # the shared weight for the input gradient; the expanded params by identity for emit
+        # (a saved tensor may come back from saved-tensor hooks as another object, without
+        # its Collector; and packing the expanded w would copy it B times)
+        ctx.save_for_backward(x, shared(w))
         ctx.has_bias = b is not None
-        ctx.bias = b  # identity only, for emit's bookkeeping
+        ctx.weight, ctx.bias = w, b
         ctx.conf = (n, stride, padding, output_padding, dilation, groups)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, w = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        w = ctx.weight
         n, stride, padding, output_padding, dilation, groups = ctx.conf
         size = w.shape[0]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.aten.convolution_backward(
-                g, x, _first(w), None, list(stride), list(padding), list(dilation), True,
+                g, x, weight, None, list(stride), list(padding), list(dilation), True,
                 list(output_padding), groups, [True, False, False],
             )[0]
         if ctx.needs_input_grad[1]:

@@ -71,20 +71,24 @@ class _LayerNormPerSample(torch.autograd.Function):
         x, w, b, shape, eps = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, mean, rstd, w, b)
+        # the shared weight and bias for the input gradient; the expanded ones by identity for
+        # emit (a saved tensor may come back from saved-tensor hooks as another object,
+        # without its Collector; and packing an expanded param would copy it B times)
+        ctx.save_for_backward(x, mean, rstd, _first(w), _first(b))
         ctx.shape = shape
-        ctx.bias = b  # identity only, for emit's bookkeeping
+        ctx.weight, ctx.bias = w, b
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, _mean: Any, _rstd: Any) -> Any:
-        x, mean, rstd, w, b = ctx.saved_tensors
+        x, mean, rstd, w0, b0 = ctx.saved_tensors
+        w, b = ctx.weight, ctx.bias
         norm = ctx.shape
         size = x.shape[0]
         positions = math.prod(g.shape[1 : g.dim() - len(norm)])
         g3 = g.reshape(size, positions, math.prod(norm))  # [B, positions, K]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            w0, b0 = (None if p is None else _first(p).to(x.dtype) for p in (w, b))
+            w0, b0 = (None if p is None else p.to(x.dtype) for p in (w0, b0))
             gx = torch.ops.aten.native_layer_norm_backward(g, x, list(norm), mean, rstd, w0, b0,
                                                            [True, False, False])[0]
         # each example's sum over its positions, [B, 1, K]: what fast clipping records is
