@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Any
 
 import optree
 import pytest
@@ -221,27 +222,68 @@ def test_dp_optimizer_fast_path_under_saved_tensor_hooks(route):
         torch.testing.assert_close(p.detach(), before[k] - 0.5 * clipped[k] / size, rtol=1e-10, atol=1e-13)
 
 
-def test_offloading_hook_packs_no_expanded_weight():
-    """What a copying hook packs is the layer's inputs and the shared ``[*shape]`` weights,
-    never a ``[B, *shape]`` copy of an expanded one (B times the weight, per layer)."""
+def test_offloading_hook_packs_no_expanded_table():
+    """An embedding's backward reads no table values (nor embedding_bag's, but for max and
+    per_sample_weights): the rules save none, so a copying hook never packs a ``[B, V, D]``
+    copy of the expanded table (B times the table, per call)."""
     size = 8
-    params, fn, batch = _case("conv2d_groups", size)
-    params |= {"ln": {"weight": torch.ones(4, dtype=F64), "bias": torch.zeros(4, dtype=F64)},
-               "emb": _f64(PF.init_embedding(50, 4, generator=_gen()))}
+    params = {"emb": _f64(PF.init_embedding(50, 4, generator=_gen())),
+              "bag": _f64(PF.init_embedding_bag(40, 4, mode="mean", generator=_gen()))}
 
-    def model(p, x, i):
-        h = PF.conv2d({k: p[k] for k in ("weight", "bias")}, x, groups=2, stride=(1, 2))  # [4, 3, 2]
-        h = PF.layer_norm(p["ln"], h.flatten(1).T, 4)  # [6, 4]
-        return (h * PF.embedding(p["emb"], i)).square().sum()
+    def model(p, i):
+        return (PF.embedding(p["emb"], i) * PF.embedding_bag(p["bag"], i.view(2, 3), mode="mean").sum(0)).square().sum()
 
-    idx = torch.randint(0, 50, (size, 6), generator=_gen())
+    idx = torch.randint(0, 40, (size, 6), generator=_gen())
     packed = []
 
     def pack(t):
-        packed.append((tuple(t.shape), t.stride()))
+        packed.append(tuple(t.shape))
         return t.clone()
 
     with saved_tensors_hooks(pack, lambda t: t):
-        clipped_grad_sum(model, params, batch[0], idx, max_norm=1.0, method="fast")
-    expanded = [(shape, stride) for shape, stride in packed if shape and shape[0] == size and stride[0] == 0]
-    assert packed and expanded == []
+        clipped_grad_sum(model, params, idx, max_norm=1.0, method="fast")
+    assert packed and (size, 50, 4) not in packed and (size, 40, 4) not in packed
+
+
+def _rows_of(layer: Any) -> Any:
+    """A ``[N, C, *S]`` layer (rows first) as a layer of one example ``[C, *S]`` or a batch."""
+    return lambda p, x, **kw: layer(p, x.unsqueeze(0), **kw).squeeze(0)
+
+
+_DOUBLE = {  # (params, batched layer, per-example layer, per-example shape)
+    "linear": (lambda: PF.init_linear(4, 3), PF.linear, PF.linear, (5, 4)),
+    "conv2d": (lambda: PF.init_conv(2, 3, (2, 2)), PF.conv2d, PF.conv2d, (2, 4, 4)),
+    "conv_transpose2d": (lambda: PF.init_conv_transpose(2, 3, (2, 2)), PF.conv_transpose2d,
+                         PF.conv_transpose2d, (2, 3, 3)),
+    "layer_norm": (lambda: PF.init_layer_norm(4), lambda p, x: PF.layer_norm(p, x, 4),
+                   lambda p, x: PF.layer_norm(p, x, 4), (5, 4)),
+    "rms_norm": (lambda: PF.init_rms_norm(4), lambda p, x: PF.rms_norm(p, x, 4),
+                 lambda p, x: PF.rms_norm(p, x, 4), (5, 4)),
+    "instance_norm": (lambda: PF.init_instance_norm(4, affine=True), PF.instance_norm,
+                      _rows_of(PF.instance_norm), (4, 5)),
+    "group_norm_weight_only": (lambda: {"weight": torch.ones(4)}, lambda p, x: PF.group_norm(p, x, 2),
+                               _rows_of(lambda p, x: PF.group_norm(p, x, 2)), (4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(_DOUBLE))
+def test_rules_input_gradient_stays_differentiable_in_the_weights(name):
+    """What the rules keep for the input gradient is the expanded param itself, so a
+    gradient of the input gradient (create_graph=True) reaches the weights, as torch's."""
+    from psgfunc.per_sample._expanded import module_call
+
+    init, batched, one, shape = _DOUBLE[name]
+    size = 2
+    params = {k: (v.to(F64) + 0.1 * torch.randn(v.shape, generator=_gen(), dtype=F64)).requires_grad_()
+              for k, v in init().items()}
+    x = torch.randn(size, *shape, generator=_gen(1), dtype=F64, requires_grad=True)
+
+    def second(y_of: Any) -> tuple[torch.Tensor, ...]:
+        y = y_of()
+        (gx,) = torch.autograd.grad((y * _weights(tuple(y.shape))).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), list(params.values()))
+
+    got = second(lambda: module_call(batched, params, size, x))
+    expected = second(lambda: torch.vmap(one, in_dims=(None, 0))(params, x))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

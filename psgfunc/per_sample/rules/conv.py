@@ -73,7 +73,7 @@ from psgfunc.functional.conv import (
     conv2d,
     conv3d,
 )
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import F64, GradKind, NormBound, RowSum, _up, emit, outer_bound
 
 __all__ = ["ConvRule", "ConvWeight", "per_sample_conv_weight_grad"]
@@ -422,23 +422,21 @@ class _ConvPerSample(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b, n, stride, padding, dilation, groups = inputs
-        # the shared weight for the input gradient; the expanded params by identity for emit
-        # (a saved tensor may come back from saved-tensor hooks as another object, without
-        # its Collector; and packing the expanded w would copy it B times)
-        ctx.save_for_backward(x, shared(w))
+        ctx.save_for_backward(x, w)
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
         ctx.has_bias = b is not None
         ctx.weight, ctx.bias = w, b
         ctx.conf = (n, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, weight = ctx.saved_tensors
-        w = ctx.weight
+        x, w = ctx.saved_tensors
         n, stride, padding, dilation, groups = ctx.conf
         size = w.shape[0]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            weight = weight.to(g.dtype)  # autocast: g's dtype
+            weight = (w[0] if size > 0 else w.new_zeros(w.shape[1:])).to(g.dtype)  # autocast: g's dtype
             gx = torch.ops.aten.convolution_backward(
                 g, x, weight, None, list(stride), list(padding), list(dilation), False,
                 [0] * len(stride), groups, [True, False, False],
@@ -447,7 +445,7 @@ class _ConvPerSample(torch.autograd.Function):
             # [B*N, ...] -> [N, B, ...]: the N rows of an example are the conv batch
             xs = x.view(size, n, *x.shape[1:]).transpose(0, 1)
             gs = g.view(size, n, *g.shape[1:]).transpose(0, 1)
-            gw = emit(w, _conv_weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
+            gw = emit(ctx.weight, _conv_weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             spatial = tuple(range(2, g.dim()))
             gb = emit(ctx.bias, _ROWSUM, g.sum(dim=spatial).view(size, n, g.shape[1]))

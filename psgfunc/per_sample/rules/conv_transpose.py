@@ -53,7 +53,7 @@ from psgfunc.functional.conv_transpose import (
     conv_transpose2d,
     conv_transpose3d,
 )
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared, shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import GradKind, NormBound, RowSum, emit, outer_bound
 
 __all__ = ["ConvTransposeRule", "ConvTransposeWeight", "per_sample_conv_transpose_weight_grad"]
@@ -271,30 +271,28 @@ class _ConvTransposePerSample(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b, n, stride, padding, output_padding, dilation, groups = inputs
-        # the shared weight for the input gradient; the expanded params by identity for emit
-        # (a saved tensor may come back from saved-tensor hooks as another object, without
-        # its Collector; and packing the expanded w would copy it B times)
-        ctx.save_for_backward(x, shared(w))
+        ctx.save_for_backward(x, w)
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
         ctx.has_bias = b is not None
         ctx.weight, ctx.bias = w, b
         ctx.conf = (n, stride, padding, output_padding, dilation, groups)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, weight = ctx.saved_tensors
-        w = ctx.weight
+        x, w = ctx.saved_tensors
         n, stride, padding, output_padding, dilation, groups = ctx.conf
         size = w.shape[0]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.aten.convolution_backward(
-                g, x, weight, None, list(stride), list(padding), list(dilation), True,
+                g, x, _first(w), None, list(stride), list(padding), list(dilation), True,
                 list(output_padding), groups, [True, False, False],
             )[0]
         if ctx.needs_input_grad[1]:
             xs = x.view(size, n, *x.shape[1:]).transpose(0, 1)  # [N, B, C_in, *S]
             gs = g.view(size, n, *g.shape[1:]).transpose(0, 1)  # [N, B, C_out, *S']
-            gw = emit(w, _weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
+            gw = emit(ctx.weight, _weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             spatial = tuple(range(2, g.dim()))
             gb = emit(ctx.bias, _ROWSUM, g.sum(dim=spatial).view(size, n, g.shape[1]))

@@ -71,24 +71,22 @@ class _LayerNormPerSample(torch.autograd.Function):
         x, w, b, shape, eps = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
-        # the shared weight and bias for the input gradient; the expanded ones by identity for
-        # emit (a saved tensor may come back from saved-tensor hooks as another object,
-        # without its Collector; and packing an expanded param would copy it B times)
-        ctx.save_for_backward(x, mean, rstd, _first(w), _first(b))
+        ctx.save_for_backward(x, mean, rstd, w, b)
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
         ctx.shape = shape
         ctx.weight, ctx.bias = w, b
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, _mean: Any, _rstd: Any) -> Any:
-        x, mean, rstd, w0, b0 = ctx.saved_tensors
-        w, b = ctx.weight, ctx.bias
+        x, mean, rstd, w, b = ctx.saved_tensors
         norm = ctx.shape
         size = x.shape[0]
         positions = math.prod(g.shape[1 : g.dim() - len(norm)])
         g3 = g.reshape(size, positions, math.prod(norm))  # [B, positions, K]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            w0, b0 = (None if p is None else p.to(x.dtype) for p in (w0, b0))
+            w0, b0 = (None if p is None else _first(p).to(x.dtype) for p in (w, b))
             gx = torch.ops.aten.native_layer_norm_backward(g, x, list(norm), mean, rstd, w0, b0,
                                                            [True, False, False])[0]
         # each example's sum over its positions, [B, 1, K]: what fast clipping records is
@@ -96,7 +94,7 @@ class _LayerNormPerSample(torch.autograd.Function):
         # other piece keeps) held until the clip factors are known
         if w is not None and ctx.needs_input_grad[1]:
             x_hat = ((x - mean) * rstd).reshape(g3.shape)
-            gw = emit(w, _rowsum(norm), (g3 * x_hat).sum(1, keepdim=True))
+            gw = emit(ctx.weight, _rowsum(norm), (g3 * x_hat).sum(1, keepdim=True))
         if b is not None and ctx.needs_input_grad[2]:
             gb = emit(ctx.bias, _rowsum(norm), g3.sum(1, keepdim=True))
         return gx, gw, gb, None, None

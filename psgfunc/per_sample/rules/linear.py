@@ -39,18 +39,17 @@ class _LinearPerSample(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b = inputs
-        ctx.save_for_backward(x, shared(w))  # not the expanded w: a hook would copy it B times
+        ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        ctx.weight, ctx.bias = w, b  # for emit: a saved tensor may come back as another object
+        ctx.weight, ctx.bias = w, b  # for emit (a saved tensor may come back as another object)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, w0 = ctx.saved_tensors
-        w = ctx.weight
+        x, w = ctx.saved_tensors
         size, out_f, in_f = w.shape
-        gx = g @ w0.to(g.dtype) if ctx.needs_input_grad[0] else None  # autocast: in g's dtype
+        gx = g @ shared(w).to(g.dtype) if ctx.needs_input_grad[0] else None  # autocast: in g's dtype
         g3, x3 = _positions(g, x, size)
-        gw = emit(w, _OUTER, g3, x3) if ctx.needs_input_grad[1] else None
+        gw = emit(ctx.weight, _OUTER, g3, x3) if ctx.needs_input_grad[1] else None
         gb = emit(ctx.bias, _ROWSUM, g3) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 

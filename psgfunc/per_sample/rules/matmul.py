@@ -242,24 +242,23 @@ class _ContractPerSample(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b, plan = inputs
-        # the shared weight for the input gradient; the expanded params by identity for emit
-        # (a saved tensor may come back from saved-tensor hooks as another object, without
-        # its Collector; and packing the expanded w would copy it B times)
-        ctx.save_for_backward(x, shared(w))
+        ctx.save_for_backward(x, w)
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
         ctx.plan, ctx.weight, ctx.bias = plan, w, b
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, w0 = ctx.saved_tensors
-        w, plan = ctx.weight, ctx.plan
+        x, w = ctx.saved_tensors
+        plan = ctx.plan
         gx = None
         if ctx.needs_input_grad[0]:
-            wm = _weight_matrix(w0, plan)
+            wm = _weight_matrix(shared(w), plan)
             gx = _grouped_mm(g, wm.transpose(1, 2)) if plan.s else g @ wm.t()
         gw = gb = None
         if ctx.needs_input_grad[1]:
             data = (x, g) if plan.x_first else (g, x)
-            gw = emit(w, plan.kind, *data)
+            gw = emit(ctx.weight, plan.kind, *data)
         if ctx.bias is not None and ctx.needs_input_grad[2]:
             gb = emit(ctx.bias, _ROWSUM, g)
         return gx, gw, gb, None

@@ -76,21 +76,20 @@ class _ScalePerSample(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x_hat, w, b = inputs
-        # the shared weight for the input gradient; the expanded params by identity for emit
-        # (a saved tensor may come back from saved-tensor hooks as another object, without
-        # its Collector; and packing the expanded w would copy it B times)
-        ctx.save_for_backward(x_hat if w is not None else None, _first(w))
+        ctx.save_for_backward(x_hat if w is not None else None, w)
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
         ctx.weight, ctx.bias = w, b
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x_hat, w0 = ctx.saved_tensors
-        w, b = ctx.weight, ctx.bias
+        x_hat, w = ctx.saved_tensors
+        b = ctx.bias
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = g if w is None else g * w0.reshape(-1, 1)
+            gx = g if w is None else g * _first(w).reshape(-1, 1)
         if w is not None and ctx.needs_input_grad[1]:
-            gw = emit(w, _DENSE, _sums(g, x_hat, w.shape))
+            gw = emit(ctx.weight, _DENSE, _sums(g, x_hat, w.shape))
         if b is not None and ctx.needs_input_grad[2]:
             gb = emit(b, _DENSE, _sums(g, None, b.shape))
         return gx, gw, gb
