@@ -21,6 +21,7 @@ from psgfunc.dp._distributed import prepare_optimizer
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
 from psgfunc.functional import _autocast
 from psgfunc.per_sample import _rows
+from psgfunc.per_sample._clip import weighted_sums
 from psgfunc.per_sample._kinds import certified_norm, leaf_pieces
 
 
@@ -284,7 +285,9 @@ class DPOptimizer(torch.optim.Optimizer):
 
         Reads ``p.grad_sample`` from every trainable parameter, then clears ``p.grad_sample``
         and ``p.grad``. If no parameter has ``grad_sample`` the micro-batch is empty (a
-        no-op).
+        no-op). With ``fast_clipping`` each parameter's recorded pieces are freed as soon as
+        its clipped sum is taken, so once the norms are known the micro-batch is consumed: if
+        a sum then fails (out of memory), it is dropped as by :meth:`zero_grad`.
 
         Returns:
             ``[B]`` per-example gradient norms before clipping, as clipping used them (with
@@ -445,16 +448,21 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         c = self.transform.max_norm
         factor = c / norms.clamp_min(c) * scale
-        summed = [leaf.weighted_sum(factor).to(p.dtype) for leaf, p in zip(leaves, params)]
-        self._add_to_sum(summed)
-        self.accumulated_examples += size
-        for p, log, d in zip(params, logs, dense):
+        # the micro-batch is consumed from here: the logs and grad_sample let go of the pieces
+        # (the leaves hold them alone), so each leaf's are freed as soon as its sum is taken
+        # (a layer's inputs and output gradients then never all outlive the sums)
+        tags = [getattr(d, "_psg_call", None) for d in dense]
+        del pieces, dense
+        for p, log, tag in zip(params, logs, tags):
             if log is not None:
                 _rows.consume(log.group)
                 log.clear()
-            _rows.consume(getattr(d, "_psg_call", None))
+            _rows.consume(tag)
             p.grad_sample = None
             p.grad = None
+        sums = weighted_sums(leaves, [factor] * len(leaves), release=True)
+        self._add_to_sum([s.to(p.dtype) for s, p in zip(sums, params)])
+        self.accumulated_examples += size
         return norms.to(leaves[0].sq_norm.dtype)
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from psgfunc.per_sample._api import _prepare
 from psgfunc.per_sample._expanded import expand_leaf
 from psgfunc.per_sample._kinds import Collector, LeafPieces, leaf_pieces
 
-__all__ = ["GradPieces", "grad_pieces"]
+__all__ = ["GradPieces", "grad_pieces", "weighted_sums"]
 
 
 class GradPieces:
@@ -52,14 +52,21 @@ class GradPieces:
         (:meth:`~psgfunc.per_sample._kinds.LeafPieces.release`), so the pass never holds all
         the pieces and all the sums at once; the pieces cannot be summed again afterwards.
         """
-        sums: list[Any] = [None] * len(self.leaves)
-        order = _release_order(self.leaves) if release else range(len(self.leaves))
         with _autocast.off():  # a caller's autocast block: the sums stay in the params' dtype
-            for i in order:
-                sums[i] = self.leaves[i].weighted_sum(factors[i])
-                if release:
-                    self.leaves[i].release()
+            sums = weighted_sums(self.leaves, factors, release=release)
         return self.prep.unflatten(sums)
+
+
+def weighted_sums(leaves: list[LeafPieces], factors: list[torch.Tensor], *, release: bool) -> list[torch.Tensor]:
+    """``leaves[i].weighted_sum(factors[i])`` for every leaf; ``release=True``: each leaf's
+    pieces are dropped as soon as its sum is taken, in :func:`_release_order` (they are freed
+    then if nothing else holds them: the caller drops its own references first)."""
+    sums: list[Any] = [None] * len(leaves)
+    for i in _release_order(leaves) if release else range(len(leaves)):
+        sums[i] = leaves[i].weighted_sum(factors[i])
+        if release:
+            leaves[i].release()
+    return sums
 
 
 def _release_order(leaves: list[LeafPieces]) -> list[int]:

@@ -199,3 +199,54 @@ def test_layer_norm_saves_its_input_not_a_normalised_copy():
     gx, gw, gb = torch.autograd.grad(y.square().sum(), [x, params["weight"], params["bias"]])
     ref = torch.autograd.grad(F.layer_norm(x, (12,), w, b).square().sum(), x)[0]
     torch.testing.assert_close(gx, ref)
+
+
+def _dp_mlp_step(release: bool, monkeypatch) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
+    """One fast-clipping ``DPOptimizer.accumulate()`` on a 3-layer MLP:
+    how many of the recorded pieces were alive at each weighted sum, the clipped sums, the
+    norms. ``release=False``: pieces are never released (the reference numbers)."""
+    import weakref
+
+    from torch import nn
+
+    import psgfunc.nn as pnn
+    from psgfunc.dp import DPOptimizer
+    from psgfunc.per_sample import _kinds
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    pnn.expand_weights(model, 5)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.5, noise_multiplier=0.0,
+                      expected_batch_size=5, fast_clipping=True)
+    x = torch.randn(5, 7, 6)
+    model(x).square().sum().backward()
+    refs = [weakref.ref(t) for p in model.parameters() for _, data, _ in opt._logs[id(p)].pieces
+            for t in data if isinstance(t, torch.Tensor) and t is not x]
+    alive: list[int] = []
+    sum_of = _kinds.LeafPieces.weighted_sum
+
+    def counted(leaf, c):
+        alive.append(sum(r() is not None for r in refs))
+        return sum_of(leaf, c)
+
+    monkeypatch.setattr(_kinds.LeafPieces, "weighted_sum", counted)
+    if not release:
+        monkeypatch.setattr(_kinds.LeafPieces, "release", lambda leaf: None)
+    norms = opt.accumulate()
+    monkeypatch.undo()
+    assert all(r() is None for r in refs)  # nothing left once accumulate() returns
+    return alive, [s.clone() for s in opt._summed], norms
+
+
+def test_dp_optimizer_fast_path_releases_pieces_leaf_by_leaf(monkeypatch):
+    """``DPOptimizer(fast_clipping=True).accumulate()`` frees each layer's pieces (its input,
+    its output gradient) once that layer's sums are taken, as ``clipped_grad_sum`` does: it
+    held them all until the last sum (the logs, the records and the leaves kept them), with
+    every sum. The sums are bit-identical to never releasing."""
+    alive, sums, norms = _dp_mlp_step(True, monkeypatch)
+    kept, ref_sums, ref_norms = _dp_mlp_step(False, monkeypatch)
+    assert len(alive) == 6 and len(set(kept)) == 1 and kept[0] > 0  # reference: all alive
+    assert alive[0] == kept[0] and alive[-1] < alive[0] / 2  # freed as the sums go
+    assert all(a >= b for a, b in zip(alive, alive[1:]))
+    assert torch.equal(norms, ref_norms)
+    assert all(torch.equal(a, b) for a, b in zip(sums, ref_sums))

@@ -423,8 +423,10 @@ class _ConvPerSample(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b, n, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(x, w)
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
         ctx.has_bias = b is not None
-        ctx.bias = b  # identity only, for emit's bookkeeping
+        ctx.weight, ctx.bias = w, b
         ctx.conf = (n, stride, padding, dilation, groups)
 
     @staticmethod
@@ -443,7 +445,7 @@ class _ConvPerSample(torch.autograd.Function):
             # [B*N, ...] -> [N, B, ...]: the N rows of an example are the conv batch
             xs = x.view(size, n, *x.shape[1:]).transpose(0, 1)
             gs = g.view(size, n, *g.shape[1:]).transpose(0, 1)
-            gw = emit(w, _conv_weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
+            gw = emit(ctx.weight, _conv_weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             spatial = tuple(range(2, g.dim()))
             gb = emit(ctx.bias, _ROWSUM, g.sum(dim=spatial).view(size, n, g.shape[1]))

@@ -272,8 +272,10 @@ class _ConvTransposePerSample(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b, n, stride, padding, output_padding, dilation, groups = inputs
         ctx.save_for_backward(x, w)
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
         ctx.has_bias = b is not None
-        ctx.bias = b  # identity only, for emit's bookkeeping
+        ctx.weight, ctx.bias = w, b
         ctx.conf = (n, stride, padding, output_padding, dilation, groups)
 
     @staticmethod
@@ -290,7 +292,7 @@ class _ConvTransposePerSample(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             xs = x.view(size, n, *x.shape[1:]).transpose(0, 1)  # [N, B, C_in, *S]
             gs = g.view(size, n, *g.shape[1:]).transpose(0, 1)  # [N, B, C_out, *S']
-            gw = emit(w, _weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
+            gw = emit(ctx.weight, _weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             spatial = tuple(range(2, g.dim()))
             gb = emit(ctx.bias, _ROWSUM, g.sum(dim=spatial).view(size, n, g.shape[1]))

@@ -149,15 +149,18 @@ class _EmbeddingPerSample(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         idx, w, padding_idx = inputs
-        ctx.save_for_backward(idx, w)
+        ctx.save_for_backward(idx)
+        # the table by identity, for emit only: a saved tensor may come back from saved-tensor
+        # hooks as another object, without its Collector (and packing it would copy it B times)
+        ctx.weight = w
         ctx.num_embeddings, ctx.padding_idx = w.shape[1], padding_idx
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        idx, w = ctx.saved_tensors
+        (idx,) = ctx.saved_tensors
         gw = None
         if ctx.needs_input_grad[1]:
-            gw = emit(w, _rows_kind(ctx.num_embeddings, ctx.padding_idx), idx, g)
+            gw = emit(ctx.weight, _rows_kind(ctx.num_embeddings, ctx.padding_idx), idx, g)
         return None, gw, None
 
 

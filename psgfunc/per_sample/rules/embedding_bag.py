@@ -148,16 +148,22 @@ class _BagPerSample(torch.autograd.Function):
         w, psw, call = inputs
         ctx.call = call
         ctx.psw_shape = None if psw is None else psw.shape
-        ctx.save_for_backward(w, output if call.mode == "max" else None)
+        # the table where the backward looks rows up (max, per_sample_weights) only: packing
+        # the expanded table would copy it B times; by identity for emit (a saved tensor may
+        # come back from saved-tensor hooks as another object, without its Collector)
+        lookups = call.mode == "max" or psw is not None
+        ctx.save_for_backward(w if lookups else None, output if call.mode == "max" else None)
+        ctx.weight = w
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        w, out = ctx.saved_tensors
+        saved, out = ctx.saved_tensors
+        w = ctx.weight
         call = ctx.call
         layout = call.layout
         gp = layout.spread(g)  # [E, T, D]
         gw = gpsw = None
-        table = _first(w)
+        table = None if saved is None else _first(saved)
         if ctx.needs_input_grad[0]:
             if call.mode == "max":
                 u = gp * layout.first_max(F.embedding(call.idx, table), out)

@@ -72,8 +72,10 @@ class _LayerNormPerSample(torch.autograd.Function):
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, mean, rstd, w, b)
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
         ctx.shape = shape
-        ctx.bias = b  # identity only, for emit's bookkeeping
+        ctx.weight, ctx.bias = w, b
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, _mean: Any, _rstd: Any) -> Any:
@@ -92,7 +94,7 @@ class _LayerNormPerSample(torch.autograd.Function):
         # other piece keeps) held until the clip factors are known
         if w is not None and ctx.needs_input_grad[1]:
             x_hat = ((x - mean) * rstd).reshape(g3.shape)
-            gw = emit(w, _rowsum(norm), (g3 * x_hat).sum(1, keepdim=True))
+            gw = emit(ctx.weight, _rowsum(norm), (g3 * x_hat).sum(1, keepdim=True))
         if b is not None and ctx.needs_input_grad[2]:
             gb = emit(ctx.bias, _rowsum(norm), g3.sum(1, keepdim=True))
         return gx, gw, gb, None, None

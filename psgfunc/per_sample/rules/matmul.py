@@ -243,7 +243,9 @@ class _ContractPerSample(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x, w, b, plan = inputs
         ctx.save_for_backward(x, w)
-        ctx.plan, ctx.bias = plan, b
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
+        ctx.plan, ctx.weight, ctx.bias = plan, w, b
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
@@ -256,7 +258,7 @@ class _ContractPerSample(torch.autograd.Function):
         gw = gb = None
         if ctx.needs_input_grad[1]:
             data = (x, g) if plan.x_first else (g, x)
-            gw = emit(w, plan.kind, *data)
+            gw = emit(ctx.weight, plan.kind, *data)
         if ctx.bias is not None and ctx.needs_input_grad[2]:
             gb = emit(ctx.bias, _ROWSUM, g)
         return gx, gw, gb, None

@@ -77,7 +77,9 @@ class _ScalePerSample(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         x_hat, w, b = inputs
         ctx.save_for_backward(x_hat if w is not None else None, w)
-        ctx.bias = b  # identity only, for emit's bookkeeping
+        # the expanded params by identity for emit too: a saved tensor may come back from
+        # saved-tensor hooks (checkpoint, offloading) as another object, without its Collector
+        ctx.weight, ctx.bias = w, b
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
@@ -87,7 +89,7 @@ class _ScalePerSample(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g if w is None else g * _first(w).reshape(-1, 1)
         if w is not None and ctx.needs_input_grad[1]:
-            gw = emit(w, _DENSE, _sums(g, x_hat, w.shape))
+            gw = emit(ctx.weight, _DENSE, _sums(g, x_hat, w.shape))
         if b is not None and ctx.needs_input_grad[2]:
             gb = emit(b, _DENSE, _sums(g, None, b.shape))
         return gx, gw, gb
