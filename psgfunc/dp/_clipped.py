@@ -9,6 +9,7 @@ per parameter. ``method="materialize"`` builds all per-sample gradients with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -88,8 +89,8 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
     dtype = leaves[0].sq_norm.dtype if leaves else torch.get_default_dtype()
     if not isinstance(checked, dict):
         norms = certified_norm(leaves)
-        if not bool(torch.isfinite(norms).all()):
-            return None, norms
+        if not math.isfinite(float(norms.sum())):  # (nonnegative norms: finite iff their sum is,
+            return None, norms  # short of an overflow, which takes the exact path too)
         return [checked / norms.clamp_min(checked)] * len(leaves), _as(norms, dtype)
     paths, _, _ = optree.tree_flatten_with_path(params)
     group_of = [path[0] for path in paths]

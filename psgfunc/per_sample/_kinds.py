@@ -411,7 +411,7 @@ class Outer(GradKind):
                 left, right = (_up(g) * c3).reshape(-1, g.shape[2]), _up(x).reshape(-1, x.shape[2])
             else:
                 left, right = _up(g).reshape(-1, g.shape[2]), (_up(x) * c3).reshape(-1, x.shape[2])
-            total = left.t() @ right if total is None else total.addmm_(left.t(), right)
+            total = torch.mm(left.t(), right) if total is None else total.addmm_(left.t(), right)
         total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
 
@@ -453,7 +453,7 @@ class RowSum(GradKind):
         for (g,) in datas:
             out = g.dtype
             if g.shape[1] == 1:  # [B] @ [B, K] -> [K]
-                s = _as(c, _acc(out)) @ _up(g).reshape(g.shape[0], g.shape[2])
+                s = torch.matmul(_as(c, _acc(out)), _up(g).reshape(g.shape[0], g.shape[2]))
             else:  # [B] @ [N, B, K] -> [N, K] -> [K]
                 s = (_as(c, _acc(out)) @ _up(g).transpose(0, 1)).sum(0)
             total = s if total is None else total + s
