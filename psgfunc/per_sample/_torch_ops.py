@@ -130,7 +130,9 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _QUIET:  # metadata (shape, dim, ...): the most frequent calls, never a rule
+        # metadata (shape, dim, ...): the most frequent calls, never a rule (not while the
+        # compiler traces: it guards lookups keyed by Tensor methods wrongly, see _rule_of)
+        if not torch.compiler.is_compiling() and func in _QUIET:
             return func(*args, **kwargs)
         rule = _rule_of(func)
         if rule is not None:
