@@ -89,9 +89,9 @@ GRID = list(itertools.product([1, 2], [False, True], [False, True], [False, True
 @pytest.fixture
 def recurrences(monkeypatch):
     """The layer/direction recurrences the rule runs, in order: ``"loop"`` for
-    :class:`_Recurrence`, ``"fused"`` for :class:`_FusedLayer` (none: the fallback served)."""
+    :class:`_Layer`, ``"fused"`` for :class:`_FusedLayer` (none: the fallback served)."""
     ran = []
-    for cls, name in ((lstm_rule._Recurrence, "loop"), (lstm_rule._FusedLayer, "fused")):
+    for cls, name in ((lstm_rule._Layer, "loop"), (lstm_rule._FusedLayer, "fused")):
         original = cls.forward
         monkeypatch.setattr(cls, "forward", staticmethod(
             lambda *a, name=name, original=original: ran.append(name) or original(*a)

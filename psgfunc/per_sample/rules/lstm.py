@@ -81,45 +81,65 @@ _NAMES = ("weight_ih", "bias_ih", "weight_hh", "bias_hh")  # _FusedLayer's order
 _FUSED_WITH_GRAD = False
 
 
-class _Recurrence(torch.autograd.Function):
-    """One layer/direction: ``x_gates [B, T, 4H] -> (out [B, T, H], h_n [B, H], c_n [B, H])``.
+class _Layer(torch.autograd.Function):
+    """One layer/direction: ``x [B, T, D] -> (out [B, T, H], h_n [B, H], c_n [B, H])``.
 
-    Inputs: ``x_gates`` (``x W_ih^T + b_ih``), ``h0``/``c0`` ``[B, H]``, the expanded
-    ``w_hh`` ``[B, 4H, H]`` and ``b_hh`` ``[B, 4H]`` (or None) whose dim 0 is shared,
-    ``mask`` ``[B, T, 1]`` bool or None, ``reverse``. The forward uses the shared ``W_hh``
-    and ``b_hh`` (``shared``: also for ``B = 0``); the backward returns the gradients of ``x_gates``, ``h0``, ``c0`` and,
-    through :func:`emit`, the per-sample gradients of ``w_hh`` and ``b_hh``.
+    Inputs: ``x``, ``h0``/``c0`` ``[B, H]``, the expanded ``w_ih [B, 4H, D]``, ``b_ih
+    [B, 4H]`` (or None), ``w_hh [B, 4H, H]``, ``b_hh`` (or None), whose dim 0 is shared,
+    ``mask`` ``[B, T, 1]`` bool or None, and ``reverse``. The forward uses the shared
+    weights (``shared``: also for ``B = 0``): the input projection of all steps is one
+    matmul written into the loop's buffer, then the loop
+    (:func:`~psgfunc.functional.lstm.direction_forward`). The backward is
+    backpropagation through time by hand and emits the pieces of all four weights from the
+    one ``dz`` (each bias's ``RowSum`` is computed once and shared by the other).
     """
 
     @staticmethod
-    def forward(ctx: Any, x_gates, h0, c0, w_hh, b_hh, mask, reverse):  # type: ignore[override]
-        dtype = _autocast.autocast_dtype(x_gates)  # autocast: the inputs are in it already
-        with _autocast.disabled(x_gates):
+    def forward(ctx, x, h0, c0, w_ih, b_ih, w_hh, b_hh, mask, reverse):  # type: ignore[override]
+        dtype = _autocast.autocast_dtype(x)  # autocast: the inputs are in it already
+        w_ih_s, w_hh_s = (_autocast.cast(shared(w), dtype) for w in (w_ih, w_hh))
+        bias = None
+        for b in (b_ih, b_hh):
+            if b is not None:
+                b = _autocast.cast(shared(b), dtype)
+                bias = b if bias is None else bias + b
+        with _autocast.disabled(x):
             out, h_n, c_n, saved = _lstm_mod.direction_forward(
-                x_gates, h0, c0, _autocast.cast(shared(w_hh), dtype), mask, reverse, True,
-                None if b_hh is None else _autocast.cast(shared(b_hh), dtype),
+                x, h0, c0, w_hh_s, mask, reverse, True, bias, w_ih=w_ih_s
             )
-        ctx.save_for_backward(h0, c0, *saved)
-        ctx.w_hh, ctx.b_hh, ctx.mask, ctx.reverse = w_hh, b_hh, mask, reverse
+        ctx.save_for_backward(x, h0, c0, *saved)
+        ctx.params, ctx.mask, ctx.reverse = (w_ih, b_ih, w_hh, b_hh), mask, reverse
         return out, h_n, c_n
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
-        h0, c0, *saved = ctx.saved_tensors
-        w_hh, b_hh = ctx.w_hh, ctx.b_hh
+        x, h0, c0, *saved = ctx.saved_tensors
+        w_ih, b_ih, w_hh, b_hh = ctx.params
         dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
-            tuple(saved), h0, c0, shared(w_hh).to(h0.dtype), ctx.mask, ctx.reverse, True, d_out, d_hn, d_cn
+            tuple(saved), h0, c0, shared(w_hh).to(h0.dtype), ctx.mask, ctx.reverse, True, d_out,
+            d_hn, d_cn,
         )
         need = ctx.needs_input_grad
-        d_w = emit(w_hh, _OUTER, dz, h_prev) if need[3] else None
-        d_b = emit(b_hh, _ROWSUM, dz) if b_hh is not None and need[4] else None
+        dx = None
+        if need[0]:  # dz @ W_ih over all rows, in dz's time-major storage order
+            batch, steps, gates4 = dz.shape
+            w = shared(w_ih).to(dz.dtype)
+            dx = (dz.transpose(0, 1).reshape(-1, gates4) @ w).view(steps, batch, w.shape[1])
+            dx = dx.transpose(0, 1)
+        d_bih = emit(b_ih, _ROWSUM, dz) if b_ih is not None and need[4] else None
+        d_bhh = None
+        if b_hh is not None and need[6]:  # the same sum over steps as b_ih's, when made
+            d_bhh = emit(b_hh, _ROWSUM, dz if d_bih is None else d_bih.unsqueeze(1))
+        # dz and h_prev stay time-major views: Outer contracts them without a copy
         return (
-            dz if need[0] else None,
+            dx,
             dh0 if need[1] else None,
             dc0 if need[2] else None,
-            d_w,
-            d_b,
+            emit(w_ih, _OUTER, dz, x) if need[3] else None,
+            d_bih,
+            emit(w_hh, _OUTER, dz, h_prev) if need[5] else None,
+            d_bhh,
             None,
             None,
         )
@@ -155,8 +175,8 @@ def _replay(
     ``bias`` (``b_ih + b_hh``, ``[4H]``, or None). Every step's pre-activation is known
     once ``hs`` is: ``z = x W_ih^T + h_prev W_hh^T + b`` is two matmuls over all ``T * B``
     rows, the gates one sigmoid over all steps; only the cell state is a scan, one
-    ``addcmul`` per step. Returns ``(act, tanh_c, hs, cs)``, all ``[B, T, *]`` views of
-    time-major buffers, as ``direction_forward`` lays them out.
+    ``addcmul`` per step. Returns ``(act, tanh_c, h_all, c_all)``, all ``[B, T(+1), *]``
+    views of time-major buffers, as ``direction_forward`` lays them out.
     """
     batch, steps, in_size = x.shape
     gates4, hidden = w_hh.shape
@@ -171,28 +191,29 @@ def _replay(
     else:
         z = torch.addmm(bias * scale[:, 0], x_tm, (w_ih * scale).t())
     z = z.view(steps, batch, gates4)
-    hs_tm, w_hh_t = hs.transpose(0, 1), (w_hh * scale).t()
-    # the carry each step started from: the neighbouring step's h (in processing order),
-    # h0 for the first step processed; written straight into z's time slices
-    first, rest = (steps - 1, slice(0, steps - 1)) if reverse else (0, slice(1, steps))
-    done = slice(1, steps) if reverse else slice(0, steps - 1)
-    if steps > 1:
-        z[rest].view(-1, gates4).addmm_(hs_tm[done].reshape(-1, hidden), w_hh_t)
-    z[first].addmm_(h0, w_hh_t)
+    # the carries with the initial one at 0 (T when reverse), as direction_forward saves them
+    h_all = hs.new_empty(steps + 1, batch, hidden)
+    c_all = torch.empty_like(h_all)
+    init = steps if reverse else 0
+    after = slice(0, steps) if reverse else slice(1, steps + 1)
+    before = slice(1, steps + 1) if reverse else slice(0, steps)
+    h_all[init], h_all[after], c_all[init] = h0, hs.transpose(0, 1), c0
+    # the carry each step started from is known for every step: one matmul over all rows
+    z.view(-1, gates4).addmm_(h_all[before].reshape(-1, hidden), (w_hh * scale).t())
     act = torch.sigmoid(z, out=z)  # [T, B, 4H]: sigma(i, f, o), and sigma(2 z_g) for now
     # -1 + 2 s by add with alpha: lerp(-1, 1, s) on the strided slice is ~10x slower
     minus_one = act.new_tensor(-1.0)
     torch.add(minus_one, act[..., sl_g], alpha=2, out=act[..., sl_g])  # tanh(z_g)
     ig = act[..., :hidden] * act[..., sl_g]
     f_t, ig_t = act[..., hidden : 2 * hidden].unbind(0), ig.unbind(0)
-    cs = torch.empty_like(ig)
+    cs = c_all[after]
     cs_t = cs.unbind(0)
     c = c0
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         c = torch.addcmul(ig_t[t], f_t[t], c, out=cs_t[t])
     tanh_c = torch.sigmoid(cs + cs)  # tanh(c) = 2 sigmoid(2 c) - 1; tanh is ~3x slower
     torch.add(minus_one, tanh_c, alpha=2, out=tanh_c)
-    return act.transpose(0, 1), tanh_c.transpose(0, 1), hs, cs.transpose(0, 1)
+    return act.transpose(0, 1), tanh_c.transpose(0, 1), h_all.transpose(0, 1), c_all.transpose(0, 1)
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -289,14 +310,8 @@ def _recurrence(
     reverse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer/direction on ``layer_in [B, T, D]``; params named ``weight_ih{sfx}`` etc."""
-    proj = {"weight": params["weight_ih" + sfx]}
-    if params.get("bias_ih" + sfx) is not None:
-        proj["bias"] = params["bias_ih" + sfx]
-    x_gates = PF.linear(proj, layer_in)  # the linear rule (batch mode): [B, T, 4H]
-    return apply_function(
-        _Recurrence,
-        x_gates, h0, c0, params["weight_hh" + sfx], params.get("bias_hh" + sfx), mask, reverse
-    )
+    tensors = (layer_in, h0, c0, *(params.get(n + sfx) for n in _NAMES))
+    return apply_function(_Layer, *tensors, mask, reverse)
 
 
 def _dropout_between_layers(layer_in: torch.Tensor, p: float) -> torch.Tensor:
