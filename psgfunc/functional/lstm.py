@@ -480,7 +480,7 @@ def direction_forward(
         # g = tanh(z_g) = -1 + 2 s; lerp(-1, 1, s) on this strided slice was ~10x slower
         torch.add(minus_one, g_t[t], alpha=2, out=g_t[t])
         if m_t is None:
-            u = torch.addcmul(f_t[t] * u, i_t[t], g_t[t], value=2, out=u_t[t])
+            u = torch.mul(f_t[t], u, out=u_t[t]).addcmul_(i_t[t], g_t[t], value=2)
             s = torch.sigmoid(u, out=tc_t[t])
             torch.add(minus_one, s, alpha=2, out=s)  # tanh(c')
             h = torch.mul(o_t[t], s, out=h_t[t])
