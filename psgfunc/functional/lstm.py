@@ -474,16 +474,17 @@ def direction_forward(
     tc_t, h_t, u_t = tanh_c.unbind(1), h_after.unbind(1), c_after.unbind(1)
     m_t = None if mask is None else mask.unbind(1)
     h, u = h0, c_all[:, first]
+    add, mul, sigmoid = torch.add, torch.mul, torch.sigmoid
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        a = a_t[t].addmm_(h, w_t)
+        a, g = a_t[t].addmm_(h, w_t), g_t[t]
         a.sigmoid_()  # sigma(i, f, o), sigma(2 z_g)
         # g = tanh(z_g) = -1 + 2 s; lerp(-1, 1, s) on this strided slice was ~10x slower
-        torch.add(minus_one, g_t[t], alpha=2, out=g_t[t])
+        add(minus_one, g, alpha=2, out=g)
         if m_t is None:
-            u = torch.mul(f_t[t], u, out=u_t[t]).addcmul_(i_t[t], g_t[t], value=2)
-            s = torch.sigmoid(u, out=tc_t[t])
-            torch.add(minus_one, s, alpha=2, out=s)  # tanh(c')
-            h = torch.mul(o_t[t], s, out=h_t[t])
+            u = mul(f_t[t], u, out=u_t[t]).addcmul_(i_t[t], g, value=2)
+            s = sigmoid(u, out=tc_t[t])
+            add(minus_one, s, alpha=2, out=s)  # tanh(c')
+            h = mul(o_t[t], s, out=h_t[t])
         else:
             valid = m_t[t]
             u_new = torch.addcmul(f_t[t] * u, i_t[t], g_t[t], value=2)
@@ -570,16 +571,18 @@ def direction_backward(
     dc = dc.unsqueeze(1)
     if keep_t is None:
         torch.add(dh, dout_t[order[0]], out=dh2)
-        for n, t in enumerate(order):
-            dc = torch.addcmul(dc, dh3, k_t[t])
-            torch.mul(p3_t[t], dc, out=dz3_t[t])
-            torch.mul(po_t[t], dh3, out=dzo_t[t])
+        addcmul, mul, addmm = torch.addcmul, torch.mul, torch.addmm
+        for t, t_next in zip(order, order[1:]):
+            dc = addcmul(dc, dh3, k_t[t])
+            mul(p3_t[t], dc, out=dz3_t[t])
+            mul(po_t[t], dh3, out=dzo_t[t])
             dc = dc * f_t[t]
-            if n + 1 < steps:
-                torch.addmm(dout_t[order[n + 1]], dz_t[t], w_hh, out=dh2)
-            else:
-                dh = torch.mm(dz_t[t], w_hh)
-        return dz, h_prev, dh, dc.squeeze(1)
+            addmm(dout_t[t_next], dz_t[t], w_hh, out=dh2)
+        t = order[-1]
+        dc = addcmul(dc, dh3, k_t[t])
+        mul(p3_t[t], dc, out=dz3_t[t])
+        mul(po_t[t], dh3, out=dzo_t[t])
+        return dz, h_prev, torch.mm(dz_t[t], w_hh), (dc * f_t[t]).squeeze(1)
     dh = dh.unsqueeze(1)
     for t in order:
         torch.addcmul(dout_t[t].unsqueeze(1), dh, keep_t[t], out=dh3)
