@@ -1,18 +1,18 @@
 """Rules for :func:`psgfunc.functional.lstm` and :func:`psgfunc.functional.lstm_cell`.
 
-A weight used at every time step must not cost a ``[B, 4H, H]`` tensor per step. So, for
-each layer and direction:
+A weight used at every time step must not cost a ``[B, 4H, H]`` tensor per step. So each
+layer and direction is one ``autograd.Function`` (:class:`_Layer`) with the shared weights:
 
-* ``W_ih``, ``b_ih``: the input projection of all ``T`` steps is one call of the linear rule,
-  ``x [B, T, D] -> x W_ih^T + b_ih [B, T, 4H]``, whose backward contracts over time:
-  ``dW_ih[b] = sum_t dz[b, t]^T x[b, t]`` in one batched product (Goodfellow 2015).
-* ``W_hh``, ``b_hh``: the recurrence is one ``autograd.Function`` (:class:`_Recurrence`)
-  whose forward runs the loop with the one shared ``W_hh`` and whose backward is
-  backpropagation through time by hand. It collects the gate gradients ``dz [B, T, 4H]``
-  and the hidden states each step started from, ``h_prev [B, T, H]``, and only then emits
-  ``dW_hh[b] = sum_t dz[b, t]^T h_prev[b, t]`` (:class:`~psgfunc.per_sample._kinds.Outer`)
-  and ``db_hh[b] = sum_t dz[b, t]`` (``RowSum``): once per layer and direction, one
-  contraction over time. Under fast clipping the same pieces give the norms in Gram form.
+* the forward computes the input projection of all ``T`` steps, ``x W_ih^T + b_ih + b_hh``,
+  as one matmul over the ``B * T`` rows, written straight into the loop's time-major buffer,
+  then runs the recurrence with the one shared ``W_hh``;
+* the backward is backpropagation through time by hand. It collects the gate gradients
+  ``dz [B, T, 4H]`` and the hidden states each step started from, ``h_prev [B, T, H]``, and
+  only then emits, once per layer and direction, one contraction over time per weight:
+  ``dW_ih[b] = sum_t dz[b, t]^T x[b, t]`` and ``dW_hh[b] = sum_t dz[b, t]^T h_prev[b, t]``
+  (:class:`~psgfunc.per_sample._kinds.Outer`, Goodfellow 2015) and ``db[b] = sum_t dz[b, t]``
+  (``RowSum``) for both biases, summed once and shared when both are materialised. Under
+  fast clipping the same pieces give the norms in Gram form.
 
 Padded steps (``lengths``) have exactly zero ``dz``, so they add nothing to any gradient.
 Dropout between layers is ``F.dropout`` on the time-major layer output, as the plain layer
@@ -21,7 +21,7 @@ Dropout between layers is ``F.dropout`` on the time-major layer output, as the p
 example's mask, ``"same"`` one mask for all, ``"error"`` raises ``ValueError``).
 
 The loops themselves are :func:`psgfunc.functional.lstm.direction_forward` /
-``direction_backward``, shared with the plain layer. The backward of :class:`_Recurrence`
+``direction_backward``, shared with the plain layer. The backward of :class:`_Layer`
 is not differentiable again (``once_differentiable``), like every expanded rule.
 
 A layer without ``lengths`` can instead run as :class:`_FusedLayer`: the forward is one call
@@ -226,7 +226,7 @@ class _FusedLayer(torch.autograd.Function):
     time), which saves nothing the backward could use. The backward recomputes the gate
     activations and cell states from the saved ``hs`` (:func:`_replay`), runs
     :func:`~psgfunc.functional.lstm.direction_backward` and emits the pieces of all four
-    weights, the same pieces the linear rule and :class:`_Recurrence` emit.
+    weights, the same pieces :class:`_Layer` emits.
     """
 
     @staticmethod
@@ -292,7 +292,7 @@ def _direction(
     """One layer/direction of :func:`lstm` (``layer_in [B, T, D] -> out [B, T, H], h_n,
     c_n [B, H]``): :class:`_FusedLayer` when there is no mask, nothing is empty and either
     no gradient will be taken or ``_FUSED_WITH_GRAD`` is set; else the projection and
-    :class:`_Recurrence` (:func:`_recurrence`). Both give the same values and gradients."""
+    :class:`_Layer` (:func:`_recurrence`). Both give the same values and gradients."""
     tensors = (layer_in, h0, c0, *(params.get(n + sfx) for n in _NAMES))
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if (grads and not _FUSED_WITH_GRAD) or mask is not None or 0 in layer_in.shape[:2]:
@@ -507,7 +507,7 @@ class LSTMRule(Rule):
     ) -> Any:
         """One example ``x [T, D]`` without ``lengths``: each layer and direction adds its tap
         to the gate pre-activations ``[T, 4H]`` (whose gradient is every step's ``dz``) and
-        keeps its input and ``h_prev``: the pieces of :meth:`_Recurrence.backward`'s emits."""
+        keeps its input and ``h_prev``: the pieces of :meth:`_Layer.backward`'s emits."""
         index = {k: tap.index(v) for k, v in params.items() if v is not None}
         if lengths is not None or not isinstance(x, torch.Tensor) or x.dim() != 2 or None in index.values():
             return NotImplemented
@@ -540,9 +540,9 @@ class LSTMRule(Rule):
 class LSTMCellRule(Rule):
     """Per-sample rule of :func:`psgfunc.functional.lstm_cell` (batch dim 0 everywhere).
 
-    The step is :class:`_Recurrence` with ``T = 1``: ``W_ih``/``b_ih`` through the linear
-    rule, ``W_hh``/``b_hh`` emitted by the recurrence's backward. A cell called in a user's
-    loop therefore pays one ``[B, 4H, H]`` per call for each weight; :func:`lstm` does not.
+    The step is :class:`_Layer` with ``T = 1``, whose backward emits the pieces of all four
+    weights. A cell called in a user's loop therefore pays one ``[B, 4H, H]`` per call for
+    each weight; :func:`lstm` does not.
     """
 
     def batched(self, params, carry, x):  # type: ignore[override]
