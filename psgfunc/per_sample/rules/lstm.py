@@ -81,6 +81,16 @@ _NAMES = ("weight_ih", "bias_ih", "weight_hh", "bias_hh")  # _FusedLayer's order
 _FUSED_WITH_GRAD = False
 
 
+def _bias_grads(b_ih: Any, b_hh: Any, need_ih: bool, need_hh: bool, dz: torch.Tensor) -> tuple[Any, Any]:
+    """The emits of both biases (``RowSum`` of ``dz [B, T, 4H]``): when ``b_ih``'s is
+    materialised, ``b_hh``'s sums that result (one step) instead of ``dz`` again."""
+    d_bih = emit(b_ih, _ROWSUM, dz) if b_ih is not None and need_ih else None
+    d_bhh = None
+    if b_hh is not None and need_hh:
+        d_bhh = emit(b_hh, _ROWSUM, dz if d_bih is None else d_bih.unsqueeze(1))
+    return d_bih, d_bhh
+
+
 class _Layer(torch.autograd.Function):
     """One layer/direction: ``x [B, T, D] -> (out [B, T, H], h_n [B, H], c_n [B, H])``.
 
@@ -127,10 +137,7 @@ class _Layer(torch.autograd.Function):
             w = shared(w_ih).to(dz.dtype)
             dx = (dz.transpose(0, 1).reshape(-1, gates4) @ w).view(steps, batch, w.shape[1])
             dx = dx.transpose(0, 1)
-        d_bih = emit(b_ih, _ROWSUM, dz) if b_ih is not None and need[4] else None
-        d_bhh = None
-        if b_hh is not None and need[6]:  # the same sum over steps as b_ih's, when made
-            d_bhh = emit(b_hh, _ROWSUM, dz if d_bih is None else d_bih.unsqueeze(1))
+        d_bih, d_bhh = _bias_grads(b_ih, b_hh, need[4], need[6], dz)
         # dz and h_prev stay time-major views: Outer contracts them without a copy
         return (
             dx,
@@ -266,16 +273,17 @@ class _FusedLayer(torch.autograd.Function):
         if need[0]:  # dz @ W_ih over all rows, in dz's time-major storage order
             batch, steps, gates4 = dz.shape
             dx = (dz.transpose(0, 1).reshape(-1, gates4) @ w_ih_x)
-            dx = dx.view(steps, batch, -1).transpose(0, 1)
+            dx = dx.view(steps, batch, w_ih_x.shape[1]).transpose(0, 1)
+        d_bih, d_bhh = _bias_grads(b_ih, b_hh, need[4], need[6], dz)
         # dz stays the time-major view: Outer.weighted_sum contracts it without a copy
         return (
             dx,
             dh0 if need[1] else None,
             dc0 if need[2] else None,
             emit(w_ih, _OUTER, dz, x) if need[3] else None,
-            emit(b_ih, _ROWSUM, dz) if b_ih is not None and need[4] else None,
+            d_bih,
             emit(w_hh, _OUTER, dz, h_prev) if need[5] else None,
-            emit(b_hh, _ROWSUM, dz) if b_hh is not None and need[6] else None,
+            d_bhh,
             None,
         )
 
