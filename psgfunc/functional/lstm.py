@@ -407,13 +407,15 @@ def direction_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """One layer and direction of the LSTM over a batch, without autograd.
 
-    The loop does one in-place ``addmm`` and seven small elementwise ops per step (with a
-    mask, two more) and writes every intermediate the backward needs into preallocated
+    The loop does one in-place ``addmm`` and six small elementwise ops per step (with a
+    mask, three more) and writes every intermediate the backward needs into preallocated
     ``[B, T, *]`` buffers whose per-step views are made up front, outside the loop. Two
     identities keep the slow ``tanh`` out of it: ``tanh(z) = 2 sigma(2 z) - 1``, with the
     ``g`` rows of the pre-activation doubled (exactly) up front so that one sigmoid covers
-    all four gates, and ``tanh(c) = 2 sigma(u) - 1`` with ``u = 2 c`` carried instead of
-    ``c`` (``u' = f u + 2 i g``; halved, exactly, after the loop).
+    all four gates, and ``tanh(c) = 1 - 2 sigma(v)`` with ``v = -2 c`` carried instead of
+    ``c`` (``v' = f v - 2 i g``; scaled back, exactly, after the loop), so that
+    ``h' = o - 2 o sigma(v')`` is one ``addcmul`` (and ``tanh(c')`` for the backward is one
+    op over all steps after the loop).
 
     Args:
         x_gates: ``[B, T, 4H]``, ``x W_ih^T`` plus both biases, any strides.
@@ -459,40 +461,39 @@ def direction_forward(
         torch.mul(x_gates, scale, out=act)
     else:
         torch.addcmul(bias * scale, x_gates, scale, out=act)
-    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)
+    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # sigma(v) in the loop
     h_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
-    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)  # u = 2 c in the loop
+    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)  # v = -2 c in the loop
     first = steps if reverse else 0
     h_all[:, first] = h0
-    torch.add(c0, c0, out=c_all[:, first])
+    torch.mul(c0, -2, out=c_all[:, first])
     minus_one = x_gates.new_tensor(-1.0)
     _, h_after = _carries(h_all, reverse)
     _, c_after = _carries(c_all, reverse)
     a_t, g_t = act.unbind(1), act[..., sl_g].unbind(1)
     i_t, f_t = act[..., :hidden].unbind(1), act[..., hidden : 2 * hidden].unbind(1)
     o_t = act[..., 3 * hidden :].unbind(1)
-    tc_t, h_t, u_t = tanh_c.unbind(1), h_after.unbind(1), c_after.unbind(1)
+    tc_t, h_t, v_t = tanh_c.unbind(1), h_after.unbind(1), c_after.unbind(1)
     m_t = None if mask is None else mask.unbind(1)
-    h, u = h0, c_all[:, first]
-    add, mul, sigmoid = torch.add, torch.mul, torch.sigmoid
+    h, v = h0, c_all[:, first]
+    add, addcmul, mul, sigmoid = torch.add, torch.addcmul, torch.mul, torch.sigmoid
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         a, g = a_t[t].addmm_(h, w_t), g_t[t]
         a.sigmoid_()  # sigma(i, f, o), sigma(2 z_g)
         # g = tanh(z_g) = -1 + 2 s; lerp(-1, 1, s) on this strided slice was ~10x slower
         add(minus_one, g, alpha=2, out=g)
         if m_t is None:
-            u = mul(f_t[t], u, out=u_t[t]).addcmul_(i_t[t], g, value=2)
-            s = sigmoid(u, out=tc_t[t])
-            add(minus_one, s, alpha=2, out=s)  # tanh(c')
-            h = mul(o_t[t], s, out=h_t[t])
+            v = mul(f_t[t], v, out=v_t[t]).addcmul_(i_t[t], g, value=-2)  # -2 c'
+            s = sigmoid(v, out=tc_t[t])
+            h = addcmul(o_t[t], o_t[t], s, value=-2, out=h_t[t])  # o (1 - 2 s) = o tanh(c')
         else:
             valid = m_t[t]
-            u_new = torch.addcmul(f_t[t] * u, i_t[t], g_t[t], value=2)
-            s = torch.sigmoid(u_new, out=tc_t[t])
-            torch.add(minus_one, s, alpha=2, out=s)
-            h = torch.where(valid, o_t[t] * s, h, out=h_t[t])
-            u = torch.where(valid, u_new, u, out=u_t[t])
-    c_all.mul_(0.5)  # u -> c, exact
+            v_new = addcmul(f_t[t] * v, i_t[t], g, value=-2)
+            s = sigmoid(v_new, out=tc_t[t])
+            h = torch.where(valid, addcmul(o_t[t], o_t[t], s, value=-2), h, out=h_t[t])
+            v = torch.where(valid, v_new, v, out=v_t[t])
+    c_all.mul_(-0.5)  # v -> c, exact
+    torch.add(-minus_one, tanh_c, alpha=-2, out=tanh_c)  # 1 - 2 sigma(-2 c) = tanh(c)
     last = 0 if reverse else steps
     out = h_after if mask is None else h_after.masked_fill(~mask, 0)
     return out, h_all[:, last].clone(), c_all[:, last].clone(), (act, tanh_c, h_all, c_all)
