@@ -385,6 +385,15 @@ def _bt_buffer(like: torch.Tensor, batch: int, steps: int, size: int, time_major
     return like.new_empty(batch, steps, size)
 
 
+def _carries(all_: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``all_ [B, T+1, H]`` (the initial carry at ``0``, or at ``T`` when ``reverse``) ->
+    ``(previous, after)``, both ``[B, T, H]`` views: the carry each step started from and
+    the carry it left."""
+    steps = all_.shape[1] - 1
+    first, rest = all_[:, :steps], all_[:, 1:]
+    return (rest, first) if reverse else (first, rest)
+
+
 def direction_forward(
     x_gates: torch.Tensor,
     h0: torch.Tensor,
@@ -394,12 +403,19 @@ def direction_forward(
     reverse: bool,
     time_major: bool,
     bias: torch.Tensor | None = None,
+    w_ih: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """One layer and direction of the LSTM over a batch, without autograd.
 
-    The loop does one ``addmm`` and six elementwise ops per step (one more with a mask)
-    and writes every intermediate the backward needs into preallocated ``[B, T, *]``
-    buffers; the per-step views of those buffers are made up front, outside the loop.
+    The loop does one in-place ``addmm`` and six small elementwise ops per step (with a
+    mask, three more) and writes every intermediate the backward needs into preallocated
+    ``[B, T, *]`` buffers whose per-step views are made up front, outside the loop. Two
+    identities keep the slow ``tanh`` out of it: ``tanh(z) = 2 sigma(2 z) - 1``, with the
+    ``g`` rows of the pre-activation doubled (exactly) up front so that one sigmoid covers
+    all four gates, and ``tanh(c) = 1 - 2 sigma(v)`` with ``v = -2 c`` carried instead of
+    ``c`` (``v' = f v - 2 i g``; scaled back, exactly, after the loop), so that
+    ``h' = o - 2 o sigma(v')`` is one ``addcmul`` (and ``tanh(c')`` for the backward is one
+    op over all steps after the loop).
 
     Args:
         x_gates: ``[B, T, 4H]``, ``x W_ih^T`` plus both biases, any strides.
@@ -409,65 +425,78 @@ def direction_forward(
         reverse: run from ``t = T - 1`` down to 0.
         time_major: store the buffers as ``[T, B, *]`` (then the returned ``[B, T, *]``
             views have contiguous per-step slices and transpose to contiguous time-major).
-            Per-step slices with a row stride are slow for some ops (``tanh``), so the
-            loops are meant to run with ``time_major=True``.
+            Per-step slices with a row stride are slow for some ops, so the loops are meant
+            to run with ``time_major=True``.
         bias: ``[4H]`` added to ``x_gates`` (e.g. ``b_hh``), or None.
+        w_ih: ``[4H, D]``, or None. If given, ``x_gates`` is the layer's input ``x [B, T,
+            D]`` and the input part of the pre-activations, ``x W_ih^T + bias``, is one
+            matmul over all ``B * T`` rows, written straight into the loop's buffer.
 
     Returns:
         ``(out [B, T, H], h_n [B, H], c_n [B, H], saved)``; ``out`` is zero at masked steps,
-        where the carry is held; ``saved`` is for :func:`direction_backward`.
+        where the carry is held; ``saved`` is for :func:`direction_backward`: ``(act [B, T,
+        4H], tanh_c [B, T, H], h_all, c_all [B, T+1, H])``, the gates (``i, f, o`` after
+        the sigmoid, ``g`` after the tanh), ``tanh`` of each step's new cell state, and the
+        carries with the initial one at index 0 (``T`` when ``reverse``; see
+        :func:`_carries`).
     """
-    batch, steps, gates4 = x_gates.shape
-    hidden = gates4 // 4
-    act = _bt_buffer(x_gates, batch, steps, gates4, time_major)  # sigma(i, f, o), tanh(g)
-    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)
-    hs = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # carry h after each step
-    cs = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # carry c after each step
-    # tanh(z) = 2 sigmoid(2 z) - 1: one sigmoid over all four gates, with the g rows of
-    # the pre-activation doubled (exactly) up front; tanh on the strided g slice is slow.
+    batch, steps = x_gates.shape[:2]
+    gates4, hidden = w_hh.shape
     sl_g = slice(2 * hidden, 3 * hidden)
     scale = x_gates.new_ones(gates4)
     scale[sl_g] = 2
     w_t = (w_hh * scale.unsqueeze(1)).t()
-    minus_one = x_gates.new_tensor(-1.0)
-    xs = _bt_buffer(x_gates, batch, steps, gates4, time_major)
-    if bias is None:
-        torch.mul(x_gates, scale, out=xs)
+    # act holds the scaled input part of the pre-activations, then (in place, step by step)
+    # the pre-activations and the gates
+    act = _bt_buffer(x_gates, batch, steps, gates4, time_major)
+    if w_ih is not None:
+        w_s, b_s = (w_ih * scale.unsqueeze(1)).t(), None if bias is None else bias * scale
+        if time_major:  # [T*B, D] @ [D, 4H] into the time-major buffer
+            x_tm = x_gates.transpose(0, 1).reshape(steps * batch, w_ih.shape[1])
+            flat = act.transpose(0, 1).view(steps * batch, gates4)
+            torch.mm(x_tm, w_s, out=flat) if b_s is None else torch.addmm(b_s, x_tm, w_s, out=flat)
+        else:
+            act.copy_(F.linear(x_gates, w_s.t(), b_s))
+    elif bias is None:
+        torch.mul(x_gates, scale, out=act)
     else:
-        torch.addcmul(bias * scale, x_gates, scale, out=xs)
-    xg_t, a_t, z_g_t = xs.unbind(1), act.unbind(1), act[..., sl_g].unbind(1)
+        torch.addcmul(bias * scale, x_gates, scale, out=act)
+    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # sigma(v) in the loop
+    h_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
+    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)  # v = -2 c in the loop
+    first = steps if reverse else 0
+    h_all[:, first] = h0
+    torch.mul(c0, -2, out=c_all[:, first])
+    minus_one = x_gates.new_tensor(-1.0)
+    _, h_after = _carries(h_all, reverse)
+    _, c_after = _carries(c_all, reverse)
+    a_t, g_t = act.unbind(1), act[..., sl_g].unbind(1)
     i_t, f_t = act[..., :hidden].unbind(1), act[..., hidden : 2 * hidden].unbind(1)
     o_t = act[..., 3 * hidden :].unbind(1)
-    tc_t, h_t, c_t = tanh_c.unbind(1), hs.unbind(1), cs.unbind(1)
+    tc_t, h_t, v_t = tanh_c.unbind(1), h_after.unbind(1), c_after.unbind(1)
     m_t = None if mask is None else mask.unbind(1)
-    h, c = h0, c0
+    h, v = h0, c_all[:, first]
+    add, addcmul, mul, sigmoid = torch.add, torch.addcmul, torch.mul, torch.sigmoid
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        gates = torch.addmm(xg_t[t], h, w_t)
-        torch.sigmoid(gates, out=a_t[t])
-        # tanh(z_g) = -1 + 2 s; lerp(-1, 1, s) on this strided slice was ~10x slower
-        torch.add(minus_one, z_g_t[t], alpha=2, out=z_g_t[t])
+        a, g = a_t[t].addmm_(h, w_t), g_t[t]
+        a.sigmoid_()  # sigma(i, f, o), sigma(2 z_g)
+        # g = tanh(z_g) = -1 + 2 s; lerp(-1, 1, s) on this strided slice was ~10x slower
+        add(minus_one, g, alpha=2, out=g)
         if m_t is None:
-            c = torch.addcmul(f_t[t] * c, i_t[t], z_g_t[t], out=c_t[t])
-            torch.tanh(c, out=tc_t[t])
-            h = torch.mul(o_t[t], tc_t[t], out=h_t[t])
+            v = mul(f_t[t], v, out=v_t[t]).addcmul_(i_t[t], g, value=-2)  # -2 c'
+            s = sigmoid(v, out=tc_t[t])
+            h = addcmul(o_t[t], o_t[t], s, value=-2, out=h_t[t])  # o (1 - 2 s) = o tanh(c')
         else:
-            c_new = torch.addcmul(f_t[t] * c, i_t[t], z_g_t[t])
-            torch.tanh(c_new, out=tc_t[t])
-            h = torch.where(m_t[t], o_t[t] * tc_t[t], h, out=h_t[t])
-            c = torch.where(m_t[t], c_new, c, out=c_t[t])
-    out = hs if mask is None else hs.masked_fill(~mask, 0)
-    return out, h.clone(), c.clone(), (act, tanh_c, hs, cs)
-
-
-def _previous(carries: torch.Tensor, first: torch.Tensor, reverse: bool, time_major: bool) -> torch.Tensor:
-    """``[B, T, H]``: the carry each step started from (``first`` for the first step)."""
-    if time_major:
-        tm, f = carries.transpose(0, 1), first.unsqueeze(0)
-        parts = [tm[1:], f] if reverse else [f, tm[:-1]]
-        return torch.cat(parts, 0).transpose(0, 1)
-    f = first.unsqueeze(1)
-    parts = [carries[:, 1:], f] if reverse else [f, carries[:, :-1]]
-    return torch.cat(parts, 1)
+            valid = m_t[t]
+            v_new = addcmul(f_t[t] * v, i_t[t], g, value=-2)
+            s = sigmoid(v_new, out=tc_t[t])
+            h = torch.where(valid, addcmul(o_t[t], o_t[t], s, value=-2), h, out=h_t[t])
+            v = torch.where(valid, v_new, v, out=v_t[t])
+    c_all.mul_(-0.5)  # v -> c, exact
+    torch.add(-minus_one, tanh_c, alpha=-2, out=tanh_c)  # 1 - 2 sigma(-2 c) = tanh(c)
+    last = 0 if reverse else steps
+    out = h_after if mask is None else h_after.masked_fill(~mask, 0)
+    return out, h_all[:, last].clone(), c_all[:, last].clone(), (act, tanh_c, h_all, c_all)
 
 
 def direction_backward(
@@ -498,18 +527,18 @@ def direction_backward(
         ``(dz [B, T, 4H], h_prev [B, T, H], dh0 [B, H], dc0 [B, H])``: ``dz`` is the gradient
         of the gate pre-activations (so of ``x_gates``; a bias gets ``dz`` summed over
         steps), and the gradient of ``W_hh`` is ``sum_t dz_t^T h_prev_t`` (per example, or
-        summed over the batch too).
+        summed over the batch too); ``h_prev`` is a view of the saved carries.
     """
-    act, tanh_c, hs, cs = saved
+    act, tanh_c, h_all, c_all = saved
     batch, steps, gates4 = act.shape
     hidden = gates4 // 4
     dh = torch.zeros_like(h0) if d_hn is None else d_hn
     dc = torch.zeros_like(c0) if d_cn is None else d_cn
     dz = _bt_buffer(act, batch, steps, gates4, time_major)
+    h_prev, _ = _carries(h_all, reverse)
     if steps == 0:
-        return dz, _bt_buffer(act, batch, 0, hidden, time_major), dh, dc
-    h_prev = _previous(hs, h0, reverse, time_major)
-    c_prev = _previous(cs, c0, reverse, time_major)
+        return dz, h_prev, dh, dc
+    c_prev, _ = _carries(c_all, reverse)
     sl_i, sl_f = slice(0, hidden), slice(hidden, 2 * hidden)
     sl_g, sl_o = slice(2 * hidden, 3 * hidden), slice(3 * hidden, gates4)
     i, g, o = act[..., sl_i], act[..., sl_g], act[..., sl_o]
@@ -523,39 +552,47 @@ def direction_backward(
     p[..., sl_o].mul_(tanh_c)
     k = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)
     if d_out is None:
-        d_out = torch.zeros_like(hs)
+        d_out = torch.zeros_like(tanh_c)
     keep_t = hold_t = None
     if mask is not None:
         p = p.masked_fill(~mask, 0)
         keep = mask.to(act.dtype)
         d_out = d_out * keep
-        keep_t, hold_t = keep.unbind(1), (1 - keep).unbind(1)
+        keep_t, hold_t = keep.unsqueeze(2).unbind(1), (1 - keep).unsqueeze(2).unbind(1)
+    # [B, 1, H] views throughout, so dc broadcasts over the i, f, g rows of dz [B, 3, H]
     p4 = p.unflatten(-1, (4, hidden))
     dz4 = dz.unflatten(-1, (4, hidden))
-    p3_t, po_t = p4[:, :, :3].unbind(1), p4[:, :, 3].unbind(1)
-    dz_t, dz3_t, dzo_t = dz.unbind(1), dz4[:, :, :3].unbind(1), dz4[:, :, 3].unbind(1)
-    k_t, f_t, dout_t = k.unbind(1), act[..., sl_f].unbind(1), d_out.unbind(1)
+    p3_t, po_t = p4[:, :, :3].unbind(1), p4[:, :, 3:].unbind(1)
+    dz_t, dz3_t, dzo_t = dz.unbind(1), dz4[:, :, :3].unbind(1), dz4[:, :, 3:].unbind(1)
+    k_t, f_t = k.unsqueeze(2).unbind(1), act[..., sl_f].unsqueeze(2).unbind(1)
+    dout_t = d_out.unbind(1)
     order = list(range(steps) if reverse else range(steps - 1, -1, -1))
+    dh3 = act.new_empty(batch, 1, hidden)  # dh' of the step being processed
+    dh2 = dh3.view(batch, hidden)
+    dc = dc.unsqueeze(1)
     if keep_t is None:
-        dh_c = dh + dout_t[order[0]]  # dh' of the step being processed
-        for n, t in enumerate(order):
-            dc = torch.addcmul(dc, dh_c, k_t[t])
-            torch.mul(p3_t[t], dc.unsqueeze(1), out=dz3_t[t])
-            torch.mul(po_t[t], dh_c, out=dzo_t[t])
+        torch.add(dh, dout_t[order[0]], out=dh2)
+        addcmul, mul, addmm = torch.addcmul, torch.mul, torch.addmm
+        for t, t_next in zip(order, order[1:]):
+            dc = addcmul(dc, dh3, k_t[t])
+            mul(p3_t[t], dc, out=dz3_t[t])
+            mul(po_t[t], dh3, out=dzo_t[t])
             dc = dc * f_t[t]
-            if n + 1 < steps:
-                dh_c = torch.addmm(dout_t[order[n + 1]], dz_t[t], w_hh)
-            else:
-                dh = torch.mm(dz_t[t], w_hh)
-        return dz, h_prev, dh, dc
+            addmm(dout_t[t_next], dz_t[t], w_hh, out=dh2)
+        t = order[-1]
+        dc = addcmul(dc, dh3, k_t[t])
+        mul(p3_t[t], dc, out=dz3_t[t])
+        mul(po_t[t], dh3, out=dzo_t[t])
+        return dz, h_prev, torch.mm(dz_t[t], w_hh), (dc * f_t[t]).squeeze(1)
+    dh = dh.unsqueeze(1)
     for t in order:
-        dh_c, dc_c = torch.addcmul(dout_t[t], dh, keep_t[t]), dc * keep_t[t]
-        dc_tot = torch.addcmul(dc_c, dh_c, k_t[t])
-        torch.mul(p3_t[t], dc_tot.unsqueeze(1), out=dz3_t[t])
-        torch.mul(po_t[t], dh_c, out=dzo_t[t])
-        dh = torch.mm(dz_t[t], w_hh).addcmul_(dh, hold_t[t])
+        torch.addcmul(dout_t[t].unsqueeze(1), dh, keep_t[t], out=dh3)
+        dc_tot = torch.addcmul(dc * keep_t[t], dh3, k_t[t])
+        torch.mul(p3_t[t], dc_tot, out=dz3_t[t])
+        torch.mul(po_t[t], dh3, out=dzo_t[t])
+        dh = torch.mm(dz_t[t], w_hh).unsqueeze(1).addcmul_(dh, hold_t[t])
         dc = (dc_tot * f_t[t]).addcmul_(dc, hold_t[t])
-    return dz, h_prev, dh, dc
+    return dz, h_prev, dh.squeeze(1), dc.squeeze(1)
 
 
 class _FusedDirection(torch.autograd.Function):

@@ -89,9 +89,9 @@ GRID = list(itertools.product([1, 2], [False, True], [False, True], [False, True
 @pytest.fixture
 def recurrences(monkeypatch):
     """The layer/direction recurrences the rule runs, in order: ``"loop"`` for
-    :class:`_Recurrence`, ``"fused"`` for :class:`_FusedLayer` (none: the fallback served)."""
+    :class:`_Layer`, ``"fused"`` for :class:`_FusedLayer` (none: the fallback served)."""
     ran = []
-    for cls, name in ((lstm_rule._Recurrence, "loop"), (lstm_rule._FusedLayer, "fused")):
+    for cls, name in ((lstm_rule._Layer, "loop"), (lstm_rule._FusedLayer, "fused")):
         original = cls.forward
         monkeypatch.setattr(cls, "forward", staticmethod(
             lambda *a, name=name, original=original: ran.append(name) or original(*a)
@@ -121,6 +121,22 @@ def test_expanded_equals_vmap_and_oracle(num_layers, bidirectional, lengths, sta
     assert list(grads) == list(params)
     if lengths:  # the example of length 0 has no parameter gradient at all
         assert all(bool(torch.all(g[2] == 0)) for g in grads.values())
+
+
+@pytest.mark.parametrize("lengths", [False, True])
+def test_both_biases_share_one_sum_without_aliasing(lengths):
+    """``b_ih`` and ``b_hh`` get the same per-sample gradient (the layer sums ``dz`` over
+    steps once for both): equal to the oracle's, bitwise equal to each other, and two
+    separate tensors (writing into one leaves the other alone)."""
+    fn = sequence_loss(1, True)
+    params = lstm_params(1, True)
+    batch = sequence_batch(1, True, lengths, False)
+    got = check_both_methods(fn, params, *batch)
+    for sfx in ("_l0", "_l0_reverse"):
+        g_ih, g_hh = got["bias_ih" + sfx], got["bias_hh" + sfx]
+        assert torch.equal(g_ih, g_hh)
+        g_ih.zero_()
+        assert g_hh.abs().sum() > 0
 
 
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -1,18 +1,18 @@
 """Rules for :func:`psgfunc.functional.lstm` and :func:`psgfunc.functional.lstm_cell`.
 
-A weight used at every time step must not cost a ``[B, 4H, H]`` tensor per step. So, for
-each layer and direction:
+A weight used at every time step must not cost a ``[B, 4H, H]`` tensor per step. So each
+layer and direction is one ``autograd.Function`` (:class:`_Layer`) with the shared weights:
 
-* ``W_ih``, ``b_ih``: the input projection of all ``T`` steps is one call of the linear rule,
-  ``x [B, T, D] -> x W_ih^T + b_ih [B, T, 4H]``, whose backward contracts over time:
-  ``dW_ih[b] = sum_t dz[b, t]^T x[b, t]`` in one batched product (Goodfellow 2015).
-* ``W_hh``, ``b_hh``: the recurrence is one ``autograd.Function`` (:class:`_Recurrence`)
-  whose forward runs the loop with the one shared ``W_hh`` and whose backward is
-  backpropagation through time by hand. It collects the gate gradients ``dz [B, T, 4H]``
-  and the hidden states each step started from, ``h_prev [B, T, H]``, and only then emits
-  ``dW_hh[b] = sum_t dz[b, t]^T h_prev[b, t]`` (:class:`~psgfunc.per_sample._kinds.Outer`)
-  and ``db_hh[b] = sum_t dz[b, t]`` (``RowSum``): once per layer and direction, one
-  contraction over time. Under fast clipping the same pieces give the norms in Gram form.
+* the forward computes the input projection of all ``T`` steps, ``x W_ih^T + b_ih + b_hh``,
+  as one matmul over the ``B * T`` rows, written straight into the loop's time-major buffer,
+  then runs the recurrence with the one shared ``W_hh``;
+* the backward is backpropagation through time by hand. It collects the gate gradients
+  ``dz [B, T, 4H]`` and the hidden states each step started from, ``h_prev [B, T, H]``, and
+  only then emits, once per layer and direction, one contraction over time per weight:
+  ``dW_ih[b] = sum_t dz[b, t]^T x[b, t]`` and ``dW_hh[b] = sum_t dz[b, t]^T h_prev[b, t]``
+  (:class:`~psgfunc.per_sample._kinds.Outer`, Goodfellow 2015) and ``db[b] = sum_t dz[b, t]``
+  (``RowSum``) for both biases, summed once and shared when both are materialised. Under
+  fast clipping the same pieces give the norms in Gram form.
 
 Padded steps (``lengths``) have exactly zero ``dz``, so they add nothing to any gradient.
 Dropout between layers is ``F.dropout`` on the time-major layer output, as the plain layer
@@ -21,7 +21,7 @@ Dropout between layers is ``F.dropout`` on the time-major layer output, as the p
 example's mask, ``"same"`` one mask for all, ``"error"`` raises ``ValueError``).
 
 The loops themselves are :func:`psgfunc.functional.lstm.direction_forward` /
-``direction_backward``, shared with the plain layer. The backward of :class:`_Recurrence`
+``direction_backward``, shared with the plain layer. The backward of :class:`_Layer`
 is not differentiable again (``once_differentiable``), like every expanded rule.
 
 A layer without ``lengths`` can instead run as :class:`_FusedLayer`: the forward is one call
@@ -81,45 +81,72 @@ _NAMES = ("weight_ih", "bias_ih", "weight_hh", "bias_hh")  # _FusedLayer's order
 _FUSED_WITH_GRAD = False
 
 
-class _Recurrence(torch.autograd.Function):
-    """One layer/direction: ``x_gates [B, T, 4H] -> (out [B, T, H], h_n [B, H], c_n [B, H])``.
+def _bias_grads(b_ih: Any, b_hh: Any, need_ih: bool, need_hh: bool, dz: torch.Tensor) -> tuple[Any, Any]:
+    """The emits of both biases (``RowSum`` of ``dz [B, T, 4H]``): when ``b_ih``'s is
+    materialised, ``b_hh``'s sums that result (one step) instead of ``dz`` again."""
+    d_bih = emit(b_ih, _ROWSUM, dz) if b_ih is not None and need_ih else None
+    d_bhh = None
+    if b_hh is not None and need_hh:
+        d_bhh = emit(b_hh, _ROWSUM, dz if d_bih is None else d_bih.unsqueeze(1))
+    return d_bih, d_bhh
 
-    Inputs: ``x_gates`` (``x W_ih^T + b_ih``), ``h0``/``c0`` ``[B, H]``, the expanded
-    ``w_hh`` ``[B, 4H, H]`` and ``b_hh`` ``[B, 4H]`` (or None) whose dim 0 is shared,
-    ``mask`` ``[B, T, 1]`` bool or None, ``reverse``. The forward uses the shared ``W_hh``
-    and ``b_hh`` (``shared``: also for ``B = 0``); the backward returns the gradients of ``x_gates``, ``h0``, ``c0`` and,
-    through :func:`emit`, the per-sample gradients of ``w_hh`` and ``b_hh``.
+
+class _Layer(torch.autograd.Function):
+    """One layer/direction: ``x [B, T, D] -> (out [B, T, H], h_n [B, H], c_n [B, H])``.
+
+    Inputs: ``x``, ``h0``/``c0`` ``[B, H]``, the expanded ``w_ih [B, 4H, D]``, ``b_ih
+    [B, 4H]`` (or None), ``w_hh [B, 4H, H]``, ``b_hh`` (or None), whose dim 0 is shared,
+    ``mask`` ``[B, T, 1]`` bool or None, and ``reverse``. The forward uses the shared
+    weights (``shared``: also for ``B = 0``): the input projection of all steps is one
+    matmul written into the loop's buffer, then the loop
+    (:func:`~psgfunc.functional.lstm.direction_forward`). The backward is
+    backpropagation through time by hand and emits the pieces of all four weights from the
+    one ``dz`` (each bias's ``RowSum`` is computed once and shared by the other).
     """
 
     @staticmethod
-    def forward(ctx: Any, x_gates, h0, c0, w_hh, b_hh, mask, reverse):  # type: ignore[override]
-        dtype = _autocast.autocast_dtype(x_gates)  # autocast: the inputs are in it already
-        with _autocast.disabled(x_gates):
+    def forward(ctx, x, h0, c0, w_ih, b_ih, w_hh, b_hh, mask, reverse):  # type: ignore[override]
+        dtype = _autocast.autocast_dtype(x)  # autocast: the inputs are in it already
+        w_ih_s, w_hh_s = (_autocast.cast(shared(w), dtype) for w in (w_ih, w_hh))
+        bias = None
+        for b in (b_ih, b_hh):
+            if b is not None:
+                b = _autocast.cast(shared(b), dtype)
+                bias = b if bias is None else bias + b
+        with _autocast.disabled(x):
             out, h_n, c_n, saved = _lstm_mod.direction_forward(
-                x_gates, h0, c0, _autocast.cast(shared(w_hh), dtype), mask, reverse, True,
-                None if b_hh is None else _autocast.cast(shared(b_hh), dtype),
+                x, h0, c0, w_hh_s, mask, reverse, True, bias, w_ih=w_ih_s
             )
-        ctx.save_for_backward(h0, c0, *saved)
-        ctx.w_hh, ctx.b_hh, ctx.mask, ctx.reverse = w_hh, b_hh, mask, reverse
+        ctx.save_for_backward(x, h0, c0, *saved)
+        ctx.params, ctx.mask, ctx.reverse = (w_ih, b_ih, w_hh, b_hh), mask, reverse
         return out, h_n, c_n
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
-        h0, c0, *saved = ctx.saved_tensors
-        w_hh, b_hh = ctx.w_hh, ctx.b_hh
+        x, h0, c0, *saved = ctx.saved_tensors
+        w_ih, b_ih, w_hh, b_hh = ctx.params
         dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
-            tuple(saved), h0, c0, shared(w_hh).to(h0.dtype), ctx.mask, ctx.reverse, True, d_out, d_hn, d_cn
+            tuple(saved), h0, c0, shared(w_hh).to(h0.dtype), ctx.mask, ctx.reverse, True, d_out,
+            d_hn, d_cn,
         )
         need = ctx.needs_input_grad
-        d_w = emit(w_hh, _OUTER, dz, h_prev) if need[3] else None
-        d_b = emit(b_hh, _ROWSUM, dz) if b_hh is not None and need[4] else None
+        dx = None
+        if need[0]:  # dz @ W_ih over all rows, in dz's time-major storage order
+            batch, steps, gates4 = dz.shape
+            w = shared(w_ih).to(dz.dtype)
+            dx = (dz.transpose(0, 1).reshape(-1, gates4) @ w).view(steps, batch, w.shape[1])
+            dx = dx.transpose(0, 1)
+        d_bih, d_bhh = _bias_grads(b_ih, b_hh, need[4], need[6], dz)
+        # dz and h_prev stay time-major views: Outer contracts them without a copy
         return (
-            dz if need[0] else None,
+            dx,
             dh0 if need[1] else None,
             dc0 if need[2] else None,
-            d_w,
-            d_b,
+            emit(w_ih, _OUTER, dz, x) if need[3] else None,
+            d_bih,
+            emit(w_hh, _OUTER, dz, h_prev) if need[5] else None,
+            d_bhh,
             None,
             None,
         )
@@ -155,8 +182,8 @@ def _replay(
     ``bias`` (``b_ih + b_hh``, ``[4H]``, or None). Every step's pre-activation is known
     once ``hs`` is: ``z = x W_ih^T + h_prev W_hh^T + b`` is two matmuls over all ``T * B``
     rows, the gates one sigmoid over all steps; only the cell state is a scan, one
-    ``addcmul`` per step. Returns ``(act, tanh_c, hs, cs)``, all ``[B, T, *]`` views of
-    time-major buffers, as ``direction_forward`` lays them out.
+    ``addcmul`` per step. Returns ``(act, tanh_c, h_all, c_all)``, all ``[B, T(+1), *]``
+    views of time-major buffers, as ``direction_forward`` lays them out.
     """
     batch, steps, in_size = x.shape
     gates4, hidden = w_hh.shape
@@ -171,28 +198,29 @@ def _replay(
     else:
         z = torch.addmm(bias * scale[:, 0], x_tm, (w_ih * scale).t())
     z = z.view(steps, batch, gates4)
-    hs_tm, w_hh_t = hs.transpose(0, 1), (w_hh * scale).t()
-    # the carry each step started from: the neighbouring step's h (in processing order),
-    # h0 for the first step processed; written straight into z's time slices
-    first, rest = (steps - 1, slice(0, steps - 1)) if reverse else (0, slice(1, steps))
-    done = slice(1, steps) if reverse else slice(0, steps - 1)
-    if steps > 1:
-        z[rest].view(-1, gates4).addmm_(hs_tm[done].reshape(-1, hidden), w_hh_t)
-    z[first].addmm_(h0, w_hh_t)
+    # the carries with the initial one at 0 (T when reverse), as direction_forward saves them
+    h_all = hs.new_empty(steps + 1, batch, hidden)
+    c_all = torch.empty_like(h_all)
+    init = steps if reverse else 0
+    after = slice(0, steps) if reverse else slice(1, steps + 1)
+    before = slice(1, steps + 1) if reverse else slice(0, steps)
+    h_all[init], h_all[after], c_all[init] = h0, hs.transpose(0, 1), c0
+    # the carry each step started from is known for every step: one matmul over all rows
+    z.view(-1, gates4).addmm_(h_all[before].reshape(-1, hidden), (w_hh * scale).t())
     act = torch.sigmoid(z, out=z)  # [T, B, 4H]: sigma(i, f, o), and sigma(2 z_g) for now
     # -1 + 2 s by add with alpha: lerp(-1, 1, s) on the strided slice is ~10x slower
     minus_one = act.new_tensor(-1.0)
     torch.add(minus_one, act[..., sl_g], alpha=2, out=act[..., sl_g])  # tanh(z_g)
     ig = act[..., :hidden] * act[..., sl_g]
     f_t, ig_t = act[..., hidden : 2 * hidden].unbind(0), ig.unbind(0)
-    cs = torch.empty_like(ig)
+    cs = c_all[after]
     cs_t = cs.unbind(0)
     c = c0
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         c = torch.addcmul(ig_t[t], f_t[t], c, out=cs_t[t])
     tanh_c = torch.sigmoid(cs + cs)  # tanh(c) = 2 sigmoid(2 c) - 1; tanh is ~3x slower
     torch.add(minus_one, tanh_c, alpha=2, out=tanh_c)
-    return act.transpose(0, 1), tanh_c.transpose(0, 1), hs, cs.transpose(0, 1)
+    return act.transpose(0, 1), tanh_c.transpose(0, 1), h_all.transpose(0, 1), c_all.transpose(0, 1)
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -205,7 +233,7 @@ class _FusedLayer(torch.autograd.Function):
     time), which saves nothing the backward could use. The backward recomputes the gate
     activations and cell states from the saved ``hs`` (:func:`_replay`), runs
     :func:`~psgfunc.functional.lstm.direction_backward` and emits the pieces of all four
-    weights, the same pieces the linear rule and :class:`_Recurrence` emit.
+    weights, the same pieces :class:`_Layer` emits.
     """
 
     @staticmethod
@@ -245,16 +273,17 @@ class _FusedLayer(torch.autograd.Function):
         if need[0]:  # dz @ W_ih over all rows, in dz's time-major storage order
             batch, steps, gates4 = dz.shape
             dx = (dz.transpose(0, 1).reshape(-1, gates4) @ w_ih_x)
-            dx = dx.view(steps, batch, -1).transpose(0, 1)
+            dx = dx.view(steps, batch, w_ih_x.shape[1]).transpose(0, 1)
+        d_bih, d_bhh = _bias_grads(b_ih, b_hh, need[4], need[6], dz)
         # dz stays the time-major view: Outer.weighted_sum contracts it without a copy
         return (
             dx,
             dh0 if need[1] else None,
             dc0 if need[2] else None,
             emit(w_ih, _OUTER, dz, x) if need[3] else None,
-            emit(b_ih, _ROWSUM, dz) if b_ih is not None and need[4] else None,
+            d_bih,
             emit(w_hh, _OUTER, dz, h_prev) if need[5] else None,
-            emit(b_hh, _ROWSUM, dz) if b_hh is not None and need[6] else None,
+            d_bhh,
             None,
         )
 
@@ -271,7 +300,7 @@ def _direction(
     """One layer/direction of :func:`lstm` (``layer_in [B, T, D] -> out [B, T, H], h_n,
     c_n [B, H]``): :class:`_FusedLayer` when there is no mask, nothing is empty and either
     no gradient will be taken or ``_FUSED_WITH_GRAD`` is set; else the projection and
-    :class:`_Recurrence` (:func:`_recurrence`). Both give the same values and gradients."""
+    :class:`_Layer` (:func:`_recurrence`). Both give the same values and gradients."""
     tensors = (layer_in, h0, c0, *(params.get(n + sfx) for n in _NAMES))
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if (grads and not _FUSED_WITH_GRAD) or mask is not None or 0 in layer_in.shape[:2]:
@@ -289,14 +318,8 @@ def _recurrence(
     reverse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer/direction on ``layer_in [B, T, D]``; params named ``weight_ih{sfx}`` etc."""
-    proj = {"weight": params["weight_ih" + sfx]}
-    if params.get("bias_ih" + sfx) is not None:
-        proj["bias"] = params["bias_ih" + sfx]
-    x_gates = PF.linear(proj, layer_in)  # the linear rule (batch mode): [B, T, 4H]
-    return apply_function(
-        _Recurrence,
-        x_gates, h0, c0, params["weight_hh" + sfx], params.get("bias_hh" + sfx), mask, reverse
-    )
+    tensors = (layer_in, h0, c0, *(params.get(n + sfx) for n in _NAMES))
+    return apply_function(_Layer, *tensors, mask, reverse)
 
 
 def _dropout_between_layers(layer_in: torch.Tensor, p: float) -> torch.Tensor:
@@ -492,7 +515,7 @@ class LSTMRule(Rule):
     ) -> Any:
         """One example ``x [T, D]`` without ``lengths``: each layer and direction adds its tap
         to the gate pre-activations ``[T, 4H]`` (whose gradient is every step's ``dz``) and
-        keeps its input and ``h_prev``: the pieces of :meth:`_Recurrence.backward`'s emits."""
+        keeps its input and ``h_prev``: the pieces of :meth:`_Layer.backward`'s emits."""
         index = {k: tap.index(v) for k, v in params.items() if v is not None}
         if lengths is not None or not isinstance(x, torch.Tensor) or x.dim() != 2 or None in index.values():
             return NotImplemented
@@ -525,9 +548,9 @@ class LSTMRule(Rule):
 class LSTMCellRule(Rule):
     """Per-sample rule of :func:`psgfunc.functional.lstm_cell` (batch dim 0 everywhere).
 
-    The step is :class:`_Recurrence` with ``T = 1``: ``W_ih``/``b_ih`` through the linear
-    rule, ``W_hh``/``b_hh`` emitted by the recurrence's backward. A cell called in a user's
-    loop therefore pays one ``[B, 4H, H]`` per call for each weight; :func:`lstm` does not.
+    The step is :class:`_Layer` with ``T = 1``, whose backward emits the pieces of all four
+    weights. A cell called in a user's loop therefore pays one ``[B, 4H, H]`` per call for
+    each weight; :func:`lstm` does not.
     """
 
     def batched(self, params, carry, x):  # type: ignore[override]
