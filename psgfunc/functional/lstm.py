@@ -415,7 +415,10 @@ def direction_forward(
     all four gates, and ``tanh(c) = 1 - 2 sigma(v)`` with ``v = -2 c`` carried instead of
     ``c`` (``v' = f v - 2 i g``; scaled back, exactly, after the loop), so that
     ``h' = o - 2 o sigma(v')`` is one ``addcmul`` (and ``tanh(c')`` for the backward is one
-    op over all steps after the loop).
+    op over all steps after the loop). Those identities err by the unit roundoff of values
+    near 1 (``sigma`` near 1/2), not relatively to ``tanh``: in float32 and float64 that is
+    below the step's other roundings, in half precision (an autocast recurrence) it would
+    double the error of small cell states, so there the loop computes ``tanh`` itself.
 
     Args:
         x_gates: ``[B, T, 4H]``, ``x W_ih^T`` plus both biases, any strides.
@@ -443,6 +446,8 @@ def direction_forward(
     batch, steps = x_gates.shape[:2]
     gates4, hidden = w_hh.shape
     sl_g = slice(2 * hidden, 3 * hidden)
+    if x_gates.dtype not in (torch.float32, torch.float64):
+        return _direction_forward_exact(x_gates, h0, c0, w_hh, mask, reverse, time_major, bias, w_ih)
     scale = x_gates.new_ones(gates4)
     scale[sl_g] = 2
     w_t = (w_hh * scale.unsqueeze(1)).t()
@@ -494,6 +499,58 @@ def direction_forward(
             v = torch.where(valid, v_new, v, out=v_t[t])
     c_all.mul_(-0.5)  # v -> c, exact
     torch.add(-minus_one, tanh_c, alpha=-2, out=tanh_c)  # 1 - 2 sigma(-2 c) = tanh(c)
+    last = 0 if reverse else steps
+    out = h_after if mask is None else h_after.masked_fill(~mask, 0)
+    return out, h_all[:, last].clone(), c_all[:, last].clone(), (act, tanh_c, h_all, c_all)
+
+
+def _direction_forward_exact(
+    x_gates: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+    mask: torch.Tensor | None, reverse: bool, time_major: bool, bias: torch.Tensor | None,
+    w_ih: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """:func:`direction_forward` with ``tanh`` computed as such (half precision), the same
+    arguments and results; a few more ops per step."""
+    batch, steps = x_gates.shape[:2]
+    gates4, hidden = w_hh.shape
+    sl_g = slice(2 * hidden, 3 * hidden)
+    act = _bt_buffer(x_gates, batch, steps, gates4, time_major)
+    if w_ih is not None:
+        act.copy_(F.linear(x_gates, w_ih, bias))
+    elif bias is None:
+        act.copy_(x_gates)
+    else:
+        torch.add(x_gates, bias, out=act)
+    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)
+    h_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
+    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
+    first = steps if reverse else 0
+    h_all[:, first] = h0
+    c_all[:, first] = c0
+    _, h_after = _carries(h_all, reverse)
+    _, c_after = _carries(c_all, reverse)
+    a_t, g_t = act.unbind(1), act[..., sl_g].unbind(1)
+    i_t, f_t = act[..., :hidden].unbind(1), act[..., hidden : 2 * hidden].unbind(1)
+    o_t = act[..., 3 * hidden :].unbind(1)
+    tc_t, h_t, c_t = tanh_c.unbind(1), h_after.unbind(1), c_after.unbind(1)
+    m_t = None if mask is None else mask.unbind(1)
+    w_t = w_hh.t()
+    h, c = h0, c_all[:, first]
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        a, g = a_t[t].addmm_(h, w_t), g_t[t]
+        tanh_g = torch.tanh(g)
+        a.sigmoid_()  # i, f, o; g's slice is then overwritten by its tanh
+        g.copy_(tanh_g)
+        c_new = torch.addcmul(f_t[t] * c, i_t[t], g)
+        tc = torch.tanh(c_new, out=tc_t[t])
+        h_new = o_t[t] * tc
+        if m_t is None:
+            c = c_t[t].copy_(c_new)
+            h = h_t[t].copy_(h_new)
+        else:
+            valid = m_t[t]
+            c = torch.where(valid, c_new, c, out=c_t[t])
+            h = torch.where(valid, h_new, h, out=h_t[t])
     last = 0 if reverse else steps
     out = h_after if mask is None else h_after.masked_fill(~mask, 0)
     return out, h_all[:, last].clone(), c_all[:, last].clone(), (act, tanh_c, h_all, c_all)
