@@ -21,9 +21,10 @@ from psgfunc.per_sample.rules.conv import ConvWeight
 F64 = torch.float64
 
 
-def make(dtype=F64, seed=0):
+def make(dtype=F64, seed=0, mixed=False):
     """A conv (4->4, 3x3: 144 weights per example against 2 * 4 * 10 * 10 in x and g) used
-    twice (the second time with stride 2), then a Linear."""
+    twice (the second time with stride 2; ``mixed``: on a 2x2 input, where x and g are
+    smaller than dW_b and the Gram form is taken), then a Linear."""
     gen = torch.Generator().manual_seed(seed)
     params = {"conv": PF.init_conv(4, 4, (3, 3), dtype=F64, generator=gen),
               "fc": PF.init_linear(4, 3, dtype=F64, generator=gen)}
@@ -31,7 +32,9 @@ def make(dtype=F64, seed=0):
 
     def fn(p, x, y):
         h = torch.relu(PF.conv2d(p["conv"], x, padding=1))
-        h = PF.conv2d(p["conv"], h, stride=2, padding=1).mean((-2, -1))
+        if mixed:
+            h = torch.nn.functional.adaptive_avg_pool2d(h, 2)
+        h = PF.conv2d(p["conv"], h, stride=1 if mixed else 2, padding=1).mean((-2, -1))
         return torch.nn.functional.cross_entropy(PF.linear(p["fc"], h), y)
 
     return params, fn
@@ -62,13 +65,14 @@ def recorded_kinds(fn, params, x, y):
     return kinds
 
 
-@pytest.mark.parametrize("size", [1, 5])
-def test_dense_in_backward_equals_materialise(size, monkeypatch):
-    """float64: the conv weight's pieces are its dense per-example gradient (both calls),
-    not x and g; the norms and the clipped sum equal the materialising route's at 1e-10,
-    and no materialisation warning is given (the leaf has a rule)."""
+@pytest.mark.parametrize("size,mixed", [(1, False), (5, False), (5, True)])
+def test_dense_in_backward_equals_materialise(size, mixed, monkeypatch):
+    """float64: the conv weight's pieces are its dense per-example gradient (both calls;
+    ``mixed``: one call recorded dense, the other as x and g, added up densely), not x
+    and g; the norms and the clipped sum equal the materialising route's at 1e-10, and no
+    materialisation warning is given (the leaf has a rule)."""
     monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)  # not kept dense at the end of the pass
-    params, fn = make()
+    params, fn = make(mixed=mixed)
     x, y = batch(size)
     kind = ConvWeight((4, 4, 3, 3), 1)
     xs, gs = torch.zeros(1, size, 4, 10, 10, dtype=F64), torch.zeros(1, size, 4, 10, 10, dtype=F64)
@@ -94,6 +98,9 @@ def test_dense_in_backward_records_no_layer_data():
     x, y = batch(3)
     kinds = recorded_kinds(fn, params, x, y)
     assert [k for i, k in kinds if i == 1] == ["Materialized", "Materialized"]
+    mixed, fn_mixed = make(mixed=True)
+    kinds = recorded_kinds(fn_mixed, mixed, x, y)  # backward order: the 2x2 call first
+    assert [k for i, k in kinds if i == 1] == ["ConvWeight", "Materialized"]
     mp = pytest.MonkeyPatch()
     mp.setattr(conv_rule, "_DENSE_PER_DATA", 0)
     try:
