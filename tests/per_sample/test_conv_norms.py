@@ -50,6 +50,7 @@ def test_chunked_norms_and_sums_equal_materialised(name, rows, monkeypatch):
     materialised gradients' (float64, 1e-10), the certified bound is above them and the
     weighted sum is sum_b c_b dW_b."""
     monkeypatch.setattr(conv_rule, "_CHUNK", 1)
+    monkeypatch.setattr(conv_rule, "_DIRECT_CHUNK", 1)
     monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
     weight_shape, groups, channels, spatial, confs, route = LAYERS[name]
     gen = torch.Generator().manual_seed(1)
@@ -78,6 +79,7 @@ def test_cancelling_examples_in_chunks_are_bounded(route, monkeypatch):
     float64 norm of the float32 pieces, and the weighted sum of each example scaled by
     1 / certified norm has norm at most 1."""
     monkeypatch.setattr(conv_rule, "_CHUNK", 1)
+    monkeypatch.setattr(conv_rule, "_DIRECT_CHUNK", 1)
     weight_shape = (16, 12, 3, 3) if route == "gram" else (2, 1, 3, 3)
     spatial = (4, 4) if route == "gram" else (10, 10)
     gen = torch.Generator().manual_seed(3)
@@ -128,10 +130,12 @@ def test_gram_bound_keeps_no_patches(monkeypatch):
 
 
 def test_fast_clipping_keeps_no_per_sample_conv_gradient(monkeypatch):
-    """A convolution whose per-sample gradient is larger than _KEEP_DENSE: fast clipping
-    keeps x and g for it, no [B, O, C, *k] tensor (a WRN-16-4 kept 4x the step's memory
-    that way), and the clipped sum equals the materialising route's."""
+    """A convolution whose per-sample gradient is larger than _KEEP_DENSE (and, here, not
+    taken in the backward pass): fast clipping keeps x and g for it, no [B, O, C, *k]
+    tensor (a WRN-16-4 kept 4x the step's memory that way), and the clipped sum equals the
+    materialising route's."""
     monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    monkeypatch.setattr(conv_rule, "_DENSE_PER_DATA", 0)
     gen = torch.Generator().manual_seed(0)
     params = {"conv": PF.init_conv(8, 8, (3, 3), dtype=F64, generator=gen), "fc": PF.init_linear(8, 2, dtype=F64, generator=gen)}
 

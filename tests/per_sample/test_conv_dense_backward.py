@@ -1,0 +1,162 @@
+"""Fast clipping of convolutions whose per-example weight gradient is smaller than the
+layer's input and output gradient (issue 15): the backward pass records ``dW_b`` itself
+(:meth:`ConvWeight.dense_in_backward`), whose norm is ``dense_bound`` and sum ``c @ dW``."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import psgfunc.dp as dp
+import psgfunc.functional as PF
+from psgfunc.per_sample import _kinds
+from psgfunc.per_sample._clip import grad_pieces
+from psgfunc.per_sample.rules import conv as conv_rule
+from psgfunc.per_sample.rules.conv import ConvWeight
+
+F64 = torch.float64
+
+
+def make(dtype=F64, seed=0, mixed=False):
+    """A conv (4->4, 3x3: 144 weights per example against 2 * 4 * 10 * 10 in x and g) used
+    twice (the second time with stride 2; ``mixed``: on a 2x2 input, where x and g are
+    smaller than dW_b and the Gram form is taken), then a Linear."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {"conv": PF.init_conv(4, 4, (3, 3), dtype=F64, generator=gen),
+              "fc": PF.init_linear(4, 3, dtype=F64, generator=gen)}
+    params = {k: {n: t.to(dtype) for n, t in v.items()} for k, v in params.items()}
+
+    def fn(p, x, y):
+        h = torch.relu(PF.conv2d(p["conv"], x, padding=1))
+        if mixed:
+            h = torch.nn.functional.adaptive_avg_pool2d(h, 2)
+        h = PF.conv2d(p["conv"], h, stride=1 if mixed else 2, padding=1).mean((-2, -1))
+        return torch.nn.functional.cross_entropy(PF.linear(p["fc"], h), y)
+
+    return params, fn
+
+
+def batch(size, dtype=F64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, 4, 10, 10, dtype=F64, generator=gen).to(dtype)
+    return x, torch.randint(0, 3, (size,), generator=gen)
+
+
+def recorded_kinds(fn, params, x, y):
+    """The kinds the conv weight's backward calls record."""
+    kinds = []
+    original = _kinds.Collector.track
+
+    def track(self, target):
+        i = original(self, target)
+        record = target._psg_record
+        target._psg_record = lambda kind, data: (kinds.append((i, type(kind).__name__)), record(kind, data))[1]
+        return i
+
+    _kinds.Collector.track = track
+    try:
+        grad_pieces(fn, params, x, y)
+    finally:
+        _kinds.Collector.track = original
+    return kinds
+
+
+@pytest.mark.parametrize("size,mixed", [(1, False), (5, False), (5, True)])
+def test_dense_in_backward_equals_materialise(size, mixed, monkeypatch):
+    """float64: the conv weight's pieces are its dense per-example gradient (both calls;
+    ``mixed``: one call recorded dense, the other as x and g, added up densely), not x
+    and g; the norms and the clipped sum equal the materialising route's at 1e-10, and no
+    materialisation warning is given (the leaf has a rule)."""
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)  # not kept dense at the end of the pass
+    params, fn = make(mixed=mixed)
+    x, y = batch(size)
+    kind = ConvWeight((4, 4, 3, 3), 1)
+    xs, gs = torch.zeros(1, size, 4, 10, 10, dtype=F64), torch.zeros(1, size, 4, 10, 10, dtype=F64)
+    assert kind.dense_in_backward((xs, gs, ((1, 1), (1, 1), (1, 1))))
+    pieces = grad_pieces(fn, params, x, y)
+    weight = pieces.leaves[1]  # optree order: conv.bias, conv.weight, fc.bias, fc.weight
+    assert weight.kind is None and weight.dense is not None and not pieces.materialized
+    assert tuple(weight.dense.shape) == (size, 4, 4, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summed, norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=0.05)
+    expected, expected_norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=0.05, method="materialize")
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=0)
+    for k in ("conv", "fc"):
+        for name in summed[k]:
+            torch.testing.assert_close(summed[k][name], expected[k][name], rtol=1e-10, atol=1e-12)
+
+
+def test_dense_in_backward_records_no_layer_data():
+    """The path is taken in the backward pass: the conv weight records Materialized pieces
+    (one per call), never ConvWeight (x, g); with the threshold at 0, the old pieces."""
+    params, fn = make()
+    x, y = batch(3)
+    kinds = recorded_kinds(fn, params, x, y)
+    assert [k for i, k in kinds if i == 1] == ["Materialized", "Materialized"]
+    mixed, fn_mixed = make(mixed=True)
+    kinds = recorded_kinds(fn_mixed, mixed, x, y)  # backward order: the 2x2 call first
+    assert [k for i, k in kinds if i == 1] == ["ConvWeight", "Materialized"]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(conv_rule, "_DENSE_PER_DATA", 0)
+    try:
+        kinds = recorded_kinds(fn, params, x, y)
+    finally:
+        mp.undo()
+    assert [k for i, k in kinds if i == 1] == ["ConvWeight", "ConvWeight"]
+
+
+def test_dense_in_backward_is_freed_with_its_sum(monkeypatch):
+    """The dense gradient lives until its weighted sum is taken, not beyond: after
+    clipped_grad_sum nothing holds it."""
+    made = []
+    original = ConvWeight.materialize
+
+    def tracking(self, *data):
+        out = original(self, *data)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(ConvWeight, "materialize", tracking)
+    params, fn = make(torch.float32)
+    x, y = batch(4, torch.float32)
+    summed, _ = dp.clipped_grad_sum(fn, params, x, y, max_norm=0.1)
+    gc.collect()
+    assert len(made) == 2 and all(r() is None for r in made)
+    assert summed["conv"]["weight"].shape == (4, 4, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_in_backward_cancelling_examples(dtype, monkeypatch):
+    """Inputs nearly constant, so that the output gradients' signs cancel the sums of
+    products: each example's clipped contribution to the sum, as computed, has norm at
+    most C (up to the sum's own rounding in dtype), and its certified norm is at least the
+    float64 norm of the computed dense gradient. bfloat16 params: sums in float32."""
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    gen = torch.Generator().manual_seed(3)
+    params = {"conv": {"weight": (torch.randn(4, 4, 3, 3, generator=gen, dtype=F64) * 0.1).to(dtype)}}
+    size = 3
+    x = (1e2 * (1 + 1e-3 * torch.randn(size, 4, 8, 8, generator=gen, dtype=F64))).to(dtype)
+    sign = torch.ones(8, 8, dtype=F64)
+    sign[::2, :] = -1
+    target = (sign * 50).to(dtype)
+
+    def fn(p, x):
+        out = PF.conv2d(p["conv"], x.unsqueeze(0), padding=1)[0]
+        return (out * target).sum()
+
+    pieces = grad_pieces(fn, params, x)
+    leaf = pieces.leaves[0]
+    assert leaf.kind is None and leaf.dense is not None
+    norms = _kinds.certified_norm(pieces.leaves)
+    dense = leaf.dense.double().flatten(1)
+    assert bool((norms.double() >= dense.norm(dim=1)).all())
+    for b in range(size):
+        c = torch.zeros(size)
+        c[b] = 1 / float(norms[b])
+        out = leaf.weighted_sum(c).double().norm()
+        assert float(out) <= 1 + (1e-5 if dtype == torch.float32 else 2**-7)
