@@ -248,14 +248,35 @@ def make_step(cfg: dict[str, Any], method: str, batch: int) -> Step:
     return checked
 
 
+def _conv_backward_flops(grad_out_shape: Any, x_shape: Any, w_shape: Any, bias: Any, stride: Any,
+                         padding: Any, dilation: Any, transposed: bool, output_padding: Any,
+                         groups: int, output_mask: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``FlopCounterMode``'s formula for ``aten.convolution_backward`` with the weight-gradient
+    term divided by ``groups``: torch's counts that term as if every output channel saw
+    every input channel, so a grouped convolution's (e.g. the batch-as-groups per-example
+    weight gradient of psgfunc's conv rule) was counted ``groups`` times its work."""
+    from torch.utils.flop_counter import conv_backward_flop
+
+    raw = conv_backward_flop.__wrapped__  # the formula on shapes (the registry's is wrapped)
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    total = 0
+    if output_mask[0]:
+        total += raw(*args, [True, False, False], out_shape)
+    if output_mask[1]:
+        total += raw(*args, [False, True, False], out_shape) // groups
+    return total
+
+
 def count_flops(step: Step) -> float:
     """FLOPs of one call of ``step`` (``torch.utils.flop_counter.FlopCounterMode``: matrix
-    products, convolutions and attention; elementwise ops count zero); NaN if it fails.
+    products, convolutions and attention; elementwise ops count zero; the weight gradient
+    of a grouped convolution counted once, see :func:`_conv_backward_flops`); NaN if it
+    fails.
 
     A step that carries a ``flop_step`` (the compiled methods) is counted on that."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
     try:
         with counter:
             getattr(step, "flop_step", step)()

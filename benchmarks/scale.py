@@ -26,7 +26,8 @@ Opacus see an ordinary model, and run per example through ``psgfunc.functional``
 The suite runs the methods in :data:`SCALE_METHODS` (``python -m benchmarks --suite scale``;
 results in ``benchmarks/results/scale.csv``) and counts each step's FLOPs with
 ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions and attention;
-elementwise ops count zero).
+elementwise ops count zero; the weight gradient of a grouped convolution counted once:
+torch's formula counts it ``groups`` times, see ``benchmarks.methods.count_flops``).
 """
 
 from __future__ import annotations

@@ -243,3 +243,28 @@ def test_report_states_the_flop_floor_and_compile_times(tmp_path: Path) -> None:
     assert "| GPT2 | 4 | 2.00 | 1.05 | 1.10 | 1.20 |" in text
     assert "`clip-fast-compiled` GPT2 B=4 61" in text
     assert "- `dpopt-fast` on GPT2: WRONG norms" in text
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_flops_count_a_grouped_convolution_backward_once(transposed: bool) -> None:
+    """The FLOPs column counts a grouped convolution's weight gradient as the sum of its
+    groups' (torch's formula counted it ``groups`` times: the batch-as-groups per-example
+    gradient looked B times dearer than it is)."""
+    from benchmarks.methods import count_flops
+
+    torch.manual_seed(0)
+    conv = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+    groups, c, o = 4, 8, 12
+    x = torch.randn(2, c, 9, 9)
+    w = torch.randn(c, o // groups, 3, 3) if transposed else torch.randn(o, c // groups, 3, 3)
+
+    def grouped() -> None:
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        conv(xx, ww, groups=groups).sum().backward()
+
+    def per_group() -> None:
+        for xg, wg in zip(x.chunk(groups, 1), w.chunk(groups, 0)):
+            xx, ww = xg.clone().requires_grad_(), wg.clone().requires_grad_()
+            conv(xx, ww).sum().backward()
+
+    assert count_flops(grouped) == count_flops(per_group) > 0
