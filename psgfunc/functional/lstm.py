@@ -446,10 +446,10 @@ def direction_forward(
     batch, steps = x_gates.shape[:2]
     gates4, hidden = w_hh.shape
     sl_g = slice(2 * hidden, 3 * hidden)
-    if x_gates.dtype not in (torch.float32, torch.float64):
-        return _direction_forward_exact(x_gates, h0, c0, w_hh, mask, reverse, time_major, bias, w_ih)
+    exact = x_gates.dtype not in (torch.float32, torch.float64)  # half precision: tanh itself
     scale = x_gates.new_ones(gates4)
-    scale[sl_g] = 2
+    if not exact:
+        scale[sl_g] = 2
     w_t = (w_hh * scale.unsqueeze(1)).t()
     # act holds the scaled input part of the pre-activations, then (in place, step by step)
     # the pre-activations and the gates
@@ -466,12 +466,12 @@ def direction_forward(
         torch.mul(x_gates, scale, out=act)
     else:
         torch.addcmul(bias * scale, x_gates, scale, out=act)
-    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # sigma(v) in the loop
+    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # sigma(v) in the fast loop
     h_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
-    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)  # v = -2 c in the loop
+    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)  # v = -2 c in the fast loop
     first = steps if reverse else 0
     h_all[:, first] = h0
-    torch.mul(c0, -2, out=c_all[:, first])
+    torch.mul(c0, 1 if exact else -2, out=c_all[:, first])
     minus_one = x_gates.new_tensor(-1.0)
     _, h_after = _carries(h_all, reverse)
     _, c_after = _carries(c_all, reverse)
@@ -483,6 +483,10 @@ def direction_forward(
     h, v = h0, c_all[:, first]
     add, addcmul, mul, sigmoid = torch.add, torch.addcmul, torch.mul, torch.sigmoid
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        if exact:
+            h, v = _exact_step(a_t[t].addmm_(h, w_t), g_t[t], i_t[t], f_t[t], o_t[t], h, v,
+                               tc_t[t], h_t[t], v_t[t], None if m_t is None else m_t[t])
+            continue
         a, g = a_t[t].addmm_(h, w_t), g_t[t]
         a.sigmoid_()  # sigma(i, f, o), sigma(2 z_g)
         # g = tanh(z_g) = -1 + 2 s; lerp(-1, 1, s) on this strided slice was ~10x slower
@@ -497,63 +501,32 @@ def direction_forward(
             s = sigmoid(v_new, out=tc_t[t])
             h = torch.where(valid, addcmul(o_t[t], o_t[t], s, value=-2), h, out=h_t[t])
             v = torch.where(valid, v_new, v, out=v_t[t])
-    c_all.mul_(-0.5)  # v -> c, exact
-    torch.add(-minus_one, tanh_c, alpha=-2, out=tanh_c)  # 1 - 2 sigma(-2 c) = tanh(c)
+    if not exact:
+        c_all.mul_(-0.5)  # v -> c, exact
+        torch.add(-minus_one, tanh_c, alpha=-2, out=tanh_c)  # 1 - 2 sigma(-2 c) = tanh(c)
     last = 0 if reverse else steps
     out = h_after if mask is None else h_after.masked_fill(~mask, 0)
     return out, h_all[:, last].clone(), c_all[:, last].clone(), (act, tanh_c, h_all, c_all)
 
 
-def _direction_forward_exact(
-    x_gates: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
-    mask: torch.Tensor | None, reverse: bool, time_major: bool, bias: torch.Tensor | None,
-    w_ih: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """:func:`direction_forward` with ``tanh`` computed as such (half precision), the same
-    arguments and results; a few more ops per step."""
-    batch, steps = x_gates.shape[:2]
-    gates4, hidden = w_hh.shape
-    sl_g = slice(2 * hidden, 3 * hidden)
-    act = _bt_buffer(x_gates, batch, steps, gates4, time_major)
-    if w_ih is not None:
-        act.copy_(F.linear(x_gates, w_ih, bias))
-    elif bias is None:
-        act.copy_(x_gates)
-    else:
-        torch.add(x_gates, bias, out=act)
-    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)
-    h_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
-    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
-    first = steps if reverse else 0
-    h_all[:, first] = h0
-    c_all[:, first] = c0
-    _, h_after = _carries(h_all, reverse)
-    _, c_after = _carries(c_all, reverse)
-    a_t, g_t = act.unbind(1), act[..., sl_g].unbind(1)
-    i_t, f_t = act[..., :hidden].unbind(1), act[..., hidden : 2 * hidden].unbind(1)
-    o_t = act[..., 3 * hidden :].unbind(1)
-    tc_t, h_t, c_t = tanh_c.unbind(1), h_after.unbind(1), c_after.unbind(1)
-    m_t = None if mask is None else mask.unbind(1)
-    w_t = w_hh.t()
-    h, c = h0, c_all[:, first]
-    for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        a, g = a_t[t].addmm_(h, w_t), g_t[t]
-        tanh_g = torch.tanh(g)
-        a.sigmoid_()  # i, f, o; g's slice is then overwritten by its tanh
-        g.copy_(tanh_g)
-        c_new = torch.addcmul(f_t[t] * c, i_t[t], g)
-        tc = torch.tanh(c_new, out=tc_t[t])
-        h_new = o_t[t] * tc
-        if m_t is None:
-            c = c_t[t].copy_(c_new)
-            h = h_t[t].copy_(h_new)
-        else:
-            valid = m_t[t]
-            c = torch.where(valid, c_new, c, out=c_t[t])
-            h = torch.where(valid, h_new, h, out=h_t[t])
-    last = 0 if reverse else steps
-    out = h_after if mask is None else h_after.masked_fill(~mask, 0)
-    return out, h_all[:, last].clone(), c_all[:, last].clone(), (act, tanh_c, h_all, c_all)
+def _exact_step(
+    a: torch.Tensor, g: torch.Tensor, i: torch.Tensor, f: torch.Tensor, o: torch.Tensor,
+    h: torch.Tensor, c: torch.Tensor, tc_out: torch.Tensor, h_out: torch.Tensor, c_out: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of :func:`direction_forward`'s half-precision loop, ``tanh`` computed as such:
+    ``a [B, 4H]`` the pre-activations (``g`` its cell-input slice, ``i, f, o`` its gate
+    slices), written over by the gates; the new cell state's ``tanh`` and the new carries
+    go to the ``*_out`` views (the carries held where ``valid [B, 1]`` is False). Returns
+    the carries ``(h, c)``."""
+    tanh_g = torch.tanh(g)
+    a.sigmoid_()  # i, f, o; g's slice is then overwritten by its tanh
+    g.copy_(tanh_g)
+    c_new = torch.addcmul(f * c, i, g)
+    h_new = o * torch.tanh(c_new, out=tc_out)
+    if valid is None:
+        return h_out.copy_(h_new), c_out.copy_(c_new)
+    return torch.where(valid, h_new, h, out=h_out), torch.where(valid, c_new, c, out=c_out)
 
 
 def direction_backward(
