@@ -42,6 +42,7 @@ __all__ = [
     "Materialized",
     "NormBound",
     "emit",
+    "collecting",
     "Collector",
     "LeafPieces",
     "leaf_pieces",
@@ -480,6 +481,12 @@ class Collector:
         self.records.append([])
         target._psg_record = lambda kind, data: self.records[i].append((kind, data))
         return i
+
+
+def collecting(target: torch.Tensor) -> bool:
+    """Whether :func:`emit` records pieces for ``target`` (fast clipping) rather than
+    materialising its per-sample gradient."""
+    return getattr(target, "_psg_record", None) is not None
 
 
 def emit(target: torch.Tensor, kind: GradKind, *data: Any) -> torch.Tensor | None:

@@ -82,6 +82,7 @@ from psgfunc.per_sample._kinds import (
     RowSum,
     _in_dtype,
     _up,
+    collecting,
     emit,
     outer_bound,
 )
@@ -489,7 +490,7 @@ class _ConvPerSample(torch.autograd.Function):
             gs = g.view(size, n, *g.shape[1:]).transpose(0, 1)
             kind = _conv_weight_kind(tuple(w.shape[1:]), groups)
             data = (xs, gs, (stride, padding, dilation))
-            if getattr(ctx.weight, "_psg_record", None) is not None and kind.dense_in_backward(data):
+            if collecting(ctx.weight) and kind.dense_in_backward(data):
                 # fast clipping: dW_b now (in the param's dtype, as recorded pieces would be)
                 dtype = ctx.weight.dtype
                 data = (kind.materialize(_in_dtype(xs, dtype), _in_dtype(gs, dtype), data[2]),)
