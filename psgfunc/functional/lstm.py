@@ -450,7 +450,8 @@ def direction_forward(
     scale = x_gates.new_ones(gates4)
     if not exact:
         scale[sl_g] = 2
-    w_t = (w_hh * scale.unsqueeze(1)).t()
+    # [H, 4H] contiguous, not a transposed view: the step's small addmm ran ~10% faster
+    w_t = (w_hh * scale.unsqueeze(1)).t().contiguous()
     # act holds the scaled input part of the pre-activations, then (in place, step by step)
     # the pre-activations and the gates
     act = _bt_buffer(x_gates, batch, steps, gates4, time_major)
