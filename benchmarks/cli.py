@@ -91,7 +91,7 @@ from benchmarks.methods import COMPILED, METHODS, inductor_in_process, make_step
 FIELDS = [
     "suite", "config", "desc", "batch", "method", "ms", "min_ms", "repeats", "peak_mb",
     "time_ratio", "mem_ratio", "flops", "flop_ratio", "compile_s", "busy_before", "busy_during",
-    "attempts", "error", "note", "threads", "torch", "opacus", "cpus", "quick",
+    "attempts", "error", "note", "threads", "torch", "opacus", "cpus", "quick", "malloc",
 ]
 MIN_BASE_MB = 1.0  # below this non-private peak growth, memory ratios are not meaningful
 RESULTS = "benchmarks/results"  # the committed results
@@ -268,6 +268,15 @@ def plan(opts: argparse.Namespace, methods: list[str]) -> list[tuple[str, str, s
     return jobs
 
 
+def malloc_setting() -> str:
+    """glibc's malloc tunables this run inherited (``MALLOC_MMAP_THRESHOLD_`` and the like),
+    as ``NAME=value`` pairs; empty for the defaults. Peak RSS depends on them: with glibc's
+    default, the threshold above which a block is its own mapping (given back when freed)
+    grows to the largest block freed so far (up to 32 MiB), so later tensors below it come
+    from the heap, whose freed gaps stay resident."""
+    return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") and k.endswith("_"))
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     warmup = opts.warmup if opts.warmup is not None else (0 if opts.quick else 1)
@@ -282,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()  # the children's gc.collect() (before each memory reading) skips what the
     # parent built: with torch and Opacus imported a full collection takes ~0.4 s a cell
     meta = dict(threads=opts.threads, torch=_version("torch"), opacus=_version("opacus"),
-                cpus=os.cpu_count(), quick=int(opts.quick))
+                cpus=os.cpu_count(), quick=int(opts.quick), malloc=malloc_setting())
 
     jobs = plan(opts, methods)
     if not jobs:

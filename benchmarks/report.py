@@ -169,8 +169,9 @@ def machine_line(rows: Sequence[dict[str, Any]]) -> str:
     r = rows[0]
     opacus = f"opacus {r['opacus']}" if r.get("opacus") else "opacus not installed"
     kind = " (--quick: tiny shapes, 1 repeat; smoke run, not a measurement)" if r.get("quick") else ""
+    malloc = f", glibc malloc with `{r['malloc']}`" if r.get("malloc") else ""
     return (f"Machine: {r['cpus']}-CPU Linux box, torch {r['torch']} (CPU), {opacus}, "
-            f"`torch.set_num_threads({r['threads']})`{kind}.")
+            f"`torch.set_num_threads({r['threads']})`{malloc}{kind}.")
 
 
 def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = (), details: bool = False,

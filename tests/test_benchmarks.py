@@ -268,3 +268,16 @@ def test_flops_count_a_grouped_convolution_backward_once(transposed: bool) -> No
             conv(xx, ww).sum().backward()
 
     assert count_flops(grouped) == count_flops(per_group) > 0
+
+
+def test_the_machine_line_names_glibc_malloc_tunables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import cli
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert cli.malloc_setting() == ""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert cli.malloc_setting() == "MALLOC_MMAP_THRESHOLD_=1048576"
+    row = dict(cpus=2, torch="2.13.0", opacus="", threads=2, quick=0, malloc=cli.malloc_setting())
+    assert "glibc malloc with `MALLOC_MMAP_THRESHOLD_=1048576`" in report.machine_line([row])
+    assert "malloc" not in report.machine_line([dict(row, malloc="")])
