@@ -126,6 +126,21 @@ def test_batch_mode_errors(call, match):
 # --------------------------------------------------------------------- fast clipping
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 6 * 5 * 8])  # 1 example per chunk; 3 (then 1)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_group_norm_weight_sums_in_chunks_of_examples(monkeypatch, chunk_bytes, rows, rule_calls):
+    """The fused group_norm's weight gradient is summed chunk by chunk of examples
+    (norms._CHUNK_BYTES): the same per-sample gradients and clipped sum as one chunk."""
+    monkeypatch.setattr(norms, "_CHUNK_BYTES", chunk_bytes * rows)
+    fn, params, x = case("group_norm", "both", rows)
+    expected = per_example_grads(fn, params, x)
+    assert_tree_close(per_sample_grads(fn, params, x, method="expanded"), expected, dtype=F64)
+    assert rule_calls["rule"] == 1
+    summed, _ = dp.clipped_grad_sum(lambda p, xi: fn(p, xi), params, x, max_norm=0.5, method="fast")
+    mat, _ = dp.clipped_grad_sum(lambda p, xi: fn(p, xi), params, x, max_norm=0.5, method="materialize")
+    assert_tree_close(summed, mat)
+
+
 def model():
     """conv -> group_norm -> instance_norm -> rms_norm (weight used twice) -> linear."""
     g = torch.Generator().manual_seed(0)

@@ -130,11 +130,36 @@ class _GroupNormPerSample(torch.autograd.Function):
             )[0]
         g4 = g.reshape(size, rows, c, -1)
         if ctx.needs_input_grad[1]:
-            x_hat = ((x.reshape(n, groups, -1) - mean.unsqueeze(2)) * rstd.unsqueeze(2)).reshape(g4.shape)
-            gw = emit(w, _DENSE, _sums(g4, x_hat, w.shape))
+            gw = emit(w, _DENSE, _weight_sums(x, mean, rstd, g4, groups).reshape(w.shape))
         if ctx.needs_input_grad[2]:
             gb = emit(ctx.bias, _DENSE, _sums(g4, None, ctx.bias.shape))
         return gx, gw, gb, None, None, None, None
+
+
+_CHUNK_BYTES = 1 << 22
+"""The largest transient :func:`_weight_sums` builds (4 MiB): examples are taken in chunks
+of at most this much of ``x``, so a large layer's backward does not hold an ``x``-sized
+``g * x_hat`` on top of ``g`` and the input gradient (the backward pass's peak on a
+GroupNorm ResNet)."""
+
+
+def _weight_sums(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g4: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, C]``: ``sum_{R, P} g * x_hat`` per example, ``x_hat = (x - mean) * rstd`` per row
+    and group (``x [B*R, C, *S]``, ``mean, rstd [B*R, G]``, ``g4 [B, R, C, P]``), rebuilt
+    in place chunk by chunk of examples (:data:`_CHUNK_BYTES`): the same products, each
+    example's summed on its own as before."""
+    size, rows = g4.shape[:2]
+    per_example = max(1, x.numel() // max(size, 1) * x.element_size())
+    step = max(1, _CHUNK_BYTES // per_example)
+    xs = x.reshape(size, rows, groups, -1)
+    stats = mean.reshape(size, rows, groups, 1), rstd.reshape(size, rows, groups, 1)
+    parts = []
+    for s in range(0, size, step):
+        e = min(s + step, size)
+        t = (xs[s:e] - stats[0][s:e]).mul_(stats[1][s:e])  # x_hat of examples s..e
+        parts.append(t.view(g4[s:e].shape).mul_(g4[s:e]).sum((1, 3)))
+        del t  # (before the next chunk's is built)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _affine_rule(
