@@ -60,8 +60,10 @@ from psgfunc.per_sample._expanded import (
     Rule,
     apply_function,
     call_rule,
+    check_versions,
     is_shared,
     shared,
+    versions,
     vmap_randomness,
 )
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
@@ -119,6 +121,7 @@ class _Layer(torch.autograd.Function):
             )
         ctx.save_for_backward(x, h0, c0, *saved)
         ctx.params, ctx.mask, ctx.reverse = (w_ih, b_ih, w_hh, b_hh), mask, reverse
+        ctx.versions = versions(w_ih, w_hh)  # (not saved: autograd does not check them for us)
         return out, h_n, c_n
 
     @staticmethod
@@ -126,6 +129,7 @@ class _Layer(torch.autograd.Function):
     def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
         x, h0, c0, *saved = ctx.saved_tensors
         w_ih, b_ih, w_hh, b_hh = ctx.params
+        check_versions(ctx.versions, "lstm", w_ih, w_hh)
         dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
             tuple(saved), h0, c0, shared(w_hh).to(h0.dtype), ctx.mask, ctx.reverse, True, d_out,
             d_hn, d_cn,
@@ -252,6 +256,7 @@ class _FusedLayer(torch.autograd.Function):
         out = out.flip(1) if reverse else out
         ctx.save_for_backward(x, h0, c0, out)
         ctx.params, ctx.reverse = (w_ih, b_ih, w_hh, b_hh), reverse
+        ctx.versions = versions(*ctx.params)  # (not saved: autograd does not check them for us)
         return out, h_n[0], c_n[0]
 
     @staticmethod
@@ -259,6 +264,7 @@ class _FusedLayer(torch.autograd.Function):
     def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
         x, h0, c0, hs = ctx.saved_tensors
         w_ih, b_ih, w_hh, b_hh = ctx.params
+        check_versions(ctx.versions, "lstm", *ctx.params)
         bias = None
         for b in (b_ih, b_hh):
             if b is not None:
