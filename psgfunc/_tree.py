@@ -162,15 +162,27 @@ but took three more operations per norm, a fifth of a small MLP's fast-clipping 
 
 def sq_norm_rel(dtype: torch.dtype, k: int | None = None) -> float:
     """Relative error bound of :func:`accurate_sq_norms` (and of its square root) on rows of
-    ``k`` elements (None: any length) of ``dtype``: a row of at most ``_ONE_PASS`` summed at
-    once, or at most ``_SQ_BLOCK`` squares summed in the accumulation dtype (float32 for half
-    precision), then the partial sums (in float64 beyond ``_SQ_BLOCK`` of them)."""
+    ``k`` elements (None: any length; not for float64) of ``dtype``: a row of at most
+    ``_ONE_PASS`` summed at once, or at most ``_SQ_BLOCK`` squares summed in the
+    accumulation dtype (float32 for half precision), then the partial sums (in float64
+    beyond ``_SQ_BLOCK`` of them: below one float32 rounding for float32 and half-precision
+    rows, counted once; each of their additions for float64 rows, whose bound therefore
+    grows with ``k``).
+
+    Raises:
+        ValueError: for float64 with ``k`` None.
+    """
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if k is None:
+        if acc == torch.float64:
+            raise ValueError(
+                "sq_norm_rel: float64 rows have no bound for every length (their partial "
+                "sums are added in float64 too); pass the row length k"
+            )
         return gamma(max(_ONE_PASS + 1, 2 * _SQ_BLOCK) + 4, acc)
     block = _block(k)
     parts = k // block if block else 0
-    second = parts if parts <= _SQ_BLOCK else 1
+    second = parts if parts <= _SQ_BLOCK or acc == torch.float64 else 1
     return gamma(block + second + (k % block > 0 if block else 0) + 4, acc)
 
 

@@ -39,3 +39,75 @@ def test_tree_map_several_trees_and_structure_error():
 def test_per_example_norms_by_hand():
     grads = {"w": torch.tensor([[3.0, 0.0], [0.0, 0.0]]), "b": torch.tensor([[4.0], [0.0]])}
     assert torch.equal(_tree.per_example_norms(grads), torch.tensor([5.0, 0.0]))
+
+
+def _roundings(dtype, k):
+    """The roundings (in the accumulation dtype) of ``accurate_sq_norms`` on rows of ``k``,
+    counted from its algorithm: ``k`` squares and additions, then the norm's square root
+    (2, squared) and its square (1); longer rows: the ``block`` squares and additions and
+    the square root of each block, then the sum of the blocks' squares (a product and an
+    addition each; beyond 128 blocks added in float64, which for float32 rows stays below
+    one float32 rounding, then rounded back) and the tail's addition."""
+    if k <= _tree._ONE_PASS:
+        return k + 3
+    block = _tree._block(k)
+    parts, tail = k // block, k % block
+    if parts <= _tree._SQ_BLOCK or dtype == torch.float64:
+        second = parts
+    else:
+        second = 3  # the square, the float64 sum (below one float32 rounding), back to float32
+    return block + 2 + second + (tail > 0)
+
+
+KS = [*range(1, 40), 127, 128, 129, 255, 256, 257, 509, 511, 512, 513, 521, 640, 1021, 1024,
+      3072, 4093, 4096, 16384, 16512, 2**18, 2**18 + 7, 2**20, 10**8 + 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_sq_norm_rel_counts_every_rounding_of_accurate_sq_norms(dtype):
+    """Reproducer: float64 rows of more than 128 blocks (k > 16384: a materialised float64
+    embedding table's gradient) were bounded by gamma_133 while their block sums are added
+    in float64 too (2047 more roundings at k = 2^18)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for k in KS:
+        assert _tree.sq_norm_rel(dtype, k) >= _tree.gamma(_roundings(dtype, k), acc), k
+    if dtype == torch.float64:
+        with pytest.raises(ValueError, match="pass the row length k"):
+            _tree.sq_norm_rel(dtype)
+    else:
+        assert _tree.sq_norm_rel(dtype) >= max(_tree.sq_norm_rel(dtype, k) for k in KS)
+
+
+def _adversarial_rows(k, dtype, gen):
+    """``[5, k]``: random, all equal, one large element among tiny ones, squares that round
+    down, and values near the largest of ``dtype`` (half precision: its squares still
+    fit float32)."""
+    big = 6e4 if dtype == torch.float16 else 1.0
+    rows = [
+        torch.randn(k, generator=gen, dtype=torch.float64),
+        torch.full((k,), 1 / 3, dtype=torch.float64),
+        torch.cat([torch.ones(1, dtype=torch.float64), 1e-3 * torch.rand(k - 1, generator=gen, dtype=torch.float64)]),
+        torch.full((k,), 1 + 2**-12 + 2**-13, dtype=torch.float64),
+        big * (1 - torch.rand(k, generator=gen, dtype=torch.float64) / 4),
+    ]
+    return torch.stack(rows).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_accurate_sq_norms_within_sq_norm_rel(dtype):
+    """Against the exact squared norms (float64 for the narrower dtypes, whose squares it
+    holds exactly; exact rationals for float64) on adversarial rows, every row length
+    around the one-pass and block limits."""
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(0)
+    for k in [1, 2, 3, 7, 100, 128, 129, 300, 511, 512, 513, 521, 1024, 1031, 4096]:
+        t = _adversarial_rows(k, dtype, gen)
+        got = _tree.accurate_sq_norms(t).double()
+        if dtype == torch.float64:
+            exact = [sum(Fraction(v) ** 2 for v in row.tolist()) for row in t]
+            err = [abs(Fraction(float(g)) - e) / e for g, e in zip(got, exact)]
+        else:
+            exact = t.double().square().sum(1)
+            err = ((got - exact).abs() / exact).tolist()
+        assert max(err) <= _tree.sq_norm_rel(dtype, k), k

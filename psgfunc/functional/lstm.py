@@ -408,17 +408,13 @@ def direction_forward(
     """One layer and direction of the LSTM over a batch, without autograd.
 
     The loop does one in-place ``addmm`` and six small elementwise ops per step (with a
-    mask, three more) and writes every intermediate the backward needs into preallocated
-    ``[B, T, *]`` buffers whose per-step views are made up front, outside the loop. Two
-    identities keep the slow ``tanh`` out of it: ``tanh(z) = 2 sigma(2 z) - 1``, with the
-    ``g`` rows of the pre-activation doubled (exactly) up front so that one sigmoid covers
-    all four gates, and ``tanh(c) = 1 - 2 sigma(v)`` with ``v = -2 c`` carried instead of
-    ``c`` (``v' = f v - 2 i g``; scaled back, exactly, after the loop), so that
-    ``h' = o - 2 o sigma(v')`` is one ``addcmul`` (and ``tanh(c')`` for the backward is one
-    op over all steps after the loop). Those identities err by the unit roundoff of values
-    near 1 (``sigma`` near 1/2), not relatively to ``tanh``: in float32 and float64 that is
-    below the step's other roundings, in half precision (an autocast recurrence) it would
-    double the error of small cell states, so there the loop computes ``tanh`` itself.
+    mask, two more) and writes every intermediate the backward needs into preallocated
+    ``[B, T, *]`` buffers whose per-step views are made up front, outside the loop. Both
+    ``tanh`` are computed as such: the sigmoid identities ``tanh(z) = 2 sigma(2 z) - 1``
+    (and ``1 - 2 sigma(-2 c)``), cheaper ops, err by the roundoff of values near 1, not
+    relatively to ``tanh``: where the pre-activations and cell states are small they gave
+    outputs and gradients off by 1e-3 of their size in float32 (inputs of 1e-4, zero
+    biases; nn.LSTM: 1e-7) and 3e-8 in float64 (inputs of 1e-8).
 
     Args:
         x_gates: ``[B, T, 4H]``, ``x W_ih^T`` plus both biases, any strides.
@@ -446,88 +442,54 @@ def direction_forward(
     batch, steps = x_gates.shape[:2]
     gates4, hidden = w_hh.shape
     sl_g = slice(2 * hidden, 3 * hidden)
-    exact = x_gates.dtype not in (torch.float32, torch.float64)  # half precision: tanh itself
-    scale = x_gates.new_ones(gates4)
-    if not exact:
-        scale[sl_g] = 2
     # [H, 4H] contiguous, not a transposed view: the step's small addmm ran ~10% faster
-    w_t = (w_hh * scale.unsqueeze(1)).t().contiguous()
-    # act holds the scaled input part of the pre-activations, then (in place, step by step)
-    # the pre-activations and the gates
+    w_t = w_hh.t().contiguous()
+    # act holds the input part of the pre-activations, then (in place, step by step) the
+    # pre-activations and the gates
     act = _bt_buffer(x_gates, batch, steps, gates4, time_major)
     if w_ih is not None:
-        w_s, b_s = (w_ih * scale.unsqueeze(1)).t(), None if bias is None else bias * scale
         if time_major:  # [T*B, D] @ [D, 4H] into the time-major buffer
             x_tm = x_gates.transpose(0, 1).reshape(steps * batch, w_ih.shape[1])
             flat = act.transpose(0, 1).view(steps * batch, gates4)
-            torch.mm(x_tm, w_s, out=flat) if b_s is None else torch.addmm(b_s, x_tm, w_s, out=flat)
+            torch.mm(x_tm, w_ih.t(), out=flat) if bias is None else torch.addmm(bias, x_tm, w_ih.t(), out=flat)
         else:
-            act.copy_(F.linear(x_gates, w_s.t(), b_s))
+            act.copy_(F.linear(x_gates, w_ih, bias))
     elif bias is None:
-        torch.mul(x_gates, scale, out=act)
+        act.copy_(x_gates)
     else:
-        torch.addcmul(bias * scale, x_gates, scale, out=act)
-    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # sigma(v) in the fast loop
+        torch.add(x_gates, bias, out=act)
+    tanh_g = _bt_buffer(x_gates, batch, steps, hidden, time_major)  # into act's g slice at the end
+    tanh_c = _bt_buffer(x_gates, batch, steps, hidden, time_major)
     h_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
-    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)  # v = -2 c in the fast loop
+    c_all = _bt_buffer(x_gates, batch, steps + 1, hidden, time_major)
     first = steps if reverse else 0
     h_all[:, first] = h0
-    torch.mul(c0, 1 if exact else -2, out=c_all[:, first])
-    minus_one = x_gates.new_tensor(-1.0)
+    c_all[:, first] = c0
     _, h_after = _carries(h_all, reverse)
     _, c_after = _carries(c_all, reverse)
-    a_t, g_t = act.unbind(1), act[..., sl_g].unbind(1)
+    a_t, z_g_t, g_t = act.unbind(1), act[..., sl_g].unbind(1), tanh_g.unbind(1)
     i_t, f_t = act[..., :hidden].unbind(1), act[..., hidden : 2 * hidden].unbind(1)
     o_t = act[..., 3 * hidden :].unbind(1)
-    tc_t, h_t, v_t = tanh_c.unbind(1), h_after.unbind(1), c_after.unbind(1)
+    tc_t, h_t, c_t = tanh_c.unbind(1), h_after.unbind(1), c_after.unbind(1)
     m_t = None if mask is None else mask.unbind(1)
-    h, v = h0, c_all[:, first]
-    add, addcmul, mul, sigmoid = torch.add, torch.addcmul, torch.mul, torch.sigmoid
+    h, c = h0, c_all[:, first]
+    addcmul, mul, tanh = torch.addcmul, torch.mul, torch.tanh
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        if exact:
-            h, v = _exact_step(a_t[t].addmm_(h, w_t), g_t[t], i_t[t], f_t[t], o_t[t], h, v,
-                               tc_t[t], h_t[t], v_t[t], None if m_t is None else m_t[t])
-            continue
-        a, g = a_t[t].addmm_(h, w_t), g_t[t]
-        a.sigmoid_()  # sigma(i, f, o), sigma(2 z_g)
-        # g = tanh(z_g) = -1 + 2 s; lerp(-1, 1, s) on this strided slice was ~10x slower
-        add(minus_one, g, alpha=2, out=g)
+        a = a_t[t].addmm_(h, w_t)
+        g = tanh(z_g_t[t], out=g_t[t])
+        a.sigmoid_()  # i, f, o (and g's slice, overwritten by tanh_g after the loop)
         if m_t is None:
-            v = mul(f_t[t], v, out=v_t[t]).addcmul_(i_t[t], g, value=-2)  # -2 c'
-            s = sigmoid(v, out=tc_t[t])
-            h = addcmul(o_t[t], o_t[t], s, value=-2, out=h_t[t])  # o (1 - 2 s) = o tanh(c')
+            c = mul(f_t[t], c, out=c_t[t]).addcmul_(i_t[t], g)
+            h = mul(o_t[t], tanh(c, out=tc_t[t]), out=h_t[t])
         else:
             valid = m_t[t]
-            v_new = addcmul(f_t[t] * v, i_t[t], g, value=-2)
-            s = sigmoid(v_new, out=tc_t[t])
-            h = torch.where(valid, addcmul(o_t[t], o_t[t], s, value=-2), h, out=h_t[t])
-            v = torch.where(valid, v_new, v, out=v_t[t])
-    if not exact:
-        c_all.mul_(-0.5)  # v -> c, exact
-        torch.add(-minus_one, tanh_c, alpha=-2, out=tanh_c)  # 1 - 2 sigma(-2 c) = tanh(c)
+            c_new = addcmul(f_t[t] * c, i_t[t], g)
+            h = torch.where(valid, o_t[t] * tanh(c_new, out=tc_t[t]), h, out=h_t[t])
+            c = torch.where(valid, c_new, c, out=c_t[t])
+    act[..., sl_g] = tanh_g
     last = 0 if reverse else steps
     out = h_after if mask is None else h_after.masked_fill(~mask, 0)
     return out, h_all[:, last].clone(), c_all[:, last].clone(), (act, tanh_c, h_all, c_all)
-
-
-def _exact_step(
-    a: torch.Tensor, g: torch.Tensor, i: torch.Tensor, f: torch.Tensor, o: torch.Tensor,
-    h: torch.Tensor, c: torch.Tensor, tc_out: torch.Tensor, h_out: torch.Tensor, c_out: torch.Tensor,
-    valid: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of :func:`direction_forward`'s half-precision loop, ``tanh`` computed as such:
-    ``a [B, 4H]`` the pre-activations (``g`` its cell-input slice, ``i, f, o`` its gate
-    slices), written over by the gates; the new cell state's ``tanh`` and the new carries
-    go to the ``*_out`` views (the carries held where ``valid [B, 1]`` is False). Returns
-    the carries ``(h, c)``."""
-    tanh_g = torch.tanh(g)
-    a.sigmoid_()  # i, f, o; g's slice is then overwritten by its tanh
-    g.copy_(tanh_g)
-    c_new = torch.addcmul(f * c, i, g)
-    h_new = o * torch.tanh(c_new, out=tc_out)
-    if valid is None:
-        return h_out.copy_(h_new), c_out.copy_(c_new)
-    return torch.where(valid, h_new, h, out=h_out), torch.where(valid, c_new, c, out=c_out)
 
 
 def direction_backward(

@@ -130,6 +130,35 @@ def repeated(t: torch.Tensor) -> torch.Tensor:
     return shared(t) if p is None else p
 
 
+def versions(*params: torch.Tensor | None) -> tuple[int, ...] | None:
+    """The version counters of the expanded ``params`` (None entries skipped) that an
+    ``autograd.Function`` keeps by identity on ``ctx`` (not saved) and whose values its
+    backward reads, for :func:`check_versions`; None while the compiler traces."""
+    if torch.compiler.is_compiling():
+        return None
+    return tuple(p._version for p in params if p is not None)
+
+
+def check_versions(kept: tuple[int, ...] | None, where: str, *params: torch.Tensor | None) -> None:
+    """RuntimeError if a parameter changed in place between the forward and this backward.
+
+    A tensor saved with ``save_for_backward`` gets this check from autograd; a parameter kept
+    on ``ctx`` by identity (packing the ``[B, *shape]`` expansion under saved-tensor hooks
+    would copy it ``B`` times, and the unpacked copy lacks its recorder) needs it here, else
+    the backward silently uses the new values (an optimizer step or a ``no_grad`` edit of
+    the weight between ``loss = model(x)`` and ``loss.backward()``)."""
+    if kept is None:
+        return
+    now = tuple(p._version for p in params if p is not None)
+    if now != kept:
+        raise RuntimeError(
+            f"psgfunc {where}: a parameter the backward pass needs was modified in place after "
+            "the forward pass (an optimizer step or an in-place edit between the forward and "
+            "the backward); run the forward pass again after changing the parameters, or "
+            "change them out of place"
+        )
+
+
 def is_shared(t: torch.Tensor) -> bool:
     """Whether ``t``'s dim 0 holds copies of one tensor (stride 0, or size 1)."""
     return t.dim() > 0 and (t.shape[0] <= 1 or t.stride(0) == 0)

@@ -539,3 +539,44 @@ def test_bfloat16_recurrence_as_accurate_as_its_dtype(with_lengths, bidirectiona
     assert (out - ref).abs().mean() < 4e-4  # the sigmoid identities gave 9e-4 here
     for k in ref_g:
         assert (grads[k] - ref_g[k]).norm() < 1.5e-2 * ref_g[k].norm(), k
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_small_cell_states_are_as_accurate_as_nn_lstm(dtype, with_lengths, bidirectional):
+    """Reproducer: zero biases and inputs of 1e-8 (float64) or 1e-4 (float32): every gate
+    pre-activation and cell state is small. The loop's sigmoid identities for tanh
+    (``2 sigma(2 z) - 1``, ``1 - 2 sigma(-2 c)``) err by the roundoff of values near 1,
+    not relatively to ``tanh``, so outputs and gradients were off by 3e-8 (float64) and 1e-3
+    (float32) of their size, where nn.LSTM errs by 1e-16 and 1e-7."""
+    scale, rtol = (1e-8, 1e-12) if dtype == torch.float64 else (1e-4, 2e-6)
+    m = make_lstm(1, bidirectional, batch_first=True)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("bias"):
+                p.zero_()
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale
+    lengths = torch.tensor([T, 2, 4]) if with_lengths else None
+
+    def layer(params, x):
+        return PF.lstm(params, x, batch_first=True, bidirectional=bidirectional, lengths=lengths)[0]
+
+    def reference(params, x):
+        if lengths is None:
+            return m(x)[0]
+        out, _ = m(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return pad_packed_sequence(out, batch_first=True, total_length=T)[0]
+
+    def run(f, params, x):
+        x = x.clone().requires_grad_(True)
+        out = f(params, x)
+        weights = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)
+        return [out, *torch.autograd.grad((out * weights).sum(), [x, *params.values()])]
+
+    expected = run(reference, dict(m.named_parameters()), x)
+    params = {k: v.detach().to(dtype).requires_grad_(True) for k, v in m.named_parameters()}
+    for got, ref in zip(run(layer, params, x.to(dtype)), expected):
+        err = float((got.double() - ref).abs().max() / ref.abs().max())
+        assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"

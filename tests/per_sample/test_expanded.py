@@ -414,3 +414,44 @@ def test_rules_feed_fast_clipping_without_materialising_fallback():
     torch.testing.assert_close(got_norms, norms, rtol=1e-10, atol=0)
     clipped = torch.utils._pytree.tree_map(lambda g: torch.einsum("b,b...->...", factors, g), expected)
     assert_tree_close(summed, clipped, dtype=F64)
+
+
+def _in_place_case(name: str) -> tuple[dict, object, torch.Tensor]:
+    """``(params, batched layer, x)`` of a layer whose backward reads a weight it keeps on
+    ``ctx`` by identity (not saved), float64."""
+    gen = torch.Generator().manual_seed(0)
+
+    def init(params: dict) -> dict:
+        return {k: v.to(torch.float64).requires_grad_() for k, v in params.items()}
+
+    x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    if name == "linear":
+        return init(PF.init_linear(5, 3, generator=gen)), PF.linear, x
+    if name in ("lstm", "lstm_fused"):
+        return init(PF.init_lstm(5, 3, generator=gen)), (lambda p, x: PF.lstm(p, x, batch_first=True)[0]), x
+    if name == "gru":
+        return init(PF.init_gru(5, 3, generator=gen)), (lambda p, x: PF.gru(p, x, batch_first=True)[0]), x
+    if name == "group_norm":
+        params = {"weight": torch.rand(4, generator=gen).add(0.5), "bias": torch.randn(4, generator=gen)}
+        return init(params), (lambda p, x: PF.group_norm(p, x, 2)), x  # one native_group_norm
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["linear", "lstm", "lstm_fused", "gru", "group_norm"])
+def test_a_weight_changed_in_place_before_the_backward_raises(name, monkeypatch):
+    """Reproducer: ``y = pnn.Linear(...)(x); weight.mul_(2) (no_grad); y.sum().backward()``
+    gave ``x.grad`` from the doubled weight, silently (the rule keeps the weight on ``ctx``
+    by identity, so autograd's saved-tensor version check never ran); ``torch.nn.Linear``
+    raises. Every rule whose backward reads a parameter it did not save checks its version."""
+    from psgfunc.per_sample import _expanded
+    from psgfunc.per_sample.rules import lstm as lstm_rule
+
+    monkeypatch.setattr(lstm_rule, "_FUSED_WITH_GRAD", name == "lstm_fused")
+    params, layer, x = _in_place_case(name)
+    y = _expanded.module_call(layer, params, x.shape[0], x)
+    y.square().sum().backward(retain_graph=True)  # unchanged: as before
+    with torch.no_grad():
+        for p in params.values():
+            p.mul_(2)
+    with pytest.raises(RuntimeError, match="modified (in place|by an inplace)"):
+        y.square().sum().backward()

@@ -566,3 +566,35 @@ def test_batch_mode_with_per_example_params_falls_back_to_vmap():
                                   bidirectional=True, lengths=int(lengths[b]))
         torch.testing.assert_close(out[:, b], ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(h_n[:, b], ref_h, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_small_states_match_an_nn_lstm_oracle(fused, monkeypatch):
+    """Reproducer: zero biases and inputs of 1e-8, so every pre-activation and cell state is
+    small: the loops' sigmoid identities for tanh (the forward's and ``_replay``'s) err by
+    the roundoff of values near 1, and the per-sample gradients were off by 6e-8 of their
+    size (the loop) or of a gate's rows (the fused layer's recomputation: 2e-8). The float64 oracle loop over ``PF.lstm`` runs the same loop and could not see it:
+    here the oracle is ``torch.nn.LSTM``."""
+    monkeypatch.setattr(lstm_rule, "_FUSED_WITH_GRAD", fused)
+    torch.manual_seed(0)
+    m = torch.nn.LSTM(D, H, bidirectional=True, dtype=F64)
+    params = {k: torch.zeros_like(v) if k.startswith("bias") else v.detach().clone()
+              for k, v in m.named_parameters()}
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(1), dtype=F64) * 1e-8
+    weights = torch.linspace(-1, 2, T * 2 * H, dtype=F64).view(T, 2 * H)
+
+    def fn(p, x):
+        return (PF.lstm(p, x, bidirectional=True)[0] * weights).sum()
+
+    def reference(p, x):
+        return (torch.func.functional_call(m, p, (x,))[0] * weights).sum()
+
+    def gates(grads):  # each gate's rows on their own: the i and o rows are far smaller here
+        return {(k, n): chunk for k, v in grads.items() for n, chunk in enumerate(v.chunk(4, dim=1))}
+
+    expected = per_example_grads(reference, params, x)
+    for method in ("expanded", "vmap"):
+        assert_tree_close(gates(per_sample_grads(fn, params, x, method=method)), gates(expected))
+    summed, norms = dp.clipped_grad_sum(fn, params, x, max_norm=1e-9, method="fast")
+    exact = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in expected.values()))
+    assert bool((norms >= exact).all()) and float((norms / exact).max()) < 1 + 1e-10

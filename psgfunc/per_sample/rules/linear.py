@@ -25,9 +25,11 @@ from psgfunc.per_sample._expanded import (
     Rule,
     apply_function,
     call_rule,
+    check_versions,
     is_shared,
     repeated,
     shared,
+    versions,
 )
 from psgfunc.per_sample._kinds import Outer, RowSum, _as, emit
 
@@ -52,11 +54,13 @@ class _LinearPerSample(torch.autograd.Function):
         # the params by identity, not saved: emit finds a Collector's record on the tensor
         # object itself, which a saved tensor's unpacked copy (saved_tensors_hooks) lacks
         ctx.weight, ctx.bias = w, b
+        ctx.versions = versions(w)  # (not saved: autograd does not check it for us)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         (x,) = ctx.saved_tensors
         w, b = ctx.weight, ctx.bias
+        check_versions(ctx.versions, "linear", w)
         need = ctx.needs_input_grad
         # (create_graph: the shared view of w, so that the input gradient reaches w too)
         wm = shared(w) if torch.is_grad_enabled() else repeated(w)

@@ -29,7 +29,7 @@ of torch's fused C++ LSTM (``torch._VF.lstm``) with the shared weights, keeping 
 hidden states ``hs``; the backward recomputes what ``direction_forward`` would have saved
 from them (:func:`_replay`: with ``h_prev`` known for every step, the pre-activations
 ``x W_ih^T + h_prev W_hh^T + b`` are two matmuls over all ``B * T`` rows and the gates one
-sigmoid; only the cell state is a scan, one op per step), then runs the same
+sigmoid and one tanh; only the cell state is a scan, one op per step), then runs the same
 ``direction_backward`` and emits the same four pieces as above, ``W_ih``'s included. It
 serves every unmasked call that no backward follows (``no_grad``, inference through the
 shells), where it is about twice as fast as the loop. With a backward it is off
@@ -60,8 +60,10 @@ from psgfunc.per_sample._expanded import (
     Rule,
     apply_function,
     call_rule,
+    check_versions,
     is_shared,
     shared,
+    versions,
     vmap_randomness,
 )
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
@@ -119,6 +121,7 @@ class _Layer(torch.autograd.Function):
             )
         ctx.save_for_backward(x, h0, c0, *saved)
         ctx.params, ctx.mask, ctx.reverse = (w_ih, b_ih, w_hh, b_hh), mask, reverse
+        ctx.versions = versions(w_ih, w_hh)  # (not saved: autograd does not check them for us)
         return out, h_n, c_n
 
     @staticmethod
@@ -126,6 +129,7 @@ class _Layer(torch.autograd.Function):
     def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
         x, h0, c0, *saved = ctx.saved_tensors
         w_ih, b_ih, w_hh, b_hh = ctx.params
+        check_versions(ctx.versions, "lstm", w_ih, w_hh)
         dz, h_prev, dh0, dc0 = _lstm_mod.direction_backward(
             tuple(saved), h0, c0, shared(w_hh).to(h0.dtype), ctx.mask, ctx.reverse, True, d_out,
             d_hn, d_cn,
@@ -181,22 +185,18 @@ def _replay(
     ``x [B, T, D]``, ``h0/c0 [B, H]``, the shared ``w_ih [4H, D]``, ``w_hh [4H, H]`` and
     ``bias`` (``b_ih + b_hh``, ``[4H]``, or None). Every step's pre-activation is known
     once ``hs`` is: ``z = x W_ih^T + h_prev W_hh^T + b`` is two matmuls over all ``T * B``
-    rows, the gates one sigmoid over all steps; only the cell state is a scan, one
+    rows, the gates one sigmoid and one tanh over all steps; only the cell state is a scan, one
     ``addcmul`` per step. Returns ``(act, tanh_c, h_all, c_all)``, all ``[B, T(+1), *]``
     views of time-major buffers, as ``direction_forward`` lays them out.
     """
     batch, steps, in_size = x.shape
     gates4, hidden = w_hh.shape
-    # tanh(z) = 2 sigmoid(2 z) - 1: one sigmoid over all four gates, with the g rows of the
-    # weights and bias doubled (exactly); tanh on the strided g slice is several times slower
     sl_g = slice(2 * hidden, 3 * hidden)
-    scale = w_hh.new_ones(gates4, 1)
-    scale[sl_g] = 2
     x_tm = x.transpose(0, 1).reshape(steps * batch, in_size)  # a copy unless time-major
     if bias is None:
-        z = torch.mm(x_tm, (w_ih * scale).t())
+        z = torch.mm(x_tm, w_ih.t())
     else:
-        z = torch.addmm(bias * scale[:, 0], x_tm, (w_ih * scale).t())
+        z = torch.addmm(bias, x_tm, w_ih.t())
     z = z.view(steps, batch, gates4)
     # the carries with the initial one at 0 (T when reverse), as direction_forward saves them
     h_all = hs.new_empty(steps + 1, batch, hidden)
@@ -206,20 +206,20 @@ def _replay(
     before = slice(1, steps + 1) if reverse else slice(0, steps)
     h_all[init], h_all[after], c_all[init] = h0, hs.transpose(0, 1), c0
     # the carry each step started from is known for every step: one matmul over all rows
-    z.view(-1, gates4).addmm_(h_all[before].reshape(-1, hidden), (w_hh * scale).t())
-    act = torch.sigmoid(z, out=z)  # [T, B, 4H]: sigma(i, f, o), and sigma(2 z_g) for now
-    # -1 + 2 s by add with alpha: lerp(-1, 1, s) on the strided slice is ~10x slower
-    minus_one = act.new_tensor(-1.0)
-    torch.add(minus_one, act[..., sl_g], alpha=2, out=act[..., sl_g])  # tanh(z_g)
-    ig = act[..., :hidden] * act[..., sl_g]
+    z.view(-1, gates4).addmm_(h_all[before].reshape(-1, hidden), w_hh.t())
+    # tanh as such, as the forward (the identity 2 sigmoid(2 z) - 1 errs by the roundoff of
+    # values near 1, not relatively to tanh: see direction_forward)
+    tanh_g = torch.tanh(z[..., sl_g])
+    act = torch.sigmoid(z, out=z)  # [T, B, 4H]: sigma(i, f, o), and g's slice for now
+    act[..., sl_g] = tanh_g
+    ig = act[..., :hidden] * tanh_g
     f_t, ig_t = act[..., hidden : 2 * hidden].unbind(0), ig.unbind(0)
     cs = c_all[after]
     cs_t = cs.unbind(0)
     c = c0
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         c = torch.addcmul(ig_t[t], f_t[t], c, out=cs_t[t])
-    tanh_c = torch.sigmoid(cs + cs)  # tanh(c) = 2 sigmoid(2 c) - 1; tanh is ~3x slower
-    torch.add(minus_one, tanh_c, alpha=2, out=tanh_c)
+    tanh_c = torch.tanh(cs)
     return act.transpose(0, 1), tanh_c.transpose(0, 1), h_all.transpose(0, 1), c_all.transpose(0, 1)
 
 
@@ -252,6 +252,7 @@ class _FusedLayer(torch.autograd.Function):
         out = out.flip(1) if reverse else out
         ctx.save_for_backward(x, h0, c0, out)
         ctx.params, ctx.reverse = (w_ih, b_ih, w_hh, b_hh), reverse
+        ctx.versions = versions(*ctx.params)  # (not saved: autograd does not check them for us)
         return out, h_n[0], c_n[0]
 
     @staticmethod
@@ -259,6 +260,7 @@ class _FusedLayer(torch.autograd.Function):
     def backward(ctx: Any, d_out, d_hn, d_cn):  # type: ignore[override]
         x, h0, c0, hs = ctx.saved_tensors
         w_ih, b_ih, w_hh, b_hh = ctx.params
+        check_versions(ctx.versions, "lstm", *ctx.params)
         bias = None
         for b in (b_ih, b_hh):
             if b is not None:

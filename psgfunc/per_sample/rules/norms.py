@@ -34,7 +34,14 @@ from psgfunc.functional.normalization import (
     instance_norm,
     rms_norm,
 )
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
+from psgfunc.per_sample._expanded import (
+    Rule,
+    apply_function,
+    call_rule,
+    check_versions,
+    is_shared,
+    versions,
+)
 from psgfunc.per_sample._kinds import Materialized, emit
 
 __all__ = ["GroupNormRule", "InstanceNormRule", "RMSNormRule"]
@@ -114,12 +121,14 @@ class _GroupNormPerSample(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, mean, rstd)
         ctx.weight, ctx.bias = w, b  # as they are, for emit (a saved tensor may come back as another object)
+        ctx.versions = versions(w)  # (not saved: autograd does not check it for us)
         ctx.conf = (size, rows, groups)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, *_: Any) -> Any:
         x, mean, rstd = ctx.saved_tensors
         w = ctx.weight
+        check_versions(ctx.versions, "group_norm", w)
         size, rows, groups = ctx.conf
         n, c = x.shape[:2]
         g = g.contiguous()

@@ -34,8 +34,10 @@ from psgfunc.per_sample._expanded import (
     Rule,
     apply_function,
     call_rule,
+    check_versions,
     is_shared,
     shared,
+    versions,
     vmap_randomness,
 )
 from psgfunc.per_sample._kinds import Outer, RowSum, emit
@@ -182,6 +184,7 @@ class _Recurrence(torch.autograd.Function):
         )
         ctx.save_for_backward(h0, *saved)
         ctx.kind, ctx.w_hh, ctx.b_hh, ctx.mask, ctx.reverse = kind, w_hh, b_hh, mask, reverse
+        ctx.versions = versions(w_hh, b_hh)  # (not saved: autograd does not check them for us)
         return out, h_n
 
     @staticmethod
@@ -189,6 +192,7 @@ class _Recurrence(torch.autograd.Function):
     def backward(ctx: Any, d_out, d_hn):  # type: ignore[override]
         h0, *saved = ctx.saved_tensors
         w_hh, b_hh = ctx.w_hh, ctx.b_hh
+        check_versions(ctx.versions, ctx.kind, w_hh, b_hh)
         dz_ih, dz_hh, h_prev, dh0 = direction_backward(
             ctx.kind, tuple(saved), h0, shared(w_hh), ctx.mask, ctx.reverse, d_out, d_hn
         )
