@@ -154,16 +154,19 @@ def gamma(k: int, dtype: torch.dtype) -> float:
 _SQ_BLOCK = 128
 """Longest row part whose squares :func:`accurate_sq_norms` sums in the input's precision."""
 
-_ONE_PASS = 512
-"""Rows up to this long are one reduction in :func:`accurate_sq_norms` (relative error
-``gamma_517``, 3e-5 in float32): blocks of 128 bounded a row of 512 by 8e-6 instead,
-but took three more operations per norm, a fifth of a small MLP's fast-clipping step."""
+FAST_ONE_PASS = 512
+"""``one_pass`` of the fast-clipping kinds' norms (``psgfunc.per_sample._kinds``): rows up to
+512 in one reduction (relative error ``gamma_517``, 3e-5 in float32, which their certified
+norms include) instead of blocks of 128 (8e-6): three fewer operations per norm, a fifth of
+a small MLP's fast-clipping step. Dense clipping keeps the default, whose float32 norms are
+accurate to 4e-6 (``psgfunc.dp.clip``'s tolerance is ``C (1 + 1e-5)``)."""
 
 
-def sq_norm_rel(dtype: torch.dtype, k: int | None = None) -> float:
+def sq_norm_rel(dtype: torch.dtype, k: int | None = None, one_pass: int = _SQ_BLOCK) -> float:
     """Relative error bound of :func:`accurate_sq_norms` (and of its square root) on rows of
-    ``k`` elements (None: any length; not for float64) of ``dtype``: a row of at most
-    ``_ONE_PASS`` summed at once, or at most ``_SQ_BLOCK`` squares summed in the
+    ``k`` elements (None: any length; not for float64) of ``dtype``, with the same
+    ``one_pass``: a row of at most ``one_pass`` summed at once, or at most ``_SQ_BLOCK``
+    squares summed in the
     accumulation dtype (float32 for half precision), then the partial sums (in float64
     beyond ``_SQ_BLOCK`` of them: below one float32 rounding for float32 and half-precision
     rows, counted once; each of their additions for float64 rows, whose bound therefore
@@ -179,18 +182,18 @@ def sq_norm_rel(dtype: torch.dtype, k: int | None = None) -> float:
                 "sq_norm_rel: float64 rows have no bound for every length (their partial "
                 "sums are added in float64 too); pass the row length k"
             )
-        return gamma(max(_ONE_PASS + 1, 2 * _SQ_BLOCK) + 4, acc)
-    block = _block(k)
+        return gamma(max(one_pass + 1, 2 * _SQ_BLOCK) + 4, acc)
+    block = _block(k, one_pass)
     parts = k // block if block else 0
     second = parts if parts <= _SQ_BLOCK or acc == torch.float64 else 1
     return gamma(block + second + (k % block > 0 if block else 0) + 4, acc)
 
 
-def _block(k: int) -> int:
-    """The partial-sum length for rows of ``k``: ``k`` itself up to ``_ONE_PASS``, else the
+def _block(k: int, one_pass: int = _SQ_BLOCK) -> int:
+    """The partial-sum length for rows of ``k``: ``k`` itself up to ``one_pass``, else the
     largest divisor of ``k`` not above ``_SQ_BLOCK`` (one reshape, no tail), or
     ``_SQ_BLOCK`` with a separate tail when ``k`` has no divisor above 32."""
-    if k <= _ONE_PASS:
+    if k <= max(one_pass, _SQ_BLOCK):
         return k
     for b in range(_SQ_BLOCK, 32, -1):
         if k % b == 0:
@@ -198,22 +201,22 @@ def _block(k: int) -> int:
     return _SQ_BLOCK
 
 
-def accurate_sq_norms(t: torch.Tensor) -> torch.Tensor:
+def accurate_sq_norms(t: torch.Tensor, one_pass: int = _SQ_BLOCK) -> torch.Tensor:
     """``[B, *shape] -> [B]`` squared norms (float32, float64 for float64 ``t``), relative
-    error at most :func:`sq_norm_rel` whatever the row length.
+    error at most :func:`sq_norm_rel` (with the same ``one_pass``) whatever the row length.
 
     ``row_sq_norms`` in float32 sums a long row in few accumulators and under-estimates:
     by 4e-6 for 2^18 elements and 2e-5 for 2^20 here, enough to clip an example above its
-    bound. Here rows of at most 512 are one reduction (accurate to ``gamma_517``, whatever
-    its order of summation); longer rows are cut into blocks of at most 128 whose norms
-    (one fused reduction, in float32 for half-precision inputs, whose squares are exact
-    there) are then added up (in float64 beyond 128 blocks): as fast, and accurate to
-    ``gamma_260``.
+    bound. Here rows of at most ``one_pass`` (default 128; :data:`FAST_ONE_PASS` for the
+    fast-clipping kinds) are one reduction (accurate to ``gamma_{k+5}``, whatever its order
+    of summation); longer rows are cut into blocks of at most 128 whose norms (one fused
+    reduction, in float32 for half-precision inputs, whose squares are exact there) are
+    then added up (in float64 beyond 128 blocks): as fast, and accurate to ``gamma_260``.
     """
     size = t.shape[0]
     k = math.prod(t.shape[1:])
     acc = None if t.dtype in (torch.float32, torch.float64) else torch.float32
-    block = _block(k)
+    block = _block(k, one_pass)
     if block == k:  # (over t's own dims: no reshape op)
         dims = tuple(range(1, t.dim())) if t.dim() > 1 else None
         rows = t if dims else t.reshape(size, k)

@@ -41,16 +41,16 @@ def test_per_example_norms_by_hand():
     assert torch.equal(_tree.per_example_norms(grads), torch.tensor([5.0, 0.0]))
 
 
-def _roundings(dtype, k):
+def _roundings(dtype, k, one_pass):
     """The roundings (in the accumulation dtype) of ``accurate_sq_norms`` on rows of ``k``,
     counted from its algorithm: ``k`` squares and additions, then the norm's square root
     (2, squared) and its square (1); longer rows: the ``block`` squares and additions and
     the square root of each block, then the sum of the blocks' squares (a product and an
     addition each; beyond 128 blocks added in float64, which for float32 rows stays below
     one float32 rounding, then rounded back) and the tail's addition."""
-    if k <= _tree._ONE_PASS:
+    if k <= max(one_pass, _tree._SQ_BLOCK):
         return k + 3
-    block = _tree._block(k)
+    block = _tree._block(k, one_pass)
     parts, tail = k // block, k % block
     if parts <= _tree._SQ_BLOCK or dtype == torch.float64:
         second = parts
@@ -63,19 +63,23 @@ KS = [*range(1, 40), 127, 128, 129, 255, 256, 257, 509, 511, 512, 513, 521, 640,
       3072, 4093, 4096, 16384, 16512, 2**18, 2**18 + 7, 2**20, 10**8 + 7]
 
 
+ONE_PASS = [128, _tree.FAST_ONE_PASS]  # dense clipping's default; the fast kinds' (_kinds.sq_norms)
+
+
+@pytest.mark.parametrize("one_pass", ONE_PASS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_sq_norm_rel_counts_every_rounding_of_accurate_sq_norms(dtype):
+def test_sq_norm_rel_counts_every_rounding_of_accurate_sq_norms(dtype, one_pass):
     """Reproducer: float64 rows of more than 128 blocks (k > 16384: a materialised float64
     embedding table's gradient) were bounded by gamma_133 while their block sums are added
     in float64 too (2047 more roundings at k = 2^18)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for k in KS:
-        assert _tree.sq_norm_rel(dtype, k) >= _tree.gamma(_roundings(dtype, k), acc), k
+        assert _tree.sq_norm_rel(dtype, k, one_pass) >= _tree.gamma(_roundings(dtype, k, one_pass), acc), k
     if dtype == torch.float64:
         with pytest.raises(ValueError, match="pass the row length k"):
-            _tree.sq_norm_rel(dtype)
+            _tree.sq_norm_rel(dtype, None, one_pass)
     else:
-        assert _tree.sq_norm_rel(dtype) >= max(_tree.sq_norm_rel(dtype, k) for k in KS)
+        assert _tree.sq_norm_rel(dtype, None, one_pass) >= max(_tree.sq_norm_rel(dtype, k, one_pass) for k in KS)
 
 
 def _adversarial_rows(k, dtype, gen):
@@ -93,8 +97,9 @@ def _adversarial_rows(k, dtype, gen):
     return torch.stack(rows).to(dtype)
 
 
+@pytest.mark.parametrize("one_pass", ONE_PASS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_accurate_sq_norms_within_sq_norm_rel(dtype):
+def test_accurate_sq_norms_within_sq_norm_rel(dtype, one_pass):
     """Against the exact squared norms (float64 for the narrower dtypes, whose squares it
     holds exactly; exact rationals for float64) on adversarial rows, every row length
     around the one-pass and block limits."""
@@ -103,11 +108,19 @@ def test_accurate_sq_norms_within_sq_norm_rel(dtype):
     gen = torch.Generator().manual_seed(0)
     for k in [1, 2, 3, 7, 100, 128, 129, 300, 511, 512, 513, 521, 1024, 1031, 4096]:
         t = _adversarial_rows(k, dtype, gen)
-        got = _tree.accurate_sq_norms(t).double()
+        got = _tree.accurate_sq_norms(t, one_pass).double()
         if dtype == torch.float64:
             exact = [sum(Fraction(v) ** 2 for v in row.tolist()) for row in t]
             err = [abs(Fraction(float(g)) - e) / e for g, e in zip(got, exact)]
         else:
             exact = t.double().square().sum(1)
             err = ((got - exact).abs() / exact).tolist()
-        assert max(err) <= _tree.sq_norm_rel(dtype, k), k
+        assert max(err) <= _tree.sq_norm_rel(dtype, k, one_pass), k
+
+
+def test_dense_clipping_norms_stay_within_its_tolerance():
+    """``psgfunc.dp.clip`` adds no slack for float32 leaves: its norms (the default
+    ``one_pass``) must be accurate to well inside its ``C (1 + 1e-5)`` for every row length,
+    which the fast kinds' one-pass rows of 512 (3e-5 on squares) are not."""
+    assert max(_tree.sq_norm_rel(torch.float32, k) for k in KS) <= 2e-5
+    assert _tree.sq_norm_rel(torch.float32, 512, _tree.FAST_ONE_PASS) > 2e-5

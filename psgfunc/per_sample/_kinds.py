@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from psgfunc._tree import accurate_sq_norms, gamma, sq_norm_rel, unit_roundoff
+from psgfunc._tree import FAST_ONE_PASS, accurate_sq_norms, gamma, sq_norm_rel, unit_roundoff
 
 __all__ = [
     "GradKind",
@@ -146,11 +146,23 @@ def _up(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, F64) else t.to(torch.float32)
 
 
+def sq_norms(t: torch.Tensor) -> torch.Tensor:
+    """``[B, *shape] -> [B]`` squared norms for the kinds' bounds:
+    :func:`~psgfunc._tree.accurate_sq_norms` with :data:`~psgfunc._tree.FAST_ONE_PASS`
+    (relative error at most :func:`sq_rel`)."""
+    return accurate_sq_norms(t, FAST_ONE_PASS)
+
+
+def sq_rel(dtype: torch.dtype, k: int) -> float:
+    """The relative error bound of :func:`sq_norms` on rows of ``k`` elements."""
+    return sq_norm_rel(dtype, k, FAST_ONE_PASS)
+
+
 def dense_bound(total: torch.Tensor) -> NormBound:
     """:class:`NormBound` of materialised per-example gradients ``[B, *shape]``, whose
     weighted sum is ``c @ total`` (one product per example and coordinate)."""
     k = math.prod(total.shape[1:])
-    return _relative(accurate_sq_norms(total), sq_norm_rel(total.dtype, k), gamma(2, _acc(total.dtype)))
+    return _relative(sq_norms(total), sq_rel(total.dtype, k), gamma(2, _acc(total.dtype)))
 
 
 def _rho(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
@@ -211,7 +223,7 @@ def outer_bound(
     dtype = _acc(g.dtype)
     if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
         sq = _sq1(cache, g) * _sq1(cache, x)
-        rel = sq_norm_rel(g.dtype, o) + sq_norm_rel(x.dtype, i) + gamma(2, dtype)
+        rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(2, dtype)
         return _relative(sq, rel, gamma(pieces + 2, dtype))
     grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
     err_scale = gamma(n + pieces + 2, dtype) * grow
@@ -219,9 +231,9 @@ def outer_bound(
         rg, rx = _rho(cache, g), _rho(cache, x)
         a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
         dense = torch.bmm(_up(g).transpose(1, 2), _up(x))
-        sq = accurate_sq_norms(dense)
+        sq = sq_norms(dense)
         # the materialised sums of N products err by gamma_N a at most
-        hi = sq.sqrt() * (1 + sq_norm_rel(dtype, o * i)) + a * (gamma(n + 2, dtype) * grow)
+        hi = sq.sqrt() * (1 + sq_rel(dtype, o * i)) + a * (gamma(n + 2, dtype) * grow)
         return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), err_scale)
     # [B, N, N] each; an LSTM's W_ih and W_hh share g (the gate gradients): one Gram
     gram_g, ko = _shared(cache, "gram", g, lambda: gram_of(g))
@@ -312,8 +324,8 @@ def _shared(cache: dict | None, tag: str, t: torch.Tensor, compute: Any) -> Any:
 
 def _sq1(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
     """``[B]`` squared norms of ``t [B, 1, K]`` (one position per example), shared via
-    ``cache``; relative error at most ``sq_norm_rel``."""
-    return _shared(cache, "sq1", t, lambda: accurate_sq_norms(t))
+    ``cache``; relative error at most :func:`sq_rel`."""
+    return _shared(cache, "sq1", t, lambda: sq_norms(t))
 
 
 class GradKind:
@@ -436,14 +448,14 @@ class RowSum(GradKind):
         (g,) = datas[0]
         dtype = _acc(g.dtype)
         if g.shape[1] == 1:
-            return _relative(_sq1(cache, g), sq_norm_rel(g.dtype, g.shape[2]), gamma(3, dtype))
+            return _relative(_sq1(cache, g), sq_rel(g.dtype, g.shape[2]), gamma(3, dtype))
 
         def compute() -> NormBound:
             n = g.shape[1]
-            sq = accurate_sq_norms(_up(g).sum(1))
+            sq = sq_norms(_up(g).sum(1))
             a = _rho(cache, g).sum(1)  # the sum of N rows errs by gamma_N sum_n ||g_n|| at most
             grow = (1 + gamma(g.shape[2] + 3, dtype)) * (1 + gamma(n + 2, dtype))
-            hi = sq.sqrt() * (1 + sq_norm_rel(dtype, g.shape[2])) + a * (gamma(n + 2, dtype) * grow)
+            hi = sq.sqrt() * (1 + sq_rel(dtype, g.shape[2])) + a * (gamma(n + 2, dtype) * grow)
             return NormBound(sq, hi.square(), a, 1 + gamma(4, dtype), gamma(n + 2, dtype) * grow)
 
         # the [B, K] gradient is the cheap form; an LSTM's b_ih and b_hh share it (both dz)
