@@ -45,7 +45,12 @@ includes the compiler's first-use costs), is the ``compile_s`` column. FLOPs of 
 compiled methods on the same program run eagerly (``backend="eager"``), since the counter
 cannot see inside an Inductor graph. Time: the
 median of ``--repeats`` steps (and of as many more as fit in ``--min-time`` seconds, at most
-100) after ``--warmup`` steps. Memory (:func:`benchmarks.layers.step_peak_mb`): the peak
+100) after ``--warmup`` steps. Paired (the default, not with ``--quick``): each private
+method's process also builds the non-private step and runs it after every timed step; the
+ratio is the method's median over that paired median (``ref_ms``), both taken under the
+same load, rather than over the ``nn`` cell's own median from another process and another
+minute (on a shared 2-core box the speed of both drifted by 30% and more between runs).
+``--no-paired``: the ``nn`` cell's median. Memory (:func:`benchmarks.layers.step_peak_mb`): the peak
 resident-set growth of ONE step over the live model and inputs, after a one-example step
 (Linux: free heap pages returned to the OS, peak RSS reset, then ``VmHWM`` after the step
 minus ``VmRSS`` before it): every byte the step needs at its high-water mark (activations,
@@ -91,7 +96,7 @@ from benchmarks.methods import COMPILED, METHODS, inductor_in_process, make_step
 FIELDS = [
     "suite", "config", "desc", "batch", "method", "ms", "min_ms", "repeats", "peak_mb",
     "time_ratio", "mem_ratio", "flops", "flop_ratio", "compile_s", "busy_before", "busy_during",
-    "attempts", "error", "note", "threads", "torch", "opacus", "cpus", "quick", "malloc",
+    "attempts", "error", "note", "threads", "torch", "opacus", "cpus", "quick", "malloc", "ref_ms",
 ]
 MIN_BASE_MB = 1.0  # below this non-private peak growth, memory ratios are not meaningful
 RESULTS = "benchmarks/results"  # the committed results
@@ -126,9 +131,12 @@ def _measure(args: tuple[Any, ...], opts: argparse.Namespace, warmup: int, repea
     except OSError:  # pragma: no cover - not Linux
         total0 = idle0 = None
     cpu0 = _own_cpu_seconds()
+    suite, name, quick, method, batch = args
+    ref_args = (suite, name, quick, "nn", batch) if opts.paired and method != "nn" else None
     try:
         result = layers.measure(build_step, args, opts.threads, warmup, repeats, min_ms,
-                                timeout=opts.cell_timeout, tiny=not opts.quick, flops=True)
+                                timeout=opts.cell_timeout, tiny=not opts.quick, flops=True,
+                                ref_args=ref_args)
     except EOFError:  # the child died without reporting (killed, e.g. out of memory)
         result = dict(error="the measuring process died (out of memory?)")
     if result is None:
@@ -224,7 +232,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"output folder (default: {RESULTS}; with --quick: {QUICK_RESULTS}, git-ignored)")
     parser.add_argument("--name", default=None, help="file stem (default: bench, quick: bench-quick)")
     parser.add_argument("--no-plots", action="store_true", help="CSV and Markdown only")
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the non-private step in each method's process, interleaved, and "
+                             "take the ratio to that (default: on, off with --quick)")
     opts = parser.parse_args(argv)
+    if opts.paired is None:
+        opts.paired = not opts.quick
     opts.suites = _csv_list(opts.suite) if opts.suite else (list(SUITES) if opts.quick else DEFAULT_SUITES)
     opts.batches = [int(b) for b in _csv_list(opts.batch_sizes)] if opts.batch_sizes else None
     if opts.cell_timeout is None:
@@ -326,13 +339,17 @@ def main(argv: list[str] | None = None) -> int:
                    busy_before="" if math.isnan(busy) else round(busy, 2),
                    busy_during="" if math.isnan(during) else round(during, 2), attempts=attempt,
                    error=" ".join(str(result.get("error", "")).split())[:300],
-                   note=" ".join(str(result.get("note", "")).split())[:300], **meta)
+                   note=" ".join(str(result.get("note", "")).split())[:300], **meta,
+                   ref_ms=result.get("ref_ms", math.nan))
         key = (suite, name, batch)
         if method == "nn":
             base[key] = row
         ref = base.get(key)
-        if ref is not None and not row["error"] and not ref["error"]:
+        if not row["error"] and not math.isnan(row["ref_ms"]):
+            row["time_ratio"] = row["ms"] / row["ref_ms"]  # paired: same process, same minutes
+        elif ref is not None and not row["error"] and not ref["error"]:
             row["time_ratio"] = row["ms"] / ref["ms"]
+        if ref is not None and not row["error"] and not ref["error"]:
             if ref["peak_mb"] >= MIN_BASE_MB:
                 row["mem_ratio"] = row["peak_mb"] / ref["peak_mb"]
             if ref["flops"] > 0:

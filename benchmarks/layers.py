@@ -260,12 +260,17 @@ def step_peak_mb(step: Callable[[], Any]) -> float:
     return (_status_kb("VmHWM") - before) / 1024
 
 
-def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flops=False):
+def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flops=False, ref_args=None):
     """In a fresh forked process (the parent never ran torch's thread pool, see
     ``_grad_sample_module``): a one-example step (one-time initialisation; not with
     ``tiny=False``, where the parent already paid it), one step for peak memory, the FLOPs of
     one step (``flops=True``, :func:`benchmarks.methods.count_flops`), then warm-up and timed
-    steps. ``args[-1]`` is the batch size. A step that compiled reports ``compile_s``."""
+    steps. ``args[-1]`` is the batch size. A step that compiled reports ``compile_s``.
+
+    ``ref_args``: also build ``builder(*ref_args)`` (the non-private step) after the memory
+    and FLOPs readings and time it interleaved with the step, one of each per round; its
+    median is ``ref_ms``, so that the step's ratio to it is measured under the same load
+    (a shared machine's speed drifts from second to second and from process to process)."""
     try:
         warnings.simplefilter("ignore")
         torch.set_num_threads(threads)
@@ -287,14 +292,24 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flo
             from benchmarks.methods import count_flops
 
             result["flops"] = count_flops(step)
+        ref = builder(*ref_args) if ref_args is not None else None
         for _ in range(warmup):
             step()
+            if ref is not None:
+                ref()
         times: list[float] = []
+        ref_times: list[float] = []
         while len(times) < repeats or (sum(times) < min_ms and len(times) < 100):
             start = time.perf_counter()
             step()
             times.append((time.perf_counter() - start) * 1e3)
+            if ref is not None:
+                start = time.perf_counter()
+                ref()
+                ref_times.append((time.perf_counter() - start) * 1e3)
         result.update(ms=statistics.median(times), min_ms=min(times), n=len(times), peak_mb=peak_mb)
+        if ref_times:
+            result["ref_ms"] = statistics.median(ref_times)
         conn.send(result)
     except Exception as error:  # report, do not hang the parent
         conn.send(dict(error=f"{type(error).__name__}: {error}"))
@@ -335,14 +350,16 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> float:
 
 
 def measure(builder, args, threads, warmup, repeats, min_ms, *, timeout=None, tiny=True,
-            flops=False) -> dict[str, Any] | None:
-    """Run :func:`_child` in a forked process and return what it reports.
+            flops=False, ref_args=None) -> dict[str, Any] | None:
+    """Run :func:`_child` in a forked process and return what it reports (``ref_args``: the
+    paired reference step's builder arguments, see :func:`_child`).
 
     ``timeout``: seconds to wait for the child; past it the child is killed and the result is
     an error (a cell never hangs the run). Raises EOFError when the child died silently."""
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, builder, args, threads, warmup, repeats, min_ms, tiny, flops))
+    proc = ctx.Process(target=_child, args=(child, builder, args, threads, warmup, repeats, min_ms, tiny, flops,
+                                            ref_args))
     proc.start()
     child.close()
     try:

@@ -29,7 +29,7 @@ from benchmarks.methods import METHODS
 
 BEGIN = "<!-- benchmark-results:begin -->"
 END = "<!-- benchmark-results:end -->"
-_NUMERIC = ("batch", "ms", "min_ms", "repeats", "peak_mb", "time_ratio", "mem_ratio", "flops", "flop_ratio",
+_NUMERIC = ("batch", "ms", "min_ms", "repeats", "peak_mb", "time_ratio", "mem_ratio", "flops", "flop_ratio", "ref_ms",
             "compile_s", "threads", "cpus", "quick")
 _INTS = ("batch", "repeats", "threads", "cpus", "quick")
 # One fixed style per method, the same in every plot: psgfunc's methods are solid lines in the
@@ -187,10 +187,14 @@ def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = ()
     """
     if not rows:
         return "No results.\n"
+    paired = any(not math.isnan(r.get("ref_ms", math.nan)) for r in rows)
     out = [machine_line(rows), ""]
     out += [
         "Time: median step time of each method divided by the non-private `torch.nn` step "
-        "(forward + backward) on the same batch; the non-private column is in milliseconds. "
+        "(forward + backward) on the same batch"
+        + (", timed in the method's own process, one non-private step after each of its steps "
+           "(paired: both under the same load)" if paired else "")
+        + "; the non-private column is in milliseconds. "
         "Memory: peak resident-set growth of one step over the live model and inputs, in MB, "
         "measured in a fresh process per cell (ratio to the non-private step where that grows by "
         "at least 1 MB). "

@@ -7,6 +7,7 @@ requested cell is filled, and the Markdown regenerates from the CSV.
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -281,3 +282,24 @@ def test_the_machine_line_names_glibc_malloc_tunables(monkeypatch: pytest.Monkey
     row = dict(cpus=2, torch="2.13.0", opacus="", threads=2, quick=0, malloc=cli.malloc_setting())
     assert "glibc malloc with `MALLOC_MMAP_THRESHOLD_=1048576`" in report.machine_line([row])
     assert "malloc" not in report.machine_line([dict(row, malloc="")])
+
+
+def test_paired_runs_time_the_non_private_step_in_each_methods_process(tmp_path: Path) -> None:
+    """Default (not --quick): each private method's ratio is to a non-private step timed in its
+    own process, interleaved (ref_ms); the nn cell is not paired with itself."""
+    cmd = [sys.executable, "-m", "benchmarks", "--suite", "layers", "--configs", "Linear", "--methods",
+           "nn,clip-fast", "--batch-sizes", "2", "--repeats", "2", "--warmup", "0", "--min-time", "0",
+           "--max-wait", "0", "--retries", "0", "--threads", "1", "--no-plots", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {r["method"]: r for r in report.load(tmp_path / "bench.csv")}
+    assert math.isnan(rows["nn"]["ref_ms"]) and rows["nn"]["time_ratio"] == 1.0
+    fast = rows["clip-fast"]
+    assert fast["ref_ms"] > 0 and fast["time_ratio"] == pytest.approx(fast["ms"] / fast["ref_ms"])
+    assert "paired" in (tmp_path / "bench.md").read_text()
+
+
+def test_quick_runs_are_not_paired(quick_run: Path) -> None:
+    rows = report.load(quick_run / "smoke.csv")
+    assert all(math.isnan(r["ref_ms"]) for r in rows)
+    assert "paired" not in (quick_run / "smoke.md").read_text()
