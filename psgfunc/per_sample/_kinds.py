@@ -349,6 +349,12 @@ class GradKind:
         dense gradient is built once and also serves the weighted sum)."""
         return type(self).bound is GradKind.bound
 
+    def rebuilt(self, records: Sequence[tuple[GradKind, tuple[Any, ...]]]) -> Any:
+        """``records`` (all of this kind, one parameter's) rewritten as records of another
+        kind that serves them better (e.g. gradients built now, with what their norm's
+        bound needs), or None (the default: as they are)."""
+        return None
+
     def bound(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> NormBound:
         """Norm estimate, certified norm bound and weighted-sum error of the summed pieces
         (:class:`NormBound`); ``cache`` (see :func:`leaf_pieces`) lets parameters whose
@@ -631,10 +637,12 @@ output head); the first that applies wins. Rules' modules append to it."""
 
 
 def _combined(records: Sequence[tuple[GradKind, tuple[Any, ...]]]) -> Sequence[tuple[GradKind, tuple[Any, ...]]]:
-    if len(records) < 2 or not COMBINERS:
+    if not records:
         return records
     first = records[0][0]
     if all(k is first or k == first for k, _ in records):
+        return first.rebuilt(records) or records
+    if not COMBINERS:
         return records
     for combine in COMBINERS:
         out = combine(records)

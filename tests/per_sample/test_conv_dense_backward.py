@@ -1,6 +1,7 @@
 """Fast clipping of convolutions whose per-example weight gradient is smaller than the
 layer's input and output gradient (issue 15): the backward pass records ``dW_b`` itself
-(:meth:`ConvWeight.dense_in_backward`), whose norm is ``dense_bound`` and sum ``c @ dW``."""
+(:meth:`ConvWeight.dense_in_backward`) with the size of its terms (``BuiltConvWeight``),
+whose norm bounds the exact gradient's and whose sum is ``c @ dW``."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import torch
 
 import psgfunc.dp as dp
 import psgfunc.functional as PF
+from psgfunc import per_sample_grads
 from psgfunc.per_sample import _kinds
 from psgfunc.per_sample._clip import grad_pieces
 from psgfunc.per_sample.rules import conv as conv_rule
-from psgfunc.per_sample.rules.conv import ConvWeight
+from psgfunc.per_sample.rules.conv import BuiltConvWeight, ConvWeight
 
 F64 = torch.float64
 
@@ -67,10 +69,10 @@ def recorded_kinds(fn, params, x, y):
 
 @pytest.mark.parametrize("size,mixed", [(1, False), (5, False), (5, True)])
 def test_dense_in_backward_equals_materialise(size, mixed, monkeypatch):
-    """float64: the conv weight's pieces are its dense per-example gradient (both calls;
-    ``mixed``: one call recorded dense, the other as x and g, added up densely), not x
-    and g; the norms and the clipped sum equal the materialising route's at 1e-10, and no
-    materialisation warning is given (the leaf has a rule)."""
+    """float64: the conv weight's pieces are its built per-example gradients (both calls;
+    ``mixed``: one call recorded built, the other as x and g, built when the pieces are
+    combined), not x and g; the norms and the clipped sum equal the materialising route's
+    at 1e-10, and no materialisation warning is given (the leaf has a rule)."""
     monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)  # not kept dense at the end of the pass
     params, fn = make(mixed=mixed)
     x, y = batch(size)
@@ -79,8 +81,8 @@ def test_dense_in_backward_equals_materialise(size, mixed, monkeypatch):
     assert kind.dense_in_backward((xs, gs, ((1, 1), (1, 1), (1, 1))))
     pieces = grad_pieces(fn, params, x, y)
     weight = pieces.leaves[1]  # optree order: conv.bias, conv.weight, fc.bias, fc.weight
-    assert weight.kind is None and weight.dense is not None and not pieces.materialized
-    assert tuple(weight.dense.shape) == (size, 4, 4, 3, 3)
+    assert isinstance(weight.kind, BuiltConvWeight) and weight.dense is None and not pieces.materialized
+    assert [tuple(d[0].shape) for d in weight.datas] == [(size, 4, 4, 3, 3)] * 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         summed, norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=0.05)
@@ -92,15 +94,15 @@ def test_dense_in_backward_equals_materialise(size, mixed, monkeypatch):
 
 
 def test_dense_in_backward_records_no_layer_data():
-    """The path is taken in the backward pass: the conv weight records Materialized pieces
-    (one per call), never ConvWeight (x, g); with the threshold at 0, the old pieces."""
+    """The path is taken in the backward pass: the conv weight records BuiltConvWeight
+    pieces (one per call), never ConvWeight (x, g); with the threshold at 0, the old pieces."""
     params, fn = make()
     x, y = batch(3)
     kinds = recorded_kinds(fn, params, x, y)
-    assert [k for i, k in kinds if i == 1] == ["Materialized", "Materialized"]
+    assert [k for i, k in kinds if i == 1] == ["BuiltConvWeight", "BuiltConvWeight"]
     mixed, fn_mixed = make(mixed=True)
     kinds = recorded_kinds(fn_mixed, mixed, x, y)  # backward order: the 2x2 call first
-    assert [k for i, k in kinds if i == 1] == ["ConvWeight", "Materialized"]
+    assert [k for i, k in kinds if i == 1] == ["ConvWeight", "BuiltConvWeight"]
     mp = pytest.MonkeyPatch()
     mp.setattr(conv_rule, "_DENSE_PER_DATA", 0)
     try:
@@ -151,12 +153,66 @@ def test_dense_in_backward_cancelling_examples(dtype, monkeypatch):
 
     pieces = grad_pieces(fn, params, x)
     leaf = pieces.leaves[0]
-    assert leaf.kind is None and leaf.dense is not None
+    assert isinstance(leaf.kind, BuiltConvWeight)
     norms = _kinds.certified_norm(pieces.leaves)
-    dense = leaf.dense.double().flatten(1)
+    dense = leaf.datas[0][0].double().flatten(1)
     assert bool((norms.double() >= dense.norm(dim=1)).all())
+    exact = per_sample_grads(fn, {"conv": {"weight": params["conv"]["weight"].double()}}, x.double())
+    assert bool((norms.double() >= exact["conv"]["weight"].flatten(1).norm(dim=1)).all())
     for b in range(size):
         c = torch.zeros(size)
         c[b] = 1 / float(norms[b])
         out = leaf.weighted_sum(c).double().norm()
         assert float(out) <= 1 + (1e-5 if dtype == torch.float32 else 2**-7)
+
+
+@pytest.mark.parametrize("seed", [1, 3, 4])
+@pytest.mark.parametrize("where", ["backward", "kept"])
+def test_built_gradient_norms_bound_the_exact_ones_under_cancellation(seed, where):
+    """Reproducer (review): inputs of 100 + 1e-4 noise and output gradients of zero mean over
+    the positions, so each example's weight gradient nearly cancels. The norm of the
+    gradient as built (float32) fell 0.6% below the exact one; with the size of its terms
+    (``a_b``) the certified norm is above it (clipping such an example a little harder).
+    ``where``: built in the backward pass (8->8 on 16x16), or recorded as x and g and built
+    at the end as a small kept gradient (a grouped 8->8 on 4x4, dW_b larger than x and g)."""
+    torch.manual_seed(seed)
+    groups, side = (1, 16) if where == "backward" else (2, 4)
+    params = {"weight": PF.init_conv(8, 8, (3, 3), groups=groups)["weight"]}
+    x = 100 + 1e-4 * torch.randn(4, 8, side, side)
+    g = torch.randn(4, 8, side - 2, side - 2)
+    g = g - g.mean((2, 3), keepdim=True)
+
+    def fn(p, xi, gi):
+        return (PF.conv2d(p, xi.unsqueeze(0), groups=groups)[0] * gi).sum()
+
+    kinds = recorded_kinds(lambda p, xi, gi: fn(p["conv"], xi, gi), {"conv": params}, x, g)
+    assert [k for _, k in kinds] == ["BuiltConvWeight" if where == "backward" else "ConvWeight"]
+    if where == "kept":
+        leaf = grad_pieces(fn, params, x, g).leaves[0]
+        assert isinstance(leaf.kind, BuiltConvWeight)
+    _, norms = dp.clipped_grad_sum(fn, params, x, g, max_norm=1.0, method="fast")
+    exact = per_sample_grads(fn, {"weight": params["weight"].double()}, x.double(), g.double())["weight"]
+    assert bool((norms.double() >= exact.flatten(1).norm(dim=1)).all())
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,spatial", [
+    ((3, 3), (1, 1), (1, 1), (1, 1), (6, 7)),  # sum pooling
+    ((3, 2), (2, 1), (0, 1), (1, 1), (7, 5)),  # pooling, stride, uneven kernel
+    ((3, 3), (1, 1), (2, 2), (1, 1), (5, 5)),  # padding above half the kernel: shifted views
+    ((3, 3), (1, 2), (1, 0), (2, 1), (7, 6)),  # dilation: shifted views
+    ((2, 2, 2), (1, 1, 1), (1, 0, 0), (1, 1, 1), (1, 5, 5)),  # kernel deeper than the input
+    ((3, 3, 1), (1, 2, 1), (1, 1, 0), (1, 1, 1), (4, 5, 3)),  # 3-d pooling
+])
+def test_patch_norms_are_the_norms_of_the_unfolded_patches(kernel, stride, padding, dilation, spatial):
+    """``_patch_norms`` (sum pooling where torch's pooling allows it, shifted views
+    elsewhere) against the patches built explicitly, zero padding included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, *spatial, dtype=F64, generator=gen)  # [N, B, C, *S]
+    got = conv_rule._patch_norms(x, kernel, stride, padding, dilation, F64)
+    padded = torch.nn.functional.pad(x, [p for q in reversed(padding) for p in (q, q)])
+    windows = padded
+    for d, (k, st, dl) in enumerate(zip(kernel, stride, dilation)):
+        windows = windows.unfold(3 + d, dl * (k - 1) + 1, st)  # [N, B, C, *S', *window]
+    windows = windows[(..., *(slice(None, None, dl) for dl in dilation))]
+    want = windows.square().sum(dim=(2, *range(-len(kernel), 0))).sqrt()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

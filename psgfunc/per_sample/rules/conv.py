@@ -75,6 +75,7 @@ from psgfunc.functional.conv import (
 )
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
 from psgfunc.per_sample._kinds import (
+    COMBINERS,
     F64,
     GradKind,
     Materialized,
@@ -233,7 +234,7 @@ class ConvWeight(GradKind):
     is ``x`` and ``g``. A gradient of at most ``_KEEP_DENSE`` elements in all that the Gram
     form does not cover is materialised once and kept for the sum (``c @ dW``: cheaper than
     a convolution backward there); so is, already in the backward pass, one smaller than
-    the call's ``x`` and ``g`` (:meth:`dense_in_backward`).
+    the call's ``x`` and ``g`` (:meth:`dense_in_backward`, a :class:`BuiltConvWeight`).
     """
 
     def __init__(self, weight_shape: tuple[int, ...], groups: int):
@@ -243,8 +244,15 @@ class ConvWeight(GradKind):
         return per_sample_conv_weight_grad(x, g, self.weight_shape, *conf, self.groups)
 
     def prefers_dense(self, datas: Any) -> bool:
+        return False  # small gradients are built, with their terms' sizes (rebuilt)
+
+    def rebuilt(self, records: Any) -> Any:
+        """Gradients of at most ``_KEEP_DENSE`` elements in all that the Gram form does not
+        cover: built now, once, as :class:`BuiltConvWeight` pieces (their norm bounds the
+        exact one, their sum is ``c @ dW``); None otherwise."""
+        datas = [data for _, data in records]
         small = datas[0][1].shape[1] * math.prod(self.weight_shape) <= _KEEP_DENSE
-        return small and not self.uses_gram(datas)
+        return _built(records) if small and not self.uses_gram(datas) else None
 
     def dense_in_backward(self, data: tuple[Any, ...]) -> bool:
         """Whether the backward pass of one call, data ``(x, g, conf)``, records ``dW_b``
@@ -254,8 +262,9 @@ class ConvWeight(GradKind):
         ``dW_b`` is 0.28 of them). The gradient is computed once there, by the grouped
         convolution gradient, where the norm and the weighted sum would contract ``x`` with
         ``g`` once each, and ``g`` is freed with the layer's backward instead of at the end
-        of the pass (so memory goes down, not up). Its norm is then
-        :func:`~psgfunc.per_sample._kinds.dense_bound` and its sum ``c @ dW``."""
+        of the pass (so memory goes down, not up). It is recorded as a
+        :class:`BuiltConvWeight` with the size of its terms, whose norm bounds the exact
+        gradient's (:func:`_direct_bound`), and its sum is ``c @ dW``."""
         x, g, _ = data
         size = x.shape[1]
         per_example = math.prod(self.weight_shape)
@@ -316,32 +325,17 @@ class ConvWeight(GradKind):
         return g, u
 
     def _direct_rows(self, datas: Any, lo: int, hi: int) -> NormBound:
-        """:meth:`bound` of examples ``lo:hi`` from their materialised gradients.
-
-        The computed ``dW_b`` (sums of ``n`` products per coordinate over all calls) is
-        within ``gamma_{n + pieces} a_b`` of the exact one, ``a_b = sum_t ||g_bt|| ||u_bt||``
-        (``u_bt`` over all input channels: an upper bound for grouped layers), computed in
-        float64 from per-position norms; the weighted sum errs by as much (as
-        :func:`~psgfunc.per_sample._kinds.outer_bound`'s direct form)."""
+        """:meth:`bound` of examples ``lo:hi`` from their materialised gradients
+        (:func:`_direct_bound`)."""
         total, a = None, None
         for x, g, conf in datas:
             xs, gs = _up(x[:, lo:hi]), _up(g[:, lo:hi])
             dense = self.materialize(xs, gs, conf)
             total = dense if total is None else total + dense
-            rg = torch.linalg.vector_norm(gs, dim=2, dtype=F64)  # [N, b, *S']
-            rx = _patch_norms(xs, tuple(self.weight_shape[2:]), *conf)
-            t = (rg * rx).flatten(2).sum(2).sum(0)
+            t = _term_sizes(xs, gs, tuple(self.weight_shape[2:]), conf, xs.dtype)
             a = t if a is None else a + t
-        dtype = total.dtype
-        o, i = self.weight_shape[0], math.prod(self.weight_shape[1:])
-        n = _positions_per_example(datas)
         channels_all = datas[0][0].shape[2] * math.prod(self.weight_shape[2:])
-        grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(channels_all + 3, dtype)) * (1 + gamma(n + 2, dtype))
-        err_scale = gamma(n + len(datas) + 2, dtype) * grow
-        a = a.to(dtype)
-        sq = accurate_sq_norms(total)
-        bound = sq.sqrt() * (1 + sq_norm_rel(dtype, o * i)) + a * err_scale
-        return NormBound(sq, bound.square(), a, 1 + gamma(4, dtype), err_scale)
+        return _direct_bound(total, a, _positions_per_example(datas), len(datas), self.weight_shape, channels_all)
 
     def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
         total = None
@@ -388,12 +382,129 @@ def _positions_per_example(datas: Any) -> int:
     return sum(g.shape[0] * math.prod(g.shape[3:]) for _, g, _ in datas)
 
 
+def _term_sizes(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], conf: tuple[Any, ...],
+                dtype: torch.dtype) -> torch.Tensor:
+    """``[B]`` ``a_b = sum_t ||g_bt|| ||u_bt||`` of one call, data ``(x [N, B, C, *S], g [N, B,
+    O, *S']``): the size of the terms an example's weight gradient sums (``u_bt`` its input
+    patches over all channels, an upper bound for grouped layers), computed in ``dtype``:
+    float32 is within the ``grow`` factor of :func:`_direct_bound` (row norms over ``O`` and
+    over ``C * K``, a sum over the positions, all of nonnegative terms)."""
+    rg = _channel_sq_sums(g, dtype).sqrt_()  # [N, B, *S']
+    rx = _patch_norms(x, kernel, *conf, dtype=dtype)
+    return (rg * rx).flatten(2).sum(2).sum(0)
+
+
+def _channel_sq_sums(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, B, C, *S] -> [N, B, *S]`` sums of squares over the channels, in ``dtype``, a few
+    examples at a time (a squared copy of at most ``_DIRECT_CHUNK`` elements: a norm over this
+    strided dim was 11x slower than squaring and summing)."""
+    step = max(1, _DIRECT_CHUNK // max(1, t[:, :1].numel()))
+    parts = [t[:, s:s + step].to(dtype).square().sum(2) for s in range(0, t.shape[1], step)]
+    if len(parts) != 1:  # (B = 0: no chunk)
+        return torch.cat(parts, dim=1) if parts else t.to(dtype).square().sum(2)
+    return parts[0]
+
+
+def _direct_bound(total: torch.Tensor, a: torch.Tensor, n: int, pieces: int, weight_shape: tuple[int, ...],
+                  channels_all: int) -> NormBound:
+    """:class:`~psgfunc.per_sample._kinds.NormBound` of materialised per-example weight
+    gradients ``total [B, *weight_shape]``, sums of ``n`` products per coordinate over
+    ``pieces`` calls, with ``a [B]`` (:func:`_term_sizes`, summed over the calls).
+
+    The computed ``dW_b`` is within ``gamma_{n + pieces} a_b`` (times the rounding of the
+    row norms ``a`` is computed from) of the exact one, and the weighted sum errs by as much
+    (as :func:`~psgfunc.per_sample._kinds.outer_bound`'s direct form): so the bound is above
+    the EXACT norm, also where the terms cancel and the computed ``dW_b`` is mostly
+    rounding."""
+    dtype = total.dtype
+    o, i = weight_shape[0], math.prod(weight_shape[1:])
+    grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(channels_all + 3, dtype)) * (1 + gamma(n + 2, dtype))
+    err_scale = gamma(n + pieces + 2, dtype) * grow
+    a = a.to(dtype)
+    sq = accurate_sq_norms(total)
+    bound = sq.sqrt() * (1 + sq_norm_rel(dtype, o * i)) + a * err_scale
+    return NormBound(sq, bound.square(), a, 1 + gamma(4, dtype), err_scale)
+
+
+class BuiltConvWeight(GradKind):
+    """A convolution weight's per-example gradients built in the backward pass
+    (:meth:`ConvWeight.dense_in_backward`): data ``(dW [B, *weight_shape], a [B] float64,
+    n)``, ``dW_b`` summed from ``n`` output positions and ``a`` its :func:`_term_sizes`, so
+    that the norm bounds the exact gradient (:func:`_direct_bound`), not only the computed
+    one. Several calls of one weight add up; the weighted sum is ``c @ dW``."""
+
+    def __init__(self, weight_shape: tuple[int, ...], channels_all: int):
+        self.weight_shape, self.channels_all = weight_shape, channels_all
+
+    def materialize(self, dw: torch.Tensor, a: torch.Tensor, n: int) -> torch.Tensor:
+        return dw
+
+    def prefers_dense(self, datas: Any) -> bool:
+        return False
+
+    def bound(self, datas: Any, cache: dict | None = None) -> NormBound:
+        total = datas[0][0] if len(datas) == 1 else sum(d[0] for d in datas)
+        a = datas[0][1] if len(datas) == 1 else sum(d[1] for d in datas)
+        return _direct_bound(_up(total), a, sum(d[2] for d in datas), len(datas), self.weight_shape,
+                             self.channels_all)
+
+    def weighted_sum(self, datas: Any, c: torch.Tensor) -> torch.Tensor:
+        out = datas[0][0].dtype
+        total = None
+        for dw, _, _ in datas:
+            up = _up(dw)
+            s = c.to(up.dtype) @ up.reshape(up.shape[0], -1)
+            total = s if total is None else total + s
+        return total.to(out).reshape(self.weight_shape)
+
+
+def _combine_built(records: Any) -> Any:
+    """A weight whose calls recorded both :class:`BuiltConvWeight` and :class:`ConvWeight`
+    pieces (one call's ``dW_b`` small enough to build in the backward, another's not):
+    the latter are built too, with their term sizes, so that the norm stays certified
+    against the exact gradient (:data:`~psgfunc.per_sample._kinds.COMBINERS`); None when
+    this does not apply."""
+    built = next((k for k, _ in records if isinstance(k, BuiltConvWeight)), None)
+    if built is None or not all(isinstance(k, (ConvWeight, BuiltConvWeight)) and
+                                tuple(k.weight_shape) == tuple(built.weight_shape) for k, _ in records):
+        return None
+    return _built(records, built)
+
+
+def _built(records: Any, built: BuiltConvWeight | None = None) -> list[tuple[BuiltConvWeight, Any]]:
+    """``records`` of :class:`ConvWeight` (and :class:`BuiltConvWeight`) as
+    :class:`BuiltConvWeight` pieces: each call's ``dW_b`` built, with its term sizes."""
+    if built is None:
+        kind, (x, _, _) = records[0]
+        built = BuiltConvWeight(tuple(kind.weight_shape), x.shape[2] * math.prod(kind.weight_shape[2:]))
+    out = []
+    for kind, data in records:
+        if isinstance(kind, ConvWeight):
+            x, g, conf = data
+            dw = kind.materialize(x, g, conf)
+            a = _term_sizes(_up(x), _up(g), tuple(kind.weight_shape[2:]), conf, _up(dw).dtype)
+            data = (dw, a, g.shape[0] * math.prod(g.shape[3:]))
+        out.append((built, data))
+    return out
+
+
+COMBINERS.append(_combine_built)
+
+
 def _patch_norms(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
-                 padding: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
-    """``x [N, B, C, *S] -> [N, B, *S']`` float64 norms of every input patch over all
-    channels (the window of each output position, zero padding included): a sum of the
-    ``prod(kernel)`` shifted, strided views of the channel-summed squares."""
-    sq = torch.linalg.vector_norm(x, dim=2, dtype=F64).square()  # [N, B, *S]
+                 padding: tuple[int, ...], dilation: tuple[int, ...], dtype: torch.dtype = F64) -> torch.Tensor:
+    """``x [N, B, C, *S] -> [N, B, *S']`` norms (in ``dtype``) of every input patch over all
+    channels (the window of each output position, zero padding included): the window sums
+    of the channel-summed squares, by a sum pooling (2-d and 3-d, no dilation, padding at
+    most half the kernel, the kernel within the input) or a sum of the ``prod(kernel)``
+    shifted, strided views."""
+    sq = _channel_sq_sums(x, dtype)  # [N, B, *S]
+    pool = {2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}.get(len(kernel))
+    if (pool is not None and all(d == 1 for d in dilation)
+            and all(2 * p <= k <= n for p, k, n in zip(padding, kernel, sq.shape[2:]))):
+        flat = sq.reshape(-1, 1, *sq.shape[2:])
+        sums = pool(flat, kernel, stride, padding, divisor_override=1)  # window sums, zeros padded
+        return sums.reshape(*sq.shape[:2], *sums.shape[2:]).sqrt()
     if any(padding):
         pads = [p for q in reversed(padding) for p in (q, q)]
         sq = torch.nn.functional.pad(sq, pads)
@@ -491,10 +602,15 @@ class _ConvPerSample(torch.autograd.Function):
             kind = _conv_weight_kind(tuple(w.shape[1:]), groups)
             data = (xs, gs, (stride, padding, dilation))
             if collecting(ctx.weight) and kind.dense_in_backward(data):
-                # fast clipping: dW_b now (in the param's dtype, as recorded pieces would be)
+                # fast clipping: dW_b now (in the param's dtype, as recorded pieces would be),
+                # with the size of its terms, which its norm's bound needs
                 dtype = ctx.weight.dtype
-                data = (kind.materialize(_in_dtype(xs, dtype), _in_dtype(gs, dtype), data[2]),)
-                gw = emit(ctx.weight, _DENSE, *data)
+                xd, gd = _in_dtype(xs, dtype), _in_dtype(gs, dtype)
+                kernel = tuple(w.shape[3:])
+                built = BuiltConvWeight(tuple(w.shape[1:]), xs.shape[2] * math.prod(kernel))
+                dw = kind.materialize(xd, gd, data[2])
+                a = _term_sizes(_up(xd), _up(gd), kernel, data[2], _up(dw).dtype)
+                gw = emit(ctx.weight, built, dw, a, gs.shape[0] * math.prod(gs.shape[3:]))
             else:
                 gw = emit(ctx.weight, kind, *data)
         if ctx.has_bias and ctx.needs_input_grad[2]:
