@@ -187,13 +187,20 @@ def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = ()
     """
     if not rows:
         return "No results.\n"
-    paired = any(not math.isnan(r.get("ref_ms", math.nan)) for r in rows)
+    private = [r for r in rows if r["method"] != "nn" and not r.get("error")]
+    paired = _unique(r["config"] for r in private if _ok(r.get("ref_ms", math.nan)))
+    unpaired = _unique(r["config"] for r in private if not _ok(r.get("ref_ms", math.nan)))
+    how = ""
+    if paired:
+        how = (", timed in the method's own process, one non-private step after each of its steps "
+               "(paired: both under the same load)")
+        if unpaired:
+            how += (f" for {', '.join(f'`{c}`' for c in paired)}; for {', '.join(f'`{c}`' for c in unpaired)} "
+                    "over the non-private cell's own median (an older, unpaired run)")
     out = [machine_line(rows), ""]
     out += [
         "Time: median step time of each method divided by the non-private `torch.nn` step "
-        "(forward + backward) on the same batch"
-        + (", timed in the method's own process, one non-private step after each of its steps "
-           "(paired: both under the same load)" if paired else "")
+        "(forward + backward) on the same batch" + how
         + "; the non-private column is in milliseconds. "
         "Memory: peak resident-set growth of one step over the live model and inputs, in MB, "
         "measured in a fresh process per cell (ratio to the non-private step where that grows by "
