@@ -216,3 +216,15 @@ def test_patch_norms_are_the_norms_of_the_unfolded_patches(kernel, stride, paddi
     windows = windows[(..., *(slice(None, None, dl) for dl in dilation))]
     want = windows.square().sum(dim=(2, *range(-len(kernel), 0))).sqrt()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_built_term_sizes_are_not_rounded_to_a_half_precision_parameter():
+    """bfloat16 params: the built gradient is recorded in bfloat16 like every piece, but its
+    term sizes (a bound) stay float32: rounded to bfloat16 they could fall below what they
+    bound."""
+    params, fn = make(torch.bfloat16)
+    x, y = batch(3, torch.bfloat16)
+    leaf = grad_pieces(fn, params, x, y).leaves[1]
+    assert isinstance(leaf.kind, BuiltConvWeight)
+    assert {d[0].dtype for d in leaf.datas} == {torch.bfloat16}
+    assert {d[1].a.dtype for d in leaf.datas} == {torch.float32}

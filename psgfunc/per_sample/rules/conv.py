@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.func import vmap
@@ -426,17 +426,27 @@ def _direct_bound(total: torch.Tensor, a: torch.Tensor, n: int, pieces: int, wei
     return NormBound(sq, bound.square(), a, 1 + gamma(4, dtype), err_scale)
 
 
+class TermSizes(NamedTuple):
+    """``a [B]`` of :func:`_term_sizes` (float32, or float64 for float64 pieces), wrapped so
+    that :func:`~psgfunc.per_sample._kinds.emit` records it as it is: a bound must not be
+    rounded to a half-precision parameter's dtype (down, possibly) as the pieces are."""
+
+    a: torch.Tensor
+
+
 class BuiltConvWeight(GradKind):
-    """A convolution weight's per-example gradients built in the backward pass
-    (:meth:`ConvWeight.dense_in_backward`): data ``(dW [B, *weight_shape], a [B] float64,
-    n)``, ``dW_b`` summed from ``n`` output positions and ``a`` its :func:`_term_sizes`, so
-    that the norm bounds the exact gradient (:func:`_direct_bound`), not only the computed
-    one. Several calls of one weight add up; the weighted sum is ``c @ dW``."""
+    """A convolution weight's per-example gradients, built: in the backward pass
+    (:meth:`ConvWeight.dense_in_backward`), or when the pieces are combined (small ones,
+    :meth:`ConvWeight.rebuilt`; a weight with calls of both kinds, :func:`_combine_built`).
+    Data ``(dW [B, *weight_shape], TermSizes(a), n)``: ``dW_b`` summed from ``n`` output
+    positions and ``a`` its :func:`_term_sizes`, so that the norm bounds the exact gradient
+    (:func:`_direct_bound`), not only the computed one. Several calls of one weight add
+    up; the weighted sum is ``c @ dW``."""
 
     def __init__(self, weight_shape: tuple[int, ...], channels_all: int):
         self.weight_shape, self.channels_all = weight_shape, channels_all
 
-    def materialize(self, dw: torch.Tensor, a: torch.Tensor, n: int) -> torch.Tensor:
+    def materialize(self, dw: torch.Tensor, sizes: TermSizes, n: int) -> torch.Tensor:
         return dw
 
     def prefers_dense(self, datas: Any) -> bool:
@@ -444,7 +454,7 @@ class BuiltConvWeight(GradKind):
 
     def bound(self, datas: Any, cache: dict | None = None) -> NormBound:
         total = datas[0][0] if len(datas) == 1 else sum(d[0] for d in datas)
-        a = datas[0][1] if len(datas) == 1 else sum(d[1] for d in datas)
+        a = datas[0][1].a if len(datas) == 1 else sum(d[1].a for d in datas)
         return _direct_bound(_up(total), a, sum(d[2] for d in datas), len(datas), self.weight_shape,
                              self.channels_all)
 
@@ -483,7 +493,7 @@ def _built(records: Any, built: BuiltConvWeight | None = None) -> list[tuple[Bui
             x, g, conf = data
             dw = kind.materialize(x, g, conf)
             a = _term_sizes(_up(x), _up(g), tuple(kind.weight_shape[2:]), conf, _up(dw).dtype)
-            data = (dw, a, g.shape[0] * math.prod(g.shape[3:]))
+            data = (dw, TermSizes(a), g.shape[0] * math.prod(g.shape[3:]))
         out.append((built, data))
     return out
 
@@ -610,7 +620,7 @@ class _ConvPerSample(torch.autograd.Function):
                 built = BuiltConvWeight(tuple(w.shape[1:]), xs.shape[2] * math.prod(kernel))
                 dw = kind.materialize(xd, gd, data[2])
                 a = _term_sizes(_up(xd), _up(gd), kernel, data[2], _up(dw).dtype)
-                gw = emit(ctx.weight, built, dw, a, gs.shape[0] * math.prod(gs.shape[3:]))
+                gw = emit(ctx.weight, built, dw, TermSizes(a), gs.shape[0] * math.prod(gs.shape[3:]))
             else:
                 gw = emit(ctx.weight, kind, *data)
         if ctx.has_bias and ctx.needs_input_grad[2]:
