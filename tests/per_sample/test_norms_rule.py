@@ -315,3 +315,14 @@ def test_group_norm_rule_saves_what_the_layer_saves(rows):
     assert rule <= ordinary + x[0].numel()  # + sin's input (x-sized per example)
     expected, _ = reference(fn, params, (x,), 1.0)
     assert_tree_close(dp.clipped_grad_sum(fn, params, x, max_norm=1.0)[0], expected)
+
+
+def test_group_norm_shell_takes_an_empty_batch():
+    """B = 0 through the group_norm shell's fused rule (no chunk of examples to sum)."""
+    import psgfunc.nn as pnn
+
+    m = pnn.GroupNorm(2, 4, max_batch_size=4)
+    m(torch.randn(0, 4, 3, 3)).sum().backward()
+    assert [tuple(p.grad_sample.shape) for p in m.parameters()] == [(0, 4), (0, 4)]
+    assert tuple(norms._weight_sums(torch.zeros(0, 4, 9), torch.zeros(0, 2), torch.zeros(0, 2),
+                                    torch.zeros(0, 1, 4, 9), 2).shape) == (0, 4)

@@ -137,7 +137,7 @@ class _GroupNormPerSample(torch.autograd.Function):
             gx = torch.ops.aten.native_group_norm_backward(
                 g, x, mean, rstd, _first(w), n, c, math.prod(x.shape[2:]), groups, [True, False, False]
             )[0]
-        g4 = g.reshape(size, rows, c, -1)
+        g4 = g.reshape(size, rows, c, math.prod(x.shape[2:]))
         if ctx.needs_input_grad[1]:
             gw = emit(w, _DENSE, _weight_sums(x, mean, rstd, g4, groups).reshape(w.shape))
         if ctx.needs_input_grad[2]:
@@ -160,7 +160,7 @@ def _weight_sums(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g4: to
     size, rows = g4.shape[:2]
     per_example = max(1, x.numel() // max(size, 1) * x.element_size())
     step = max(1, _CHUNK_BYTES // per_example)
-    xs = x.reshape(size, rows, groups, -1)
+    xs = x.reshape(size, rows, groups, g4.shape[2] // groups * g4.shape[3])
     stats = mean.reshape(size, rows, groups, 1), rstd.reshape(size, rows, groups, 1)
     parts = []
     for s in range(0, size, step):
@@ -168,7 +168,9 @@ def _weight_sums(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g4: to
         t = (xs[s:e] - stats[0][s:e]).mul_(stats[1][s:e])  # x_hat of examples s..e
         parts.append(t.view(g4[s:e].shape).mul_(g4[s:e]).sum((1, 3)))
         del t  # (before the next chunk's is built)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else g4.new_zeros(0, g4.shape[2])  # (B = 0: no chunk)
 
 
 def _affine_rule(
