@@ -228,3 +228,22 @@ def test_built_term_sizes_are_not_rounded_to_a_half_precision_parameter():
     assert isinstance(leaf.kind, BuiltConvWeight)
     assert {d[0].dtype for d in leaf.datas} == {torch.bfloat16}
     assert {d[1].a.dtype for d in leaf.datas} == {torch.float32}
+
+
+def test_term_sizes_of_huge_float32_inputs_do_not_overflow():
+    """Reproducer (review): inputs of 1e19 and a loss scaled by 1e-19 have finite
+    gradients, but their float32 squares overflow; the term sizes are then taken in
+    float64, and the fast DPOptimizer clips instead of calling the gradients NaN/Inf."""
+    import psgfunc.nn as pnn
+
+    torch.manual_seed(0)
+    m = pnn.Conv2d(4, 4, 3, padding=1, max_batch_size=8, bias=False)
+    opt = dp.DPOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), max_norm=1.0, noise_multiplier=0.0,
+                         expected_batch_size=3, fast_clipping=True)
+    x = 1e19 * torch.randn(3, 4, 12, 12)
+    (m(x).sum() * 1e-19).backward()
+    norms = opt.accumulate()
+    fn = lambda p, xi: PF.conv2d(p, xi.unsqueeze(0), padding=1).sum() * 1e-19  # noqa: E731
+    exact = per_sample_grads(fn, {"weight": m.weight.detach().double()}, x.double())["weight"]
+    assert bool(torch.isfinite(norms).all())
+    assert bool((norms.double() >= exact.flatten(1).norm(dim=1)).all())

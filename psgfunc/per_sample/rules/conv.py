@@ -388,10 +388,17 @@ def _term_sizes(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], conf:
     O, *S']``): the size of the terms an example's weight gradient sums (``u_bt`` its input
     patches over all channels, an upper bound for grouped layers), computed in ``dtype``:
     float32 is within the ``grow`` factor of :func:`_direct_bound` (row norms over ``O`` and
-    over ``C * K``, a sum over the positions, all of nonnegative terms)."""
+    over ``C * K``, a sum over the positions, all of nonnegative terms). Where float32
+    squares overflow (entries above about 1e18), and always under ``torch.compile`` (no
+    data-dependent branch), float64."""
+    if dtype != F64 and torch.compiler.is_compiling():
+        dtype = F64
     rg = _channel_sq_sums(g, dtype).sqrt_()  # [N, B, *S']
     rx = _patch_norms(x, kernel, *conf, dtype=dtype)
-    return (rg * rx).flatten(2).sum(2).sum(0)
+    a = (rg * rx).flatten(2).sum(2).sum(0)
+    if dtype != F64 and not math.isfinite(float(a.sum())):
+        return _term_sizes(x, g, kernel, conf, F64)
+    return a
 
 
 def _channel_sq_sums(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
