@@ -166,11 +166,10 @@ def sq_norm_rel(dtype: torch.dtype, k: int | None = None, one_pass: int = _SQ_BL
     """Relative error bound of :func:`accurate_sq_norms` (and of its square root) on rows of
     ``k`` elements (None: any length; not for float64) of ``dtype``, with the same
     ``one_pass``: a row of at most ``one_pass`` summed at once, or at most ``_SQ_BLOCK``
-    squares summed in the
-    accumulation dtype (float32 for half precision), then the partial sums (in float64
-    beyond ``_SQ_BLOCK`` of them: below one float32 rounding for float32 and half-precision
-    rows, counted once; each of their additions for float64 rows, whose bound therefore
-    grows with ``k``).
+    squares summed in the accumulation dtype (float32 for half precision), then the
+    partial sums (in float64 beyond ``_SQ_BLOCK`` of them: below one float32 rounding for
+    float32 and half-precision rows, counted once; each of their additions for float64
+    rows, whose bound therefore grows with ``k``).
 
     Raises:
         ValueError: for float64 with ``k`` None.
