@@ -509,7 +509,7 @@ COMBINERS.append(_combine_built)
 
 
 def _patch_norms(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
-                 padding: tuple[int, ...], dilation: tuple[int, ...], dtype: torch.dtype = F64) -> torch.Tensor:
+                 padding: tuple[int, ...], dilation: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``x [N, B, C, *S] -> [N, B, *S']`` norms (in ``dtype``) of every input patch over all
     channels (the window of each output position, zero padding included): the window sums
     of the channel-summed squares, by a sum pooling (2-d and 3-d, no dilation, padding at
