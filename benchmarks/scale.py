@@ -51,6 +51,9 @@ TIED_HEAD_NOTES = {
                   "share (a timing row from before that, if committed, missed it)",
     "opacus-hooks": "WRONG per-sample gradient of tok.weight: the hooks see the embedding's lookup, "
                     "not the tied head's F.linear (norms 3-4% low at the quick size)",
+    "opacus-ghost": "WRONG norms of tok.weight: ghost clipping's hooks see the embedding's lookup, "
+                    "not the tied head's F.linear (norms 2-4% low at the quick size: examples "
+                    "under-clipped)",
 }
 """What the module-based methods do with the GPT-2 model's tied head (the ``note`` column;
 checked by ``tests/test_benchmarks.py``)."""
@@ -91,7 +94,9 @@ def _functional_scale(arch: Any) -> Any:
 
 def gpt2(ops: Any, idx: torch.Tensor, *, blocks: int, heads: int) -> torch.Tensor:
     """``idx [B, T] -> logits [B, T, V]`` (one example: ``[T] -> [T, V]``)."""
-    pos = torch.arange(idx.shape[-1], device=idx.device).expand_as(idx)
+    # a real [B, T] tensor, not a stride-0 expansion: Opacus's ghost-clipping embedding norm
+    # views the ids as [-1, 1] and refuses an expanded tensor
+    pos = torch.arange(idx.shape[-1], device=idx.device).expand_as(idx).contiguous()
     h = ops.embedding("tok", idx) + ops.embedding("pos", pos)  # [..., T, D]
     d = h.shape[-1]
     for i in range(blocks):

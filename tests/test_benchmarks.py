@@ -115,19 +115,14 @@ def test_quick_runs_default_to_a_git_ignored_folder() -> None:
 @pytest.mark.parametrize("name", list(scale_configs(True)))
 @pytest.mark.parametrize("method", [m for m in SCALE_METHODS if m != "clip-fast-compiled"])
 def test_scale_quick_configs_take_one_step_of_each_method(name: str, method: str) -> None:
-    """Every scale-suite method builds and takes one step on the quick configurations, or
-    fails the way the CSV records (Opacus's ghost clipping on the GPT-2 model); its FLOPs
-    are counted. (``clip-fast-compiled`` compiles for minutes here: run by the
-    suite only.)"""
+    """Every scale-suite method builds and takes one step on the quick configurations, its
+    FLOPs are counted, and its note says what it does with the GPT-2 model's tied head.
+    (``clip-fast-compiled`` compiles for minutes here: run by the suite only.)"""
     from benchmarks.methods import count_flops, make_step
 
     if method.startswith("opacus"):
         pytest.importorskip("opacus")
     cfg = scale_configs(True)[name]
-    if (name, method) == ("GPT2", "opacus-ghost"):
-        with pytest.raises(RuntimeError, match="view size"):
-            make_step(cfg, method, 2)()
-        return
     step = make_step(cfg, method, 2)
     step()  # checks every shape the method promises (benchmarks.methods._checked)
     assert count_flops(step) > 0
