@@ -192,26 +192,52 @@ def test_built_gradient_norms_bound_the_exact_ones_under_cancellation(seed, wher
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,spatial", [
-    ((3, 3), (1, 1), (1, 1), (1, 1), (6, 7)),  # sum pooling
-    ((3, 2), (2, 1), (0, 1), (1, 1), (7, 5)),  # pooling, stride, uneven kernel
-    ((3, 3), (1, 1), (2, 2), (1, 1), (5, 5)),  # padding above half the kernel: shifted views
-    ((3, 3), (1, 2), (1, 0), (2, 1), (7, 6)),  # dilation: shifted views
+    ((3, 3), (1, 1), (1, 1), (1, 1), (6, 7)),
+    ((3, 2), (2, 1), (0, 1), (1, 1), (7, 5)),  # stride, uneven kernel
+    ((3, 3), (2, 2), (1, 1), (1, 1), (8, 8)),  # stride 2: an element in at most 2 x 2 windows
+    ((3, 3), (1, 1), (2, 2), (1, 1), (5, 5)),  # padding above half the kernel
+    ((3, 3), (1, 2), (1, 0), (2, 1), (7, 6)),  # dilation
+    ((3, 3), (2, 2), (0, 0), (2, 2), (9, 9)),  # stride and dilation 2: every offset reaches
     ((2, 2, 2), (1, 1, 1), (1, 0, 0), (1, 1, 1), (1, 5, 5)),  # kernel deeper than the input
-    ((3, 3, 1), (1, 2, 1), (1, 1, 0), (1, 1, 1), (4, 5, 3)),  # 3-d pooling
+    ((3, 3, 1), (1, 2, 1), (1, 1, 0), (1, 1, 1), (4, 5, 3)),  # 3-d
+    ((5,), (3,), (2,), (1,), (11,)),  # 1-d
 ])
-def test_patch_norms_are_the_norms_of_the_unfolded_patches(kernel, stride, padding, dilation, spatial):
-    """``_patch_norms`` (sum pooling where torch's pooling allows it, shifted views
-    elsewhere) against the patches built explicitly, zero padding included."""
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_term_sizes_bound_the_sizes_of_the_terms(kernel, stride, padding, dilation, spatial, dtype):
+    """``_term_sizes`` (Cauchy-Schwarz: ``sqrt(m) ||g_b|| ||x_b||``) is above ``sum_t ||g_bt||
+    ||u_bt||`` with the patches built explicitly (zero padding included), in float64, for
+    every example, also one whose output gradients sit where its input is large (the case
+    Cauchy-Schwarz is tight for), and not far above it at stride 1."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, *spatial, dtype=F64, generator=gen)  # [N, B, C, *S]
-    got = conv_rule._patch_norms(x, kernel, stride, padding, dilation, F64)
     padded = torch.nn.functional.pad(x, [p for q in reversed(padding) for p in (q, q)])
     windows = padded
     for d, (k, st, dl) in enumerate(zip(kernel, stride, dilation)):
         windows = windows.unfold(3 + d, dl * (k - 1) + 1, st)  # [N, B, C, *S', *window]
     windows = windows[(..., *(slice(None, None, dl) for dl in dilation))]
-    want = windows.square().sum(dim=(2, *range(-len(kernel), 0))).sqrt()
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    u = windows.square().sum(dim=(2, *range(-len(kernel), 0))).sqrt()  # [N, B, *S']
+    g = torch.randn(2, 3, 5, *u.shape[2:], dtype=F64, generator=gen)
+    g[:, 2] = u[:, 2].unsqueeze(1) * torch.rand(5, *([1] * len(kernel)), dtype=F64, generator=gen)
+    exact = (g.square().sum(2).sqrt() * u).flatten(2).sum(2).sum(0)  # [B]
+    got = conv_rule._term_sizes(x.to(dtype), g.to(dtype), kernel, (stride, padding, dilation), dtype)
+    assert got.dtype == dtype
+    assert bool((got.double() >= exact).all()), (got, exact)
+    if all(st == 1 for st in stride):  # (strided layers may skip inputs, which ||x_b|| counts)
+        assert bool((got.double() <= 3 * exact).all()), (got, exact)
+
+
+def test_windows_per_element_counts_the_windows_of_the_most_covered_element():
+    """Against a count over every input index, for strides, dilations and kernels."""
+    for k in range(1, 6):
+        for s in range(1, 5):
+            for d in range(1, 4):
+                size, span = 40, d * (k - 1) + 1
+                counts = [0] * size
+                for t in range((size - span) // s + 1):
+                    for j in range(k):
+                        counts[t * s + j * d] += 1
+                assert conv_rule._windows_per_element((k,), (s,), (d,)) >= max(counts)
+                assert conv_rule._windows_per_element((k,), (s,), (d,)) == max(counts[span:-span] or counts)
 
 
 def test_built_term_sizes_are_not_rounded_to_a_half_precision_parameter():
