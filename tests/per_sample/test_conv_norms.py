@@ -4,6 +4,7 @@ over the batch, against the materialised per-example gradients; what they keep a
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -83,7 +84,7 @@ def test_chunked_norms_and_sums_equal_materialised(name, rows, monkeypatch):
     torch.testing.assert_close(norms, exact.sqrt(), rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("route", ["gram", "direct"])
+@pytest.mark.parametrize("route", ["gram", "xgram", "direct"])
 def test_cancelling_examples_in_chunks_are_bounded(route, monkeypatch):
     """float32 examples whose outer products cancel (a nearly constant input, output
     gradients of alternating sign), split into chunks: every certified norm is at least the
@@ -91,8 +92,8 @@ def test_cancelling_examples_in_chunks_are_bounded(route, monkeypatch):
     1 / certified norm has norm at most 1."""
     monkeypatch.setattr(conv_rule, "_CHUNK", 1)
     monkeypatch.setattr(conv_rule, "_DIRECT_CHUNK", 1)
-    weight_shape = (16, 12, 3, 3) if route == "gram" else (2, 1, 3, 3)
-    spatial = (4, 4) if route == "gram" else (10, 10)
+    weight_shape = {"gram": (16, 12, 3, 3), "xgram": (64, 64, 3, 3), "direct": (2, 1, 3, 3)}[route]
+    spatial = {"gram": (4, 4), "xgram": (8, 8), "direct": (10, 10)}[route]
     gen = torch.Generator().manual_seed(3)
     size, conf = 3, ((1, 1), (0, 0), (1, 1))
     channels = weight_shape[1]
@@ -105,7 +106,7 @@ def test_cancelling_examples_in_chunks_are_bounded(route, monkeypatch):
     x32, g32 = x.float(), g.float()
     datas = [(x32, g32, conf)]
     kind = ConvWeight(weight_shape, 1)
-    assert kind.uses_gram(datas) == (route == "gram")
+    assert kind._form(datas) == route
     monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
     exact = per_sample_conv_weight_grad(x32.double(), g32.double(), weight_shape, *conf, 1).flatten(1).norm(dim=1)
     norms = _kinds.certified_norm([_kinds.LeafPieces([(kind, datas[0])], None, size, weight_shape)])
@@ -114,6 +115,73 @@ def test_cancelling_examples_in_chunks_are_bounded(route, monkeypatch):
         c = torch.zeros(size)
         c[b] = 1 / float(norms[b])
         assert float(kind.weighted_sum(datas, c).double().norm()) <= 1 + 1e-5
+
+
+# (weight shape, input spatial, conf): one call, one row per example, where the patches' Gram
+# from the input's Gram is the cheapest form
+XGRAM_LAYERS = {
+    "same": ((64, 64, 3, 3), (8, 8), ((1, 1), (1, 1), (1, 1))),
+    # forms that the cost model does not choose here, forced (their patches are cheaper)
+    "dilated": ((64, 32, 3, 3), (7, 7), ((1, 1), (2, 2), (2, 2))),
+    "uneven": ((64, 32, 3, 2), (6, 5), ((1, 1), (1, 0), (1, 1))),
+    "strided": ((128, 64, 3, 3), (5, 5), ((2, 2), (1, 1), (1, 1))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(XGRAM_LAYERS))
+def test_patch_gram_is_the_gram_of_the_patches(name):
+    """``_patch_gram`` (strided views of the input's Gram over its padded positions, summed
+    over the kernel offsets) against the patches built explicitly, float64."""
+    weight_shape, spatial, conf = XGRAM_LAYERS[name]
+    x = torch.randn(3, weight_shape[1], *spatial, dtype=F64, generator=torch.Generator().manual_seed(0))
+    got, k = conv_rule._patch_gram(x, weight_shape[2:], *conf)
+    u = conv_rule._patches_channels_last(x.unsqueeze(0), weight_shape, *conf)
+    torch.testing.assert_close(got, u @ u.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    assert k == weight_shape[1] + math.prod(weight_shape[2:])
+
+
+@pytest.mark.parametrize("name", sorted(XGRAM_LAYERS))
+def test_xgram_norms_and_sums_equal_materialised(name, monkeypatch):
+    """The input-Gram form, one example per chunk: norms equal the materialised gradients'
+    (float64, 1e-10), the certified bound is above them, the weighted sum is sum_b c_b
+    dW_b; with two rows per example (or two calls) the patches' Gram takes over."""
+    monkeypatch.setattr(conv_rule, "_CHUNK", 1)
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    weight_shape, spatial, conf = XGRAM_LAYERS[name]
+    gen = torch.Generator().manual_seed(2)
+    size = 3
+    datas = [conv_data(gen, size, 1, weight_shape[1], weight_shape, spatial, conf)]
+    kind = ConvWeight(weight_shape, 1)
+    assert kind._form([conv_data(gen, size, 2, weight_shape[1], weight_shape, spatial, conf)]) != "xgram"
+    assert kind._form(datas * 2) != "xgram"
+    if name != "same":
+        assert kind._form(datas) != "xgram"
+        monkeypatch.setattr(ConvWeight, "_form", lambda self, datas: "xgram")
+    assert kind._form(datas) == "xgram"
+    dense = per_sample_conv_weight_grad(*datas[0][:2], weight_shape, *conf, 1)
+    exact = dense.flatten(1).square().sum(1)
+    bound = kind.bound(datas)
+    torch.testing.assert_close(bound.sq, exact, rtol=1e-10, atol=0)
+    assert bool((bound.hi2 * bound.hi_scale >= exact).all())
+    c = torch.tensor([0.5, -2.0, 1.5], dtype=F64)
+    torch.testing.assert_close(kind.weighted_sum(datas, c), torch.einsum("b,b...->...", c, dense), rtol=1e-10, atol=1e-12)
+    norms = _kinds.certified_norm([_kinds.LeafPieces([(kind, datas[0])], None, size, weight_shape)])
+    torch.testing.assert_close(norms, exact.sqrt(), rtol=1e-10, atol=0)
+
+
+def test_wrn_forms():
+    """WRN-16-4 at B = 32: its first two groups' 3x3 layers build dW_b (direct), the last
+    group's 256->256 on 8x8 takes the input's Gram (100 padded positions of 256 channels
+    against patches of 64 x 2304), its strided 128->256 the patches' Gram."""
+    def form(channels, out_channels, side, stride):
+        x = torch.zeros(1, 32, channels, side, side)
+        g = torch.zeros(1, 32, out_channels, side // stride, side // stride)
+        return ConvWeight((out_channels, channels, 3, 3), 1)._form([(x, g, ((stride,) * 2, (1, 1), (1, 1)))])
+
+    assert form(64, 64, 32, 1) == "direct"
+    assert form(128, 128, 16, 1) == "direct"
+    assert form(256, 256, 8, 1) == "xgram"
+    assert form(128, 256, 16, 2) == "gram"
 
 
 def test_gram_bound_keeps_no_patches(monkeypatch):

@@ -84,6 +84,8 @@ from psgfunc.per_sample._kinds import (
     _up,
     collecting,
     emit,
+    gram_bound,
+    gram_of,
     outer_bound,
 )
 
@@ -276,40 +278,84 @@ class ConvWeight(GradKind):
         return self.groups == 1 and len(self.weight_shape) <= 4
 
     def uses_gram(self, datas: Any) -> bool:
-        """Whether the norms take the Gram form: its ``T^2 (I + O)`` products per example
-        against the ``T O I`` of the direct form, plus the ``O I`` of writing and reading
-        ``dW_b``."""
+        """Whether the norms take a Gram form (:meth:`_form`)."""
+        return self._form(datas) != "direct"
+
+    def _form(self, datas: Any) -> str:
+        """The cheapest form of the norms, by products per example: ``"gram"``, the patches'
+        Gram, ``T^2 (I + O)``; ``"xgram"``, the patches' Gram summed from the input's Gram
+        over its padded positions (:func:`_patch_gram`; one call of a 2-d layer with one row
+        per example), ``P^2 C + T^2 (O + _SHIFTED_ADD K)`` for ``P`` padded input positions
+        and ``K`` kernel offsets; ``"direct"``, ``dW_b`` itself, ``T O I`` plus the ``O I``
+        of writing and reading it. The input's Gram skips the patches, which are ``K``
+        times the input: on WRN-16-4's last group (256->256 on 8x8, B = 32) the bound took
+        2.6 ms against 8.0 ms from the patches and 28 ms direct."""
         if not self._unfolds():
-            return False
+            return "direct"
         out_channels, inputs = self.weight_shape[0], math.prod(self.weight_shape[1:])
         t = _positions_per_example(datas)
-        return t * t * (inputs + out_channels) < (t + 2) * out_channels * inputs
+        costs = {"direct": (t + 2) * out_channels * inputs, "gram": t * t * (inputs + out_channels)}
+        if _xgram_fits(datas, self.weight_shape):
+            padded = _padded_positions(datas[0])
+            offsets = math.prod(self.weight_shape[2:])
+            costs["xgram"] = padded * padded * self.weight_shape[1] + t * t * (out_channels + _SHIFTED_ADD * offsets)
+        return min(costs, key=costs.__getitem__)
 
     def bound(self, datas: Any, cache: dict | None = None) -> NormBound:
         if self.prefers_dense(datas):
             return super().bound(datas)
-        gram = self.uses_gram(datas)
-        size = datas[0][1].shape[1]
+        form = self._form(datas)
         t = _positions_per_example(datas)
         out_channels, inputs = self.weight_shape[0], math.prod(self.weight_shape[1:])
-        if not gram:
+        if form == "direct":
             per_example = out_channels * inputs  # dW_b
-        else:  # patches and output gradients, then the Grams
+        elif form == "gram":  # patches and output gradients, then the Grams
             per_example = t * (inputs + out_channels) + 2 * t * t
-        step = max(1, (_CHUNK if gram else _DIRECT_CHUNK) // max(1, per_example))
+        else:  # the input's Gram, then the patches' and the output gradients'
+            padded = _padded_positions(datas[0])
+            per_example = padded * padded + 3 * t * t
+        size = datas[0][1].shape[1]
+        step = max(1, (_DIRECT_CHUNK if form == "direct" else _CHUNK) // max(1, per_example))
         rows = [(lo, min(lo + step, size)) for lo in range(0, size, step)]
-        parts = [self._rows(datas, lo, hi, gram) for lo, hi in rows]
+        parts = [self._rows(datas, lo, hi, form) for lo, hi in rows]
         return parts[0] if len(parts) == 1 else _merge(parts, rows)
 
-    def _rows(self, datas: Any, lo: int, hi: int, gram: bool) -> NormBound:
-        """:meth:`bound` of examples ``lo:hi``: the Gram form from their patches and output
-        gradients by :func:`~psgfunc.per_sample._kinds.outer_bound` (which keeps the Grams
-        for its refinement, not the patches: rebuilt for the few examples that need them),
-        or the direct form from ``dW_b`` materialised (:meth:`_direct_rows`)."""
-        if not gram:  # dW_b by the grouped convolution gradient (3x faster than patches + bmm)
+    def _rows(self, datas: Any, lo: int, hi: int, form: str) -> NormBound:
+        """:meth:`bound` of examples ``lo:hi``: a Gram form by
+        :func:`~psgfunc.per_sample._kinds.gram_bound` (which keeps the Grams for its
+        refinement, not the patches: rebuilt for the few examples that need them), from
+        the patches and output gradients (``"gram"``, via
+        :func:`~psgfunc.per_sample._kinds.outer_bound`) or from the input's Gram
+        (``"xgram"``, :meth:`_xgram_rows`), or the direct form from ``dW_b`` materialised
+        (:meth:`_direct_rows`)."""
+        if form == "direct":  # dW_b by the grouped convolution gradient (3x faster than patches + bmm)
             return self._direct_rows(datas, lo, hi)
+        rebuild = functools.partial(self._pieces, datas, lo, hi)
+        if form == "xgram":
+            return self._xgram_rows(datas, lo, hi, rebuild)
         g, u = self._pieces(datas, lo, hi, None)
-        return outer_bound(g, u, len(datas), None, gram, functools.partial(self._pieces, datas, lo, hi))
+        return outer_bound(g, u, len(datas), None, True, rebuild)
+
+    def _xgram_rows(self, datas: Any, lo: int, hi: int, rebuild: Any) -> NormBound:
+        """The Gram form of examples ``lo:hi`` of one call with one row per example, with
+        the patches' Gram from :func:`_patch_gram` (entries within ``gamma_{k + K}
+        ||u_t|| ||u_s||``, ``k`` that of the input's Gram) and the output gradients' Gram
+        from their ``[b, T, O]`` view; ``rebuild(idx)`` gives the patches of the few
+        examples the refinement recomputes in float64."""
+        x, g, (stride, padding, dilation) = datas[0]
+        kernel = tuple(self.weight_shape[2:])
+        gram_u, ku = _patch_gram(_up(x[0, lo:hi]), kernel, stride, padding, dilation)
+        gs = _up(g[0, lo:hi])
+        gram_g, kg = gram_of(gs.reshape(gs.shape[0], gs.shape[1], -1).transpose(1, 2))
+        rg = gram_g.diagonal(dim1=1, dim2=2).sqrt()
+        ru = gram_u.diagonal(dim1=1, dim2=2).sqrt()
+
+        def redo(bad: torch.Tensor) -> torch.Tensor:
+            g64, u64 = (t.to(F64) for t in rebuild(bad))
+            return (torch.bmm(g64, g64.transpose(1, 2)) * torch.bmm(u64, u64.transpose(1, 2))).sum((1, 2))
+
+        inputs = math.prod(self.weight_shape[1:])
+        return gram_bound(gram_g, gram_u, rg, ru, self.weight_shape[0], inputs, 1, redo, kg, ku)
 
     def _pieces(self, datas: Any, lo: int, hi: int, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g [b, T, O], u [b, T, I])``: output gradients and patches at all positions of
@@ -370,6 +416,12 @@ in one process): clip-fast over the non-private step 1.60x -> 1.35x at B = 16, t
 peak unchanged; at 1.0 its 64->128 stride-2 conv (``dW_b`` 0.75 of ``x`` and ``g``) also
 qualified and its grouped gradient's workspace raised the live peak by 9%."""
 
+_SHIFTED_ADD = 32
+"""What one entry of one of the ``K`` strided sums of :func:`_patch_gram` costs, in products
+of the other forms (2 threads, float32, B = 32): with it the cost model's choices match the
+measured ones on WRN-16-4's layers (its 128->128 on 16x16 took 23.4 ms from the input's
+Gram against 22.4 ms direct: direct, by a small margin, is chosen)."""
+
 _CHUNK = 1 << 22
 """Most elements of the transient per-example tensors (``dW_b``, or patches and output
 gradients of the Gram form) that :meth:`ConvWeight.bound` builds at once (16 MB float32)."""
@@ -378,6 +430,48 @@ gradients of the Gram form) that :meth:`ConvWeight.bound` builds at once (16 MB 
 def _positions_per_example(datas: Any) -> int:
     """``T``: the output positions of one example over all calls (rows included)."""
     return sum(g.shape[0] * math.prod(g.shape[3:]) for _, g, _ in datas)
+
+
+def _xgram_fits(datas: Any, weight_shape: tuple[int, ...]) -> bool:
+    """Whether :func:`_patch_gram` serves these calls: one call of a 2-d layer, with one row
+    per example (the ``N`` of ``x [N, B, C, *S]``)."""
+    return len(datas) == 1 and len(weight_shape) == 4 and datas[0][0].shape[0] == 1
+
+
+def _padded_positions(data: tuple[Any, ...]) -> int:
+    """``P``: the positions of one example's zero-padded input, data ``(x, g, conf)``."""
+    x, _, (_, padding, _) = data
+    positions = 1
+    for size, pad in zip(x.shape[3:], padding):  # (a loop: torch.compile traces no genexpr here)
+        positions *= size + 2 * pad
+    return positions
+
+
+def _patch_gram(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                dilation: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    """``x [b, C, H, W] -> (u u^T [b, T, T], k)``: the Gram of every example's input patches
+    (``T`` output positions, zero padding included) without the patches: ``u_t . u_s =
+    sum_j x_(p_t + j) . x_(p_s + j)`` over the kernel offsets ``j``, each a strided view of
+    the input's own Gram over its padded positions. Its entries are within ``gamma_k
+    ||u_t|| ||u_s||`` of the exact ones: ``k = k_x + K`` for the ``K`` offsets and ``k_x``
+    of :func:`~psgfunc.per_sample._kinds.gram_of` (Cauchy-Schwarz over ``j``)."""
+    size, channels = x.shape[:2]
+    if any(padding):
+        x = torch.nn.functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    height, width = x.shape[2:]
+    gram_x, kx = gram_of(x.reshape(size, channels, height * width).transpose(1, 2))  # [b, P, P]
+    grid = gram_x.view(size, height, width, height, width)
+    out_h = (height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    total = None
+    for kh in range(kernel[0]):
+        rows = slice(kh * dilation[0], kh * dilation[0] + (out_h - 1) * stride[0] + 1, stride[0])
+        for kw in range(kernel[1]):
+            cols = slice(kw * dilation[1], kw * dilation[1] + (out_w - 1) * stride[1] + 1, stride[1])
+            block = grid[:, rows, cols, rows, cols]  # [b, OH, OW, OH, OW]
+            total = block.clone(memory_format=torch.contiguous_format) if total is None else total.add_(block)
+    positions = out_h * out_w
+    return total.view(size, positions, positions), kx + kernel[0] * kernel[1]
 
 
 def _term_sizes(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], conf: tuple[Any, ...],
