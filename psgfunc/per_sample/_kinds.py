@@ -165,6 +165,27 @@ def dense_bound(total: torch.Tensor) -> NormBound:
     return _relative(sq_norms(total), sq_rel(total.dtype, k), gamma(2, _acc(total.dtype)))
 
 
+def underflow(dtype: torch.dtype, k: int) -> float:
+    """``4 k eta`` (``eta``: half ``dtype``'s smallest subnormal, ``2^-150`` for float32): a
+    bound on what underflow takes from a sum of ``k`` products or squares of ``dtype``
+    numbers, absolutely, which the relative bounds (``gamma_k``) do not cover. Each product
+    that underflows errs by ``eta`` at most (additions of subnormals are exact); 4 covers
+    its growth through the sum and the second-order terms of the bounds that use it.
+    Negligible for any norm above ``sqrt(k) 2^-74`` (float32), but a product of two norms
+    (or of two Grams) multiplies it by the other one: float32 inputs of 3e-23 (squares
+    below the smallest subnormal) with output gradients of 3e18 gave norms 5% low."""
+    return k * 4 * unit_roundoff(dtype) * torch.finfo(dtype).tiny  # (this order: exact in double)
+
+
+def _lift(r: torch.Tensor, k: int) -> torch.Tensor:
+    """Row norms ``r`` of rows of ``k`` elements computed in ``r``'s dtype, raised by what
+    underflow may have taken from their squares: ``sqrt(r^2 + underflow(k)) <= r +
+    sqrt(underflow(k))`` (the latter rounded up); a no-op on norms above about ``1e-15
+    sqrt(k)`` in float32 (``1e-146 sqrt(k)`` in float64), which it cannot change. An exactly
+    zero row gets ``sqrt(underflow(k))`` too: underflowed rows are zeros as well."""
+    return r + math.sqrt(underflow(r.dtype, k)) * (1 + 2**-20)
+
+
 def _rho(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
     """``[B, N, K] -> [B, N]`` row norms ``||t[b, n]||`` (relative error ``gamma_{K+3}``);
     from ``t``'s Gram diagonal when a Gram form already computed it (an LSTM's biases
@@ -222,13 +243,14 @@ def outer_bound(
     n, o, i = g.shape[1], g.shape[2], x.shape[2]
     dtype = _acc(g.dtype)
     if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
-        sq = _sq1(cache, g) * _sq1(cache, x)
-        rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(2, dtype)
+        # (each factor raised by what underflow may take from it: the other multiplies that)
+        sq = (_sq1(cache, g) + underflow(dtype, o)) * (_sq1(cache, x) + underflow(dtype, i))
+        rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(4, dtype)
         return _relative(sq, rel, gamma(pieces + 2, dtype))
     grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
     err_scale = gamma(n + pieces + 2, dtype) * grow
     if not gram:
-        rg, rx = _rho(cache, g), _rho(cache, x)
+        rg, rx = _lift(_rho(cache, g), o), _lift(_rho(cache, x), i)
         a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
         dense = torch.bmm(_up(g).transpose(1, 2), _up(x))
         sq = sq_norms(dense)
@@ -266,15 +288,29 @@ def gram_bound(
     uncertain. Grams are all it keeps: a caller can build them without ``g`` itself (a
     tied table's one-hot rows, :class:`~psgfunc.per_sample.rules.matmul.TiedTable`).
     ``ko, ki`` (default ``o, i``): the lengths whose ``gamma`` bounds the Grams' entries
-    (the ``k`` of :func:`gram_of`); ``o, i`` bound the float64 recomputation.
+    (the ``k`` of :func:`gram_of`); ``o, i`` bound the float64 recomputation and count the
+    products of an entry, each of which may underflow (:func:`underflow`: the row norms are
+    raised by it and ``o eta sum |G_x| + i eta sum |G_g|`` added to the error bounds; what
+    is left out is at most ``N^2 eta`` in the squared norm, from products of two entries).
     """
     n, dtype = gram_g.shape[1], gram_g.dtype
     ko, ki = o if ko is None else ko, i if ki is None else ki
     grow = (1 + gamma(ko + 3, dtype)) * (1 + gamma(ki + 3, dtype)) * (1 + gamma(n + 2, dtype))
     err_scale = gamma(n + pieces + 2, dtype) * grow
+    # underflow: the diagonals (row norms) may have lost up to underflow(o) and underflow(i)
+    # (o and i products per entry), every entry as much, which the other Gram multiplies:
+    # sum |G_x| <= (sum_n ||x_n||)^2 times underflow(o), and so on
+    rg, rx = _lift(rg, o), _lift(rx, i)
+    lost = ((rx.sum(1) * math.sqrt(underflow(dtype, o))).square()
+            + (rg.sum(1) * math.sqrt(underflow(dtype, i))).square()) * (grow**2 * (1 + gamma(4, dtype)))
     a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
     est = torch.sum(gram_g * gram_x, (1, 2), dtype=F64).to(dtype)
-    cheap, fine = _gram_error(gram_g, gram_x, rg, rx, a, ko, ki, grow)
+    cheap, finer = _gram_error(gram_g, gram_x, rg, rx, a, ko, ki, grow)
+    cheap = cheap + lost
+
+    def fine() -> torch.Tensor:
+        return finer() + lost
+
     scales = (1 + gamma(2, dtype), err_scale)
     if torch.compiler.is_compiling():  # no data-dependent branch: the finer bound, always
         return NormBound(est, (est + torch.minimum(cheap, fine())).clamp_min(0), a, *scales)
@@ -288,7 +324,9 @@ def gram_bound(
             redone = redo(bad)
             k64 = (gamma(o + i + 2, F64) + gamma(n * n + 2, F64)) * grow**2 * (1 + gamma(3, dtype))
             new_est = est.index_copy(0, bad, redone.to(dtype))
-            err = err.index_copy(0, bad, a[bad].square() * k64 + redone.abs().to(dtype) * (2 * unit_roundoff(dtype)))
+            # (float64 Grams of narrower data do not underflow; their sum rounded to dtype may)
+            err = err.index_copy(0, bad, a[bad].square() * k64 + redone.abs().to(dtype) * (2 * unit_roundoff(dtype))
+                                 + underflow(dtype, 1))
         return NormBound(new_est, (new_est + err).clamp_min(0), a, *scales)
 
     return NormBound(est, (est + cheap).clamp_min(0), a, *scales, cheap, refine)

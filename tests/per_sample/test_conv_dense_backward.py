@@ -6,6 +6,7 @@ whose norm bounds the exact gradient's and whose sum is ``c @ dW``."""
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 import weakref
 
@@ -269,3 +270,33 @@ def test_term_sizes_of_huge_float32_inputs_do_not_overflow():
     exact = per_sample_grads(fn, {"weight": m.weight.detach().double()}, x.double())["weight"]
     assert bool(torch.isfinite(norms).all())
     assert bool((norms.double() >= exact.flatten(1).norm(dim=1)).all())
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_term_sizes_of_underflowing_inputs_bound_the_exact_norm(built, monkeypatch):
+    """Review reproducer: float32 inputs of about 2e-23 (their squares below float32's
+    smallest subnormal: ``||x_b||`` came out 0) and output gradients of about 3e17 with
+    zero mean (the terms cancel): the size of the terms was 0 and the certified norm of
+    the gradient as built fell 1.5% below the exact one. The input and output-gradient
+    norms now carry what underflow may take from them."""
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    monkeypatch.setattr(ConvWeight, "_form", lambda self, datas: "direct")
+    weight_shape, conf, size = (4, 4, 3, 3), ((1, 1), (0, 0), (1, 1)), 4
+    worst = math.inf
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = (2e-25 * (100 + 1e-4 * torch.randn(1, size, 4, 16, 16, dtype=F64, generator=gen))).float()
+        g = torch.randn(1, size, 4, 14, 14, dtype=F64, generator=gen)
+        g = (3e17 * (g - g.mean((3, 4), keepdim=True))).float()
+        kind = ConvWeight(weight_shape, 1)
+        records = conv_rule._built([(kind, (x, g, conf))]) if built else [(kind, (x, g, conf))]
+        norms = _kinds.certified_norm([_kinds.LeafPieces(records, None, size, weight_shape)]).double()
+        exact = exact_weight_norms(x, g, weight_shape, conf)
+        worst = min(worst, float((norms / exact).min()))
+    assert worst >= 1, worst
+
+
+def exact_weight_norms(x, g, weight_shape, conf):
+    """The exact (float64) per-example weight gradient norms of float32 pieces."""
+    dense = conv_rule.per_sample_conv_weight_grad(x.double(), g.double(), weight_shape, *conf, 1)
+    return dense.flatten(1).norm(dim=1)

@@ -228,3 +228,27 @@ def test_fast_clipping_keeps_no_per_sample_conv_gradient(monkeypatch):
     weight = pieces.leaves[1]  # optree order: conv.bias, conv.weight, fc.bias, fc.weight
     assert isinstance(weight.kind, ConvWeight) and weight.dense is None and not weight.kind.uses_gram(weight.datas)
     assert_fast_equals_materialize(fn, params, (x, y), 0.3)
+
+
+@pytest.mark.parametrize("form", ["gram", "xgram", "direct"])
+def test_underflowing_inputs_with_huge_output_gradients_are_bounded(form, monkeypatch):
+    """Review reproducer: float32 inputs of about 3e-23, whose squares underflow (below
+    float32's smallest subnormal, 1.4e-45), with output gradients of about 3e18 (squares
+    near float32's largest): the input's Gram (or patches' Gram) lost most of itself to
+    underflow, which the relative rounding bounds (gamma_k) do not cover, and the huge
+    output-gradient Gram amplified it: certified norms fell 5% below the exact ones. Now
+    the Grams' entries also carry the absolute error of their underflowing products, so
+    the certified norms are above the exact ones (such examples get the float64 Grams)."""
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    monkeypatch.setattr(ConvWeight, "_form", lambda self, datas: form)
+    gen = torch.Generator().manual_seed(0)
+    weight_shape, conf, size = (16, 16, 3, 3), ((1, 1), (1, 1), (1, 1)), 3
+    x = (3e-23 * torch.randn(1, size, 16, 8, 8, dtype=F64, generator=gen)).float()
+    g = (3e18 * torch.randn(1, size, 16, 8, 8, dtype=F64, generator=gen)).float()
+    x[0, 2] = 1e-20 * torch.randn(16, 8, 8, generator=gen)  # squares subnormal, not lost
+    kind = ConvWeight(weight_shape, 1)
+    data = (x, g, conf)
+    exact = per_sample_conv_weight_grad(x.double(), g.double(), weight_shape, *conf, 1).flatten(1).norm(dim=1)
+    norms = _kinds.certified_norm([_kinds.LeafPieces([(kind, data)], None, size, weight_shape)])
+    assert bool((norms.double() >= exact).all()), norms.double() / exact
+    assert bool((norms.double() <= exact * 1.01).all()), norms.double() / exact

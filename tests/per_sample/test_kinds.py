@@ -67,3 +67,23 @@ def test_leaf_pieces_do_not_share_different_tensors():
     assert leaves[2].sq_norm is not leaves[3].sq_norm
     for leaf, expected in zip(leaves, dense):
         torch.testing.assert_close(leaf.sq_norm, expected.flatten(1).pow(2).sum(1), rtol=1e-10, atol=0)
+
+
+def test_one_row_outer_norm_of_underflowing_inputs_is_bounded():
+    """Review reproducer: a linear layer's one-row norm ``||g|| ||x||`` with float32 inputs
+    whose squares underflow (about 3e-23) and output gradients near float32's largest
+    squares (3e18): ||x||^2 came out 0 or subnormal, far below what gamma_k covers, and the
+    product with ||g||^2 amplified it; the bound is now above the exact norm."""
+    from psgfunc.per_sample._kinds import certified_norm
+
+    gen = torch.Generator().manual_seed(0)
+    g = (3e18 * torch.randn(4, 1, 8, dtype=torch.float64, generator=gen)).float()
+    x = (3e-23 * torch.randn(4, 1, 600, dtype=torch.float64, generator=gen)).float()
+    x[3] = 0  # (an underflowed input's norm may be 0 too: a small bound remains)
+    x[2], g[2] = torch.randn(1, 600, generator=gen), 1.0  # ordinary rows: as tight as before
+    leaf = LeafPieces([(Outer(), (g, x))], None, 4, (8, 600))
+    norms = certified_norm([leaf]).double()
+    exact = torch.linalg.vector_norm(g.double().transpose(1, 2) @ x.double(), dim=(1, 2))
+    assert bool((norms >= exact).all()), norms / exact
+    assert float(norms[2]) <= float(exact[2]) * (1 + 1e-5)
+    assert 0 < float(norms[3]) < 0.02

@@ -81,6 +81,7 @@ from psgfunc.per_sample._kinds import (
     NormBound,
     RowSum,
     _in_dtype,
+    _lift,
     _up,
     collecting,
     emit,
@@ -497,10 +498,11 @@ def _term_sizes(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], conf:
     lx, lg = x[:, :1].numel(), g[:, :1].numel()
     if dtype != F64 and (torch.compiler.is_compiling() or 4 * max(lx, lg) * unit_roundoff(dtype) > 1):
         dtype = F64
-    nx = torch.linalg.vector_norm(x, dim=(0, *range(2, x.dim())), dtype=dtype)
-    ng = torch.linalg.vector_norm(g, dim=(0, *range(2, g.dim())), dtype=dtype)
+    # (raised by what underflow may take from their squares: the other norm multiplies it)
+    nx = _lift(torch.linalg.vector_norm(x, dim=(0, *range(2, x.dim())), dtype=dtype), lx)
+    ng = _lift(torch.linalg.vector_norm(g, dim=(0, *range(2, g.dim())), dtype=dtype), lg)
     m = _windows_per_element(kernel, conf[0], conf[2])
-    scale = math.sqrt(m) * (1 + gamma(2 * lx + 4, dtype)) * (1 + gamma(2 * lg + 4, dtype)) * (1 + gamma(4, dtype))
+    scale = math.sqrt(m) * (1 + gamma(2 * lx + 5, dtype)) * (1 + gamma(2 * lg + 5, dtype)) * (1 + gamma(4, dtype))
     a = nx * ng * scale
     if dtype != F64 and not math.isfinite(float(a.sum())):
         return _term_sizes(x, g, kernel, conf, F64)
