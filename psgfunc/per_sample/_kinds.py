@@ -173,7 +173,13 @@ def underflow(dtype: torch.dtype, k: int) -> float:
     its growth through the sum and the second-order terms of the bounds that use it.
     Negligible for any norm above ``sqrt(k) 2^-74`` (float32), but a product of two norms
     (or of two Grams) multiplies it by the other one: float32 inputs of 3e-23 (squares
-    below the smallest subnormal) with output gradients of 3e18 gave norms 5% low."""
+    below the smallest subnormal) with output gradients of 3e18 gave norms 5% low.
+
+    0 for float64 (not covered there: squares underflow below 1e-154, which float32 and
+    half-precision data never reach), so that a float64 example with a zero factor keeps
+    the exact norm 0 (a float32 one gets a norm of about ``1e-22`` times the other)."""
+    if dtype == F64:
+        return 0.0
     return k * 4 * unit_roundoff(dtype) * torch.finfo(dtype).tiny  # (this order: exact in double)
 
 
@@ -183,7 +189,8 @@ def _lift(r: torch.Tensor, k: int) -> torch.Tensor:
     sqrt(underflow(k))`` (the latter rounded up); a no-op on norms above about ``1e-15
     sqrt(k)`` in float32 (``1e-146 sqrt(k)`` in float64), which it cannot change. An exactly
     zero row gets ``sqrt(underflow(k))`` too: underflowed rows are zeros as well."""
-    return r + math.sqrt(underflow(r.dtype, k)) * (1 + 2**-20)
+    lift = math.sqrt(underflow(r.dtype, k)) * (1 + 2**-20)
+    return r + lift if lift else r
 
 
 def _rho(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
@@ -300,26 +307,27 @@ def gram_bound(
     # underflow: the diagonals (row norms) may have lost up to underflow(o) and underflow(i)
     # (o and i products per entry), every entry as much, which the other Gram multiplies:
     # sum |G_x| <= (sum_n ||x_n||)^2 times underflow(o), and so on
-    rg, rx = _lift(rg, o), _lift(rx, i)
-    lost = ((rx.sum(1) * math.sqrt(underflow(dtype, o))).square()
-            + (rg.sum(1) * math.sqrt(underflow(dtype, i))).square()) * (grow**2 * (1 + gamma(4, dtype)))
+    lost: Any = 0.0  # (float64: not covered, see underflow)
+    if underflow(dtype, 1):
+        rg, rx = _lift(rg, o), _lift(rx, i)
+        lost = ((rx.sum(1) * math.sqrt(underflow(dtype, o))).square()
+                + (rg.sum(1) * math.sqrt(underflow(dtype, i))).square()) * (grow**2 * (1 + gamma(4, dtype)))
     a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
     est = torch.sum(gram_g * gram_x, (1, 2), dtype=F64).to(dtype)
-    cheap, finer = _gram_error(gram_g, gram_x, rg, rx, a, ko, ki, grow)
-    cheap = cheap + lost
-
-    def fine() -> torch.Tensor:
-        return finer() + lost
-
+    cheap, fine = _gram_error(gram_g, gram_x, rg, rx, a, ko, ki, grow)
     scales = (1 + gamma(2, dtype), err_scale)
     if torch.compiler.is_compiling():  # no data-dependent branch: the finer bound, always
-        return NormBound(est, (est + torch.minimum(cheap, fine())).clamp_min(0), a, *scales)
+        return NormBound(est, (est + torch.minimum(cheap, fine()) + lost).clamp_min(0), a, *scales)
+    # what underflow may take asks for the float64 Grams where the estimate is not 0 (an
+    # example with a zero factor, e.g. zero output gradients, keeps its cheap bound instead)
+    live = lost if isinstance(lost, float) else torch.where(est != 0, lost, 0.0)
 
     def refine(total_sq: torch.Tensor) -> NormBound:
-        """The finer bound; examples it leaves uncertain (cancelling ones) get their Grams
-        again in float64 (a few rows)."""
+        """The finer bound; examples it leaves uncertain (cancelling ones, and those whose
+        Grams underflow) get their Grams again in float64 (a few rows)."""
         err, new_est = torch.minimum(cheap, fine()), est
-        bad = (err > GRAM_TOLERANCE * total_sq).nonzero().flatten()
+        bad = (err + live > GRAM_TOLERANCE * total_sq).nonzero().flatten()
+        err = err + lost
         if bad.numel() and dtype != F64:
             redone = redo(bad)
             k64 = (gamma(o + i + 2, F64) + gamma(n * n + 2, F64)) * grow**2 * (1 + gamma(3, dtype))
@@ -329,7 +337,7 @@ def gram_bound(
                                  + underflow(dtype, 1))
         return NormBound(new_est, (new_est + err).clamp_min(0), a, *scales)
 
-    return NormBound(est, (est + cheap).clamp_min(0), a, *scales, cheap, refine)
+    return NormBound(est, (est + cheap + lost).clamp_min(0), a, *scales, cheap + live, refine)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -252,3 +252,28 @@ def test_underflowing_inputs_with_huge_output_gradients_are_bounded(form, monkey
     norms = _kinds.certified_norm([_kinds.LeafPieces([(kind, data)], None, size, weight_shape)])
     assert bool((norms.double() >= exact).all()), norms.double() / exact
     assert bool((norms.double() <= exact * 1.01).all()), norms.double() / exact
+
+
+@pytest.mark.parametrize("form", ["gram", "xgram", "direct"])
+def test_examples_with_a_zero_factor_keep_their_zero_norm(form, monkeypatch):
+    """With the bounds of underflow (float32 only): a float64 example whose output
+    gradients or inputs are all zero keeps the exact norm 0, as the materialising route
+    gives it (norms compared at atol 0); in float32 its norm is at most about 1e-22 times
+    the other factor, with no float64 Grams recomputed for it."""
+    monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+    monkeypatch.setattr(ConvWeight, "_form", lambda self, datas: form)
+    gen = torch.Generator().manual_seed(4)
+    weight_shape, conf, size = (8, 8, 3, 3), ((1, 1), (1, 1), (1, 1)), 3
+    x, g, _ = conv_data(gen, size, 1, 8, weight_shape, (6, 6), conf)
+    g[0, 0], x[0, 1] = 0, 0
+    kind = ConvWeight(weight_shape, 1)
+    exact = per_sample_conv_weight_grad(x, g, weight_shape, *conf, 1).flatten(1).norm(dim=1)
+    norms = _kinds.certified_norm([_kinds.LeafPieces([(kind, (x, g, conf))], None, size, weight_shape)])
+    torch.testing.assert_close(norms, exact, rtol=1e-10, atol=0)
+    redone = []
+    original = ConvWeight._pieces
+    monkeypatch.setattr(ConvWeight, "_pieces", lambda self, *a: redone.append(a[-1]) or original(self, *a))
+    leaf = _kinds.LeafPieces([(kind, (x.float(), g.float(), conf))], None, size, weight_shape)
+    norms32 = _kinds.certified_norm([leaf]).double()
+    assert bool((norms32[:2] < 1e-15).all()) and bool((norms32[2] >= exact[2]).all())
+    assert all(idx is None for idx in redone)  # no example's Grams were recomputed
