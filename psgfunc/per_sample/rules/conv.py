@@ -484,17 +484,20 @@ def _term_sizes(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], conf:
 
     By Cauchy-Schwarz, ``a_b <= ||g_b|| (sum_t ||u_bt||^2)^(1/2) <= sqrt(m) ||g_b|| ||x_b||``,
     with ``m`` the most windows one input element falls in (:func:`_windows_per_element`;
-    padded zeros add nothing): two norms over each example's contiguous data. The exact
+    padded zeros add nothing) and ``x_b`` the inputs some window reads
+    (:func:`_read_inputs`): two norms over each example's data. The exact
     ``sum_t ||g_bt|| ||u_bt||`` (channel norms, then window sums by sum pooling) took 12x
     as long on a WRN's 64->64 layer at B = 32; this bound was 4-6% above it on random
     activations at stride 1, 38% at stride 2 (3x3), in a term that is itself about ``1e-4``
     of the norm in float32.
 
     The norms are taken in ``dtype`` and the result carries their rounding, whatever the
-    summation order (a factor ``1 + gamma_{2L+4}`` per norm of ``L`` elements, and
+    summation order (a factor ``1 + gamma_{2L+5}`` per norm of ``L`` elements, raised by
+    what underflow may take (:func:`~psgfunc.per_sample._kinds.underflow`), and
     ``gamma_4`` for the products): it is an upper bound as computed. Where float32 squares
     overflow (entries above about 1e18), where ``L`` is too long for float32's bound, and
     always under ``torch.compile`` (no data-dependent branch), float64."""
+    x = _read_inputs(x, kernel, conf)
     lx, lg = x[:, :1].numel(), g[:, :1].numel()
     if dtype != F64 and (torch.compiler.is_compiling() or 4 * max(lx, lg) * unit_roundoff(dtype) > 1):
         dtype = F64
@@ -507,6 +510,32 @@ def _term_sizes(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], conf:
     if dtype != F64 and not math.isfinite(float(a.sum())):
         return _term_sizes(x, g, kernel, conf, F64)
     return a
+
+
+def _read_inputs(x: torch.Tensor, kernel: tuple[int, ...], conf: tuple[Any, ...]) -> torch.Tensor:
+    """``x [N, B, C, *S]`` without the input positions no window reads (a stride above the
+    kernel's span skips some, e.g. a 1x1 stride-2 shortcut reads a quarter of its input;
+    positions past the last window), whose size :func:`_term_sizes` would otherwise count:
+    a 1x1 stride-2 conv whose skipped rows held 1e8 got a float32 bound 2200x the exact
+    norm. Each dim separately (the windows are products of per-dim ranges); ``x`` itself
+    when every position is read."""
+    stride, padding, dilation = conf
+    for d in range(len(kernel)):  # (loops: torch.compile traces no comprehension here)
+        k, s, p, dl, size = kernel[d], stride[d], padding[d], dilation[d], x.shape[3 + d]
+        out = (size + 2 * p - dl * (k - 1) - 1) // s + 1
+        seen = [False] * size
+        for t in range(out):
+            for j in range(k):
+                i = t * s + j * dl - p
+                if 0 <= i < size:
+                    seen[i] = True
+        read = []
+        for i in range(size):
+            if seen[i]:
+                read.append(i)
+        if len(read) < size:
+            x = x.index_select(3 + d, torch.tensor(read, dtype=torch.long, device=x.device))
+    return x
 
 
 def _windows_per_element(kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> int:
