@@ -195,20 +195,19 @@ def test_built_gradient_norms_bound_the_exact_ones_under_cancellation(seed, wher
 @pytest.mark.parametrize("kernel,stride,padding,dilation,spatial", [
     ((3, 3), (1, 1), (1, 1), (1, 1), (6, 7)),
     ((3, 2), (2, 1), (0, 1), (1, 1), (7, 5)),  # stride, uneven kernel
-    ((3, 3), (2, 2), (1, 1), (1, 1), (8, 8)),  # stride 2: an element in at most 2 x 2 windows
+    ((3, 3), (2, 2), (1, 1), (1, 1), (8, 8)),  # stride 2
     ((3, 3), (1, 1), (2, 2), (1, 1), (5, 5)),  # padding above half the kernel
     ((3, 3), (1, 2), (1, 0), (2, 1), (7, 6)),  # dilation
-    ((3, 3), (2, 2), (0, 0), (2, 2), (9, 9)),  # stride and dilation 2: every offset reaches
+    ((3, 3), (2, 2), (0, 0), (2, 2), (9, 9)),  # stride and dilation 2: odd inputs unread
     ((2, 2, 2), (1, 1, 1), (1, 0, 0), (1, 1, 1), (1, 5, 5)),  # kernel deeper than the input
     ((3, 3, 1), (1, 2, 1), (1, 1, 0), (1, 1, 1), (4, 5, 3)),  # 3-d
     ((5,), (3,), (2,), (1,), (11,)),  # 1-d
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_term_sizes_bound_the_sizes_of_the_terms(kernel, stride, padding, dilation, spatial, dtype):
-    """``_term_sizes`` (Cauchy-Schwarz: ``sqrt(m) ||g_b|| ||x_b||``) is above ``sum_t ||g_bt||
-    ||u_bt||`` with the patches built explicitly (zero padding included), in float64, for
-    every example, also one whose output gradients sit where its input is large (the case
-    Cauchy-Schwarz is tight for), and not far above it at stride 1."""
+    """``_term_sizes`` is ``sum_t ||g_bt|| ||u_bt||`` with the patches built explicitly (zero
+    padding included), rounded up: at most 1e-4 above it in float32, 1e-12 in float64, never
+    below, for every example."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, *spatial, dtype=F64, generator=gen)  # [N, B, C, *S]
     padded = torch.nn.functional.pad(x, [p for q in reversed(padding) for p in (q, q)])
@@ -223,22 +222,7 @@ def test_term_sizes_bound_the_sizes_of_the_terms(kernel, stride, padding, dilati
     got = conv_rule._term_sizes(x.to(dtype), g.to(dtype), kernel, (stride, padding, dilation), dtype)
     assert got.dtype == dtype
     assert bool((got.double() >= exact).all()), (got, exact)
-    if all(st == 1 for st in stride):  # (strided layers may skip inputs, which ||x_b|| counts)
-        assert bool((got.double() <= 3 * exact).all()), (got, exact)
-
-
-def test_windows_per_element_counts_the_windows_of_the_most_covered_element():
-    """Against a count over every input index, for strides, dilations and kernels."""
-    for k in range(1, 6):
-        for s in range(1, 5):
-            for d in range(1, 4):
-                size, span = 40, d * (k - 1) + 1
-                counts = [0] * size
-                for t in range((size - span) // s + 1):
-                    for j in range(k):
-                        counts[t * s + j * d] += 1
-                assert conv_rule._windows_per_element((k,), (s,), (d,)) >= max(counts)
-                assert conv_rule._windows_per_element((k,), (s,), (d,)) == max(counts[span:-span] or counts)
+    assert bool((got.double() <= exact * (1 + (1e-4 if dtype == torch.float32 else 1e-12))).all()), (got, exact)
 
 
 def test_built_term_sizes_are_not_rounded_to_a_half_precision_parameter():
@@ -303,10 +287,10 @@ def exact_weight_norms(x, g, weight_shape, conf):
 
 
 def test_term_sizes_skip_the_inputs_no_window_reads():
-    """Review reproducer: a 1x1 stride-2 conv reads a quarter of its input; the size of
-    its terms was bounded by the norm of the whole input, so rows it never reads (here
-    1e8) made the float32 certified norm 2200x the exact one and the float64 norms differ
-    from the materialising route's by 3e-6. Only the inputs some window reads count now."""
+    """Review reproducer: a 1x1 stride-2 conv reads a quarter of its input; a Cauchy-Schwarz
+    bound of the size of its terms by the norm of the whole input, rows it never reads held
+    1e8, made the float32 certified norm 2200x the exact one and the float64 norms differ
+    from the materialising route's by 3e-6. The exact size counts what the windows read."""
     gen = torch.Generator().manual_seed(0)
     params = {"c": PF.init_conv(4, 8, (1, 1), dtype=F64, generator=gen)}
     target = torch.linspace(-1, 1, 8 * 8 * 8, dtype=F64).view(1, 8, 8, 8)
@@ -323,6 +307,25 @@ def test_term_sizes_skip_the_inputs_no_window_reads():
     exact = per_sample_grads(fn, params, x)
     exact = (exact["c"]["weight"].flatten(1).square().sum(1) + exact["c"]["bias"].square().sum(1)).sqrt()
     assert bool((norms.double() >= exact).all()) and bool((norms.double() <= exact * 1.001).all())
-    full = x.unsqueeze(0)
-    assert conv_rule._read_inputs(full, (3, 3), ((1, 1), (1, 1), (1, 1))) is full  # all read: no copy
-    assert conv_rule._read_inputs(full, (1, 2), ((2, 3), (0, 0), (1, 1))).shape[3:] == (8, 10)
+
+
+def test_term_sizes_of_inputs_large_where_the_output_gradients_are_small():
+    """Review reproducer: output gradients at one position, whose window reads inputs of
+    about 1, inputs of 1e4 everywhere else. A Cauchy-Schwarz bound of the size of the terms
+    (``||g_b|| ||x_b||``) made the float32 certified norm 34x the exact one and float64 norms
+    differ from the materialising route's by 6e-8: the exact size keeps both tight."""
+    gen = torch.Generator().manual_seed(0)
+    params = {"c": {"weight": PF.init_conv(4, 4, (3, 3), dtype=F64, generator=gen)["weight"]}}
+    target = torch.zeros(1, 4, 30, 30, dtype=F64)
+    target[0, :, 3, 3] = 1.0
+
+    def fn(p, xb):
+        return (PF.conv2d(p["c"], xb.unsqueeze(0)) * target).sum()
+
+    x = 1e4 * torch.randn(3, 4, 32, 32, dtype=F64, generator=gen)
+    x[:, :, 2:7, 2:7] = torch.randn(3, 4, 5, 5, dtype=F64, generator=gen)
+    assert_fast_equals_materialize(fn, params, (x,), 1.0)
+    p32 = {"c": {"weight": params["c"]["weight"].float()}}
+    _, norms = dp.clipped_grad_sum(fn, p32, x.float(), max_norm=1.0)
+    exact = per_sample_grads(fn, params, x)["c"]["weight"].flatten(1).norm(dim=1)
+    assert bool((norms.double() >= exact).all()) and bool((norms.double() <= exact * 1.001).all())
