@@ -260,7 +260,8 @@ def step_peak_mb(step: Callable[[], Any]) -> float:
     return (_status_kb("VmHWM") - before) / 1024
 
 
-def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flops=False, ref_args=None):
+def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flops=False, ref_args=None,
+           memory_only=False):
     """In a fresh forked process (the parent never ran torch's thread pool, see
     ``_grad_sample_module``): a one-example step (one-time initialisation; not with
     ``tiny=False``, where the parent already paid it), one step for peak memory, the FLOPs of
@@ -270,7 +271,8 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flo
     ``ref_args``: also build ``builder(*ref_args)`` (the non-private step) after the memory
     and FLOPs readings and time it interleaved with the step, one of each per round; its
     median is ``ref_ms``, so that the step's ratio to it is measured under the same load
-    (a shared machine's speed drifts from second to second and from process to process)."""
+    (a shared machine's speed drifts from second to second and from process to process).
+    ``memory_only``: report the peak memory alone (one more sample of it)."""
     try:
         warnings.simplefilter("ignore")
         torch.set_num_threads(threads)
@@ -286,6 +288,9 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flo
             conn.send(None)
             return
         peak_mb = step_peak_mb(step)
+        if memory_only:
+            conn.send(dict(peak_mb=peak_mb))
+            return
         result: dict[str, Any] = dict(compile_s=getattr(step, "compile_s", math.nan),
                                       note=getattr(step, "note", ""))
         if flops:
@@ -350,16 +355,17 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> float:
 
 
 def measure(builder, args, threads, warmup, repeats, min_ms, *, timeout=None, tiny=True,
-            flops=False, ref_args=None) -> dict[str, Any] | None:
+            flops=False, ref_args=None, memory_only=False) -> dict[str, Any] | None:
     """Run :func:`_child` in a forked process and return what it reports (``ref_args``: the
-    paired reference step's builder arguments, see :func:`_child`).
+    paired reference step's builder arguments, ``memory_only``: the peak memory alone, see
+    :func:`_child`).
 
     ``timeout``: seconds to wait for the child; past it the child is killed and the result is
     an error (a cell never hangs the run). Raises EOFError when the child died silently."""
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, builder, args, threads, warmup, repeats, min_ms, tiny, flops,
-                                            ref_args))
+                                            ref_args, memory_only))
     proc.start()
     child.close()
     try:

@@ -298,3 +298,23 @@ def test_quick_runs_are_not_paired(quick_run: Path) -> None:
     rows = report.load(quick_run / "smoke.csv")
     assert all(math.isnan(r["ref_ms"]) for r in rows)
     assert "paired" not in (quick_run / "smoke.md").read_text()
+
+
+def test_peak_memory_is_the_median_of_fresh_processes(monkeypatch) -> None:
+    """Full runs read each cell's peak memory in three fresh processes and report the median
+    (one reading moves by 10% and more); quick runs read it once."""
+    from benchmarks import cli, layers
+
+    assert cli.parse_args([]).mem_repeats == 3
+    assert cli.parse_args(["--quick"]).mem_repeats == 1
+    more = iter([dict(peak_mb=30.0), dict(peak_mb=12.0)])
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(kwargs)
+        return next(more)
+
+    monkeypatch.setattr(layers, "measure", fake)
+    opts = cli.parse_args([])
+    assert cli._median_peak(10.0, ("scale", "WRN16-4", False, "clip-fast", 2), opts) == 12.0
+    assert len(calls) == 2 and all(c["memory_only"] for c in calls)
