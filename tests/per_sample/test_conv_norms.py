@@ -31,6 +31,21 @@ def assert_fast_equals_materialize(fn, params, batch, max_norm):
             torch.testing.assert_close(summed[k][name], expected[k][name], rtol=1e-10, atol=1e-12)
 
 
+def assert_bound_is_the_dense_norm(kind, datas, dense):
+    """float64, three examples: ``kind``'s bound of ``datas`` has the norms of the
+    materialised ``dense [3, *weight_shape]`` (1e-10) and is above them, its weighted sum is
+    ``sum_b c_b dense_b``, and the certified norms through a leaf are the exact ones."""
+    exact = dense.flatten(1).square().sum(1)
+    bound = kind.bound(datas)
+    torch.testing.assert_close(bound.sq, exact, rtol=1e-10, atol=0)
+    assert bool((bound.hi2 * bound.hi_scale >= exact).all())
+    c = torch.tensor([0.5, -2.0, 1.5], dtype=F64)
+    torch.testing.assert_close(kind.weighted_sum(datas, c), torch.einsum("b,b...->...", c, dense), rtol=1e-10, atol=1e-12)
+    leaf = _kinds.LeafPieces([(kind, d) for d in datas], None, dense.shape[0], tuple(dense.shape[1:]))
+    assert leaf.dense is None
+    torch.testing.assert_close(_kinds.certified_norm([leaf]), exact.sqrt(), rtol=1e-10, atol=0)
+
+
 def out_size(s, k, st, p, d):
     return (s + 2 * p - d * (k - 1) - 1) // st + 1
 
@@ -72,16 +87,7 @@ def test_chunked_norms_and_sums_equal_materialised(name, rows, monkeypatch):
     assert kind.uses_gram(datas) == (route == "gram")
     assert not kind.prefers_dense(datas)
     dense = sum(per_sample_conv_weight_grad(x, g, weight_shape, *conf, groups) for x, g, conf in datas)
-    exact = dense.flatten(1).square().sum(1)
-    bound = kind.bound(datas)
-    torch.testing.assert_close(bound.sq, exact, rtol=1e-10, atol=0)
-    assert bool((bound.hi2 * bound.hi_scale >= exact).all())
-    c = torch.tensor([0.5, -2.0, 1.5], dtype=F64)
-    torch.testing.assert_close(kind.weighted_sum(datas, c), torch.einsum("b,b...->...", c, dense), rtol=1e-10, atol=1e-12)
-    leaf = _kinds.LeafPieces([(kind, d) for d in datas], None, size, weight_shape)
-    assert leaf.dense is None
-    norms = _kinds.certified_norm([leaf])
-    torch.testing.assert_close(norms, exact.sqrt(), rtol=1e-10, atol=0)
+    assert_bound_is_the_dense_norm(kind, datas, dense)
 
 
 @pytest.mark.parametrize("route", ["gram", "xgram", "direct"])
@@ -158,15 +164,7 @@ def test_xgram_norms_and_sums_equal_materialised(name, monkeypatch):
         assert kind._form(datas) != "xgram"
         monkeypatch.setattr(ConvWeight, "_form", lambda self, datas: "xgram")
     assert kind._form(datas) == "xgram"
-    dense = per_sample_conv_weight_grad(*datas[0][:2], weight_shape, *conf, 1)
-    exact = dense.flatten(1).square().sum(1)
-    bound = kind.bound(datas)
-    torch.testing.assert_close(bound.sq, exact, rtol=1e-10, atol=0)
-    assert bool((bound.hi2 * bound.hi_scale >= exact).all())
-    c = torch.tensor([0.5, -2.0, 1.5], dtype=F64)
-    torch.testing.assert_close(kind.weighted_sum(datas, c), torch.einsum("b,b...->...", c, dense), rtol=1e-10, atol=1e-12)
-    norms = _kinds.certified_norm([_kinds.LeafPieces([(kind, datas[0])], None, size, weight_shape)])
-    torch.testing.assert_close(norms, exact.sqrt(), rtol=1e-10, atol=0)
+    assert_bound_is_the_dense_norm(kind, datas, per_sample_conv_weight_grad(*datas[0][:2], weight_shape, *conf, 1))
 
 
 def test_wrn_forms():
