@@ -65,8 +65,9 @@ def clipped_grad_sum(
         0.4% above the exact norm on a 64-channel 3x3 layer at 32x32 in float32. Where
         the gradients of a function with no rule are materialised, the bound is that of
         the gradients as materialised, whose own rounding it does not cover: each
-        example's contribution as computed stays within ``C``. ``"materialize"`` returns the norms of the materialised gradients (inflated by
-        2^-8 for bfloat16 leaves, see :func:`psgfunc.dp.clip`).
+        example's contribution as computed stays within ``C``. ``"materialize"`` returns
+        the norms of the materialised gradients (inflated by 2^-8 for bfloat16 leaves, see
+        :func:`psgfunc.dp.clip`).
 
     Raises:
         ValueError: for an unknown ``method``, an invalid ``max_norm``, params without

@@ -186,9 +186,10 @@ def underflow(dtype: torch.dtype, k: int) -> float:
 def _lift(r: torch.Tensor, k: int) -> torch.Tensor:
     """Row norms ``r`` of rows of ``k`` elements computed in ``r``'s dtype, raised by what
     underflow may have taken from their squares: ``sqrt(r^2 + underflow(k)) <= r +
-    sqrt(underflow(k))`` (the latter rounded up); a no-op on norms above about ``1e-15
-    sqrt(k)`` in float32 (``1e-146 sqrt(k)`` in float64), which it cannot change. An exactly
-    zero row gets ``sqrt(underflow(k))`` too: underflowed rows are zeros as well."""
+    sqrt(underflow(k))`` (the latter rounded up); a no-op on float32 norms above about
+    ``1e-15 sqrt(k)``, which it cannot change, and on float64 ones (:func:`underflow` is 0
+    there). An exactly zero row gets ``sqrt(underflow(k))`` too: underflowed rows are
+    zeros as well."""
     lift = math.sqrt(underflow(r.dtype, k)) * (1 + 2**-20)
     return r + lift if lift else r
 
