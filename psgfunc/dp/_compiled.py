@@ -40,7 +40,10 @@ many steps. ``method="materialize"`` ran 2.3-37x the non-private step. Benchmark
 choosing (``python -m benchmarks --suite models --methods nn,clip-fast,clip-fast-compiled``).
 
 Validation that cannot run inside a graph stays outside: the batch is checked before the
-call, and NaN/Inf norms raise ``ValueError`` after it.
+call, and a call whose norms are not all finite is run again by the eager
+:func:`~psgfunc.dp.clipped_grad_sum` (the graph's float32 squares overflow on finite
+gradients above about 1e19, which the eager route handles), which raises ``ValueError``
+where a gradient itself is NaN or Inf.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from torch.func import grad, vmap
 
 from psgfunc import _rules
 from psgfunc.dp._clip import _check_positive_finite
+from psgfunc.dp._clipped import clipped_grad_sum
 from psgfunc.per_sample._api import _prepare
 from psgfunc.per_sample._kinds import _acc, _up, certified_norm, dense_bound
 from psgfunc.per_sample._tap import Plan, discover, traced_pieces
@@ -119,7 +123,8 @@ def compiled_clipped_grad_sum(
 
     Raises:
         ValueError: an unknown ``method`` or invalid ``max_norm``; (from ``step``) mismatched
-            batch sizes, an empty batch, a non-finite per-example norm, ``fn`` whose layer
+            batch sizes, an empty batch, an example whose gradient holds NaN or Inf (found by
+            the eager rerun of a call with a non-finite norm, see below), ``fn`` whose layer
             calls or plain uses of params still differ from a fresh plan after planning again
             (they change from call to call, e.g. with a counter), or a step that the compiler
             cannot trace (it runs eagerly without error: a graph break, e.g. ``print`` or
@@ -129,7 +134,11 @@ def compiled_clipped_grad_sum(
         UserWarning: leaves materialised in the graph (``method="fast"``); the compiler ran a
             graph eagerly (its recompile limit was hit because the Python state ``fn`` reads
             kept changing, or compilation is disabled): that result is exact, and the next
-            call starts a fresh cache.
+            call starts a fresh cache; (once per step) a call whose norms were not all finite
+            although its gradients are (the graph squares in float32, which overflows for
+            entries above about 1e19) was run again through the eager
+            :func:`~psgfunc.dp.clipped_grad_sum`, whose exact result it returns. A NaN or
+            Inf gradient is rerun the same way, which raises the ``ValueError`` above.
     """
     if method not in _METHODS:
         raise ValueError(f"compiled_clipped_grad_sum: unknown method {method!r}; use one of {_METHODS}")
@@ -159,15 +168,25 @@ def _empty_error() -> ValueError:
     )
 
 
-def _check_finite(norms: torch.Tensor) -> torch.Tensor:
-    bad = ~torch.isfinite(norms)
-    if bool(bad.any()):
-        raise ValueError(
-            f"compiled_clipped_grad_sum: {int(bad.sum())} of {norms.numel()} examples have a "
-            f"NaN or Inf gradient (batch indices {bad.nonzero().flatten().tolist()[:10]}); fix "
-            "the loss or inputs before clipping"
+def _finite_or_eager(step: Any, summed: Any, norms: torch.Tensor, fn: Callable[..., torch.Tensor],
+                     c: float, method: str, params: Any, batch: tuple[Any, ...]) -> tuple[Any, torch.Tensor]:
+    """``(summed, norms)`` where every norm is finite; else the call again through the eager
+    :func:`~psgfunc.dp.clipped_grad_sum` (same ``method``), which is exact where the
+    gradients are finite but too large for the graph's float32 squares (entries above about
+    1e19: the squared norms overflow to Inf) and raises a ``ValueError`` naming the
+    examples whose gradient is NaN or Inf. Warns once per step (where the rerun returns)."""
+    if bool(torch.isfinite(norms).all()):
+        return summed, norms
+    out = clipped_grad_sum(fn, params, *batch, max_norm=c, method=method)  # raises for NaN/Inf
+    if not step.warned_overflow:
+        step.warned_overflow = True
+        warnings.warn(
+            "compiled_clipped_grad_sum: the compiled step's norms overflowed (finite "
+            "gradients too large to square in float32, entries above about 1e19); this call "
+            "ran again eagerly with psgfunc.dp.clipped_grad_sum, whose result is exact",
+            stacklevel=4,
         )
-    return norms
+    return out
 
 
 def _signature(prep: Any) -> tuple[Any, ...]:
@@ -285,6 +304,7 @@ def _new_step(call: Callable[..., Any]) -> Callable[..., Any]:
 
     step.compile_seconds = {}  # type: ignore[attr-defined]
     step.stats = {"compiles": 0, "plans": 0, "eager_runs": 0}  # type: ignore[attr-defined]
+    step.warned_overflow = False  # type: ignore[attr-defined]
     return step
 
 
@@ -312,9 +332,9 @@ def _materialize_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs:
         g = graphs.get(key)
         if g is None:
             g = graphs[key] = _Graph(graph, compile_kwargs)
-        params = prep.unflatten(prep.p_leaves)  # detached
-        summed, norms, _ = run(g, prep.size, graphs, key, params, *batch)
-        return summed, _check_finite(norms)
+        detached = prep.unflatten(prep.p_leaves)
+        summed, norms, _ = run(g, prep.size, graphs, key, detached, *batch)
+        return _finite_or_eager(step, summed, norms, fn, c, "materialize", params, batch)
 
     step = _new_step(call)
     run = _Runner(step)
@@ -409,7 +429,7 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
                 current = plan(prep, key, set(reached) | set(current.materialized), current.ops)
                 fresh = True
                 continue
-            return prep.unflatten(summed), _check_finite(norms)
+            return _finite_or_eager(step, prep.unflatten(summed), norms, fn, c, "fast", params, batch)
         raise ValueError(
             f"compiled_clipped_grad_sum: after planning {_ATTEMPTS} times, the compiled pass of "
             f"fn still differs from its plan ({why}): fn must make the same psgfunc layer calls "

@@ -250,3 +250,29 @@ def test_a_graph_break_in_fn_is_a_clear_error():
     step = dp.compiled_clipped_grad_sum(fn, 0.3, backend="eager")
     with pytest.raises(ValueError, match="could not trace"):
         step(params, x, y)
+
+
+@pytest.mark.parametrize("method", ["fast", "materialize"])
+def test_gradients_too_large_to_square_in_float32_are_clipped_eagerly(method):
+    """Finite float32 gradients with entries near 1e20 overflow the graph's squared norms
+    (Inf): the call is run again by the eager clipped_grad_sum, whose result it returns
+    (with a warning, once), not a NaN/Inf error about gradients that are finite."""
+    g = torch.Generator().manual_seed(3)
+    params = {"a": PF.init_linear(16, 8, generator=g)}
+    x, y = torch.randn(4, 3, 16, generator=g) * 1e19, torch.randn(4, 3, 8, generator=g)
+
+    def fn(p, xi, yi):
+        return (PF.linear(p["a"], xi) * yi).sum()
+
+    step = dp.compiled_clipped_grad_sum(fn, 1.0, method=method, backend="eager")
+    with pytest.warns(UserWarning, match="ran again eagerly"):
+        summed, norms = step(params, x, y)
+    eager, eager_norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=1.0, method=method)
+    assert bool(torch.isfinite(norms).all()) and float(norms.min()) > 1e19
+    torch.testing.assert_close(norms, eager_norms, rtol=0, atol=0)
+    assert_tree_close(summed, eager, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per step
+        step(params, x, y)
+    with pytest.raises(ValueError, match="NaN or Inf"):  # a NaN gradient still raises
+        step(params, x * float("nan"), y)
