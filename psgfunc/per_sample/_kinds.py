@@ -166,20 +166,18 @@ def dense_bound(total: torch.Tensor) -> NormBound:
 
 
 def underflow(dtype: torch.dtype, k: int) -> float:
-    """``4 k eta`` (``eta``: half ``dtype``'s smallest subnormal, ``2^-150`` for float32): a
-    bound on what underflow takes from a sum of ``k`` products or squares of ``dtype``
-    numbers, absolutely, which the relative bounds (``gamma_k``) do not cover. Each product
-    that underflows errs by ``eta`` at most (additions of subnormals are exact); 4 covers
-    its growth through the sum and the second-order terms of the bounds that use it.
-    Negligible for any norm above ``sqrt(k) 2^-74`` (float32), but a product of two norms
+    """``4 k eta`` (``eta``: half ``dtype``'s smallest subnormal, ``2^-150`` for float32,
+    ``2^-1075`` for float64): a bound on what underflow takes from a sum of ``k`` products
+    or squares of ``dtype`` numbers, absolutely, which the relative bounds (``gamma_k``) do
+    not cover. Each product that underflows errs by ``eta`` at most (additions of subnormals
+    are exact); 4 covers its growth through the sum and the second-order terms of the
+    bounds that use it. Negligible for any norm above ``sqrt(k) 2^-74`` (float32;
+    ``sqrt(k) 2^-536``, about ``1e-161 sqrt(k)``, in float64), but a product of two norms
     (or of two Grams) multiplies it by the other one: float32 inputs of 3e-23 (squares
-    below the smallest subnormal) with output gradients of 3e18 gave norms 5% low.
-
-    0 for float64 (not covered there: squares underflow below 1e-154, which float32 and
-    half-precision data never reach), so that a float64 example with a zero factor keeps
-    the exact norm 0 (a float32 one gets a norm of about ``1e-22`` times the other)."""
-    if dtype == F64:
-        return 0.0
+    below the smallest subnormal) with output gradients of 3e18 gave norms 5% low, and
+    float64 inputs of 1e-163 with output gradients of 1e150 gave norms of 0 for gradients
+    of norm 1e-11. So an example with a zero factor gets a certified norm of about
+    ``1e-22`` (float32) or ``1e-161`` (float64) times the other factor, not 0."""
     return k * 4 * unit_roundoff(dtype) * torch.finfo(dtype).tiny  # (this order: exact in double)
 
 
@@ -187,11 +185,9 @@ def _lift(r: torch.Tensor, k: int) -> torch.Tensor:
     """Row norms ``r`` of rows of ``k`` elements computed in ``r``'s dtype, raised by what
     underflow may have taken from their squares: ``sqrt(r^2 + underflow(k)) <= r +
     sqrt(underflow(k))`` (the latter rounded up); a no-op on float32 norms above about
-    ``1e-15 sqrt(k)``, which it cannot change, and on float64 ones (:func:`underflow` is 0
-    there). An exactly zero row gets ``sqrt(underflow(k))`` too: underflowed rows are
-    zeros as well."""
-    lift = math.sqrt(underflow(r.dtype, k)) * (1 + 2**-20)
-    return r + lift if lift else r
+    ``1e-15 sqrt(k)`` (float64: ``4e-146 sqrt(k)``), which it cannot change. An exactly
+    zero row gets ``sqrt(underflow(k))`` too: underflowed rows are zeros as well."""
+    return r + math.sqrt(underflow(r.dtype, k)) * (1 + 2**-20)
 
 
 def _rho(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
@@ -298,8 +294,9 @@ def gram_bound(
     ``ko, ki`` (default ``o, i``): the lengths whose ``gamma`` bounds the Grams' entries
     (the ``k`` of :func:`gram_of`); ``o, i`` bound the float64 recomputation and count the
     products of an entry, each of which may underflow (:func:`underflow`: the row norms are
-    raised by it and ``o eta sum |G_x| + i eta sum |G_g|`` added to the error bounds; what
-    is left out is at most ``N^2 eta`` in the squared norm, from products of two entries).
+    raised by it and ``o eta sum |G_x| + i eta sum |G_g|`` added to the error bounds, and
+    ``4 (N^2 + 1) eta`` for the ``N^2`` products of two entries and the estimate's rounding
+    to ``dtype``, each of which may underflow by ``eta``).
     """
     n, dtype = gram_g.shape[1], gram_g.dtype
     ko, ki = o if ko is None else ko, i if ki is None else ki
@@ -308,11 +305,10 @@ def gram_bound(
     # underflow: the diagonals (row norms) may have lost up to underflow(o) and underflow(i)
     # (o and i products per entry), every entry as much, which the other Gram multiplies:
     # sum |G_x| <= (sum_n ||x_n||)^2 times underflow(o), and so on
-    lost: Any = 0.0  # (float64: not covered, see underflow)
-    if underflow(dtype, 1):
-        rg, rx = _lift(rg, o), _lift(rx, i)
-        lost = ((rx.sum(1) * math.sqrt(underflow(dtype, o))).square()
-                + (rg.sum(1) * math.sqrt(underflow(dtype, i))).square()) * (grow**2 * (1 + gamma(4, dtype)))
+    rg, rx = _lift(rg, o), _lift(rx, i)
+    lost = ((rx.sum(1) * math.sqrt(underflow(dtype, o))).square()
+            + (rg.sum(1) * math.sqrt(underflow(dtype, i))).square()) * (grow**2 * (1 + gamma(4, dtype)))
+    lost = lost + (n * n + 1) * underflow(dtype, 1)  # the products G_g G_x and est's rounding
     a = torch.linalg.vecdot(rg, rx)  # sum_n ||g_n|| ||x_n||: the size of the terms
     est = torch.sum(gram_g * gram_x, (1, 2), dtype=F64).to(dtype)
     cheap, fine = _gram_error(gram_g, gram_x, rg, rx, a, ko, ki, grow)
@@ -321,7 +317,7 @@ def gram_bound(
         return NormBound(est, (est + torch.minimum(cheap, fine()) + lost).clamp_min(0), a, *scales)
     # what underflow may take asks for the float64 Grams where the estimate is not 0 (an
     # example with a zero factor, e.g. zero output gradients, keeps its cheap bound instead)
-    live = lost if isinstance(lost, float) else torch.where(est != 0, lost, 0.0)
+    live = torch.where(est != 0, lost, 0.0)
 
     def refine(total_sq: torch.Tensor) -> NormBound:
         """The finer bound; examples it leaves uncertain (cancelling ones, and those whose

@@ -208,3 +208,48 @@ def test_per_layer_clipping_fast():
     expected, _ = reference(fn, params, batch, max_norm)
     summed, _ = dp.clipped_grad_sum(fn, params, *batch, max_norm=max_norm, method="fast")
     assert_tree_close(summed, expected)
+
+
+@pytest.mark.parametrize("layer", ["linear", "sequence-gram", "sequence-direct", "conv-gram", "conv-xgram", "conv-direct"])
+def test_float64_inputs_whose_squares_underflow_are_still_clipped(layer, monkeypatch):
+    """A crafted float64 example: inputs of 1e-163 (their squares, 1e-326, underflow to 0)
+    and a target that makes its output gradients about 1e150 (squares still finite), so its
+    gradient's norm is about 1e-11. The norms from ||g|| ||x|| or from Grams came out 0
+    (or a third low) and, with C = 1e-13, the example went into the sum unclipped; now
+    every norm carries what underflow may take (float64 too), so each certified norm is at
+    least the exact one and the example adds at most C."""
+    from psgfunc.per_sample.rules import conv as conv_rule
+
+    g = gen()
+    c = 1e-13
+    if layer.startswith("conv"):
+        monkeypatch.setattr(conv_rule, "_KEEP_DENSE", 0)
+        monkeypatch.setattr(ConvWeight, "_form", lambda self, datas: layer.split("-")[1])
+        params = {"weight": torch.randn(6, 4, 3, 3, dtype=DT, generator=g)}
+        x = torch.randn(3, 4, 7, 7, dtype=DT, generator=g)
+        y = torch.randn(3, 6, 5, 5, dtype=DT, generator=g)
+
+        def fn(p, xi, yi):
+            return (PF.conv2d(p, xi) * yi).sum()
+    else:
+        steps = 1 if layer == "linear" else (3 if layer == "sequence-gram" else 40)
+        params = {"weight": torch.randn(8, 64, dtype=DT, generator=g)}  # gram: N (O + I) < O I
+        x = torch.randn(3, steps, 64, dtype=DT, generator=g)
+        y = torch.randn(3, steps, 8, dtype=DT, generator=g)
+
+        def fn(p, xi, yi):
+            return (PF.linear(p, xi) * yi).sum()
+
+    x[1], y[1] = x[1] * 1e-163, y[1] * 1e150  # (the others: ordinary examples)
+    # the exact gradients: the same products with both factors scaled by 2^500 (exact)
+    exact = per_example_grads(fn, params, x * 2.0**500, y * 2.0**-500)["weight"].flatten(1).norm(dim=1)
+    assert 1e-12 < float(exact[1]) < 1e-9
+    summed, norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=c, method="fast")
+    assert bool((norms >= exact * (1 - 1e-13)).all()), norms / exact  # (the oracle's own rounding)
+    torch.testing.assert_close(norms[[0, 2]], exact[[0, 2]], rtol=1e-10, atol=0)
+    assert float(norms[1]) < 1e3 * float(exact[1])  # (what underflow may take: over-clipped)
+    expected = per_example_grads(fn, params, x * 2.0**500, y * 2.0**-500)["weight"]
+    factors = (c / norms.clamp_min(c)).reshape(-1, *[1] * (expected.dim() - 1))
+    assert float((expected * factors).flatten(1).norm(dim=1).max()) <= c
+    expected = (expected * factors).sum(0)
+    torch.testing.assert_close(summed["weight"], expected, rtol=1e-10, atol=1e-25)
