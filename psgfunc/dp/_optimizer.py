@@ -437,15 +437,16 @@ class DPOptimizer(torch.optim.Optimizer):
         scale = size if self.loss_reduction == "mean" else 1  # gradients of a mean loss are g_b / B
         # certified: covers the rounding of the norms and of the sums (psgfunc.per_sample._kinds)
         norms = certified_norm(leaves, [p.dtype for p in params]) * scale
-        bad = ~torch.isfinite(norms)
-        if bool(bad.any()):
-            idx = bad.nonzero().flatten().tolist()
-            raise ValueError(
-                f"DPOptimizer: {len(idx)} of {size} examples have NaN or Inf in their per-sample "
-                f"gradient (batch indices {idx[:10]}); clipping would silently hide them. Find the "
-                "source (a log(0) or division by zero in the loss, an exploding learning rate) or "
-                "remove those examples from the batch"
-            )
+        dense_sums = None
+        if not bool(torch.isfinite(norms).all()):
+            # squares that overflow (finite float32 gradients above ~1e19, which the dense
+            # route clips exactly, as clipped_grad_sum does) or a real NaN/Inf: the dense
+            # route's clipped_sum tells them apart and names the bad examples
+            samples = [_dense_rows(leaf, p, size) for leaf, p in zip(leaves, params)]
+            if scale != 1:  # (as the dense path does: rows of a mean loss are g_b / B)
+                samples = [t * scale for t in samples]
+            dense_sums, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
+            del samples
         c = self.transform.max_norm
         factor = c / norms.clamp_min(c) * scale
         # the micro-batch is consumed from here: the logs and grad_sample let go of the pieces
@@ -460,7 +461,12 @@ class DPOptimizer(torch.optim.Optimizer):
             _rows.consume(tag)
             p.grad_sample = None
             p.grad = None
-        sums = weighted_sums(leaves, [factor] * len(leaves), release=True)
+        if dense_sums is None:
+            sums = weighted_sums(leaves, [factor] * len(leaves), release=True)
+        else:
+            sums = dense_sums
+            for leaf in leaves:
+                leaf.release()
         self._add_to_sum([s.to(p.dtype) for s, p in zip(sums, params)])
         self.accumulated_examples += size
         return norms.to(leaves[0].sq_norm.dtype)
@@ -534,3 +540,15 @@ class DPOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.detach_()
                     p.grad.zero_()
+
+
+def _dense_rows(leaf: Any, p: torch.Tensor, size: int) -> torch.Tensor:
+    """A fast-clipping leaf's per-sample gradients ``[B, *p.shape]``, materialised from its
+    pieces (the dense fallback of :meth:`DPOptimizer._accumulate_pieces` for norms that
+    overflow)."""
+    total = leaf.dense
+    if leaf.kind is not None:
+        for data in leaf.datas:
+            g = leaf.kind.materialize(*data)
+            total = g if total is None else total + g
+    return total.reshape(size, *p.shape)

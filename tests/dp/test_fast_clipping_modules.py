@@ -114,3 +114,42 @@ def test_mean_loss_reduction_equals_sum(fast):
     with pytest.raises(ValueError, match="loss_reduction"):
         dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), max_norm=1.0,
                        noise_multiplier=0.0, expected_batch_size=6, loss_reduction="avg")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_fast_clipping_clips_gradients_whose_squares_overflow(reduction):
+    """Finite float32 per-example gradients of ~3e20 (their squares overflow float32): the
+    fast path's norms are not finite, so it clips densely, as the grad_sample path does,
+    instead of raising a false 'NaN or Inf' error (review h12)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=gen)
+    y = torch.randn(3, 2, generator=gen) * 1e20
+    y[1] *= 1e-20  # an ordinary example next to them
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        lin = pnn.Linear(5, 2, max_batch_size=4)
+        opt = dp.DPOptimizer(torch.optim.SGD(lin.parameters(), lr=1.0), max_norm=1.0, noise_multiplier=0.0,
+                             expected_batch_size=3, fast_clipping=fast, loss_reduction=reduction)
+        loss = (lin(x) * y).sum()
+        (loss / 3 if reduction == "mean" else loss).backward()
+        norms = opt.accumulate()
+        opt.step()
+        results.append((norms, [p.detach().clone() for p in lin.parameters()]))
+    (slow_norms, slow), (fast_norms, fast) = results
+    assert bool(torch.isfinite(fast_norms).all()) and float(fast_norms[0]) > 1e20
+    torch.testing.assert_close(fast_norms, slow_norms)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b)
+
+
+def test_fast_clipping_still_raises_on_nan():
+    torch.manual_seed(0)
+    lin = pnn.Linear(5, 2, max_batch_size=4)
+    opt = dp.DPOptimizer(torch.optim.SGD(lin.parameters(), lr=1.0), max_norm=1.0, noise_multiplier=0.0,
+                         expected_batch_size=3, fast_clipping=True)
+    y = torch.ones(3, 2)
+    y[2, 0] = float("nan")
+    (lin(torch.randn(3, 5)) * y).sum().backward()
+    with pytest.raises(ValueError, match=r"1 of 3 examples have NaN or Inf.*indices 2"):
+        opt.accumulate()
