@@ -188,6 +188,22 @@ def _slack(leaves: list[torch.Tensor]) -> float:
     return rel
 
 
+def clip_factor(norms: torch.Tensor, c: float) -> torch.Tensor:
+    """``[B]`` clip factors ``C / max(norm, C)``: exactly 1 where ``norm <= C`` (zero
+    gradients included), else ``C / norm``, and 0 where that is below float32's smallest
+    normal number (about 1.2e-38: a norm above ``C`` times 8.5e37).
+
+    Below it a factor rounds by up to its own size, not relatively (subnormal spacing), and
+    a float32 gradient of about 1e38 scaled by ``C / norm`` rounded up came out at up to 2 C;
+    the factors of float64 norms are used in float32 too where a leaf is float32. Such an
+    example adds nothing: it is clipped harder, never less."""
+    factor = c / norms.clamp_min(c)
+    return factor.masked_fill(factor < _TINY, 0.0)
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def _clip_factors(
     grads: Any, max_norm: MaxNorm, where: str
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -203,8 +219,7 @@ def _clip_factors(
     slack = 1 + _slack(leaves)
     if not isinstance(checked, dict):
         norms = _norms_of(leaves, b, dtype, where) * slack
-        # C / max(norm, C): exactly 1 when norm <= C (zero gradients included), else C / norm.
-        factor = checked / norms.clamp_min(checked)
+        factor = clip_factor(norms, checked)
         return [factor] * len(leaves), norms
     paths, _, _ = optree.tree_flatten_with_path(grads)
     group_of = [path[0] for path in paths]
@@ -215,7 +230,7 @@ def _clip_factors(
         if not group:
             continue
         norms_k = _norms_of(group, b, dtype, where, all_leaves=leaves) * slack
-        factors_by_key[key] = c / norms_k.clamp_min(c)
+        factors_by_key[key] = clip_factor(norms_k, c)
         sq = norms_k.square() if sq is None else sq + norms_k.square().to(sq.device)
     norms = sq.sqrt() if sq is not None else torch.zeros(b, dtype=dtype)
     return [factors_by_key[k] for k in group_of], norms

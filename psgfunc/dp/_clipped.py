@@ -16,7 +16,7 @@ from typing import Any
 import optree
 import torch
 
-from psgfunc.dp._clip import MaxNorm, _check_max_norm, clipped_sum
+from psgfunc.dp._clip import MaxNorm, _check_max_norm, clip_factor, clipped_sum
 from psgfunc.per_sample import per_sample_grads
 from psgfunc.per_sample._clip import grad_pieces
 from psgfunc.per_sample._kinds import _as, certified_norm
@@ -97,7 +97,7 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
         norms = certified_norm(leaves)
         if not math.isfinite(float(norms.sum())):  # (nonnegative norms: finite iff their sum is,
             return None, norms  # short of an overflow, which takes the exact path too)
-        return [checked / norms.clamp_min(checked)] * len(leaves), _as(norms, dtype)
+        return [clip_factor(norms, checked)] * len(leaves), _as(norms, dtype)
     paths, _, _ = optree.tree_flatten_with_path(params)
     group_of = [path[0] for path in paths]
     by_key: dict[Any, list[Any]] = {}
@@ -109,7 +109,7 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
         n = certified_norm(group)
         if not bool(torch.isfinite(n).all()):
             return None, n
-        factors_by_key[key] = checked[key] / n.clamp_min(checked[key])
+        factors_by_key[key] = clip_factor(n, checked[key])
         sq = n.square() if sq is None else sq + n.square()
     norms = sq.sqrt() if sq is not None else torch.zeros(pieces.size, dtype=dtype)
     return [factors_by_key[k] for k in group_of], norms.to(dtype)

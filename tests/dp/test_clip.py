@@ -173,3 +173,39 @@ def test_clip_property(norms, c, seed):
         torch.testing.assert_close(clipped[k], expected, rtol=1e-12, atol=1e-300)
     summed = dp.privatize(grads, c, 0.0)
     assert_tree_close(summed, {k: v.sum(0) for k, v in clipped.items()}, rtol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["clip", "fast", "materialize", "compiled", "dict"])
+def test_a_clip_factor_below_float32_normal_range_is_zero(route):
+    """Review reproducer (h12): where ``C / norm`` falls below float32's smallest normal
+    number (norm above C * 8.5e37) the factor rounds by up to its own size (here 0.75 of
+    the smallest subnormal rounded up to 1: the example added 1.33 C). Such factors are 0
+    now (clipped harder, never less), on every route; ordinary factors are unchanged."""
+    import warnings
+
+    import psgfunc.functional as PF
+
+    c = 1e-30
+    big = c / (0.75 * 2.0**-149)  # the factor C / big is 0.75 of float32's smallest subnormal
+    if route == "clip":
+        grads = {"bias": torch.tensor([[big], [0.5 * c]], dtype=torch.float32)}
+        out = dp.clip(grads, c)["bias"]
+        assert float(out[0, 0]) == 0.0 and float(out[1, 0]) == 0.5 * float(torch.tensor(c))
+        return
+    params = {"weight": torch.zeros(1, 4), "bias": torch.zeros(1)}
+    x, a = torch.zeros(2, 4), torch.tensor([[big], [1.0]], dtype=torch.float32)
+
+    def fn(p, xi, ai):
+        return (PF.linear(p, xi) * ai).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if route == "compiled":
+            summed, norms = dp.compiled_clipped_grad_sum(fn, c, backend="eager")(params, x, a)
+        else:
+            limit = {"weight": c, "bias": c} if route == "dict" else c
+            summed, norms = dp.clipped_grad_sum(fn, params, x, a, max_norm=limit,
+                                                method="materialize" if route == "materialize" else "fast")
+    assert float(norms[0]) >= big
+    # only example 1 (gradient 1 >> C: clipped to C) is left in the sum
+    assert float(summed["bias"][0]) == pytest.approx(c, rel=1e-5, abs=0)
