@@ -188,7 +188,7 @@ def _slack(leaves: list[torch.Tensor]) -> float:
     return rel
 
 
-def clip_factor(norms: torch.Tensor, c: float) -> torch.Tensor:
+def clip_factor(norms: torch.Tensor, c: float, floor: float = 0.0) -> torch.Tensor:
     """``[B]`` clip factors ``C / max(norm, C)``: exactly 1 where ``norm <= C`` (zero
     gradients included), else ``C / norm``, and 0 where that is below float32's smallest
     normal number (about 1.2e-38: a norm above ``C`` times 8.5e37).
@@ -196,9 +196,42 @@ def clip_factor(norms: torch.Tensor, c: float) -> torch.Tensor:
     Below it a factor rounds by up to its own size, not relatively (subnormal spacing), and
     a float32 gradient of about 1e38 scaled by ``C / norm`` rounded up came out at up to 2 C;
     the factors of float64 norms are used in float32 too where a leaf is float32. Such an
-    example adds nothing: it is clipped harder, never less."""
+    example adds nothing: it is clipped harder, never less.
+
+    ``floor`` (:func:`rounding_floor`): what rounding half-precision sums can add to a
+    contribution beyond the relative error the norms carry; the factors then clip to
+    ``C - floor`` (so that a contribution as computed stays within ``C``).
+
+    Raises:
+        ValueError: ``floor`` is above ``C / 2`` (``max_norm`` too small for the params'
+            dtype).
+    """
+    if floor:
+        if floor > c / 2:
+            raise ValueError(
+                f"max_norm {c:g} is too small for half-precision parameters: rounding their "
+                f"clipped sums can add up to {floor:.3g} to an example's contribution (their "
+                "smallest steps, about 6e-8 for float16, times the square root of their "
+                f"number of elements); use max_norm >= {2 * floor:.3g}, or float32 parameters"
+            )
+        c = c - floor
     factor = c / norms.clamp_min(c)
     return factor.masked_fill(factor < _TINY, 0.0)
+
+
+def rounding_floor(leaves: Any) -> float:
+    """``sqrt(sum_i k_i eta_i^2)`` over ``(dtype, k)`` pairs (one per parameter leaf: its
+    sum's dtype and number of elements) of half precision, ``eta`` half that dtype's
+    smallest subnormal (``2^-25`` for float16, ``2^-134`` for bfloat16): by how much, in
+    norm, rounding those leaves' float32 sums to their dtype can exceed the relative bound
+    ``u`` that :func:`~psgfunc.per_sample._kinds.certified_norm` charges (below the
+    smallest normal number each coordinate rounds by up to ``eta`` absolutely: a float16
+    weight of 1024 elements, clipped to 1e-6, came out at 1.9e-6). 0 for float32/64."""
+    total = 0.0
+    for dtype, k in leaves:
+        if dtype not in (torch.float32, torch.float64):
+            total += k * (torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2) ** 2
+    return math.sqrt(total) * (1 + 2**-20) if total else 0.0
 
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -219,7 +252,7 @@ def _clip_factors(
     slack = 1 + _slack(leaves)
     if not isinstance(checked, dict):
         norms = _norms_of(leaves, b, dtype, where) * slack
-        factor = clip_factor(norms, checked)
+        factor = clip_factor(norms, checked, rounding_floor(_sizes(leaves)))
         return [factor] * len(leaves), norms
     paths, _, _ = optree.tree_flatten_with_path(grads)
     group_of = [path[0] for path in paths]
@@ -230,10 +263,15 @@ def _clip_factors(
         if not group:
             continue
         norms_k = _norms_of(group, b, dtype, where, all_leaves=leaves) * slack
-        factors_by_key[key] = clip_factor(norms_k, c)
+        factors_by_key[key] = clip_factor(norms_k, c, rounding_floor(_sizes(group)))
         sq = norms_k.square() if sq is None else sq + norms_k.square().to(sq.device)
     norms = sq.sqrt() if sq is not None else torch.zeros(b, dtype=dtype)
     return [factors_by_key[k] for k in group_of], norms
+
+
+def _sizes(leaves: list[torch.Tensor]) -> list[tuple[torch.dtype, int]]:
+    """``(dtype, elements per example)`` of ``[B, *shape]`` leaves, for :func:`rounding_floor`."""
+    return [(leaf.dtype, math.prod(leaf.shape[1:])) for leaf in leaves]
 
 
 def _up(leaf: torch.Tensor) -> torch.Tensor:
@@ -255,6 +293,9 @@ def clip(grads: Any, max_norm: MaxNorm) -> Any:
     included) is left unchanged. Half-precision leaves are scaled in float32 and rounded
     once, which can move each coordinate by 2^-8 (bfloat16) relatively, so their norms
     are taken 2^-8 larger: the clipped gradient, as returned, has norm at most ``C``.
+    Below float16's smallest normal number (6.1e-5) rounding is absolute (up to 3e-8 per
+    coordinate), so float16 leaves are clipped to ``C`` minus ``3e-8 sqrt(their size)``
+    (:func:`rounding_floor`; a ``C`` below twice that raises).
 
     Per-layer clipping: ``max_norm`` may be a dict ``{key: C_k}`` whose keys are exactly the
     top-level keys of ``grads`` (a params dict such as ``{"fc1": {...}, "fc2": {...}}`` or
@@ -270,8 +311,9 @@ def clip(grads: Any, max_norm: MaxNorm) -> Any:
 
     Raises:
         ValueError: if ``max_norm`` is not finite and positive, a per-layer dict does not
-            match ``grads``' keys, leaves disagree on ``B``, or any example's gradient
-            contains NaN or Inf (the message says how many and which).
+            match ``grads``' keys, leaves disagree on ``B``, any example's gradient
+            contains NaN or Inf (the message says how many and which), or ``max_norm`` is
+            too small for half-precision leaves (see above).
     """
     factors, _ = _clip_factors(grads, max_norm, "clip")
     leaves, spec = optree.tree_flatten(grads)

@@ -16,7 +16,7 @@ from typing import Any
 import optree
 import torch
 
-from psgfunc.dp._clip import MaxNorm, _check_max_norm, clip_factor, clipped_sum
+from psgfunc.dp._clip import MaxNorm, _check_max_norm, clip_factor, clipped_sum, rounding_floor
 from psgfunc.per_sample import per_sample_grads
 from psgfunc.per_sample._clip import grad_pieces
 from psgfunc.per_sample._kinds import _as, certified_norm
@@ -70,8 +70,11 @@ def clipped_grad_sum(
         :func:`psgfunc.dp.clip`).
 
     Raises:
-        ValueError: for an unknown ``method``, an invalid ``max_norm``, params without
-            tensor leaves, mismatched batch sizes, or NaN/Inf in a per-example gradient.
+        ValueError: for an unknown ``method``, an invalid ``max_norm`` (also one too small
+            for float16 params: their sums round by up to 3e-8 per coordinate below
+            float16's smallest normal number, so factors clip to ``C`` minus ``3e-8
+            sqrt(size)``, and a ``C`` below twice that is refused), params without tensor
+            leaves, mismatched batch sizes, or NaN/Inf in a per-example gradient.
     """
     if method not in _METHODS:
         raise ValueError(f"clipped_grad_sum: unknown method {method!r}; use one of {_METHODS}")
@@ -93,23 +96,24 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
     is not finite."""
     leaves = pieces.leaves
     dtype = leaves[0].sq_norm.dtype if leaves else torch.get_default_dtype()
+    sizes = [(leaf.dtype, p.numel()) for leaf, p in zip(leaves, pieces.prep.p_leaves)]  # the sums'
     if not isinstance(checked, dict):
         norms = certified_norm(leaves)
         if not math.isfinite(float(norms.sum())):  # (nonnegative norms: finite iff their sum is,
             return None, norms  # short of an overflow, which takes the exact path too)
-        return [clip_factor(norms, checked)] * len(leaves), _as(norms, dtype)
+        return [clip_factor(norms, checked, rounding_floor(sizes))] * len(leaves), _as(norms, dtype)
     paths, _, _ = optree.tree_flatten_with_path(params)
     group_of = [path[0] for path in paths]
     by_key: dict[Any, list[Any]] = {}
-    for key, leaf in zip(group_of, leaves):
-        by_key.setdefault(key, []).append(leaf)
+    for key, leaf, size in zip(group_of, leaves, sizes):
+        by_key.setdefault(key, []).append((leaf, size))
     factors_by_key = {}
     sq = None
-    for key, group in by_key.items():
-        n = certified_norm(group)
+    for key, pairs in by_key.items():
+        n = certified_norm([leaf for leaf, _ in pairs])
         if not bool(torch.isfinite(n).all()):
             return None, n
-        factors_by_key[key] = clip_factor(n, checked[key])
+        factors_by_key[key] = clip_factor(n, checked[key], rounding_floor([size for _, size in pairs]))
         sq = n.square() if sq is None else sq + n.square()
     norms = sq.sqrt() if sq is not None else torch.zeros(pieces.size, dtype=dtype)
     return [factors_by_key[k] for k in group_of], norms.to(dtype)

@@ -62,7 +62,7 @@ from torch._dynamo.utils import counters
 from torch.func import grad, vmap
 
 from psgfunc import _rules
-from psgfunc.dp._clip import _check_positive_finite, clip_factor
+from psgfunc.dp._clip import _check_positive_finite, clip_factor, rounding_floor
 from psgfunc.dp._clipped import clipped_grad_sum
 from psgfunc.per_sample._api import _prepare
 from psgfunc.per_sample._kinds import _acc, _up, certified_norm, dense_bound
@@ -317,7 +317,7 @@ def _materialize_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs:
         grads = vmap(grad(fn), in_dims=(None, *in_dims))(params, *batch)
         leaves, spec = optree.tree_flatten(grads)
         norms = certified_norm([_Dense(g) for g in leaves])
-        factor = clip_factor(norms, c)
+        factor = clip_factor(norms, c, rounding_floor([(g.dtype, g[0].numel()) for g in leaves]))
         sums = [(factor.to(_acc(g.dtype)) @ _up(g.reshape(g.shape[0], -1))).to(g.dtype).reshape(g.shape[1:])
                 for g in leaves]
         return optree.tree_unflatten(spec, sums), norms.to(_acc(leaves[0].dtype)), torch.compiler.is_compiling()
@@ -380,7 +380,7 @@ def _fast_step(fn: Callable[..., torch.Tensor], c: float, compile_kwargs: dict[s
                 return None, None, None, traced.calls, torch.compiler.is_compiling()
             leaves = traced.leaves
             norms = certified_norm(leaves)  # covers the norms' and the sums' rounding
-            factor = clip_factor(norms, c)
+            factor = clip_factor(norms, c, rounding_floor([(leaf.dtype, q.numel()) for leaf, q in zip(leaves, inner.p_leaves)]))
             sums = [leaf.weighted_sum(factor) for leaf in leaves]
             return sums, norms.to(leaves[0].sq_norm.dtype), traced.unplanned, traced.calls, torch.compiler.is_compiling()
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from psgfunc._tree import batch_size, tree_flatten
-from psgfunc.dp._clip import _check_positive_finite, clip_factor, clipped_sum
+from psgfunc.dp._clip import _check_positive_finite, clip_factor, clipped_sum, rounding_floor
 from psgfunc.dp._distributed import prepare_optimizer
 from psgfunc.dp._transform import DPSGDState, dp_sgd_transform
 from psgfunc.functional import _autocast
@@ -448,7 +448,7 @@ class DPOptimizer(torch.optim.Optimizer):
             dense_sums, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
             del samples
         c = self.transform.max_norm
-        factor = clip_factor(norms, c) * scale
+        factor = clip_factor(norms, c, rounding_floor([(p.dtype, p.numel()) for p in params])) * scale
         # the micro-batch is consumed from here: the logs and grad_sample let go of the pieces
         # (the leaves hold them alone), so each leaf's are freed as soon as its sum is taken
         # (a layer's inputs and output gradients then never all outlive the sums)

@@ -209,3 +209,37 @@ def test_a_clip_factor_below_float32_normal_range_is_zero(route):
     assert float(norms[0]) >= big
     # only example 1 (gradient 1 >> C: clipped to C) is left in the sum
     assert float(summed["bias"][0]) == pytest.approx(c, rel=1e-5, abs=0)
+
+
+@pytest.mark.parametrize("route", ["clip", "fast", "materialize", "compiled"])
+def test_float16_sums_in_the_subnormal_range_stay_within_max_norm(route):
+    """Review reproducer (h12): float16 sums are computed in float32 and rounded once; below
+    float16's smallest normal number (6.1e-5) that rounding is absolute (up to 3e-8 per
+    coordinate), not the relative 2^-11 the norms carry: a 1024-element weight clipped to
+    C = 1e-6 came out at 1.9 C. The factors now clip to C minus what that rounding can add
+    (sqrt(1024) * 2^-25 = 9.5e-7), and a C below twice that is refused, naming max_norm."""
+    import warnings
+
+    import psgfunc.functional as PF
+
+    params = {"weight": torch.zeros(1, 1024, dtype=torch.float16)}
+    x = torch.ones(1, 1024, dtype=torch.float16)  # B = 1: the sum is the contribution
+
+    def fn(p, xi):
+        return PF.linear(p, xi).sum()  # the gradient: all ones, norm 32
+
+    def run(c):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if route == "clip":
+                return dp.clip({"weight": torch.ones(1, 1, 1024, dtype=torch.float16)}, c)["weight"][0]
+            if route == "compiled":
+                return dp.compiled_clipped_grad_sum(fn, c, method="fast", backend="eager")(params, x)[0]["weight"]
+            return dp.clipped_grad_sum(fn, params, x, max_norm=c, method=route)[0]["weight"]
+
+    for c in (4e-6, 1e-4, 1.0):
+        out = run(c)
+        assert out.dtype == torch.float16
+        assert float(out.double().norm()) <= c, (c, float(out.double().norm()) / c)
+    with pytest.raises(ValueError, match="max_norm 1e-06 is too small for half-precision"):
+        run(1e-6)
