@@ -743,8 +743,12 @@ class _ConvPerSample(torch.autograd.Function):
                 xd, gd = _in_dtype(xs, dtype), _in_dtype(gs, dtype)
                 kernel = tuple(w.shape[3:])
                 built = BuiltConvWeight(tuple(w.shape[1:]))
-                dw = kind.materialize(xd, gd, data[2])
-                a = _term_sizes(_up(xd), _up(gd), kernel, data[2], _up(dw).dtype)
+                # autocast off: a caller's autocast block encloses this backward (clipped_grad_sum,
+                # loss.backward() inside the block), and it would run the im2col bmm and the term
+                # sizes' matmul in bfloat16, which the float32 bound does not cover (review h13)
+                with _autocast.off():
+                    dw = kind.materialize(xd, gd, data[2])
+                    a = _term_sizes(_up(xd), _up(gd), kernel, data[2], _up(dw).dtype)
                 gw = emit(ctx.weight, built, dw, TermSizes(a), gs.shape[0] * math.prod(gs.shape[3:]))
             else:
                 gw = emit(ctx.weight, kind, *data)
