@@ -54,7 +54,7 @@ from psgfunc.functional.conv_transpose import (
     conv_transpose3d,
 )
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import GradKind, NormBound, RowSum, emit, outer_bound
+from psgfunc.per_sample._kinds import GradKind, NormBound, RowSum, _up, emit, outer_bound
 
 __all__ = ["ConvTransposeRule", "ConvTransposeWeight", "per_sample_conv_transpose_weight_grad"]
 
@@ -295,7 +295,9 @@ class _ConvTransposePerSample(torch.autograd.Function):
             gw = emit(ctx.weight, _weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             spatial = tuple(range(2, g.dim()))
-            gb = emit(ctx.bias, _ROWSUM, g.sum(dim=spatial).view(size, n, g.shape[1]))
+            # summed in float32 at least: under autocast g is bfloat16, whose sum over the
+            # positions the one-row RowSum takes as exact (review h13: 1e-3 low)
+            gb = emit(ctx.bias, _ROWSUM, _up(g).sum(dim=spatial).view(size, n, g.shape[1]))
         return gx, gw, gb, None, None, None, None, None, None
 
 
