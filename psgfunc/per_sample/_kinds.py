@@ -39,6 +39,9 @@ __all__ = [
     "GradKind",
     "Outer",
     "RowSum",
+    "SummedRows",
+    "presum",
+    "with_slack",
     "Materialized",
     "NormBound",
     "emit",
@@ -392,6 +395,12 @@ class GradKind:
         dense gradient is built once and also serves the weighted sum)."""
         return type(self).bound is GradKind.bound
 
+    def slack(self, *data: Any) -> torch.Tensor | None:
+        """``[B]``: how far, in norm, these pieces' computed gradient may be from the exact
+        one beyond what :meth:`bound` of the materialised gradient covers (pieces summed by
+        the rule itself, :class:`SummedRows`), or None."""
+        return None
+
     def rebuilt(self, records: Sequence[tuple[GradKind, tuple[Any, ...]]]) -> Any:
         """``records`` (all of this kind, one parameter's) rewritten as records of another
         kind that serves them better (e.g. gradients built now, with what their norm's
@@ -523,6 +532,72 @@ class RowSum(GradKind):
         return total if self.shape is None else total.reshape(self.shape)
 
 
+class SummedRows(RowSum):
+    """:class:`RowSum` of rows a rule summed itself over positions (a conv's or a norm
+    layer's bias and scale, an attention bias): data ``(s [B, N, K], a [B])``, ``grad_b =
+    sum_n s[b, n]``, with ``a_b`` a bound, in norm, on how far ``s_b``'s computed sums may
+    be from the exact sums of their terms (:func:`presum`). The bound of the exact norm
+    adds ``a``, so an example whose terms cancel (output gradients 1e8, 1, -1e8 over a
+    bias's positions: exact 1, summed to 0) still gets a norm above its exact one; the
+    estimate and the weighted sum are those of ``s``, which is what the sum adds."""
+
+    def materialize(self, s: torch.Tensor, a: Any = None) -> torch.Tensor:
+        return super().materialize(s)
+
+    def prefers_dense(self, datas: Sequence[tuple[Any, ...]]) -> bool:
+        return False
+
+    def slack(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``a``, as the accumulation dtype of ``s`` (recorded in the parameter's dtype: a
+        half-precision ``a`` is raised by its rounding)."""
+        up = _as(a, _acc(s.dtype))
+        return up if a.dtype in (torch.float32, F64) else up * (1 + 2 * unit_roundoff(a.dtype))
+
+    def bound(self, datas: Sequence[tuple[Any, ...]], cache: dict | None = None) -> NormBound:
+        if len(datas) == 1:
+            base = super().bound([(datas[0][0],)], cache)
+        else:
+            base = GradKind.bound(self, datas)
+        dtype = base.sq.dtype
+        slack = _total([self.slack(*d) for d in datas], dtype) * (1 + gamma(len(datas), dtype))
+        return with_slack(base, slack)
+
+    def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
+        return super().weighted_sum([(d[0],) for d in datas], c)
+
+
+def presum(t: torch.Tensor, dims: tuple[int, ...], lead: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, a)`` for :class:`SummedRows`: ``s``, ``t`` summed over ``dims`` in its
+    accumulation dtype (float32 for half precision), and ``a`` (``t``'s first ``lead`` dims):
+    ``gamma_(n+2) || sum over dims |t| ||`` over the remaining dims, raised by the rounding
+    of its own computation and by underflow, with ``n`` the terms of each sum. Each of those
+    sums errs by ``gamma_(n-1)`` of the sum of its terms' magnitudes, and each term (a
+    product rounded once) by ``u``: ``a`` bounds, in norm, how far ``s`` is from the exact
+    sums of the exact terms."""
+    up = _up(t)
+    dtype = up.dtype
+    n = math.prod([up.shape[d] for d in dims])
+    s = up.sum(dims)
+    magnitudes = torch.linalg.vector_norm(up, ord=1, dim=dims)  # [*lead, *rest]: the sums of |t|
+    k = max(1, math.prod(magnitudes.shape[lead:]))
+    a = torch.linalg.vector_norm(magnitudes.reshape(*magnitudes.shape[:lead], k), dim=-1)
+    # (a rounds by gamma_(n + k + 2) at most; each of the n products per sum may underflow)
+    scale = gamma(n + 2, dtype) * (1 + gamma(n + k + 4, dtype))
+    return s, a * scale + math.sqrt(k) * n * underflow(dtype, 1)
+
+
+def with_slack(b: NormBound, slack: torch.Tensor) -> NormBound:
+    """``b`` with ``slack [B]`` (nonnegative) added, in norm, to its bound of the exact
+    gradient: for pieces whose computed values may be that far from the exact ones."""
+    dtype = b.sq.dtype
+    if b.hi2 is None:  # (a relative bound: its weighted sum's error scales with sqrt(sq))
+        hi = b.sq.sqrt() * math.sqrt(b.hi_scale) + slack
+        return NormBound(b.sq, hi.square(), b.sq.sqrt(), 1 + gamma(4, dtype), b.err_scale * (1 + gamma(2, dtype)))
+    hi = (b.hi2 * b.hi_scale).sqrt() + slack
+    refine = None if b.refine is None else (lambda total_sq: with_slack(b.refine(total_sq), slack))
+    return b._replace(hi2=hi.square(), hi_scale=1 + gamma(4, dtype), refine=refine)
+
+
 class Collector:
     """Records ``(kind, data)`` pieces for each of ``targets`` (expanded param views).
 
@@ -635,6 +710,14 @@ class LeafPieces:
         self.dense = total
         self.dtype = total.dtype
         self.bound = dense_bound(total)
+        slacks = []
+        for kind, data in records:
+            slack = kind.slack(*data)
+            if slack is not None:
+                slacks.append(slack)
+        if slacks:  # (pieces summed by their rule: how far from exact they may be adds up)
+            acc = self.bound.sq.dtype
+            self.bound = with_slack(self.bound, _total(slacks, acc) * (1 + gamma(len(slacks), acc)))
 
     @property
     def sq_norm(self) -> torch.Tensor:

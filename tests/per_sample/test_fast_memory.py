@@ -15,7 +15,7 @@ from psgfunc._tree import gamma
 from psgfunc.dp import clipped_grad_sum
 from psgfunc.per_sample import per_sample_grads
 from psgfunc.per_sample._clip import grad_pieces
-from psgfunc.per_sample._kinds import GRAM_BLOCK, GRAM_TOLERANCE, gram_of, outer_bound
+from psgfunc.per_sample._kinds import GRAM_BLOCK, GRAM_TOLERANCE, SummedRows, gram_of, outer_bound
 from psgfunc.per_sample.rules.embedding import per_sample_embedding_grad
 from psgfunc.per_sample.rules.matmul import TiedTable
 from tests.oracles import assert_tree_close, per_example_grads
@@ -134,8 +134,8 @@ def test_layer_norm_records_one_row_per_example():
     params, x = _mlp()
     pieces = grad_pieces(_mlp_fn, params, x)
     ln = [leaf for leaf in pieces.leaves if leaf.datas and leaf.datas[0][0].shape[-1] == 12
-          and len(leaf.datas[0]) == 1 and leaf.datas[0][0].shape[1] == 1]
-    assert len(ln) >= 2  # ln.weight and ln.bias: [B, 1, 12], not [B, 7, 12]
+          and isinstance(leaf.kind, SummedRows) and leaf.datas[0][0].shape[1] == 1]
+    assert len(ln) >= 2  # ln.weight and ln.bias: [B, 1, 12] (and [B] rounding bounds), not [B, 7, 12]
     params64 = {k: {n: t.to(F64) for n, t in v.items()} for k, v in params.items()}
     sums, _ = clipped_grad_sum(_mlp_fn, params64, x.to(F64), max_norm=1e9, method="fast")
     expected = per_example_grads(_mlp_fn, params64, x.to(F64))

@@ -253,7 +253,8 @@ def cancelling(layer, gen, scale):
 def test_float32_cancelling_batch_of_one_stays_within_bound(layer, scale):
     """With one example the clipped sum IS its contribution: never above C; unclipped, the
     reported norm is never under the norm of what the sum adds (the [B, C] gradient the
-    norm is computed from is the one summed), and close to the float64 norm."""
+    norm is computed from is the one summed), nor under the float64 norm (it carries the
+    bound of its own sums' rounding, a few percent here where they cancel)."""
     for seed in range(3):
         fn, params, example = cancelling(layer, torch.Generator().manual_seed(seed), scale)
         batch = tuple(t.unsqueeze(0) for t in example)
@@ -266,7 +267,7 @@ def test_float32_cancelling_batch_of_one_stays_within_bound(layer, scale):
             assert norm <= c * (1 + 1e-5)
             if c == 1e30:
                 assert float(got[0]) >= norm * (1 - 1e-6)
-                assert abs(float(got[0]) / float(exact[0]) - 1) < 1e-2
+                assert 1 - 1e-6 <= float(got[0]) / float(exact[0]) < 1.05
 
 
 @pytest.mark.parametrize("method", ["expanded", "vmap"])
@@ -324,5 +325,6 @@ def test_group_norm_shell_takes_an_empty_batch():
     m = pnn.GroupNorm(2, 4, max_batch_size=4)
     m(torch.randn(0, 4, 3, 3)).sum().backward()
     assert [tuple(p.grad_sample.shape) for p in m.parameters()] == [(0, 4), (0, 4)]
-    assert tuple(norms._weight_sums(torch.zeros(0, 4, 9), torch.zeros(0, 2), torch.zeros(0, 2),
-                                    torch.zeros(0, 1, 4, 9), 2).shape) == (0, 4)
+    rows, bound = norms._weight_sums(torch.zeros(0, 4, 9), torch.zeros(0, 2), torch.zeros(0, 2),
+                                     torch.zeros(0, 1, 4, 9), 2)
+    assert tuple(rows.shape) == (0, 1, 4) and tuple(bound.shape) == (0,)

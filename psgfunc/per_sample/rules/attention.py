@@ -8,7 +8,8 @@ positions (a :class:`~psgfunc.per_sample._kinds.RowSum`, as a Linear's bias):
 
 * :func:`~psgfunc.functional.attention.split_bias`: ``in_proj_bias [3E]`` added in three
   blocks to q, k, v (separate projection weights). ``grad_b = [sum_n gq, sum_n gk,
-  sum_n gv]``, one ``[B, 3E]`` piece.
+  sum_n gv]``, one ``[B, 3E]`` piece (summed by the rule: a
+  :class:`~psgfunc.per_sample._kinds.SummedRows`, which bounds that sum's rounding).
 * :func:`~psgfunc.functional.attention.append_bias_kv`: ``bias_k``/``bias_v [1, 1, E]``
   appended as one more key and value position. ``grad_bias_k = gk[:, S]``, the output
   gradient at that position.
@@ -37,17 +38,19 @@ from psgfunc.per_sample._expanded import (
     shared,
     vmap_randomness,
 )
-from psgfunc.per_sample._kinds import RowSum, emit
+from psgfunc.per_sample._kinds import RowSum, SummedRows, emit, presum
 
 __all__ = ["SplitBiasRule", "BiasKVRule", "batched_sdpa"]
 
 _ROWSUM = RowSum()
+_SUMMED = SummedRows()
 
 
-def _sums(g: torch.Tensor) -> torch.Tensor:
-    """``[B, *, K] -> [B, K]``: the output gradient summed over each example's positions
-    (explicit sizes: B may be 0)."""
-    return g.reshape(g.shape[0], math.prod(g.shape[1:-1]), g.shape[-1]).sum(1)
+def _sums(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, *, K] -> ([B, K], [B])``: the output gradient summed over each example's
+    positions and the bound of that sum's rounding (:func:`~psgfunc.per_sample._kinds.presum`;
+    explicit sizes: B may be 0)."""
+    return presum(g.reshape(g.shape[0], math.prod(g.shape[1:-1]), g.shape[-1]), (1,))
 
 
 class _SplitBias(torch.autograd.Function):
@@ -66,8 +69,9 @@ class _SplitBias(torch.autograd.Function):
     def backward(ctx: Any, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> Any:
         gb = None
         if ctx.needs_input_grad[3]:
-            rows = torch.cat([_sums(gq), _sums(gk), _sums(gv)], dim=-1)  # [B, 3E]
-            gb = emit(ctx.bias, _ROWSUM, rows.unsqueeze(1))
+            parts = [_sums(gq), _sums(gk), _sums(gv)]
+            rows = torch.cat([s for s, _ in parts], dim=-1)  # [B, 3E]
+            gb = emit(ctx.bias, _SUMMED, rows.unsqueeze(1), parts[0][1] + parts[1][1] + parts[2][1])
         return gq, gk, gv, gb
 
 
@@ -93,8 +97,9 @@ class SplitBiasRule(Rule):
         for j, y in enumerate(outs):
 
             def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor, j: int = j) -> list[Any]:
-                rows = F.pad(_sums(g), (j * e, (2 - j) * e))  # this block's columns of [B, 3E]
-                return [(ib, _ROWSUM, (rows.unsqueeze(1),))]
+                s, a = _sums(g)
+                rows = F.pad(s, (j * e, (2 - j) * e))  # this block's columns of [B, 3E]
+                return [(ib, _SUMMED, (rows.unsqueeze(1), a))]
 
             tapped.append(tap.out(y, (), build))
         return tuple(tapped)

@@ -80,7 +80,7 @@ from psgfunc.per_sample._kinds import (
     GradKind,
     Materialized,
     NormBound,
-    RowSum,
+    SummedRows,
     _in_dtype,
     _lift,
     _up,
@@ -89,11 +89,12 @@ from psgfunc.per_sample._kinds import (
     gram_bound,
     gram_of,
     outer_bound,
+    presum,
 )
 
 __all__ = ["ConvRule", "ConvWeight", "per_sample_conv_weight_grad"]
 
-_ROWSUM = RowSum()
+_SUMMED = SummedRows()
 _DENSE = Materialized()
 
 
@@ -754,9 +755,11 @@ class _ConvPerSample(torch.autograd.Function):
                 gw = emit(ctx.weight, kind, *data)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             spatial = tuple(range(2, g.dim()))
-            # summed in float32 at least: under autocast g is bfloat16, whose sum over the
-            # positions the one-row RowSum takes as exact (review h13: 1e-3 low)
-            gb = emit(ctx.bias, _ROWSUM, _up(g).sum(dim=spatial).view(size, n, g.shape[1]))
+            # summed over the positions in float32 at least (under autocast g is bfloat16),
+            # with the bound of that sum's rounding (review h13: cancelling output gradients
+            # summed to 0 gave a norm of 0 for an exact norm of 1)
+            s, a = presum(g, spatial)
+            gb = emit(ctx.bias, _SUMMED, s.view(size, n, g.shape[1]), a.view(size, n).sum(1))
         return gx, gw, gb, None, None, None, None, None
 
 
@@ -829,7 +832,8 @@ class ConvRule(Rule):
             out = [(iw, kind, (xs, gs, (stride_t, conv_padding, dilation_t)))]
             if ib is not None:
                 spatial = tuple(range(3, gs.dim()))
-                out.append((ib, _ROWSUM, (gs.sum(dim=spatial).transpose(0, 1),)))
+                s, a = presum(gs, spatial, lead=2)  # [N, B, O], [N, B]
+                out.append((ib, _SUMMED, (s.transpose(0, 1), a.sum(0))))
             return out
 
         return tap.out(y, (x,), build)

@@ -54,11 +54,11 @@ from psgfunc.functional.conv_transpose import (
     conv_transpose3d,
 )
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import GradKind, NormBound, RowSum, _up, emit, outer_bound
+from psgfunc.per_sample._kinds import GradKind, NormBound, SummedRows, emit, outer_bound, presum
 
 __all__ = ["ConvTransposeRule", "ConvTransposeWeight", "per_sample_conv_transpose_weight_grad"]
 
-_ROWSUM = RowSum()
+_SUMMED = SummedRows()
 _UNFOLD_MAX = 1 << 20
 """Largest unfolded output-gradient patch matrix (elements) built for the weight gradient's
 ``bmm`` or its Gram norms; larger layers use the grouped transposed-convolution gradient."""
@@ -295,9 +295,10 @@ class _ConvTransposePerSample(torch.autograd.Function):
             gw = emit(ctx.weight, _weight_kind(tuple(w.shape[1:]), groups), xs, gs, (stride, padding, dilation))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             spatial = tuple(range(2, g.dim()))
-            # summed in float32 at least: under autocast g is bfloat16, whose sum over the
-            # positions the one-row RowSum takes as exact (review h13: 1e-3 low)
-            gb = emit(ctx.bias, _ROWSUM, _up(g).sum(dim=spatial).view(size, n, g.shape[1]))
+            # summed over the positions in float32 at least, with the bound of that sum's
+            # rounding (as a conv's bias, review h13)
+            s, a = presum(g, spatial)
+            gb = emit(ctx.bias, _SUMMED, s.view(size, n, g.shape[1]), a.view(size, n).sum(1))
         return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -399,7 +400,8 @@ class ConvTransposeRule(Rule):
             out = [(iw, kind, (xb, gs, (s, p, d)))]
             if ib is not None:
                 spatial = tuple(range(3, gs.dim()))
-                out.append((ib, _ROWSUM, (gs.sum(dim=spatial).transpose(0, 1),)))
+                summed, a = presum(gs, spatial, lead=2)  # [N, B, C_out], [N, B]
+                out.append((ib, _SUMMED, (summed.transpose(0, 1), a.sum(0))))
             return out
 
         return tap.out(y, (x,), build)

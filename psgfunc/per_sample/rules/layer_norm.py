@@ -27,15 +27,16 @@ from psgfunc import _rules
 from psgfunc.functional import _autocast
 from psgfunc.functional.normalization import _normalized_shape, layer_norm
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import RowSum, emit
+from psgfunc.per_sample._kinds import RowSum, SummedRows, emit, presum
 
 __all__ = ["LayerNormRule"]
 
 
 @functools.lru_cache(maxsize=64)
-def _rowsum(shape: tuple[int, ...]) -> RowSum:
-    """``grad_b = sum_n data[b, n]`` reshaped to ``shape``; one object per shape."""
-    return RowSum(shape)
+def _summed(shape: tuple[int, ...]) -> SummedRows:
+    """``grad_b = sum_n data[b, n]`` reshaped to ``shape``, rows summed by the rule; one
+    object per shape."""
+    return SummedRows(shape)
 
 
 def _first(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -94,9 +95,11 @@ class _LayerNormPerSample(torch.autograd.Function):
         # other piece keeps) held until the clip factors are known
         if w is not None and ctx.needs_input_grad[1]:
             x_hat = ((x - mean) * rstd).reshape(g3.shape)
-            gw = emit(ctx.weight, _rowsum(norm), (g3 * x_hat).sum(1, keepdim=True))
+            s, a = presum(g3 * x_hat, (1,))  # with the bound of the sum's rounding
+            gw = emit(ctx.weight, _summed(norm), s.unsqueeze(1), a)
         if b is not None and ctx.needs_input_grad[2]:
-            gb = emit(ctx.bias, _rowsum(norm), g3.sum(1, keepdim=True))
+            s, a = presum(g3, (1,))
+            gb = emit(ctx.bias, _summed(norm), s.unsqueeze(1), a)
         return gx, gw, gb, None, None
 
 

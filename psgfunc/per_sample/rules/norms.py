@@ -12,12 +12,15 @@ positions of an example, ``K`` parameter entries, ``P`` positions sharing an ent
     dbias_b   = sum over R, P of g_b                  [B, K]
 
 These are the size of one channel vector per example, the same as the data any other form
-would keep, so the kind is :class:`~psgfunc.per_sample._kinds.Materialized`: norms come from
-the ``[B, K]`` rows and the clipped sum is one ``[B] @ [B, K]`` product.
+would keep, so they are summed in the backward: the kind is
+:class:`~psgfunc.per_sample._kinds.SummedRows` (``[B, 1, K]`` rows and the bound of their
+sums' rounding, which may cancel): norms come from the rows and the clipped sum is one
+``[B] @ [B, K]`` product.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -42,11 +45,10 @@ from psgfunc.per_sample._expanded import (
     is_shared,
     versions,
 )
-from psgfunc.per_sample._kinds import Materialized, emit
+from psgfunc.per_sample._kinds import SummedRows, emit, presum
 
 __all__ = ["GroupNormRule", "InstanceNormRule", "RMSNormRule"]
 
-_DENSE = Materialized()
 
 
 def _first(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -65,11 +67,18 @@ def _scale(x_hat: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) 
     return torch.addcmul(b.reshape(-1, 1), x_hat, w.reshape(-1, 1))
 
 
-def _sums(g: torch.Tensor, x_hat: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
-    """``[B, R, K, P] -> [B, *shape]``: ``sum_{R, P} g (* x_hat)``, one example's parameter
-    gradient per row."""
-    t = g if x_hat is None else g * x_hat
-    return t.sum((1, 3)).reshape(shape)
+def _sums(g: torch.Tensor, x_hat: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, R, K, P] -> ([B, 1, K], [B])``: ``sum_{R, P} g (* x_hat)``, one example's
+    parameter gradient per row, and the bound of those sums' rounding
+    (:func:`~psgfunc.per_sample._kinds.presum`): a :class:`SummedRows` record."""
+    s, a = presum(g if x_hat is None else g * x_hat, (1, 3))
+    return s.unsqueeze(1), a
+
+
+@functools.lru_cache(maxsize=64)
+def _summed(shape: tuple[int, ...]) -> SummedRows:
+    """The kind of a ``[*shape]`` parameter's summed rows; one object per shape."""
+    return SummedRows(shape)
 
 
 class _ScalePerSample(torch.autograd.Function):
@@ -96,9 +105,9 @@ class _ScalePerSample(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g if w is None else g * _first(w).reshape(-1, 1)
         if w is not None and ctx.needs_input_grad[1]:
-            gw = emit(ctx.weight, _DENSE, _sums(g, x_hat, w.shape))
+            gw = emit(ctx.weight, _summed(tuple(w.shape[1:])), *_sums(g, x_hat))
         if b is not None and ctx.needs_input_grad[2]:
-            gb = emit(b, _DENSE, _sums(g, None, b.shape))
+            gb = emit(b, _summed(tuple(b.shape[1:])), *_sums(g, None))
         return gx, gw, gb
 
 
@@ -139,9 +148,9 @@ class _GroupNormPerSample(torch.autograd.Function):
             )[0]
         g4 = g.reshape(size, rows, c, math.prod(x.shape[2:]))
         if ctx.needs_input_grad[1]:
-            gw = emit(w, _DENSE, _weight_sums(x, mean, rstd, g4, groups).reshape(w.shape))
+            gw = emit(w, _summed(tuple(w.shape[1:])), *_weight_sums(x, mean, rstd, g4, groups))
         if ctx.needs_input_grad[2]:
-            gb = emit(ctx.bias, _DENSE, _sums(g4, None, ctx.bias.shape))
+            gb = emit(ctx.bias, _summed(tuple(ctx.bias.shape[1:])), *_sums(g4, None))
         return gx, gw, gb, None, None, None, None
 
 
@@ -152,11 +161,12 @@ of at most this much of ``x``, so a large layer's backward does not hold an ``x`
 GroupNorm ResNet)."""
 
 
-def _weight_sums(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g4: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, C]``: ``sum_{R, P} g * x_hat`` per example, ``x_hat = (x - mean) * rstd`` per row
-    and group (``x [B*R, C, *S]``, ``mean, rstd [B*R, G]``, ``g4 [B, R, C, P]``), rebuilt
-    in place chunk by chunk of examples (:data:`_CHUNK_BYTES`): the same products, each
-    example's summed on its own as before."""
+def _weight_sums(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g4: torch.Tensor,
+                 groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, 1, C], [B])``: ``sum_{R, P} g * x_hat`` per example, ``x_hat = (x - mean) * rstd``
+    per row and group (``x [B*R, C, *S]``, ``mean, rstd [B*R, G]``, ``g4 [B, R, C, P]``),
+    rebuilt in place chunk by chunk of examples (:data:`_CHUNK_BYTES`), and the bound of
+    those sums' rounding (:func:`_sums`)."""
     size, rows = g4.shape[:2]
     per_example = max(1, x.numel() // max(size, 1) * x.element_size())
     step = max(1, _CHUNK_BYTES // per_example)
@@ -166,11 +176,13 @@ def _weight_sums(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, g4: to
     for s in range(0, size, step):
         e = min(s + step, size)
         t = (xs[s:e] - stats[0][s:e]).mul_(stats[1][s:e])  # x_hat of examples s..e
-        parts.append(t.view(g4[s:e].shape).mul_(g4[s:e]).sum((1, 3)))
+        parts.append(_sums(t.view(g4[s:e].shape).mul_(g4[s:e]), None))
         del t  # (before the next chunk's is built)
     if len(parts) == 1:
         return parts[0]
-    return torch.cat(parts) if parts else g4.new_zeros(0, g4.shape[2])  # (B = 0: no chunk)
+    if not parts:  # (B = 0: no chunk)
+        return _sums(g4, None)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _affine_rule(
@@ -253,16 +265,16 @@ class _ChannelNormRule(Rule):
         channels = x.shape[1]
         view = x_hat.reshape(1, x.shape[0], channels, math.prod(x.shape[2:]))
         y = _scale(view, None if w is None else w.detach(), None if b is None else b.detach()).reshape(x.shape)
-        kind = Materialized()  # a fresh object: torch.compile traces this
+        kind = SummedRows((channels,))  # a fresh object: torch.compile traces this
 
         def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
             size = g.shape[0]
             g4 = g.reshape(size, g.shape[1], channels, math.prod(g.shape[3:]))  # [B, N, C, P]
             out = []
             if iw is not None:
-                out.append((iw, kind, (_sums(g4, saved[0].reshape(g4.shape), (size, channels)),)))
+                out.append((iw, kind, _sums(g4, saved[0].reshape(g4.shape))))
             if ib is not None:
-                out.append((ib, kind, (_sums(g4, None, (size, channels)),)))
+                out.append((ib, kind, _sums(g4, None)))
             return out
 
         return tap.out(y, (x_hat,), build)
@@ -377,13 +389,13 @@ class RMSNormRule(Rule):
             return NotImplemented  # the plain layer raises its own error
         x_hat = F.rms_norm(x, shape, None, eps)
         y = x_hat * w.detach()
-        kind = Materialized()  # a fresh object: torch.compile traces this
+        kind = SummedRows(tuple(shape))  # a fresh object: torch.compile traces this
         k = math.prod(shape)
 
         def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
             size = g.shape[0]
             g4 = g.reshape(size, math.prod(g.shape[1 : g.dim() - len(shape)]), k, 1)  # [B, positions, K, 1]
-            return [(iw, kind, (_sums(g4, saved[0].reshape(g4.shape), (size, *shape)),))]
+            return [(iw, kind, _sums(g4, saved[0].reshape(g4.shape)))]
 
         return tap.out(y, (x_hat,), build)
 
