@@ -25,18 +25,25 @@ def _problem(layer):
     gen = torch.Generator().manual_seed(0)
     v = torch.stack([CANCEL, torch.tensor([3.0, 1.0, -2.0])])  # [B, 3 positions]
     if layer in ("conv1d", "conv_transpose1d"):
-        params = {"bias": torch.zeros(1)}
-        w = torch.ones(1, 1, 1)
-        x = torch.randn(2, 1, 3, generator=gen)
+        params = {"weight": torch.ones(1, 1, 1), "bias": torch.zeros(1)}
+        x = torch.zeros(2, 1, 3)  # (the weight's gradient is 0: the bias's alone is measured)
         layer_fn = getattr(PF, layer)
 
         def fn(p, xi, vi):
-            return (layer_fn({"weight": w.to(xi.dtype), "bias": p["bias"]}, xi) * vi).sum()
+            return (layer_fn(p, xi) * vi).sum()
 
         return fn, params, x, v.unsqueeze(1)
     params = {"weight": torch.ones(2), "bias": torch.zeros(2)}
     x = torch.randn(2, 3, 2, generator=gen)  # [B, positions, channels]
     vv = torch.stack([v, v], -1)  # both channels cancel
+    if layer in ("mul", "add"):  # a plain torch op with a parameter operand (its torch-function rule)
+        params = {"p": torch.ones(2)}
+        op = torch.mul if layer == "mul" else torch.add
+
+        def fn(p, xi, vi):
+            return (op(torch.ones_like(xi), p["p"]) * vi).sum()
+
+        return fn, params, x, vv
     if layer == "layer_norm":
         def fn(p, xi, vi):
             return (PF.layer_norm(p, xi, 2) * vi).sum()
@@ -54,13 +61,22 @@ def _problem(layer):
     return fn, params, x, vv
 
 
-@pytest.mark.parametrize("layer", ["conv1d", "conv_transpose1d", "layer_norm", "rms_norm", "group_norm", "instance_norm"])
-def test_cancelling_sums_over_positions_are_bounded(layer):
+LAYERS = ["conv1d", "conv_transpose1d", "layer_norm", "rms_norm", "group_norm", "instance_norm", "mul", "add"]
+
+
+CASES = [(layer, "eager") for layer in LAYERS] + [(layer, "compiled") for layer in ("conv1d", "layer_norm", "group_norm", "mul")]
+
+
+@pytest.mark.parametrize(("layer", "route"), CASES)
+def test_cancelling_sums_over_positions_are_bounded(layer, route):
     fn, params, x, v = _problem(layer)
     exact_tree = per_example_grads(fn, params, x, v)  # float64 loop on the same float32 data
     exact = torch.cat([t.reshape(2, -1) for t in exact_tree.values()], 1).norm(dim=1)
     for c in (0.5, 1e30):
-        summed, norms = dp.clipped_grad_sum(fn, params, x, v, max_norm=c, method="fast")
+        if route == "compiled":  # the tapped pass's pieces (dynamo's eager backend)
+            summed, norms = dp.compiled_clipped_grad_sum(fn, c, backend="eager")(params, x, v)
+        else:
+            summed, norms = dp.clipped_grad_sum(fn, params, x, v, max_norm=c, method="fast")
         assert bool((norms.double() >= exact).all()), (norms, exact)
         assert float(norms[1]) <= float(exact[1]) * (1 + 1e-4)  # ordinary: as tight as before
     # one example at a time: its contribution as computed stays within C

@@ -17,11 +17,12 @@ hand-written RMSNorm, LayerScale's ``gamma * x``) use parameters outside psgfunc
   kind: the squared norm is the sum over the groups of their Gram norms). A repeated index
   has no such form: the caller falls back to vmap.
 * :data:`ELEMENTWISE`: a broadcasting elementwise op (``mul``, ``add``, ``sub``, ``div``)
-  with a parameter ``p``. The op runs on the batch with ``p``'s expansion aligned to every
-  example; autograd's broadcasting reduction then leaves example b's gradient ``[B, *p.shape]``
-  in it (the sum over the broadcast dims of ``g`` times the op's partial derivative), which is
-  emitted as a :class:`~psgfunc.per_sample._kinds.RowSum` kind of one position: the same
-  kind as LayerNorm's affine parameters, so the pieces of several uses combine.
+  with a parameter ``p``. The op runs on the batch with ``p`` expanded to the op's
+  broadcast shape (a view), so autograd leaves example b's gradient unreduced (``g`` times
+  the op's partial derivative at every position); the rule sums it over the broadcast dims
+  with the bound of that sum's rounding and emits a
+  :class:`~psgfunc.per_sample._kinds.SummedRows` of one position: the same kind as
+  LayerNorm's affine parameters, so the pieces of several uses combine.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from psgfunc.per_sample._kinds import (
     NormBound,
     Outer,
     RowSum,
+    SummedRows,
     _acc,
     _as,
     _up,
@@ -48,6 +50,7 @@ from psgfunc.per_sample._kinds import (
     gram_bound,
     gram_of,
     outer_bound,
+    presum,
 )
 
 __all__ = ["ContractPlan", "contract_plan", "CONTRACT", "ELEMENTWISE", "PermutedOuter", "GroupedOuter"]
@@ -320,26 +323,40 @@ CONTRACT = ContractRule(_plain_contract)
 
 
 class _PerSampleParam(torch.autograd.Function):
-    """Identity on ``p [B, *shape]`` whose backward emits the per-sample gradient it receives."""
+    """``p [B, *shape] -> p`` reshaped to ``aligned`` and expanded to ``full`` (the op's
+    broadcast shape, a view), whose backward receives example b's gradient at every position
+    and emits its sum over the broadcast dims (:func:`_broadcast_sum`)."""
 
     @staticmethod
-    def forward(p: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return p.view_as(p)
+    def forward(p: torch.Tensor, aligned: tuple[int, ...], full: tuple[int, ...]) -> torch.Tensor:  # type: ignore[override]
+        return p.reshape(aligned).expand(full)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.p = inputs[0]
+        ctx.p, ctx.aligned = inputs[0], inputs[1]
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         p = ctx.p
-        size = g.shape[0]
-        return emit(p, _rowsum(tuple(p.shape[1:])), g.reshape(size, 1, math.prod(p.shape[1:])))
+        shape = tuple(p.shape[1:])
+        return emit(p, _summed(shape), *_broadcast_sum(g, ctx.aligned)), None, None
+
+
+def _broadcast_sum(g: torch.Tensor, aligned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g [B, *full]`` summed over the dims where ``aligned [B, *]`` is 1 and ``g`` is not:
+    ``([B, 1, K], [B])``, the rows of a :class:`SummedRows` (``K`` the parameter's size)
+    and the bound of the sums' rounding (zero where nothing is summed)."""
+    size = g.shape[0]
+    dims = tuple(d for d in range(1, g.dim()) if aligned[d] == 1 and g.shape[d] != 1)
+    if not dims:
+        return _up(g).reshape(size, 1, -1), g.new_zeros(size, dtype=_acc(g.dtype))
+    rows, bound = presum(g, dims)
+    return rows.reshape(size, 1, -1), bound
 
 
 @functools.lru_cache(maxsize=256)
-def _rowsum(shape: tuple[int, ...]) -> RowSum:
-    return RowSum(shape)
+def _summed(shape: tuple[int, ...]) -> SummedRows:
+    return SummedRows(shape)
 
 
 def _plain_elementwise(params: dict[str, torch.Tensor], *args: Any, op: Callable[..., Any], slot: int,
@@ -359,7 +376,7 @@ class ElementwiseRule(Rule):
         if not is_shared(p):
             return NotImplemented
         full = list(args)
-        full.insert(slot, apply_function(_PerSampleParam, p))
+        full.insert(slot, p)
         rank = max(t.dim() - 1 for t in full if isinstance(t, torch.Tensor))
         # align every example's dims to the right, behind the batch dim
         full = [
@@ -367,6 +384,9 @@ class ElementwiseRule(Rule):
             if isinstance(t, torch.Tensor) and t.dim() - 1 < rank else t
             for t in full
         ]
+        aligned = tuple(full[slot].shape)
+        broadcast = tuple(torch.broadcast_shapes(*[t.shape for t in full if isinstance(t, torch.Tensor)]))
+        full[slot] = apply_function(_PerSampleParam, p, aligned, broadcast)
         return op(*full, **kwargs)
 
     vmapped = batched
@@ -388,22 +408,26 @@ class ElementwiseRule(Rule):
         where = [k for k, t in enumerate(full) if isinstance(t, torch.Tensor)]
         constants = [None if isinstance(t, torch.Tensor) else t for t in full]
         shape = tuple(p.shape)
-        kind = RowSum(shape)  # not the lru_cache: torch.compile traces this
+        kind = SummedRows(shape)  # not the lru_cache: torch.compile traces this
+        rank = max(t.dim() for t in full if isinstance(t, torch.Tensor))
+        aligned = (1,) * (rank - p.dim()) + shape  # p's dims aligned to the right
 
         def one(g: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-            """Example b's gradient of ``p``: the op's vector-Jacobian product at its operands."""
+            """Example b's gradient of ``p`` expanded to the op's broadcast shape, unsummed:
+            the op's vector-Jacobian product at its operands."""
             operands = list(constants)
             for k, t in zip(where, tensors):
                 operands[k] = t
+            full_shape = torch.broadcast_shapes(*[t.shape for t in operands if isinstance(t, torch.Tensor)])
 
             def at(q: torch.Tensor) -> torch.Tensor:
                 return op(*operands[:slot], q, *operands[slot + 1:], **kwargs)
 
-            return torch.func.vjp(at, operands[slot])[1](g)[0]
+            return torch.func.vjp(at, operands[slot].reshape(aligned).expand(full_shape))[1](g)[0]
 
         def build(saved: tuple[torch.Tensor, ...], g: torch.Tensor) -> list[tuple[int, Any, Any]]:
-            per = torch.func.vmap(one)(g, *saved)  # [B, *p.shape]
-            return [(i, kind, (per.reshape(g.shape[0], 1, math.prod(shape)),))]
+            per = torch.func.vmap(one)(g, *saved)  # [B, *broadcast shape]
+            return [(i, kind, _broadcast_sum(per, (g.shape[0], *aligned)))]
 
         return tap.out(y, tuple(full[k] for k in where), build)
 
