@@ -442,13 +442,11 @@ class DPOptimizer(torch.optim.Optimizer):
             # squares that overflow (finite float32 gradients above ~1e19, which the dense
             # route clips exactly, as clipped_grad_sum does) or a real NaN/Inf: the dense
             # route's clipped_sum tells them apart and names the bad examples
-            samples = [_dense_rows(leaf, p, size) for leaf, p in zip(leaves, params)]
+            samples = [leaf.materialize().reshape(size, *p.shape) for leaf, p in zip(leaves, params)]
             if scale != 1:  # (as the dense path does: rows of a mean loss are g_b / B)
                 samples = [t * scale for t in samples]
             dense_sums, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
             del samples
-        c = self.transform.max_norm
-        factor = clip_factor(norms, c, rounding_floor([(p.dtype, p.numel()) for p in params])) * scale
         # the micro-batch is consumed from here: the logs and grad_sample let go of the pieces
         # (the leaves hold them alone), so each leaf's are freed as soon as its sum is taken
         # (a layer's inputs and output gradients then never all outlive the sums)
@@ -462,6 +460,8 @@ class DPOptimizer(torch.optim.Optimizer):
             p.grad_sample = None
             p.grad = None
         if dense_sums is None:
+            floor = rounding_floor([(p.dtype, p.numel()) for p in params])
+            factor = clip_factor(norms, self.transform.max_norm, floor) * scale
             sums = weighted_sums(leaves, [factor] * len(leaves), release=True)
         else:
             sums = dense_sums
@@ -540,15 +540,3 @@ class DPOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.detach_()
                     p.grad.zero_()
-
-
-def _dense_rows(leaf: Any, p: torch.Tensor, size: int) -> torch.Tensor:
-    """A fast-clipping leaf's per-sample gradients ``[B, *p.shape]``, materialised from its
-    pieces (the dense fallback of :meth:`DPOptimizer._accumulate_pieces` for norms that
-    overflow)."""
-    total = leaf.dense
-    if leaf.kind is not None:
-        for data in leaf.datas:
-            g = leaf.kind.materialize(*data)
-            total = g if total is None else total + g
-    return total.reshape(size, *p.shape)

@@ -27,6 +27,7 @@ then asks the kinds for norms and the clipped sum.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -40,6 +41,7 @@ __all__ = [
     "Outer",
     "RowSum",
     "SummedRows",
+    "summed_rows",
     "presum",
     "with_slack",
     "Materialized",
@@ -566,6 +568,14 @@ class SummedRows(RowSum):
         return super().weighted_sum([(d[0],) for d in datas], c)
 
 
+@functools.lru_cache(maxsize=256)
+def summed_rows(shape: tuple[int, ...] | None = None) -> SummedRows:
+    """The :class:`SummedRows` kind of a ``[*shape]`` parameter, one object per shape (for
+    the rules' eager backwards; a traced pass makes fresh ones: ``torch.compile`` does not
+    trace the cache)."""
+    return SummedRows(shape)
+
+
 def presum(t: torch.Tensor, dims: tuple[int, ...], lead: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, a)`` for :class:`SummedRows`: ``s``, ``t`` summed over ``dims`` in its
     accumulation dtype (float32 for half precision), and ``a`` (``t``'s first ``lead``
@@ -732,6 +742,15 @@ class LeafPieces:
         so that a pass holds each layer's pieces only until its own sum is done."""
         self.datas, self.dense, self.kind = [], None, None
         self.bound = self.bound._replace(refine=None)
+
+    def materialize(self) -> torch.Tensor:
+        """The per-sample gradients ``[B, *shape]`` (the dense part plus every piece
+        materialised), e.g. for a dense fallback where the pieces' norms overflow."""
+        total = self.dense
+        for data in self.datas if self.kind is not None else ():
+            g = self.kind.materialize(*data)
+            total = g if total is None else total + g
+        return total
 
     def weighted_sum(self, c: torch.Tensor) -> torch.Tensor:
         """``sum_b c_b grad_b``, shaped like the parameter, in :attr:`dtype` (computed in

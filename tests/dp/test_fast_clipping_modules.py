@@ -153,3 +153,17 @@ def test_fast_clipping_still_raises_on_nan():
     (lin(torch.randn(3, 5)) * y).sum().backward()
     with pytest.raises(ValueError, match=r"1 of 3 examples have NaN or Inf.*indices 2"):
         opt.accumulate()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_max_norm_too_small_for_float16_params_is_refused(fast):
+    """Float16 sums round by up to 2^-25 per coordinate below float16's smallest normal
+    number: a max_norm under twice sqrt(size) * 2^-25 (here about 1.9e-6) is
+    refused by either path, naming max_norm, rather than clipped past C."""
+    torch.manual_seed(0)
+    lin = pnn.Linear(1024, 1, max_batch_size=4).to(torch.float16)
+    opt = dp.DPOptimizer(torch.optim.SGD(lin.parameters(), lr=1.0), max_norm=1e-6, noise_multiplier=0.0,
+                         expected_batch_size=2, fast_clipping=fast)
+    lin(torch.ones(2, 1024, dtype=torch.float16)).sum().backward()
+    with pytest.raises(ValueError, match="max_norm 1e-06 is too small for half-precision"):
+        opt.accumulate()

@@ -15,7 +15,6 @@ Under ``torch.autocast`` the input is cast to float32 first, as the layer does.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -27,16 +26,9 @@ from psgfunc import _rules
 from psgfunc.functional import _autocast
 from psgfunc.functional.normalization import _normalized_shape, layer_norm
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import RowSum, SummedRows, emit, presum
+from psgfunc.per_sample._kinds import RowSum, emit, presum, summed_rows
 
 __all__ = ["LayerNormRule"]
-
-
-@functools.lru_cache(maxsize=64)
-def _summed(shape: tuple[int, ...]) -> SummedRows:
-    """``grad_b = sum_n data[b, n]`` reshaped to ``shape``, rows summed by the rule; one
-    object per shape."""
-    return SummedRows(shape)
 
 
 def _first(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -96,10 +88,10 @@ class _LayerNormPerSample(torch.autograd.Function):
         if w is not None and ctx.needs_input_grad[1]:
             x_hat = ((x - mean) * rstd).reshape(g3.shape)
             s, a = presum(g3 * x_hat, (1,))  # with the bound of the sum's rounding
-            gw = emit(ctx.weight, _summed(norm), s.unsqueeze(1), a)
+            gw = emit(ctx.weight, summed_rows(norm), s.unsqueeze(1), a)
         if b is not None and ctx.needs_input_grad[2]:
             s, a = presum(g3, (1,))
-            gb = emit(ctx.bias, _summed(norm), s.unsqueeze(1), a)
+            gb = emit(ctx.bias, summed_rows(norm), s.unsqueeze(1), a)
         return gx, gw, gb, None, None
 
 

@@ -51,6 +51,7 @@ from psgfunc.per_sample._kinds import (
     gram_of,
     outer_bound,
     presum,
+    summed_rows,
 )
 
 __all__ = ["ContractPlan", "contract_plan", "CONTRACT", "ELEMENTWISE", "PermutedOuter", "GroupedOuter"]
@@ -339,7 +340,7 @@ class _PerSampleParam(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         p = ctx.p
         shape = tuple(p.shape[1:])
-        return emit(p, _summed(shape), *_broadcast_sum(g, ctx.aligned)), None, None
+        return emit(p, summed_rows(shape), *_broadcast_sum(g, ctx.aligned)), None, None
 
 
 def _broadcast_sum(g: torch.Tensor, aligned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,11 +353,6 @@ def _broadcast_sum(g: torch.Tensor, aligned: Sequence[int]) -> tuple[torch.Tenso
         return _up(g).reshape(size, 1, -1), g.new_zeros(size, dtype=_acc(g.dtype))
     rows, bound = presum(g, dims)
     return rows.reshape(size, 1, -1), bound
-
-
-@functools.lru_cache(maxsize=256)
-def _summed(shape: tuple[int, ...]) -> SummedRows:
-    return SummedRows(shape)
 
 
 def _plain_elementwise(params: dict[str, torch.Tensor], *args: Any, op: Callable[..., Any], slot: int,

@@ -20,7 +20,6 @@ sums' rounding, which may cancel): norms come from the rows and the clipped sum 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -45,10 +44,9 @@ from psgfunc.per_sample._expanded import (
     is_shared,
     versions,
 )
-from psgfunc.per_sample._kinds import SummedRows, emit, presum
+from psgfunc.per_sample._kinds import SummedRows, emit, presum, summed_rows
 
 __all__ = ["GroupNormRule", "InstanceNormRule", "RMSNormRule"]
-
 
 
 def _first(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -75,12 +73,6 @@ def _sums(g: torch.Tensor, x_hat: torch.Tensor | None) -> tuple[torch.Tensor, to
     return s.unsqueeze(1), a
 
 
-@functools.lru_cache(maxsize=64)
-def _summed(shape: tuple[int, ...]) -> SummedRows:
-    """The kind of a ``[*shape]`` parameter's summed rows; one object per shape."""
-    return SummedRows(shape)
-
-
 class _ScalePerSample(torch.autograd.Function):
     """``x_hat [B, R, K, P], w [B, *W], b [B, *W] (shared, prod(W) = K) -> x_hat * w[0] + b[0]``
     per entry ``k``; the backward emits each example's ``[B, *W]`` gradients."""
@@ -105,9 +97,9 @@ class _ScalePerSample(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g if w is None else g * _first(w).reshape(-1, 1)
         if w is not None and ctx.needs_input_grad[1]:
-            gw = emit(ctx.weight, _summed(tuple(w.shape[1:])), *_sums(g, x_hat))
+            gw = emit(ctx.weight, summed_rows(tuple(w.shape[1:])), *_sums(g, x_hat))
         if b is not None and ctx.needs_input_grad[2]:
-            gb = emit(b, _summed(tuple(b.shape[1:])), *_sums(g, None))
+            gb = emit(b, summed_rows(tuple(b.shape[1:])), *_sums(g, None))
         return gx, gw, gb
 
 
@@ -148,9 +140,9 @@ class _GroupNormPerSample(torch.autograd.Function):
             )[0]
         g4 = g.reshape(size, rows, c, math.prod(x.shape[2:]))
         if ctx.needs_input_grad[1]:
-            gw = emit(w, _summed(tuple(w.shape[1:])), *_weight_sums(x, mean, rstd, g4, groups))
+            gw = emit(w, summed_rows(tuple(w.shape[1:])), *_weight_sums(x, mean, rstd, g4, groups))
         if ctx.needs_input_grad[2]:
-            gb = emit(ctx.bias, _summed(tuple(ctx.bias.shape[1:])), *_sums(g4, None))
+            gb = emit(ctx.bias, summed_rows(tuple(ctx.bias.shape[1:])), *_sums(g4, None))
         return gx, gw, gb, None, None, None, None
 
 
