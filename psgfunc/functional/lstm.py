@@ -476,7 +476,7 @@ def direction_forward(
     addcmul, mul, tanh = torch.addcmul, torch.mul, torch.tanh
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         a = a_t[t].addmm_(h, w_t)
-        g = tanh(z_g_t[t], out=g_t[t])
+        g = g_t[t].copy_(z_g_t[t]).tanh_()  # (tanh of a strided slice is ~4x slower)
         a.sigmoid_()  # i, f, o (and g's slice, overwritten by tanh_g after the loop)
         if m_t is None:
             c = mul(f_t[t], c, out=c_t[t]).addcmul_(i_t[t], g)
