@@ -552,31 +552,36 @@ def direction_backward(
         keep = mask.to(act.dtype)
         d_out = d_out * keep
         keep_t, hold_t = keep.unsqueeze(2).unbind(1), (1 - keep).unsqueeze(2).unbind(1)
-    # [B, 1, H] views throughout, so dc broadcasts over the i, f, g rows of dz [B, 3, H]
+    order = list(range(steps) if reverse else range(steps - 1, -1, -1))
+    f_t, dout_t = act[..., sl_f].unsqueeze(2).unbind(1), d_out.unbind(1)
+    if keep_t is None:
+        # q = [dc, dc, dc, dh'] of the step being processed ([B, 4, H], also seen as [B, 4H]),
+        # so that dz = p * q is one op; addmm writes dh' into q's last row, addcmul dc into
+        # the first three (broadcast), and dcf = dc * f is what the earlier step adds up
+        q = act.new_empty(batch, 4, hidden)
+        q2, q3, q0, qh, qh3 = q.view(batch, gates4), q[:, :3], q[:, :1], q[:, 3], q[:, 3:]
+        p_t, dz_t = p.unbind(1), dz.unbind(1)
+        k3_t = k.unsqueeze(2).expand(batch, steps, 3, hidden).unbind(1)  # (out= does not broadcast)
+        torch.add(dh, dout_t[order[0]], out=qh)
+        dcf = dc.unsqueeze(1)
+        addcmul, mul, addmm = torch.addcmul, torch.mul, torch.addmm
+        for t, t_next in zip(order, order[1:]):
+            addcmul(dcf, qh3, k3_t[t], out=q3)
+            mul(p_t[t], q2, out=dz_t[t])
+            dcf = q0 * f_t[t]
+            addmm(dout_t[t_next], dz_t[t], w_hh, out=qh)
+        t = order[-1]
+        addcmul(dcf, qh3, k3_t[t], out=q3)
+        mul(p_t[t], q2, out=dz_t[t])
+        return dz, h_prev, torch.mm(dz_t[t], w_hh), (q0 * f_t[t]).squeeze(1)
+    # [B, 1, H] views, so dc broadcasts over the i, f, g rows of dz [B, 3, H]
     p4 = p.unflatten(-1, (4, hidden))
     dz4 = dz.unflatten(-1, (4, hidden))
     p3_t, po_t = p4[:, :, :3].unbind(1), p4[:, :, 3:].unbind(1)
     dz_t, dz3_t, dzo_t = dz.unbind(1), dz4[:, :, :3].unbind(1), dz4[:, :, 3:].unbind(1)
-    k_t, f_t = k.unsqueeze(2).unbind(1), act[..., sl_f].unsqueeze(2).unbind(1)
-    dout_t = d_out.unbind(1)
-    order = list(range(steps) if reverse else range(steps - 1, -1, -1))
+    k_t = k.unsqueeze(2).unbind(1)
     dh3 = act.new_empty(batch, 1, hidden)  # dh' of the step being processed
-    dh2 = dh3.view(batch, hidden)
     dc = dc.unsqueeze(1)
-    if keep_t is None:
-        torch.add(dh, dout_t[order[0]], out=dh2)
-        addcmul, mul, addmm = torch.addcmul, torch.mul, torch.addmm
-        for t, t_next in zip(order, order[1:]):
-            dc = addcmul(dc, dh3, k_t[t])
-            mul(p3_t[t], dc, out=dz3_t[t])
-            mul(po_t[t], dh3, out=dzo_t[t])
-            dc = dc * f_t[t]
-            addmm(dout_t[t_next], dz_t[t], w_hh, out=dh2)
-        t = order[-1]
-        dc = addcmul(dc, dh3, k_t[t])
-        mul(p3_t[t], dc, out=dz3_t[t])
-        mul(po_t[t], dh3, out=dzo_t[t])
-        return dz, h_prev, torch.mm(dz_t[t], w_hh), (dc * f_t[t]).squeeze(1)
     dh = dh.unsqueeze(1)
     for t in order:
         torch.addcmul(dout_t[t].unsqueeze(1), dh, keep_t[t], out=dh3)
