@@ -16,6 +16,7 @@ from typing import Any
 import optree
 import torch
 
+from psgfunc._dispatch import no_autograd
 from psgfunc.dp._clip import MaxNorm, _check_max_norm, clip_factor, clipped_sum, rounding_floor
 from psgfunc.per_sample import per_sample_grads
 from psgfunc.per_sample._clip import grad_pieces
@@ -84,10 +85,11 @@ def clipped_grad_sum(
     if method == "materialize":
         return clipped_sum(per_sample_grads(fn, params, *batch, method="auto"), max_norm, "clipped_grad_sum")
     pieces = grad_pieces(fn, params, *batch)
-    factors, norms = _factors(pieces, params, checked)
+    with no_autograd():  # (the factors only scale the sums; the norms leave as a copy)
+        factors, norms = _factors(pieces, params, checked)
     if factors is None:  # a non-finite norm: the materialising path names the bad examples
         return clipped_sum(per_sample_grads(fn, params, *batch, method="auto"), max_norm, "clipped_grad_sum")
-    return pieces.weighted_sums(factors, release=True), norms
+    return pieces.weighted_sums(factors, release=True), norms.clone()
 
 
 def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tuple[Any, torch.Tensor]:

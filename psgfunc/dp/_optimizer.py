@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from psgfunc._dispatch import no_autograd
 from psgfunc._tree import batch_size, tree_flatten
 from psgfunc.dp._clip import _check_positive_finite, clip_factor, clipped_sum, rounding_floor
 from psgfunc.dp._distributed import prepare_optimizer
@@ -433,10 +434,11 @@ class DPOptimizer(torch.optim.Optimizer):
         (size,) = sizes
         for i in unreached:  # no backward reached it: its per-sample gradients are zero
             dense[i] = params[i].new_zeros(()).expand(size, *params[i].shape)
-        leaves = leaf_pieces(pieces, dense, size, [p.shape for p in params])
         scale = size if self.loss_reduction == "mean" else 1  # gradients of a mean loss are g_b / B
-        # certified: covers the rounding of the norms and of the sums (psgfunc.per_sample._kinds)
-        norms = certified_norm(leaves, [p.dtype for p in params]) * scale
+        with no_autograd():  # (never differentiated: inference tensors, read by the sums)
+            leaves = leaf_pieces(pieces, dense, size, [p.shape for p in params])
+            # certified: covers the rounding of the norms and of the sums (psgfunc.per_sample._kinds)
+            norms = certified_norm(leaves, [p.dtype for p in params]) * scale
         dense_sums = None
         if not bool(torch.isfinite(norms).all()):
             # squares that overflow (finite float32 gradients above ~1e19, which the dense
@@ -461,7 +463,8 @@ class DPOptimizer(torch.optim.Optimizer):
             p.grad = None
         if dense_sums is None:
             floor = rounding_floor([(p.dtype, p.numel()) for p in params])
-            factor = clip_factor(norms, self.transform.max_norm, floor) * scale
+            with no_autograd():
+                factor = clip_factor(norms, self.transform.max_norm, floor) * scale
             sums = weighted_sums(leaves, [factor] * len(leaves), release=True)
         else:
             sums = dense_sums
@@ -469,7 +472,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 leaf.release()
         self._add_to_sum([s.to(p.dtype) for s, p in zip(sums, params)])
         self.accumulated_examples += size
-        return norms.to(leaves[0].sq_norm.dtype)
+        return norms.to(leaves[0].sq_norm.dtype).clone()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -14,7 +14,6 @@ sigmoid and ``*`` the elementwise product, gates in torch's order ``i, f, g, o``
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from psgfunc._dispatch import no_autograd
 from psgfunc._rules import dispatchable
 from psgfunc.functional import _autocast
 from psgfunc.functional.linear import _uniform
@@ -395,17 +395,6 @@ def _carries(all_: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Ten
     return (rest, first) if reverse else (first, rest)
 
 
-def _loop_mode() -> contextlib.AbstractContextManager:
-    """What the recurrences' loops run under: ``torch.inference_mode`` (the small ops of
-    each step skip autograd's kernels: about a fifth of a loop's time at B=16, H=100, and
-    in-place writes into ordinary tensors still count their versions), except while
-    ``torch.compile`` traces. A loop must only write into tensors made before it (``out=``
-    or in place) and keep what it makes itself inside: those are inference tensors."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return torch.inference_mode()
-
-
 def direction_forward(
     x_gates: torch.Tensor,
     h0: torch.Tensor,
@@ -486,7 +475,7 @@ def direction_forward(
     m_t = None if mask is None else mask.unbind(1)
     h, c = h0, c_all[:, first]
     addcmul, mul, tanh = torch.addcmul, torch.mul, torch.tanh
-    with _loop_mode():  # every step's results go into the buffers above (out= or in place)
+    with no_autograd():  # every step's results go into the buffers above (out= or in place)
         for t in range(steps - 1, -1, -1) if reverse else range(steps):
             a = a_t[t].addmm_(h, w_t)
             g = g_t[t].copy_(z_g_t[t]).tanh_()  # (tanh of a strided slice is ~4x slower)
@@ -578,7 +567,7 @@ def direction_backward(
         torch.add(dh, dout_t[order[0]], out=qh)
         dcf = dc.unsqueeze(1)
         addcmul, mul, addmm = torch.addcmul, torch.mul, torch.addmm
-        with _loop_mode():  # dcf is the only tensor the loop makes, and it stays inside
+        with no_autograd():  # dcf is the only tensor the loop makes, and it stays inside
             for t, t_next in zip(order, order[1:]):
                 addcmul(dcf, qh3, k3_t[t], out=q3)
                 mul(p_t[t], q2, out=dz_t[t])

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from psgfunc import _rules
+from psgfunc._dispatch import no_autograd
 from psgfunc.functional import _autocast
 from psgfunc.per_sample._api import _prepare
 from psgfunc.per_sample._expanded import expand_leaf
@@ -125,7 +126,9 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
     # the loss may not depend on a leaf at all (no gradient, no records): zeros
     unused = [g is None and not records for g, records in zip(grads, collector.records)]
     dense = [torch.zeros_like(v) if u else g for v, g, u in zip(views, grads, unused)]
-    with _autocast.off():  # norms never in half precision, even in a caller's autocast block
+    # norms never in half precision, even in a caller's autocast block; the pieces' bounds
+    # are never differentiated (no_autograd: inference tensors, read by the sums)
+    with _autocast.off(), no_autograd():
         leaves = leaf_pieces(collector.records, dense, size, [v.shape[1:] for v in views])
     for leaf, u in zip(leaves, unused):
         leaf.materialized = leaf.materialized and not u
