@@ -55,6 +55,7 @@ from torch.autograd.function import once_differentiable
 
 import psgfunc.functional as PF
 from psgfunc import _rules
+from psgfunc._dispatch import no_autograd
 from psgfunc.functional import _autocast
 from psgfunc.per_sample._expanded import (
     Rule,
@@ -217,8 +218,9 @@ def _replay(
     cs = c_all[after]
     cs_t = cs.unbind(0)
     c = c0
-    for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        c = torch.addcmul(ig_t[t], f_t[t], c, out=cs_t[t])
+    with no_autograd():  # (each step writes into cs)
+        for t in range(steps - 1, -1, -1) if reverse else range(steps):
+            c = torch.addcmul(ig_t[t], f_t[t], c, out=cs_t[t])
     tanh_c = torch.tanh(cs)
     return act.transpose(0, 1), tanh_c.transpose(0, 1), h_all.transpose(0, 1), c_all.transpose(0, 1)
 
