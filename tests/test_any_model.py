@@ -63,6 +63,24 @@ class Block(nn.Module):
         return F.relu(x + self.n2(self.c2(F.relu(self.n1(self.c1(x))))))
 
 
+class InPlace(nn.Module):
+    """In-place ops on layer outputs, as torchvision-style models write them: an inplace
+    ReLU after a Linear on a [N, T, D] input (a view of the layer's product), a residual
+    added in place, attention's output changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.skip = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(4, 6)
+        self.attn, self.head = nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.b(self.act(self.a(x)))
+        h += self.skip(x)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h.relu_().mean(1))
+
+
 def _model(name):
     tr = transformers
     ids = torch.randint(0, 64, (B, T))
@@ -81,6 +99,8 @@ def _model(name):
         model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
                               nn.Flatten(), nn.Linear(T * 8, 3))
         return model, torch.randn(B, T, 8), torch.randint(0, 3, (B,)), F.cross_entropy, True
+    if name == "inplace":
+        return InPlace(), torch.randn(B, T, 4), torch.randint(0, 3, (B,)), F.cross_entropy, True
     if name in ("lstm", "gru"):
         cls = nn.LSTM if name == "lstm" else nn.GRU
         fast = name == "lstm" or hasattr(PF, "gru")
@@ -90,7 +110,7 @@ def _model(name):
     return model, torch.randn(B, 3, 6, 6), torch.randint(0, 3, (B,)), F.cross_entropy, hasattr(PF, "group_norm")
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "transformer_encoder", "lstm", "gru", "groupnorm_resnet"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "transformer_encoder", "lstm", "gru", "groupnorm_resnet", "inplace"])
 def test_any_model_functional_call(name):
     torch.manual_seed(0)
     model, x, y, loss, fast = _model(name)
@@ -153,7 +173,7 @@ def _batch_loss(loss, out, y):
     return loss(out, y, reduction="sum")
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "transformer_encoder", "lstm", "gru", "groupnorm_resnet"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "transformer_encoder", "lstm", "gru", "groupnorm_resnet", "inplace"])
 @pytest.mark.parametrize("fast", [False, True])
 def test_any_model_expand_weights(name, fast):
     """The same models converted in place: ``.grad_sample`` equals the per-example loop, and a

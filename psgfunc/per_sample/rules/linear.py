@@ -43,9 +43,9 @@ class _LinearPerSample(torch.autograd.Function):
     def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         dtype = _autocast.autocast_dtype(x)  # x is already in it (LinearRule casts it)
         if dtype is None:  # (no context manager: a small layer's step pays per call)
-            return F.linear(x, repeated(w), None if b is None else repeated(b))
+            return _own(F.linear(x, repeated(w), None if b is None else repeated(b)))
         with _autocast.disabled(x):
-            return F.linear(x, _autocast.cast(repeated(w), dtype), None if b is None else _autocast.cast(repeated(b), dtype))
+            return _own(F.linear(x, _autocast.cast(repeated(w), dtype), None if b is None else _autocast.cast(repeated(b), dtype)))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -69,6 +69,14 @@ class _LinearPerSample(torch.autograd.Function):
         gw = emit(w, _OUTER, g3, x3) if need[1] else None
         gb = emit(b, _ROWSUM, g3) if b is not None and need[2] else None
         return gx, gw, gb
+
+
+def _own(out: torch.Tensor) -> torch.Tensor:
+    """``out``, not as a view: ``F.linear`` of a ``[B, *, I]`` input returns a view of its
+    ``[B * N, O]`` product, and autograd refuses in-place changes to a view made inside a
+    custom Function (``nn.ReLU(inplace=True)`` after an ``nn.Linear``, which plain torch
+    allows). Same storage and version counter; the forward runs without autograd."""
+    return out if out._base is None else out.detach()
 
 
 def _positions(g: torch.Tensor, x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
