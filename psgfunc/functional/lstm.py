@@ -408,14 +408,16 @@ def direction_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """One layer and direction of the LSTM over a batch, without autograd.
 
-    The loop does one in-place ``addmm`` and six small elementwise ops per step (with a
+    The loop does one in-place ``addmm`` and seven small elementwise ops per step (with a
     mask, two more) and writes every intermediate the backward needs into preallocated
-    ``[B, T, *]`` buffers whose per-step views are made up front, outside the loop. Both
-    ``tanh`` are computed as such: the sigmoid identities ``tanh(z) = 2 sigma(2 z) - 1``
-    (and ``1 - 2 sigma(-2 c)``), cheaper ops, err by the roundoff of values near 1, not
-    relatively to ``tanh``: where the pre-activations and cell states are small they gave
-    outputs and gradients off by 1e-3 of their size in float32 (inputs of 1e-4, zero
-    biases; nn.LSTM: 1e-7) and 3e-8 in float64 (inputs of 1e-8).
+    ``[B, T, *]`` buffers whose per-step views are made up front, outside the loop; it runs
+    in inference mode (:func:`psgfunc._dispatch.no_autograd`). Both ``tanh`` are computed
+    as such: the sigmoid identities ``tanh(z) = 2 sigma(2 z) - 1`` (and ``1 - 2 sigma(-2
+    c)``), cheaper ops, err by the roundoff of values near 1, not relatively to ``tanh``:
+    where the pre-activations and cell states are small they gave outputs and gradients
+    off by 1e-3 of their size in float32 (inputs of 1e-4, zero biases; nn.LSTM: 1e-7) and
+    3e-8 in float64 (inputs of 1e-8). The g gate's ``tanh`` reads a contiguous copy of its
+    slice: on a strided slice torch's CPU ``tanh`` is about four times slower.
 
     Args:
         x_gates: ``[B, T, 4H]``, ``x W_ih^T`` plus both biases, any strides.
