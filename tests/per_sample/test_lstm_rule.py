@@ -392,6 +392,25 @@ def test_fused_layer_runs_for_unmasked_layers_only(masked, monkeypatch, recurren
     assert len(vf_calls) == (0 if masked else 4)
 
 
+@pytest.mark.parametrize(("batch", "steps"), [(1, 1), (1, 2), (2, 1)])
+def test_fused_layer_one_example_one_step(batch, steps, monkeypatch, recurrences):
+    """B = T = 1: the g gate's slice of the [T, B, 4H] pre-activations is then contiguous,
+    so a copy made by ``contiguous()`` would be the slice itself, and a tanh in place on it
+    would turn the gates' sigmoid into sigmoid(tanh(z_g)) (per-sample gradients of W_ih and
+    the biases were off by 46%)."""
+    monkeypatch.setattr(lstm_rule, "_FUSED_WITH_GRAD", True)
+    params = lstm_params(1, False)
+    x = torch.randn(batch, steps, D, dtype=F64, generator=torch.Generator().manual_seed(1))
+
+    def fn(p, x):
+        out, (_, c_n) = PF.lstm(p, x)
+        return out.pow(2).sum() + c_n.sum()
+
+    grads = per_sample_grads(fn, params, x, method="expanded")
+    assert recurrences == ["fused"]
+    assert_tree_close(grads, per_example_grads(fn, params, x))
+
+
 def test_fused_layer_without_grad_by_default(recurrences, vf_calls):
     """By default the fused forward serves calls no backward follows (no_grad, inference
     through the shells); those that need gradients run the loop."""

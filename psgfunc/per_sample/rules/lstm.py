@@ -210,7 +210,9 @@ def _replay(
     z.view(-1, gates4).addmm_(h_all[before].reshape(-1, hidden), w_hh.t())
     # tanh as such, as the forward (the identity 2 sigmoid(2 z) - 1 errs by the roundoff of
     # values near 1, not relatively to tanh: see direction_forward)
-    tanh_g = z[..., sl_g].contiguous().tanh_()  # (tanh of a strided slice is ~4x slower)
+    # a copy, always (tanh of a strided slice is ~4x slower): at B = T = 1 the slice is
+    # contiguous, contiguous() would return it, and tanh_ would overwrite z's g gate
+    tanh_g = z[..., sl_g].clone(memory_format=torch.contiguous_format).tanh_()
     act = torch.sigmoid(z, out=z)  # [T, B, 4H]: sigma(i, f, o), and g's slice for now
     act[..., sl_g] = tanh_g
     ig = act[..., :hidden] * tanh_g
