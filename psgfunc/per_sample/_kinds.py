@@ -560,9 +560,7 @@ class SummedRows(RowSum):
             base = super().bound([(datas[0][0],)], cache)
         else:
             base = GradKind.bound(self, datas)
-        dtype = base.sq.dtype
-        slack = _total([self.slack(*d) for d in datas], dtype) * (1 + gamma(len(datas), dtype))
-        return with_slack(base, slack)
+        return with_slack(base, summed_slack([self.slack(*d) for d in datas], base.sq.dtype))
 
     def weighted_sum(self, datas: Sequence[tuple[Any, ...]], c: torch.Tensor) -> torch.Tensor:
         return super().weighted_sum([(d[0],) for d in datas], c)
@@ -596,6 +594,12 @@ def presum(t: torch.Tensor, dims: tuple[int, ...], lead: int = 1) -> tuple[torch
     # (the norm rounds by gamma_(k + 3) at most; each of the n products per sum may underflow)
     scale = gamma(n + 2, dtype) * math.sqrt(n) * (1 + gamma(k + 6, dtype))
     return s, size * scale + math.sqrt(k) * underflow(dtype, 1) * math.sqrt(n)
+
+
+def summed_slack(slacks: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The ``[B]`` slacks of several pieces of one parameter added up in ``dtype``, raised by
+    that sum's own rounding: the slack of their sum, for :func:`with_slack`."""
+    return _total(list(slacks), dtype) * (1 + gamma(len(slacks), dtype))
 
 
 def with_slack(b: NormBound, slack: torch.Tensor) -> NormBound:
@@ -728,8 +732,7 @@ class LeafPieces:
             if slack is not None:
                 slacks.append(slack)
         if slacks:  # (pieces summed by their rule: how far from exact they may be adds up)
-            acc = self.bound.sq.dtype
-            self.bound = with_slack(self.bound, _total(slacks, acc) * (1 + gamma(len(slacks), acc)))
+            self.bound = with_slack(self.bound, summed_slack(slacks, self.bound.sq.dtype))
 
     @property
     def sq_norm(self) -> torch.Tensor:
