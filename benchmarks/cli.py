@@ -54,9 +54,14 @@ minute (on a shared 2-core box the speed of both drifted by 30% and more between
 resident-set growth of ONE step over the live model and inputs, after a one-example step
 (Linux: free heap pages returned to the OS, peak RSS reset, then ``VmHWM`` after the step
 minus ``VmRSS`` before it): every byte the step needs at its high-water mark (activations,
-saved tensors, per-sample gradients, workspaces, allocator slack), at page granularity; the
-median of ``--mem-repeats`` (3) such readings, each in a fresh process (the compiled
-methods: one), since one reading moves by 10% and more with the allocator's state.
+saved tensors, per-sample gradients, workspaces), at page granularity. ``peak_mb`` is read
+in fresh processes with glibc's mmap threshold held at 128 KiB
+(:func:`benchmarks.layers.pin_malloc`: every tensor that size or larger is its own mapping,
+given back when freed), the median of ``--mem-repeats`` (3; the compiled methods, which
+compile again in each: 1) such processes; such readings repeat within a MB. ``rss_mb`` is the
+same reading in the timing process with glibc's defaults, where freed heap gaps stay
+resident: it adds tens of MB that depend on the order of allocations and moves by 10-20%
+from process to process (reported, not used for the ratios).
 Memory ratios are given only where the non-private step grows by at least 1 MB. Before each
 measurement the run waits (up to ``--max-wait`` s) until other processes leave the CPU quiet
 (``busy_before`` in the CSV), and measures a cell again (up to ``--retries`` times) when other
@@ -100,6 +105,7 @@ FIELDS = [
     "suite", "config", "desc", "batch", "method", "ms", "min_ms", "repeats", "peak_mb",
     "time_ratio", "mem_ratio", "flops", "flop_ratio", "compile_s", "busy_before", "busy_during",
     "attempts", "error", "note", "threads", "torch", "opacus", "cpus", "quick", "malloc", "ref_ms",
+    "rss_mb",
 ]
 MIN_BASE_MB = 1.0  # below this non-private peak growth, memory ratios are not meaningful
 RESULTS = "benchmarks/results"  # the committed results
@@ -144,8 +150,9 @@ def _measure(args: tuple[Any, ...], opts: argparse.Namespace, warmup: int, repea
         result = dict(error="the measuring process died (out of memory?)")
     if result is None:
         result = dict(error="not available")
-    if "error" not in result and method not in COMPILED and opts.mem_repeats > 1:
-        result["peak_mb"] = _median_peak(result["peak_mb"], args, opts)
+    if "error" not in result:
+        result["rss_mb"] = result.get("peak_mb", math.nan)  # glibc's defaults, the timing process
+        result["peak_mb"] = _median_peak(args, opts, 1 if method in COMPILED else opts.mem_repeats)
     if total0 is None:
         return result, math.nan
     total1, idle1 = layers.cpu_ticks()
@@ -155,20 +162,21 @@ def _measure(args: tuple[Any, ...], opts: argparse.Namespace, warmup: int, repea
     return result, others
 
 
-def _median_peak(first: float, args: tuple[Any, ...], opts: argparse.Namespace) -> float:
-    """The median of ``first`` and ``--mem-repeats - 1`` more peak-memory readings of the
-    cell, each in a fresh process: one reading moves by 10% and more from process to process
-    (the allocator's state), as much as the ratios the targets ask about."""
-    peaks = [first]
-    for _ in range(opts.mem_repeats - 1):
+def _median_peak(args: tuple[Any, ...], opts: argparse.Namespace, repeats: int) -> float:
+    """The median of ``repeats`` peak-memory readings of the cell, each in a fresh process
+    with glibc's mmap threshold held (:func:`benchmarks.layers.pin_malloc`); NaN when none
+    came back (off glibc, where nothing is held: the plain readings' median)."""
+    pinned, plain = [], []
+    for _ in range(max(repeats, 1)):
         try:
             more = layers.measure(build_step, args, opts.threads, 0, 0, 0.0, timeout=opts.cell_timeout,
                                   tiny=not opts.quick, memory_only=True)
         except EOFError:
             more = None
         if more and "peak_mb" in more:
-            peaks.append(more["peak_mb"])
-    return statistics.median(peaks)
+            (pinned if more.get("pinned") else plain).append(more["peak_mb"])
+    peaks = pinned or plain
+    return statistics.median(peaks) if peaks else math.nan
 
 
 def _own_cpu_seconds() -> float:
@@ -237,8 +245,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps at least (default 5, quick 1)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1, quick 0)")
     parser.add_argument("--mem-repeats", type=int, default=None,
-                        help="peak-memory readings per cell, each in a fresh process, of which the median "
-                             "is reported (default 3, quick 1; the compiled methods: 1)")
+                        help="peak-memory readings per cell, each in a fresh process with glibc's mmap "
+                             "threshold held, of which the median is reported (default 3, quick 1; the "
+                             "compiled methods: 1)")
     parser.add_argument("--min-time", type=float, default=None,
                         help="repeat fast steps until this many seconds, at most 100 steps (default 1, quick 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 2, quick 1)")
@@ -366,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                    busy_during="" if math.isnan(during) else round(during, 2), attempts=attempt,
                    error=" ".join(str(result.get("error", "")).split())[:300],
                    note=" ".join(str(result.get("note", "")).split())[:300], **meta,
-                   ref_ms=result.get("ref_ms", math.nan))
+                   ref_ms=result.get("ref_ms", math.nan), rss_mb=result.get("rss_mb", math.nan))
         key = (suite, name, batch)
         if method == "nn":
             base[key] = row

@@ -236,6 +236,28 @@ def _status_kb(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+PINNED_MMAP_THRESHOLD = 128 * 1024  # glibc's default starting threshold, here held fixed
+
+
+def pin_malloc() -> bool:
+    """glibc: make every block of 128 KiB or more its own mapping, given back to the OS when
+    freed, for the rest of this process (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, which also
+    turns off the threshold's growth). Return whether it took (False off glibc).
+
+    By default the threshold grows to the largest block freed so far (up to 32 MiB), after
+    which tensors below it come from the heap, where freed gaps stay resident: the peak RSS
+    of a step then depends on the order of its allocations (the same step read 89-109 MB
+    from process to process). With the threshold held, a step's peak RSS growth is the
+    high-water mark of what it holds (tensors, kernel workspaces) and repeats within a MB:
+    on WRN-16-4 it matched the profiler's peak of live tensor bytes to 1 MB."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def step_peak_mb(step: Callable[[], Any]) -> float:
     """Run ``step()`` once; return its peak resident-set growth in MB (see the module doc).
 
@@ -272,8 +294,10 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flo
     and FLOPs readings and time it interleaved with the step, one of each per round; its
     median is ``ref_ms``, so that the step's ratio to it is measured under the same load
     (a shared machine's speed drifts from second to second and from process to process).
-    ``memory_only``: report the peak memory alone (one more sample of it)."""
+    ``memory_only``: report the peak memory alone, read with glibc's mmap threshold held
+    (:func:`pin_malloc`; ``pinned`` says whether it took)."""
     try:
+        pinned = pin_malloc() if memory_only else False
         warnings.simplefilter("ignore")
         torch.set_num_threads(threads)
         if tiny:
@@ -289,7 +313,7 @@ def _child(conn, builder, args, threads, warmup, repeats, min_ms, tiny=True, flo
             return
         peak_mb = step_peak_mb(step)
         if memory_only:
-            conn.send(dict(peak_mb=peak_mb))
+            conn.send(dict(peak_mb=peak_mb, pinned=pinned))
             return
         result: dict[str, Any] = dict(compile_s=getattr(step, "compile_s", math.nan),
                                       note=getattr(step, "note", ""))

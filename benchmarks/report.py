@@ -30,7 +30,7 @@ from benchmarks.methods import METHODS
 BEGIN = "<!-- benchmark-results:begin -->"
 END = "<!-- benchmark-results:end -->"
 _NUMERIC = ("batch", "ms", "min_ms", "repeats", "peak_mb", "time_ratio", "mem_ratio", "flops", "flop_ratio", "ref_ms",
-            "compile_s", "threads", "cpus", "quick")
+            "compile_s", "threads", "cpus", "quick", "rss_mb")
 _INTS = ("batch", "repeats", "threads", "cpus", "quick")
 # One fixed style per method, the same in every plot: psgfunc's methods are solid lines in the
 # tab10 colours, torch's and Opacus's dashed lines in Paul Tol's muted colours (none repeats a
@@ -174,6 +174,17 @@ def machine_line(rows: Sequence[dict[str, Any]]) -> str:
             f"`torch.set_num_threads({r['threads']})`{malloc}{kind}.")
 
 
+def _memory_how(rows: Sequence[dict[str, Any]]) -> str:
+    """How the memory column was read: with glibc's mmap threshold held (a run that records
+    ``rss_mb``, see :mod:`benchmarks.cli`), or with the allocator as the run found it."""
+    if not any(_ok(r.get("rss_mb", math.nan)) for r in rows):
+        return ""
+    return (", with glibc's mmap threshold held at 128 KiB (every tensor that size or larger its own "
+            "mapping, given back when freed), so that the figure is the step's own high-water mark; "
+            "with glibc's defaults freed heap gaps stay resident and add more, depending on the order "
+            "of allocations (`rss_mb` in the CSV and the last table)")
+
+
 def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = (), details: bool = False,
              relative_to: str | Path | None = None, link_prefix: str = "") -> str:
     """The results section: machine, methods, per suite a time table and a memory table.
@@ -204,7 +215,7 @@ def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = ()
         + "; the non-private column is in milliseconds. "
         "Memory: peak resident-set growth of one step over the live model and inputs, in MB, "
         "measured in a fresh process per cell (ratio to the non-private step where that grows by "
-        "at least 1 MB). "
+        "at least 1 MB)" + _memory_how(rows) + ". "
         "`n/a`: the method does not support the configuration (see below).",
         "",
         "Methods:",
@@ -249,13 +260,14 @@ def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = ()
     if details:
         out += ["", "#### Every measurement", "",
                 "| suite | config | B | method | median (ms) | min (ms) | steps | x time | peak (MB) | x memory "
-                "| GFLOP | x FLOPs | compile (s) | others' CPU before / during | attempts | error |",
-                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "| RSS, glibc defaults (MB) | GFLOP | x FLOPs | compile (s) | others' CPU before / during "
+                "| attempts | error |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             out.append(
                 f"| {r['suite']} | {r['config']} | {r['batch']} | {r['method']} | {_num(r['ms'])} | "
                 f"{_num(r['min_ms'])} | {r['repeats']} | {_num(r['time_ratio'])} | {_mb(r['peak_mb'])} | "
-                f"{_num(r['mem_ratio'])} | {_gflop(r)} | {_flop_cell(r)} | {_num(r.get('compile_s', math.nan))} | "
+                f"{_num(r['mem_ratio'])} | {_mb(r.get('rss_mb', math.nan))} | {_gflop(r)} | {_flop_cell(r)} | {_num(r.get('compile_s', math.nan))} | "
                 f"{r['busy_before']} / {r.get('busy_during', '')} | {r.get('attempts', '')} | "
                 f"{r['error'][:80]} |"
             )
