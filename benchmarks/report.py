@@ -182,7 +182,7 @@ def _memory_how(rows: Sequence[dict[str, Any]]) -> str:
     return (", with glibc's mmap threshold held at 128 KiB (every tensor that size or larger its own "
             "mapping, given back when freed), so that the figure is the step's own high-water mark; "
             "with glibc's defaults freed heap gaps stay resident and add more, depending on the order "
-            "of allocations (`rss_mb` in the CSV and the last table)")
+            "of allocations (the CSV's `rss_mb`, and a column of the `--details` table)")
 
 
 def markdown(rows: Sequence[dict[str, Any]], *, plots: Sequence[str | Path] = (), details: bool = False,
