@@ -164,8 +164,9 @@ def _measure(args: tuple[Any, ...], opts: argparse.Namespace, warmup: int, repea
 
 def _median_peak(args: tuple[Any, ...], opts: argparse.Namespace, repeats: int) -> float:
     """The median of ``repeats`` peak-memory readings of the cell, each in a fresh process
-    with glibc's mmap threshold held (:func:`benchmarks.layers.pin_malloc`); NaN when none
-    came back (off glibc, where nothing is held: the plain readings' median)."""
+    with glibc's mmap threshold held (:func:`benchmarks.layers.pin_malloc`). Off glibc,
+    where no reading could hold it, the median of the plain readings; NaN when none came
+    back."""
     pinned, plain = [], []
     for _ in range(max(repeats, 1)):
         try:

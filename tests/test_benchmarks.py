@@ -352,9 +352,9 @@ def test_peak_memory_is_the_median_of_fresh_processes(monkeypatch) -> None:
 
 @pytest.mark.skipif(not layers_pin_works(), reason="glibc's mallopt is not available")
 def test_pinned_peak_is_what_the_step_holds() -> None:
-    """With the mmap threshold held, a step that holds 40 MB of tensors at once (and frees
-    20 MB allocated before it) reads 40 MB, whatever blocks the heap freed earlier: the
-    figure is the step's own high-water mark."""
+    """With the mmap threshold held, a step that holds 40 MB of tensors at once reads 40 MB,
+    after its builder freed a 32 MB tensor (which with glibc's defaults would have raised
+    the threshold): the figure is the step's own high-water mark."""
     from benchmarks import layers
 
     result = layers.measure(_holding_builder, (1,), 1, 0, 0, 0.0, timeout=60, tiny=False, memory_only=True)
