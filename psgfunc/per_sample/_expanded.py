@@ -42,7 +42,7 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover - the generic route still works
     _functorch = None
 
-__all__ = ["Rule", "call_rule", "apply_function", "module_call", "is_shared", "shared", "vmap_randomness"]
+__all__ = ["Rule", "call_rule", "apply_function", "module_call", "is_shared", "shared", "first", "vmap_randomness"]
 
 _RANDOMNESS: contextvars.ContextVar[str] = contextvars.ContextVar("psgfunc_vmap_randomness", default="different")
 
@@ -110,8 +110,35 @@ class Rule:
 
 
 def shared(t: torch.Tensor) -> torch.Tensor:
-    """The one tensor a ``[B, *shape]`` stride-0 expansion repeats (also for ``B = 0``)."""
+    """The one tensor a ``[B, *shape]`` stride-0 expansion repeats (also for ``B = 0``).
+
+    With gradients enabled and ``t`` the expansion of a module's parameter
+    (:func:`expanded_call`), the parameter itself: a rule that uses the shared weight in
+    differentiable code (its backward under ``create_graph=True``, whose input gradient a
+    gradient penalty differentiates again) cannot tell the examples apart, and a gradient
+    through an ``as_strided`` view of the expansion would be spread evenly over its rows,
+    silently not each example's own. Sent to the parameter directly, it is a use the rows
+    miss, which the check on the parameter's total gradient refuses (``psgfunc.per_sample._rows``).
+    """
+    if torch.is_grad_enabled():
+        p = getattr(t, "_psg_param", None)
+        if p is not None:
+            return p
     return t.as_strided(t.shape[1:], t.stride()[1:], t.storage_offset())
+
+
+def first(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t[0]`` of an expanded ``[B, *shape]`` param (zeros for ``B = 0``), as a rule's forward
+    and backward read the weight; with gradients on, the parameter itself where ``t`` expands
+    a module's parameter, as :func:`shared` (a backward under ``create_graph=True``: ``t[0]``
+    would send every example's second-order gradient to row 0)."""
+    if t is None:
+        return None
+    if torch.is_grad_enabled():
+        p = getattr(t, "_psg_param", None)
+        if p is not None:
+            return p
+    return t[0] if t.shape[0] > 0 else t.new_zeros(t.shape[1:])
 
 
 def expand_leaf(p: torch.Tensor, size: int) -> torch.Tensor:
@@ -416,6 +443,7 @@ def expanded_call(
                     )
                 e._psg_record = _rows.recorder(p, log, call, e.grad_fn, size, where, top_aligned)
             e.register_hook(_rows.row_hook(p, call, where, top_aligned))  # ops without a rule
+            e._psg_param = p  # shared(e) with gradients on: p, never a view spreading over the rows
         expanded[name] = e
     with _rules.expanded_mode("batch"):
         return layer(expanded, *args, **kwargs)

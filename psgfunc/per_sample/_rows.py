@@ -322,7 +322,10 @@ def plain_use_error(where: str) -> ValueError:
         "(grad_sample, or DPOptimizer's fast-clipping record) miss that use. Route every use "
         "through a psgfunc layer (e.g. share the Parameter with a psgfunc.nn.Linear: "
         "head.weight = emb.weight), untie the weights, or put a weight penalty in the "
-        "optimizer (weight_decay)"
+        "optimizer (weight_decay). A loss that differentiates a gradient again (create_graph="
+        "True: a gradient penalty) uses the weights in the layers' backward, where psgfunc "
+        "cannot tell the examples apart: compute its per-sample gradients with "
+        "psgfunc.per_sample_grads(fn, params, *batch, method='vmap')"
     )
 
 

@@ -484,3 +484,39 @@ def test_layer_the_loss_does_not_use_has_zero_per_sample_gradients(fast):
     body(x).sum().backward()
     with pytest.raises(ValueError, match="have no grad_sample while others do"):
         opt.accumulate()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer", ["linear", "conv", "layer_norm", "rms_norm", "generic"])
+def test_a_gradient_penalty_is_refused_not_spread_over_the_rows(mode, layer):
+    """Review h16: a loss with a gradient penalty (create_graph=True) on a converted model
+    gave grad_sample rows 12% (nn.Linear) to 128% (nn.RMSNorm) off the float64 loop, with
+    p.grad right, so the check on the total passed and DPOptimizer clipped wrong norms: the
+    rules' backward reads the shared weight, and its second-order gradient reached the
+    expanded param through row 0 or an as_strided view spread over the rows. It now reaches
+    the parameter directly and the backward raises, naming the vmap route."""
+
+    class Scale(nn.Module):  # no converter: a Generic shell (matmul and mul rules)
+        def __init__(self):
+            super().__init__()
+            self.m, self.w = nn.Parameter(torch.randn(4, 4, dtype=F64)), nn.Parameter(torch.randn(4, dtype=F64))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.m) * self.w
+
+    torch.manual_seed(0)
+    make = {"linear": (lambda: nn.Linear(4, 3), (4,)), "conv": (lambda: nn.Conv1d(2, 3, 3), (2, 6)),
+            "layer_norm": (lambda: nn.LayerNorm(4), (3, 4)), "rms_norm": (lambda: nn.RMSNorm(4), (3, 4)),
+            "generic": (Scale, (3, 4))}
+    build, shape = make[layer]
+    model = pnn.expand_weights(nn.Sequential(build().to(F64)), 8)
+    opt = optimizer(model.parameters(), mode)
+    x = torch.randn(3, *shape, dtype=F64, requires_grad=True)
+    out = torch.sin(model(x)).sum()
+    (gx,) = torch.autograd.grad(out, x, create_graph=True)
+    with pytest.raises(ValueError, match=r"create_graph=True.*method='vmap'"):
+        (out + gx.square().sum()).backward()
+    if opt is not None:  # nothing reached the optimizer's rows or records
+        assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+        if mode == "fast":
+            assert all(not opt._logs[id(p)].pieces for p in model.parameters())

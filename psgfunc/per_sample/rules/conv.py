@@ -73,7 +73,7 @@ from psgfunc.functional.conv import (
     conv2d,
     conv3d,
 )
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, first, is_shared
 from psgfunc.per_sample._kinds import (
     COMBINERS,
     F64,
@@ -726,7 +726,7 @@ class _ConvPerSample(torch.autograd.Function):
         size = w.shape[0]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            weight = (w[0] if size > 0 else w.new_zeros(w.shape[1:])).to(g.dtype)  # autocast: g's dtype
+            weight = first(ctx.weight).to(g.dtype)  # autocast: g's dtype (create_graph: the param, see first)
             gx = torch.ops.aten.convolution_backward(
                 g, x, weight, None, list(stride), list(padding), list(dilation), False,
                 [0] * len(stride), groups, [True, False, False],

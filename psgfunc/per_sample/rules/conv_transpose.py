@@ -54,6 +54,7 @@ from psgfunc.functional.conv_transpose import (
     conv_transpose3d,
 )
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
+from psgfunc.per_sample._expanded import first as _first
 from psgfunc.per_sample._kinds import GradKind, NormBound, SummedRows, emit, outer_bound, presum
 
 __all__ = ["ConvTransposeRule", "ConvTransposeWeight", "per_sample_conv_transpose_weight_grad"]
@@ -245,11 +246,6 @@ def _weight_kind(weight_shape: tuple[int, ...], groups: int) -> ConvTransposeWei
     return ConvTransposeWeight(weight_shape, groups)
 
 
-def _first(p: torch.Tensor | None) -> torch.Tensor | None:
-    if p is None:
-        return None
-    return p[0] if p.shape[0] > 0 else p.new_zeros(p.shape[1:])
-
 
 class _ConvTransposePerSample(torch.autograd.Function):
     """``x [B*N, C_in, *S], w [B, C_in, C_out/G, *k] (shared), b [B, C_out] -> [B*N, C_out, *S']``."""
@@ -286,7 +282,7 @@ class _ConvTransposePerSample(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.aten.convolution_backward(
-                g, x, _first(w), None, list(stride), list(padding), list(dilation), True,
+                g, x, _first(ctx.weight), None, list(stride), list(padding), list(dilation), True,
                 list(output_padding), groups, [True, False, False],
             )[0]
         if ctx.needs_input_grad[1]:

@@ -26,15 +26,10 @@ from psgfunc import _rules
 from psgfunc.functional import _autocast
 from psgfunc.functional.normalization import _normalized_shape, layer_norm
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
+from psgfunc.per_sample._expanded import first as _first
 from psgfunc.per_sample._kinds import RowSum, emit, presum, summed_rows
 
 __all__ = ["LayerNormRule"]
-
-
-def _first(p: torch.Tensor | None) -> torch.Tensor | None:
-    if p is None:
-        return None
-    return p[0] if p.shape[0] > 0 else p.new_zeros(p.shape[1:])
 
 
 def _affine(x_hat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -79,7 +74,7 @@ class _LayerNormPerSample(torch.autograd.Function):
         g3 = g.reshape(size, positions, math.prod(norm))  # [B, positions, K]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            w0, b0 = (None if p is None else _first(p).to(x.dtype) for p in (w, b))
+            w0, b0 = (None if p is None else _first(p).to(x.dtype) for p in (ctx.weight, ctx.bias))
             gx = torch.ops.aten.native_layer_norm_backward(g, x, list(norm), mean, rstd, w0, b0,
                                                            [True, False, False])[0]
         # each example's sum over its positions, [B, 1, K]: what fast clipping records is

@@ -44,16 +44,13 @@ from psgfunc.per_sample._expanded import (
     is_shared,
     versions,
 )
+from psgfunc.per_sample._expanded import (
+    first as _first,
+)
 from psgfunc.per_sample._kinds import SummedRows, emit, presum, summed_rows
 
 __all__ = ["GroupNormRule", "InstanceNormRule", "RMSNormRule"]
 
-
-def _first(p: torch.Tensor | None) -> torch.Tensor | None:
-    """The shared ``[*shape]`` tensor of an expanded ``[B, *shape]`` param (zeros for B = 0)."""
-    if p is None:
-        return None
-    return p[0] if p.shape[0] > 0 else p.new_zeros(p.shape[1:])
 
 
 def _scale(x_hat: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
@@ -95,7 +92,7 @@ class _ScalePerSample(torch.autograd.Function):
         b = ctx.bias
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = g if w is None else g * _first(w).reshape(-1, 1)
+            gx = g if w is None else g * _first(ctx.weight).reshape(-1, 1)
         if w is not None and ctx.needs_input_grad[1]:
             gw = emit(ctx.weight, summed_rows(tuple(w.shape[1:])), *_sums(g, x_hat))
         if b is not None and ctx.needs_input_grad[2]:
