@@ -154,6 +154,7 @@ class DPOptimizer(torch.optim.Optimizer):
         )
         self.dp_state: DPSGDState = self.transform.init(self._trainable())
         self._summed: list[torch.Tensor] | None = None
+        self._summed_params: list[int] = []  # id of each trainable parameter _summed is for
         self.accumulated_examples = 0
         self.fast_clipping = bool(fast_clipping)
         self.accountant: Any = None  # a PrivacyAccountant (make_private sets one): step() counts
@@ -277,7 +278,7 @@ class DPOptimizer(torch.optim.Optimizer):
             p.grad_sample = g
 
     def _grad_samples(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        params = self._trainable()
+        params = self._same_params(self._trainable())
         samples = [getattr(p, "grad_sample", None) for p in params]
         return params, samples
 
@@ -414,7 +415,7 @@ class DPOptimizer(torch.optim.Optimizer):
     @_autocast.off()  # norms and sums never in half precision, even inside an autocast block
     def _accumulate_pieces(self) -> torch.Tensor:
         """:meth:`accumulate` for ``fast_clipping``: norms and clipped sums from recorded pieces."""
-        params = self._trainable()
+        params = self._same_params(self._trainable())
         logs = [self._logs.get(id(p)) for p in params]
         if any(log is not None and not log.attached() for log in logs):
             raise self._taken_over()
@@ -495,14 +496,14 @@ class DPOptimizer(torch.optim.Optimizer):
         self.accumulate()
         if self._logical_batch_open:  # more physical batches of this logical batch follow
             return loss
-        params = self._trainable()
+        params = self._same_params(self._trainable())
         summed = self._summed
         if summed is None:  # empty logical batch: the update is pure noise
             summed = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
         updates, self.dp_state = self.transform.update_from_sum(summed, self.dp_state)
         for p, u in zip(params, updates):
             p.grad = u.to(dtype=p.dtype)
-        self._summed = None
+        self._summed, self._summed_params = None, []
         self.accumulated_examples = 0
         self.optimizer.step()
         # step() leaves the update in p.grad: not a gradient backward left (see _empty)
@@ -517,11 +518,28 @@ class DPOptimizer(torch.optim.Optimizer):
         and accumulates)."""
         self._logical_batch_open = not last
 
+    def _same_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``params``, or a ValueError if the trainable parameters are not those the running
+        clipped sum is for: a ``requires_grad`` changed after an :meth:`accumulate` of this
+        logical batch, and the sums (one per trainable parameter, in order) would be added
+        to, and applied to, the wrong parameters (review h16: freezing the first of two
+        ``Linear(4, 4)`` layers between ``accumulate()`` and ``step()`` silently gave the
+        second one the first one's update)."""
+        if self._summed is not None and [id(p) for p in params] != self._summed_params:
+            raise ValueError(
+                "DPOptimizer: the trainable parameters (requires_grad) changed while a logical "
+                "batch was being accumulated, so its clipped sums no longer line up with the "
+                "parameters; freeze or unfreeze parameters only after step() (or before the "
+                "logical batch's first accumulate())"
+            )
+        return params
+
     def _add_to_sum(self, summed: list[torch.Tensor]) -> None:
         """Add one micro-batch's clipped sums to the running sum, in place (the sums are this
         optimizer's own tensors: no new parameter-sized tensor per micro-batch)."""
         if self._summed is None:
             self._summed = summed
+            self._summed_params = [id(p) for p in self._trainable()]
         else:
             for acc, s in zip(self._summed, summed):
                 acc.add_(s)

@@ -520,3 +520,39 @@ def test_a_gradient_penalty_is_refused_not_spread_over_the_rows(mode, layer):
         assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
         if mode == "fast":
             assert all(not opt._logs[id(p)].pieces for p in model.parameters())
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("when", ["before_step", "between_micro_batches"])
+def test_freezing_a_parameter_inside_a_logical_batch_is_refused(fast, when):
+    """Review h16: the running clipped sum holds one tensor per trainable parameter in
+    order; freezing the first of two Linear(4, 4) layers after accumulate() made step() give
+    the second layer the first one's update (dense: moved by 0.285, the first layer's
+    gradient norm, against its own 0.637). Now a ValueError; after step() it is fine."""
+    torch.manual_seed(0)
+    m = pnn.expand_weights(nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)).to(F64), 8)
+    opt = optimizer(m.parameters(), "fast" if fast else "dense", max_norm=1e6, expected=1.0)
+    x = torch.randn(1, 4, dtype=F64)
+    m(x).square().sum().backward()
+    opt.accumulate()
+    m[0].weight.requires_grad_(False)
+    w1 = m[1].weight.detach().clone()
+    with pytest.raises(ValueError, match="requires_grad.*changed"):
+        if when == "between_micro_batches":
+            m(x).square().sum().backward()
+            opt.accumulate()
+        else:
+            opt.step()
+    assert torch.equal(m[1].weight.detach(), w1)
+    m[0].weight.requires_grad_(True)  # as it was: the logical batch goes on
+    opt.zero_grad()
+    opt.step()
+    m[0].weight.requires_grad_(False)  # after step(): a new logical batch, fine
+    ref = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)).to(F64)
+    ref.load_state_dict(m.state_dict())
+    before = m[1].weight.detach().clone()
+    m(x).square().sum().backward()
+    opt.step()
+    expected = per_example_grads(lambda p, xb: functional_call(ref, p, (xb[None],)).square().sum(),
+                                 {"1.weight": before}, x)["1.weight"]
+    torch.testing.assert_close(before - m[1].weight.detach(), expected[0], rtol=1e-6, atol=1e-12)
