@@ -26,6 +26,9 @@ engine), and then, for each parameter that already holds rows (earlier backward 
 
 On error nothing is added (``p.grad``, filled by autograd itself, may have been).
 
+Rows follow ``.grad``: a backward pass that adds into no ``p.grad`` (``autograd.grad``, or
+``backward(inputs=...)`` without ``p``) delivers no rows for ``p`` (:func:`_accumulates`).
+
 Known false positives (all raise, none adds wrongly): two backward passes of one forward
 pass whose graphs share no psgfunc layer call while some parameter gets rows from both
 (a tied weight whose two uses feed two losses backpropagated separately, or truncated
@@ -412,9 +415,27 @@ def row_hook(p: torch.Tensor, call: Call, name: str, aligned: bool) -> Callable[
             pend.entry(p, name).add(g.detach(), aligned)
 
     def hook(g: torch.Tensor | None) -> None:
-        _deliver(lambda pend: add(pend, g))
+        if _accumulates(p):
+            _deliver(lambda pend: add(pend, g))
 
     return hook
+
+
+def _accumulates(p: torch.Tensor) -> bool:
+    """Whether the running backward pass adds into ``p.grad``: rows follow ``.grad``.
+
+    ``backward()`` does (``backward(inputs=...)`` only for its inputs); ``autograd.grad``
+    returns gradients and adds into none, so its rows are not delivered: a later
+    ``backward()`` of the same forward pass would add them a second time (review h16:
+    ``autograd.grad(loss, params)`` then ``loss.backward()`` left ``grad_sample`` at twice
+    each example's gradient while ``.grad`` was right). torch refuses to say whether a
+    leaf's accumulator runs under ``autograd.grad`` (a RuntimeError), which is how that case
+    is told apart."""
+    try:
+        node = torch.autograd.graph.get_gradient_edge(p).node
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:
+        return torch._C._current_graph_task_id() < 0  # (outside the engine: as before, deliver)
 
 
 def recorder(p: torch.Tensor, log: PieceLog, call: Call, node: Any, n: int, name: str,
@@ -426,7 +447,7 @@ def recorder(p: torch.Tensor, log: PieceLog, call: Call, node: Any, n: int, name
             needed = node is None or torch._C._will_engine_execute_node(node)
         except RuntimeError:  # pragma: no cover - not inside an engine backward pass
             needed = True
-        if not needed:  # autograd.grad for other inputs: this parameter gets nothing
+        if not needed or not _accumulates(p):  # autograd.grad (for other inputs or for p): no rows
             return
         def add(pend: _Backward) -> None:
             pend.calls[id(call)] = call
@@ -445,7 +466,7 @@ def watch(p: torch.Tensor, name: str) -> None:
 
     def hook(g: torch.Tensor | None) -> None:
         q = ref()
-        if q is None or g is None:
+        if q is None or g is None or not _accumulates(q):
             return
         def add(pend: _Backward) -> None:
             e = pend.entry(q, name)

@@ -556,3 +556,52 @@ def test_freezing_a_parameter_inside_a_logical_batch_is_refused(fast, when):
     expected = per_example_grads(lambda p, xb: functional_call(ref, p, (xb[None],)).square().sum(),
                                  {"1.weight": before}, x)["1.weight"]
     torch.testing.assert_close(before - m[1].weight.detach(), expected[0], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("first", ["grad_params", "grad_some_params", "grad_input", "backward_inputs"])
+def test_rows_follow_grad_not_autograd_grad(mode, first):
+    """Rows add up as .grad does (README): autograd.grad returns gradients and adds into
+    no .grad, so it delivers no rows. Review h16: autograd.grad(loss, params) and then
+    loss.backward() on the same forward pass left grad_sample at twice each example's
+    gradient (dense DPOptimizer clipped a norm of 10 for a true 5; with allow_unused the
+    fast records doubled too). backward(inputs=...) gives rows to its inputs only."""
+    torch.manual_seed(0)
+    model = pnn.expand_weights(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64), 8)
+    params = list(model.parameters())
+    opt = optimizer(params, mode, max_norm=0.5)
+    x = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    loss = model(x).sin().sum()
+    if first == "grad_params":
+        torch.autograd.grad(loss, params, retain_graph=True, allow_unused=mode == "fast")
+    elif first == "grad_some_params":
+        torch.autograd.grad(loss, params[:2], retain_graph=True, allow_unused=mode == "fast")
+    elif first == "grad_input":
+        torch.autograd.grad(loss, x, retain_graph=True)
+    else:  # backward(inputs=[last layer]): rows (and .grad) for those only
+        loss.backward(inputs=params[2:], retain_graph=True)
+        assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in params[:2])
+        if mode == "plain":
+            assert all(getattr(p, "grad_sample", None) is not None for p in params[2:])
+        model.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad_sample = None
+        if opt is not None:
+            opt.zero_grad()
+    loss.backward()
+
+    def fn(p, xb):
+        return functional_call(model, p, (xb.unsqueeze(0),)).sin().sum()
+
+    named = {k: v.detach() for k, v in model.named_parameters()}
+    exact = per_example_grads(fn, named, x.detach())
+    if opt is None:
+        for p, g in zip(params, exact.values()):
+            torch.testing.assert_close(p.grad_sample, g, rtol=1e-10, atol=1e-12)
+        return
+    expected, norms = clipped_step([p.detach() for p in params], list(exact.values()), 0.5, 4.0)
+    got_norms = opt.accumulate()
+    torch.testing.assert_close(got_norms, norms, rtol=1e-6, atol=0)
+    opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-9)

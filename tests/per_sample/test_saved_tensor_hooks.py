@@ -276,8 +276,9 @@ def test_a_gradient_of_the_input_gradient_is_refused_on_the_module_path(name):
     (or an as_strided view spread evenly over the rows): p.grad right, every grad_sample row
     silently wrong (review h16: 12% off for an nn.Linear, 99% for a Conv1d, with
     DPOptimizer clipping the wrong norms). It now reaches the parameter directly, a use the
-    rows miss, which the total-gradient check refuses, naming the vmap route; that route
-    gives the per-example loop's numbers."""
+    rows miss, which the total-gradient check refuses when backward() would fill grad_sample,
+    naming the vmap route; that route gives the per-example loop's numbers. autograd.grad
+    fills no grad_sample (rows follow .grad), so it returns the weights' total gradients."""
     from psgfunc.per_sample._expanded import module_call
 
     init, batched, one, shape = _DOUBLE[name]
@@ -287,8 +288,11 @@ def test_a_gradient_of_the_input_gradient_is_refused_on_the_module_path(name):
     x = torch.randn(size, *shape, generator=_gen(1), dtype=F64, requires_grad=True)
     y = module_call(batched, params, size, x)
     (gx,) = torch.autograd.grad((y * _weights(tuple(y.shape))).square().sum(), x, create_graph=True)
+    penalty = gx.square().sum()
+    totals = torch.autograd.grad(penalty, list(params.values()), retain_graph=True)
+    assert all(getattr(p, "grad_sample", None) is None for p in params.values())
     with pytest.raises(ValueError, match=r"create_graph=True.*method='vmap'"):
-        torch.autograd.grad(gx.square().sum(), list(params.values()))
+        penalty.backward()
 
     def fn(p: dict[str, torch.Tensor], xb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
         gxb = torch.func.grad(lambda xx: (one(p, xx) * wb).square().sum())(xb)
@@ -304,3 +308,5 @@ def test_a_gradient_of_the_input_gradient_is_refused_on_the_module_path(name):
         return gxb.square().sum()
 
     assert_tree_close(got, per_example_grads(loop_fn, detached, x.detach(), w))
+    for total, rows in zip(totals, got.values()):  # the totals autograd.grad returned are right
+        torch.testing.assert_close(total, rows.sum(0), rtol=1e-10, atol=1e-12)
