@@ -116,10 +116,17 @@ def _norms_of(
     """
     device = leaves[0].device if leaves else torch.device("cpu")
     sq = torch.zeros(b, dtype=torch.float64, device=device)
+    floor = 0.0  # below it a leaf's squares may have underflowed (lost more than 2^-47)
     for leaf in leaves:  # float64 sums of float32 blocks: accurate for rows of any length
         sq = sq + accurate_sq_norms(leaf).to(device)
+        acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
+        floor = max(floor, math.prod(leaf.shape[1:]) * torch.finfo(acc).tiny / torch.finfo(acc).eps)
     norms = sq.sqrt().to(dtype)
     if bool(torch.isfinite(norms).all()):
+        if b and bool((sq < floor).any()):
+            # squares below the smallest subnormal are 0: float32 gradients of 1e-25 had
+            # norm 0 and were not clipped (C = 1e-30); such rows are measured rescaled
+            return _rescaled_norms(leaves, b, dtype, device, sq < floor, norms)
         return norms
     # Slow path: either a gradient holds NaN/Inf (an error), or the sum of squares overflowed.
     bad = torch.zeros(b, dtype=torch.bool, device=device)
@@ -135,6 +142,13 @@ def _norms_of(
             "those examples from the batch before clipping"
         )
     # Finite values whose squares overflow: rescale by the per-example max |g|.
+    return _rescaled_norms(leaves, b, dtype, device, ~torch.isfinite(norms), norms)
+
+
+def _rescaled_norms(leaves: list[torch.Tensor], b: int, dtype: torch.dtype, device: Any,
+                    redo: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``norms`` with the rows ``redo`` (``[B]`` bool) measured again as ``s ||g / s||``,
+    ``s`` the row's largest magnitude: for squares that overflow or underflow."""
     scale = torch.zeros(b, dtype=dtype, device=device)
     for leaf in leaves:
         if leaf.numel():
@@ -142,8 +156,9 @@ def _norms_of(
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     sq = torch.zeros(b, dtype=dtype, device=device)
     for leaf in leaves:
-        sq = sq + (_rows(leaf).to(dtype) / safe[:, None].to(leaf.device)).square().sum(1).to(device)
-    return scale * sq.sqrt()
+        scaled = _rows(leaf).to(dtype) / safe[:, None].to(leaf.device)  # (entries at most 1, one of them 1)
+        sq = sq + accurate_sq_norms(scaled).to(dtype).to(device)
+    return torch.where(redo, scale * sq.sqrt(), norms)
 
 
 def per_sample_norms(grads: Any) -> torch.Tensor:

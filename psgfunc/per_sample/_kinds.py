@@ -154,8 +154,14 @@ def _up(t: torch.Tensor) -> torch.Tensor:
 def sq_norms(t: torch.Tensor) -> torch.Tensor:
     """``[B, *shape] -> [B]`` squared norms for the kinds' bounds:
     :func:`~psgfunc._tree.accurate_sq_norms` with :data:`~psgfunc._tree.FAST_ONE_PASS`
-    (relative error at most :func:`sq_rel`)."""
-    return accurate_sq_norms(t, FAST_ONE_PASS)
+    (relative error at most :func:`sq_rel`), plus :func:`underflow` of the row's ``k``
+    squares: those below the smallest subnormal number (float32 entries under about 4e-23,
+    float64 under 1e-162) are 0, so a row of such entries summed to 0 and its example,
+    clipped by ``C / max(C, 0)``, was not clipped at all (float32 gradients of 1e-25 with
+    ``C = 1e-30``). The term is a no-op on ordinary norms (float32 squares above about
+    ``1e-30 k``), and an exactly zero row gets it too."""
+    k = math.prod(t.shape[1:])
+    return accurate_sq_norms(t, FAST_ONE_PASS) + underflow(_acc(t.dtype), k)
 
 
 def sq_rel(dtype: torch.dtype, k: int) -> float:
@@ -252,8 +258,9 @@ def outer_bound(
     n, o, i = g.shape[1], g.shape[2], x.shape[2]
     dtype = _acc(g.dtype)
     if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
-        # (each factor raised by what underflow may take from it: the other multiplies that)
-        sq = (_sq1(cache, g) + underflow(dtype, o)) * (_sq1(cache, x) + underflow(dtype, i))
+        # (each factor raised by what underflow may take from it, in sq_norms: the other
+        # multiplies that)
+        sq = _sq1(cache, g) * _sq1(cache, x)
         rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(4, dtype)
         return _relative(sq, rel, gamma(pieces + 2, dtype))
     grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))

@@ -243,3 +243,24 @@ def test_float16_sums_in_the_subnormal_range_stay_within_max_norm(route):
         assert float(out.double().norm()) <= c, (c, float(out.double().norm()) / c)
     with pytest.raises(ValueError, match="max_norm 1e-06 is too small for half-precision"):
         run(1e-6)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-25), (torch.float64, 1e-300)])
+def test_norms_of_gradients_whose_squares_underflow(dtype, scale):
+    """Gradients of 1e-25 in float32 (1e-300 in float64): each square is below the smallest
+    subnormal number, so the sums of squares were 0, per_sample_norms said 0, and clipping
+    to C = 1e-30 left them whole (contributions of 5e-25). They are measured rescaled now."""
+    g = torch.Generator().manual_seed(0)
+    grads = {"w": torch.randn(3, 40, 5, dtype=torch.float64, generator=g), "b": torch.randn(3, 5, dtype=torch.float64, generator=g)}
+    grads["w"][2] = 0.0  # a zero example stays at norm 0
+    grads["b"][2] = 0.0
+    exact = torch.cat([t.flatten(1) for t in grads.values()], 1).norm(dim=1) * scale
+    tiny = {k: (v * scale).to(dtype) for k, v in grads.items()}
+    norms = dp.per_sample_norms(tiny)
+    torch.testing.assert_close(norms.double(), exact, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+    c = scale * 1e-5
+    clipped = dp.clip(tiny, c)
+    for b in range(2):
+        norm = math.sqrt(sum(float((t[b].double() / scale).square().sum()) for t in clipped.values())) * scale
+        assert norm <= c * (1 + 1e-5)
+    assert all(bool((t[2] == 0).all()) for t in clipped.values())

@@ -6,6 +6,7 @@ rule serves; float64 at 1e-10 relative (ARCHITECTURE.md rule 8).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import optree
@@ -253,3 +254,61 @@ def test_float64_inputs_whose_squares_underflow_are_still_clipped(layer, monkeyp
     assert float((expected * factors).flatten(1).norm(dim=1).max()) <= c
     expected = (expected * factors).sum(0)
     torch.testing.assert_close(summed["weight"], expected, rtol=1e-10, atol=1e-25)
+
+
+def tiny_gradient_layers():
+    """``name -> (fn, params, batch)``: layers whose norms came from squares of the
+    gradients' coordinates (a bias's row sum, a materialised linear or conv weight, an
+    embedding's Gram or rows, a norm layer's summed rows) rather than from ||g|| ||x||."""
+    g = gen()
+    emb = PF.init_embedding(50, 4, dtype=DT, generator=g)
+    return {
+        "linear-direct": (lambda p, x, a: (PF.linear(p, x) * a).sum(), PF.init_linear(3, 2, dtype=DT, generator=g),
+                          (torch.randn(2, 30, 3, dtype=DT, generator=g), torch.randn(2, 30, 2, dtype=DT, generator=g))),
+        "conv_transpose": (lambda p, x: torch.tanh(PF.conv_transpose2d(p, x, stride=2)).sum(),
+                           PF.init_conv_transpose(3, 4, (3, 3), dtype=DT, generator=g), (torch.randn(2, 3, 4, 4, dtype=DT, generator=g),)),
+        "embedding-gram": (lambda p, i, a: (PF.embedding(p, i) * a).sum(), emb,
+                           (torch.randint(0, 50, (2, 5), generator=g), torch.randn(2, 5, 4, dtype=DT, generator=g))),
+        "embedding-rows": (lambda p, i, a: (PF.embedding(p, i) * a).sum(), emb,
+                           (torch.randint(0, 50, (2, 30), generator=g), torch.randn(2, 30, 4, dtype=DT, generator=g))),
+        "embedding_bag": (lambda p, i, a: (PF.embedding_bag(p, i, mode="sum") * a).sum(), PF.init_embedding_bag(10, 4, dtype=DT, generator=g),
+                          (torch.randint(0, 10, (2, 2, 5), generator=g), torch.randn(2, 2, 4, dtype=DT, generator=g))),
+        "rms_norm": (lambda p, x, a: (PF.rms_norm(p, x, (4,)) * a).sum(), {"weight": 1 + torch.rand(4, dtype=DT, generator=g)},
+                     (torch.randn(2, 3, 4, dtype=DT, generator=g), torch.randn(2, 3, 4, dtype=DT, generator=g))),
+        "lstm": (lambda p, x, a: (PF.lstm(p, x)[0] * a).sum(), PF.init_lstm(3, 4, dtype=DT, generator=g),
+                 (torch.randn(2, 4, 3, dtype=DT, generator=g), torch.randn(2, 4, 4, dtype=DT, generator=g))),
+    }
+
+
+@pytest.mark.parametrize("dtype, scale, c", [(torch.float32, 1e-30, 1e-32), (torch.float64, 1e-300, 1e-302)])
+@pytest.mark.parametrize("layer", sorted(tiny_gradient_layers()))
+def test_gradients_whose_squares_underflow_are_still_clipped(layer, dtype, scale, c):
+    """A loss scaled by 1e-30 (float32) or 1e-300 (float64): every coordinate of the
+    gradients is below the square root of the smallest subnormal number, so their squares
+    are 0. The norms of these layers came out exactly 0, and with C = scale / 100 each
+    example went into the sum unclipped (a float32 embedding: norm 0 for an exact 3.4e-30,
+    a contribution of 4.7e-30 with C = 1e-31). Each certified norm is now at least the exact
+    one, and each contribution within C."""
+    fn, params, batch = tiny_gradient_layers()[layer]
+    params = optree.tree_map(lambda t: t.to(dtype), params)
+    batch = optree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, batch)
+
+    def scaled(p, *example):
+        return fn(p, *example) * scale
+
+    grads = per_example_grads(fn, params, *batch)  # float64, unscaled: exact up to the scale
+    flat = torch.cat([t.flatten(1) for t in optree.tree_leaves(grads)], 1)
+    exact = flat.norm(dim=1) * scale
+    assert float(exact.min()) > 10 * c
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (every layer here has a rule: nothing materialised)
+        summed, norms = dp.clipped_grad_sum(scaled, params, *batch, max_norm=c, method="fast")
+    assert bool((norms.double() >= exact * (1 - 1e-12)).all()), (norms, exact)
+    # (what underflow may take, about 1e-22 in float32 and 1e-161 in float64: over-clipped)
+    assert float(norms.max()) < (1e-20 if dtype == torch.float32 else 1e-159)
+    for b in range(flat.shape[0]):  # one example's clipped sum is its contribution
+        one = tuple(t[b:b + 1] for t in batch)
+        summed, _ = dp.clipped_grad_sum(scaled, params, *one, max_norm=c, method="fast")
+        norm = math.sqrt(sum(float(t.double().square().sum()) for t in optree.tree_leaves(
+            optree.tree_map(lambda t: t / scale, summed)))) * scale
+        assert norm <= c * (1 + 1e-5), (b, norm)

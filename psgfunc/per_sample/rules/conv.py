@@ -90,6 +90,7 @@ from psgfunc.per_sample._kinds import (
     gram_of,
     outer_bound,
     presum,
+    underflow,
 )
 
 __all__ = ["ConvRule", "ConvWeight", "per_sample_conv_weight_grad"]
@@ -576,7 +577,7 @@ def _direct_bound(total: torch.Tensor, a: torch.Tensor, n: int, pieces: int,
     # the calls' a summed, and cast to dtype
     err_scale = gamma(n + pieces + 2, dtype) * (1 + gamma(pieces + 1, dtype))
     a = a.to(dtype)
-    sq = accurate_sq_norms(total)
+    sq = accurate_sq_norms(total) + underflow(dtype, o * i)  # (squares below the subnormals: 0)
     bound = sq.sqrt() * (1 + sq_norm_rel(dtype, o * i)) + a * err_scale
     return NormBound(sq, bound.square(), a, 1 + gamma(4, dtype), err_scale)
 

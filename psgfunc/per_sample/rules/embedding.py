@@ -22,7 +22,7 @@ from psgfunc import _rules
 from psgfunc._tree import accurate_sq_norms, gamma, sq_norm_rel, unit_roundoff
 from psgfunc.functional.embedding import _check_indices, _normalize_padding_idx, embedding
 from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
-from psgfunc.per_sample._kinds import F64, GradKind, NormBound, _acc, _up, emit
+from psgfunc.per_sample._kinds import F64, GradKind, NormBound, _acc, _lift, _up, emit, underflow
 
 __all__ = ["EmbeddingRule", "EmbeddingRows", "per_sample_embedding_grad"]
 
@@ -87,7 +87,7 @@ class EmbeddingRows(GradKind):
         size, positions, dim = g.shape
         # rounding: a Gram entry errs by gamma_D ||g_t|| ||g_t'||, a row summed from m
         # positions by gamma_m sum ||g_t||, the weighted sum's rows likewise
-        rho = torch.linalg.vector_norm(g, dim=2)  # [B, T]
+        rho = _lift(torch.linalg.vector_norm(g, dim=2), dim)  # [B, T]
         a = rho.sum(1)
         grow = (1 + gamma(dim + 3, dtype)) * (1 + gamma(positions + 2, dtype))
         err_scale = gamma(positions + 2, dtype) * grow
@@ -97,6 +97,9 @@ class EmbeddingRows(GradKind):
             paired = ((rho.unsqueeze(2) * rho.unsqueeze(1)) * same).sum((1, 2))
             coef = gamma(dim + 1, dtype) + gamma(positions**2 + 2, F64) + unit_roundoff(dtype)
             err = paired * (coef * grow**2 * (1 + gamma(positions**2 + 5, dtype)))
+            # each of the (at most T^2) products g_t . g_t' of D terms may lose D products
+            # to underflow: 0 for entries below 4e-23 (float32), whose rows still count
+            err = err + positions**2 * underflow(dtype, dim)
             return NormBound(est, (est + err).clamp_min(0), a, 1 + gamma(2, dtype), err_scale)
         # longer sequences: add up each example's rows per distinct index (B*T*D work, never
         # the [B, V, D] table), then square. The keys are sorted and each run of equal keys
@@ -109,6 +112,7 @@ class EmbeddingRows(GradKind):
         rows = g.new_zeros(keys.numel(), dim).index_add_(0, run, g.reshape(-1, dim)[order])
         example = torch.zeros_like(keys).scatter_(0, run, torch.div(keys, self.num_embeddings, rounding_mode="floor"))
         est = g.new_zeros(size, dtype=F64).index_add_(0, example, accurate_sq_norms(rows).to(F64)).to(dtype)
+        est = est + underflow(dtype, positions * dim)  # the rows' squares that underflowed
         rel = sq_norm_rel(dtype, dim) + gamma(positions + 1, dtype)  # and the float64 sums' rounding
         hi = est.sqrt() * (1 + rel) + a * (gamma(positions + 2, dtype) * grow)
         return NormBound(est, hi.square(), a, 1 + gamma(4, dtype), err_scale)
