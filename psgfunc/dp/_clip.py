@@ -20,6 +20,7 @@ import torch
 from psgfunc._tree import (
     accurate_sq_norms,
     batch_size,
+    gamma,
     sq_norm_rel,
     tree_leaves,
     tree_map,
@@ -252,19 +253,35 @@ def rounding_floor(leaves: Any) -> float:
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _certified_slack(leaves: list[torch.Tensor], b: int) -> float:
+    """Relative slack that makes :func:`_norms_of`'s norms upper bounds that also cover the
+    clipped sum's own rounding, as fast clipping's are: their computation (within
+    ``sq_norm_rel`` of the squares, rescaled rows included), the factor's and each
+    product's rounding, and the sum over the ``B`` examples (``gamma_B`` of its terms'
+    sizes), so that every example's contribution is at most ``C`` as computed. A few
+    ``1e-6`` in float32."""
+    rel = 0.0
+    for leaf in leaves:
+        acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
+        k = max(1, math.prod(leaf.shape[1:]))
+        rel = max(rel, sq_norm_rel(acc, k) + gamma(b + 6, acc))
+    return rel
+
+
 def _clip_factors(
-    grads: Any, max_norm: MaxNorm, where: str
+    grads: Any, max_norm: MaxNorm, where: str, certified: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-leaf ``[B]`` clip factors ``min(1, C / ||g_b||)`` and the global norms ``[B]``.
 
     Factors are aligned with ``tree_leaves(grads)``; with per-layer ``max_norm`` every leaf
     under top-level key ``k`` gets group ``k``'s factor. The norms are inflated by
-    :func:`_slack` (2^-8 with bfloat16 leaves, none for float32/64) and returned as used.
+    :func:`_slack` (2^-8 with bfloat16 leaves, none for float32/64), and with
+    ``certified`` by :func:`_certified_slack` too, and returned as used.
     """
     checked = _check_max_norm(max_norm, grads, where)
     leaves, b = _check_leaves(grads, where)
     dtype = _acc_dtype(leaves)
-    slack = 1 + _slack(leaves)
+    slack = 1 + _slack(leaves) + (_certified_slack(leaves, b) if certified else 0.0)
     if not isinstance(checked, dict):
         norms = _norms_of(leaves, b, dtype, where) * slack
         factor = clip_factor(norms, checked, rounding_floor(_sizes(leaves)))
@@ -272,15 +289,17 @@ def _clip_factors(
     paths, _, _ = optree.tree_flatten_with_path(grads)
     group_of = [path[0] for path in paths]
     factors_by_key: dict[Any, torch.Tensor] = {}
-    sq = None
+    norms = None
     for key, c in checked.items():
         group = [leaf for leaf, k in zip(leaves, group_of) if k == key]
         if not group:
             continue
         norms_k = _norms_of(group, b, dtype, where, all_leaves=leaves) * slack
         factors_by_key[key] = clip_factor(norms_k, c, rounding_floor(_sizes(group)))
-        sq = norms_k.square() if sq is None else sq + norms_k.square().to(sq.device)
-    norms = sq.sqrt() if sq is not None else torch.zeros(b, dtype=dtype)
+        # (hypot: the global norms of group norms above 1.8e19 overflowed in float32 squares)
+        norms = norms_k if norms is None else torch.hypot(norms, norms_k.to(norms.device))
+    if norms is None:
+        norms = torch.zeros(b, dtype=dtype)
     return [factors_by_key[k] for k in group_of], norms
 
 
@@ -336,9 +355,14 @@ def clip(grads: Any, max_norm: MaxNorm) -> Any:
 
 
 @_autocast.off()  # a caller's autocast block: norms and sums stay in the gradients' dtype
-def clipped_sum(grads: Any, max_norm: MaxNorm, where: str = "clipped_sum") -> tuple[Any, torch.Tensor]:
-    """``(sum_b clip(g)_b, norms [B])`` without materialising the clipped ``[B, ...]`` tree."""
-    factors, norms = _clip_factors(grads, max_norm, where)
+def clipped_sum(grads: Any, max_norm: MaxNorm, where: str = "clipped_sum", *,
+                certified: bool = False) -> tuple[Any, torch.Tensor]:
+    """``(sum_b clip(g)_b, norms [B])`` without materialising the clipped ``[B, ...]`` tree.
+
+    ``certified``: norms raised by :func:`_certified_slack`, so that each example's
+    contribution to the sum is at most ``C`` as computed (fast clipping's promise, for its
+    fallback to materialised gradients); otherwise within ``C (1 + 1e-5)``."""
+    factors, norms = _clip_factors(grads, max_norm, where, certified)
     leaves, spec = optree.tree_flatten(grads)
     sums = [
         torch.tensordot(f.to(device=g.device, dtype=_up(g).dtype), _up(g), dims=1).to(g.dtype)

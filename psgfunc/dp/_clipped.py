@@ -66,7 +66,12 @@ def clipped_grad_sum(
         0.4% above the exact norm on a 64-channel 3x3 layer at 32x32 in float32. Where
         the gradients of a function with no rule are materialised, the bound is that of
         the gradients as materialised, whose own rounding it does not cover: each
-        example's contribution as computed stays within ``C``. ``"materialize"`` returns
+        example's contribution as computed stays within ``C``. So where the squares
+        overflow (float32 gradient entries above about 1e19) and the call falls back to
+        materialising every gradient: norms of the gradients as materialised, raised to
+        cover their computation and the sum's rounding (a few 1e-6 in float32). Under
+        ``torch.autocast`` the bound is that of the gradient the autocast computation
+        gives (its pieces in the autocast dtype), not of float32 arithmetic's. ``"materialize"`` returns
         the norms of the materialised gradients (inflated by 2^-8 for bfloat16 leaves, see
         :func:`psgfunc.dp.clip`).
 
@@ -88,7 +93,8 @@ def clipped_grad_sum(
     with no_autograd():  # (the factors only scale the sums; the norms leave as a copy)
         factors, norms = _factors(pieces, params, checked)
     if factors is None:  # a non-finite norm: the materialising path names the bad examples
-        return clipped_sum(per_sample_grads(fn, params, *batch, method="auto"), max_norm, "clipped_grad_sum")
+        grads = per_sample_grads(fn, params, *batch, method="auto")
+        return clipped_sum(grads, max_norm, "clipped_grad_sum", certified=True)
     return pieces.weighted_sums(factors, release=True), norms.clone()
 
 

@@ -448,7 +448,7 @@ class DPOptimizer(torch.optim.Optimizer):
             samples = [leaf.materialize().reshape(size, *p.shape) for leaf, p in zip(leaves, params)]
             if scale != 1:  # (as the dense path does: rows of a mean loss are g_b / B)
                 samples = [t * scale for t in samples]
-            dense_sums, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer")
+            dense_sums, norms = clipped_sum(samples, self.transform.max_norm, "DPOptimizer", certified=True)
             del samples
         # the micro-batch is consumed from here: the logs and grad_sample let go of the pieces
         # (the leaves hold them alone), so each leaf's are freed as soon as its sum is taken

@@ -312,3 +312,66 @@ def test_gradients_whose_squares_underflow_are_still_clipped(layer, dtype, scale
         norm = math.sqrt(sum(float(t.double().square().sum()) for t in optree.tree_leaves(
             optree.tree_map(lambda t: t / scale, summed)))) * scale
         assert norm <= c * (1 + 1e-5), (b, norm)
+
+
+def _huge_rms_model(seed: int):
+    """A float32 linear + RMSNorm on one example whose loss is scaled by 1e25: its gradient
+    entries (about 1e25) overflow float32 squares, so fast clipping's norms are not finite
+    and the step falls back to materialised gradients."""
+    g = torch.Generator().manual_seed(seed)
+    d = 8 + seed % 5
+    params = {"l": PF.init_linear(d, d, generator=g), "n": {"weight": torch.rand(d, generator=g) + 0.5}}
+    x, t = torch.randn(1, 3, d, generator=g), torch.randn(1, 3, d, generator=g)
+
+    def fn(p, xi, ti):
+        return (PF.rms_norm(p["n"], PF.linear(p["l"], xi), (d,)) * ti).sum() * 1e25
+
+    return fn, params, x, t
+
+
+def _f64_norm(tree) -> float:
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in optree.tree_leaves(tree)))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_overflow_fallback_keeps_each_contribution_within_c(seed):
+    """Where squares overflow, fast clipping falls back to materialised gradients; its
+    norms now carry the rounding of their own computation and of the clipped sum, as fast
+    clipping's do, so one example's contribution as computed is at most C. Before, 105 of
+    180 such float32 steps came out above C (by up to 1.9e-7 relatively: the dense route's
+    documented C (1 + 1e-5), not fast clipping's promise)."""
+    fn, params, x, t = _huge_rms_model(seed)
+    for c in (0.5, 1.0, 3.0):
+        summed, norms = dp.clipped_grad_sum(fn, params, x, t, max_norm=c, method="fast")
+        assert bool(torch.isfinite(norms).all()) and float(norms[0]) > 1e20
+        assert _f64_norm(summed) <= c
+
+
+def test_overflow_fallback_of_dp_optimizer_keeps_each_contribution_within_c():
+    """DPOptimizer(fast_clipping=True) falls back the same way, with the same guarantee."""
+    from torch import nn
+
+    import psgfunc.nn as pnn
+
+    over = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = pnn.expand_weights(nn.Sequential(nn.Linear(9, 9), nn.RMSNorm(9)), 4)
+        opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=0.5, noise_multiplier=0.0,
+                             expected_batch_size=1, fast_clipping=True)
+        (model(torch.randn(1, 3, 9)) * torch.randn(1, 3, 9)).sum().mul(1e25).backward()
+        assert float(opt.accumulate()[0]) > 1e20
+        opt.step()  # (it leaves the update, the clipped sum over expected_batch_size = 1, in .grad)
+        over += _f64_norm([p.grad for p in model.parameters()]) > 0.5
+    assert over == 0
+
+
+def test_per_layer_global_norms_of_huge_gradients_are_finite():
+    """Per-layer clipping returns the global norms (the group norms' root sum of squares):
+    for group norms above about 1.8e19 their float32 squares overflowed and the returned
+    norms were Inf, while the clipping itself was right."""
+    fn, params, x, t = _huge_rms_model(0)
+    summed, norms = dp.clipped_grad_sum(fn, params, x, t, max_norm={"l": 1.0, "n": 1.0}, method="fast")
+    assert bool(torch.isfinite(norms).all()) and float(norms[0]) > 1e20
+    exact = per_example_grads(fn, optree.tree_map(lambda v: v.double(), params), x.double(), t.double())
+    assert float(norms[0]) == pytest.approx(_f64_norm(exact), rel=1e-4)

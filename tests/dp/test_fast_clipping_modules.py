@@ -120,7 +120,9 @@ def test_mean_loss_reduction_equals_sum(fast):
 def test_fast_clipping_clips_gradients_whose_squares_overflow(reduction):
     """Finite float32 per-example gradients of ~3e20 (their squares overflow float32): the
     fast path's norms are not finite, so it clips densely, as the grad_sample path does,
-    instead of raising a false 'NaN or Inf' error (review h12)."""
+    instead of raising a false 'NaN or Inf' error (review h12), with norms raised a few
+    1e-6 to cover their own and the sum's rounding (fast clipping's promise: each
+    contribution at most C as computed)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=gen)
     y = torch.randn(3, 2, generator=gen) * 1e20
@@ -138,9 +140,10 @@ def test_fast_clipping_clips_gradients_whose_squares_overflow(reduction):
         results.append((norms, [p.detach().clone() for p in lin.parameters()]))
     (slow_norms, slow), (fast_norms, fast) = results
     assert bool(torch.isfinite(fast_norms).all()) and float(fast_norms[0]) > 1e20
-    torch.testing.assert_close(fast_norms, slow_norms)
+    assert bool((fast_norms >= slow_norms).all())
+    torch.testing.assert_close(fast_norms, slow_norms, rtol=1e-5, atol=0)
     for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fast_clipping_still_raises_on_nan():
