@@ -772,6 +772,15 @@ def _mask(
     """``[T, B, 1]`` bool, True where ``t < lengths[b]``; None when ``lengths`` is None."""
     if lengths is None:
         return None
+    if torch.compiler.is_compiling() and isinstance(lengths, torch.Tensor) \
+            and not lengths.dtype.is_floating_point and not lengths.dtype.is_complex \
+            and lengths.dtype != torch.bool and tuple(lengths.shape) == ((batch,) if batched else ()):
+        # traced (the compiled route): the range check below reads values and vmap wrappers,
+        # which the tracer cannot (it broke the graph, and the compiled step then failed to
+        # trace lstm with lengths); the eager planning run of the same call checked the shape
+        # and dtype, and under vmap the range is not checked anyway
+        valid = torch.arange(steps, device=device).unsqueeze(1) < lengths.to(device).reshape(1, -1)
+        return valid.unsqueeze(-1)
     if isinstance(lengths, bool):
         raise ValueError(f"lstm: lengths must be integers, got {lengths!r}")
     if not isinstance(lengths, torch.Tensor):

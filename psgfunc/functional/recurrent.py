@@ -371,13 +371,7 @@ def initial_state(
 
 def mask(kind: str, lengths: Any, steps: int, batch: int, batched: bool, device: Any) -> torch.Tensor | None:
     """``[T, B, 1]`` bool, True where ``t < lengths[b]`` (see :func:`gru`'s ``lengths``)."""
-    if lengths is not None and torch.compiler.is_compiling() and isinstance(lengths, torch.Tensor) \
-            and not lengths.dtype.is_floating_point and lengths.dtype != torch.bool \
-            and tuple(lengths.shape) == ((batch,) if batched else ()):
-        # traced (the compiled route): the range check reads values and vmap wrappers,
-        # which the tracer cannot; the eager discovery run of the same call checked them
-        valid = torch.arange(steps, device=device).unsqueeze(1) < lengths.to(device).reshape(1, -1)
-        return valid.unsqueeze(-1)
+    # (traced by the compiled route: _lstm_module._mask builds the mask without its checks)
     try:
         return _lstm_module._mask(lengths, steps, batch, batched, device)
     except ValueError as error:
