@@ -66,7 +66,11 @@ def scan(
     takes that dtype from then on, as ``jax.lax.scan`` promotes a weakly typed ``init``;
     any other change (a demotion such as float -> int, or a shape change) is an error.
     Unlike JAX, which re-traces ``f`` with the promoted carry, the first step runs on the
-    unpromoted tensor (the same numbers unless ``f`` does integer-only arithmetic on it).
+    unpromoted tensor (the same numbers unless ``f`` does integer-only arithmetic on it),
+    except where the promoted dtype holds the scalar's value more exactly than the
+    unpromoted one (``0.1`` is read as float32, then the carry becomes float64): then the
+    first step runs again on the exact value in the promoted dtype (``f`` is called twice
+    for it), so the result is JAX's, not float32's rounding of ``0.1``.
     A Python scalar that ``f`` returns for a 0-dim tensor leaf of the carry is converted
     to that leaf's dtype when the dtype can hold it (``torch.result_type``), else it is an
     error. Other non-tensor leaves (strings, objects) are carried as they are, but must
@@ -119,6 +123,7 @@ def scan(
     n = _scan_length(x_paths, x_leaves, length)
     init_paths, init_leaves, init_spec = optree.tree_flatten_with_path(init)
     weak = [isinstance(leaf, _SCALARS) for leaf in init_leaves]
+    scalars = list(init_leaves)  # the Python values of the weakly typed leaves
     if any(weak):
         init_leaves = [torch.as_tensor(v) if w else v for v, w in zip(init_leaves, weak)]
         init = optree.tree_unflatten(init_spec, init_leaves)
@@ -156,11 +161,7 @@ def scan(
             carry, y = _call(f, init, probe)
         settle_carry(carry, "(the length-0 probe)")
         if any(r is not v for r, v in zip(ref, init_leaves)):  # promoted scalar leaves
-            init_leaves = [
-                v.to(r.dtype) if isinstance(v, torch.Tensor) else v
-                for v, r in zip(init_leaves, ref)
-            ]
-            init = optree.tree_unflatten(init_spec, init_leaves)
+            init = _promoted_init(init_spec, init_leaves, ref, scalars)
         y_leaves, y_spec = optree.tree_flatten(y)
         empty = [_as_tensor(leaf).unsqueeze(0)[:0] for leaf in y_leaves]
         return init, optree.tree_unflatten(y_spec, empty)
@@ -175,7 +176,14 @@ def scan(
     for t in order:
         x = optree.tree_unflatten(x_spec, [s[t] for s in slices])
         carry, y = _call(f, carry, x)
+        first = y_spec is None
         carry = settle_carry(carry, f"t={t}")
+        if first and _lossy(init_leaves, ref, scalars):
+            # a Python scalar promoted to a dtype that holds its value more exactly than the
+            # tensor this step read (0.1 read as float32, carried as float64): the step again
+            # on the exact value in the promoted dtype, as JAX traces f again
+            carry, y = _call(f, _promoted_init(init_spec, init_leaves, ref, scalars), x)
+            carry = settle_carry(carry, f"t={t}")
         leaves, spec = optree.tree_flatten(y)
         leaves = [_as_tensor(leaf) for leaf in leaves]
         if y_spec is None:
@@ -192,6 +200,28 @@ def scan(
         outputs[t] = leaves
     ys = [torch.stack([outputs[t][i] for t in range(n)]) for i in range(len(first_y))]
     return carry, optree.tree_unflatten(y_spec, ys)
+
+
+def _promoted_init(spec: Any, leaves: list[Any], ref: list[Any], scalars: list[Any]) -> Any:
+    """``init`` with every promoted weakly typed leaf made again from its Python value in the
+    promoted dtype (exact: not a cast of the rounded tensor first made from it)."""
+    return optree.tree_unflatten(spec, [
+        torch.as_tensor(v, dtype=r.dtype, device=r.device)
+        if isinstance(v, _SCALARS) and isinstance(r, torch.Tensor) and r.dtype != leaf.dtype
+        else leaf
+        for leaf, r, v in zip(leaves, ref, scalars)
+    ])
+
+
+def _lossy(leaves: list[Any], ref: list[Any], scalars: list[Any]) -> bool:
+    """Whether a promoted weakly typed leaf's value differs between the tensor the first
+    step read (cast to the promoted dtype) and the Python value made in that dtype."""
+    for leaf, r, v in zip(leaves, ref, scalars):
+        if isinstance(v, _SCALARS) and isinstance(r, torch.Tensor) and r.dtype != leaf.dtype:
+            exact, read = torch.as_tensor(v, dtype=r.dtype), leaf.to(r.dtype)
+            if not bool((exact == read) | (exact.isnan() & read.isnan())):
+                return True
+    return False
 
 
 def _scan_length(paths: list[Any], leaves: list[Any], length: int | None) -> int:

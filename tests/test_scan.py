@@ -186,6 +186,27 @@ def test_python_scalar_carry_keeps_its_own_dtype_when_f_does():
     assert carry["n"].item() == 3 and carry["s"].item() == 3.5
 
 
+def test_python_float_carry_promoted_to_float64_keeps_its_exact_value():
+    # JAX: a weakly typed 0.1 scanned with float64 xs is the float64 0.1; the first step
+    # read it as float32 (0.10000000149011612) and carried that rounding into every number
+    calls = []
+
+    def f(c, x):
+        calls.append(c.dtype)
+        return c + x, c + x
+
+    xs = torch.tensor([0.0, 0.25], dtype=torch.float64)
+    carry, ys = scan(f, 0.1, xs)
+    assert carry.dtype == torch.float64 and carry.item() == 0.35 == 0.1 + 0.25
+    assert ys.tolist() == [0.1, 0.35]
+    assert calls == [torch.float32, torch.float64, torch.float64]  # step 0 again, exactly
+    carry, ys = scan(f, 0.1, xs[:0])  # length 0: init in the probe's dtype, exactly
+    assert carry.dtype == torch.float64 and carry.item() == 0.1 and ys.shape == (0,)
+    calls.clear()
+    carry, _ = scan(f, 0.5, xs)  # 0.5 is exact in float32: step 0 runs once
+    assert carry.item() == 0.75 and calls == [torch.float32, torch.float64]
+
+
 def test_python_scalar_carry_with_length_zero_takes_the_probes_dtype():
     carry, ys = scan(lambda c, x: (c + x, c + x), 0, torch.zeros(0))
     assert carry.dtype == torch.float32 and carry.item() == 0.0 and ys.shape == (0,)
