@@ -72,7 +72,7 @@ processes kept more than ``--max-busy`` of the CPU busy during it (``busy_during
 quiet CPU, no one-example step per cell (the parent took one of each method before forking),
 and the compiled methods only on the layers suite's Linear (compiling a model takes from
 seconds to minutes even at tiny sizes): every method runs at least once. Cold compiler
-cache, 2 cores: about 55 s of CPU in all.
+cache, 2 cores: about 45 s wall in all (each cell also reads its memory in one more fresh process).
 
 Outputs, in ``--out`` (default ``benchmarks/results``; ``benchmarks/results/quick``, which git
 ignores, for ``--quick`` runs): ``<name>.csv`` (every number), ``<name>.md`` (tables with ratios to
