@@ -206,18 +206,22 @@ def _promoted_init(spec: Any, leaves: list[Any], ref: list[Any], scalars: list[A
     """``init`` with every promoted weakly typed leaf made again from its Python value in the
     promoted dtype (exact: not a cast of the rounded tensor first made from it)."""
     return optree.tree_unflatten(spec, [
-        torch.as_tensor(v, dtype=r.dtype, device=r.device)
-        if isinstance(v, _SCALARS) and isinstance(r, torch.Tensor) and r.dtype != leaf.dtype
-        else leaf
+        torch.as_tensor(v, dtype=r.dtype, device=r.device) if _promoted(leaf, r, v) else leaf
         for leaf, r, v in zip(leaves, ref, scalars)
     ])
+
+
+def _promoted(leaf: Any, r: Any, v: Any) -> bool:
+    """Whether init leaf ``leaf``, made from the Python scalar ``v``, was promoted to the
+    dtype of the carry ``r`` that ``f`` returned."""
+    return isinstance(v, _SCALARS) and isinstance(r, torch.Tensor) and r.dtype != leaf.dtype
 
 
 def _lossy(leaves: list[Any], ref: list[Any], scalars: list[Any]) -> bool:
     """Whether a promoted weakly typed leaf's value differs between the tensor the first
     step read (cast to the promoted dtype) and the Python value made in that dtype."""
     for leaf, r, v in zip(leaves, ref, scalars):
-        if isinstance(v, _SCALARS) and isinstance(r, torch.Tensor) and r.dtype != leaf.dtype:
+        if _promoted(leaf, r, v):
             exact, read = torch.as_tensor(v, dtype=r.dtype), leaf.to(r.dtype)
             if not bool((exact == read) | (exact.isnan() & read.isnan())):
                 return True

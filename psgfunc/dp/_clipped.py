@@ -71,9 +71,9 @@ def clipped_grad_sum(
         materialising every gradient: norms of the gradients as materialised, raised to
         cover their computation and the sum's rounding (a few 1e-6 in float32). Under
         ``torch.autocast`` the bound is that of the gradient the autocast computation
-        gives (its pieces in the autocast dtype), not of float32 arithmetic's. ``"materialize"`` returns
-        the norms of the materialised gradients (inflated by 2^-8 for bfloat16 leaves, see
-        :func:`psgfunc.dp.clip`).
+        gives (its pieces in the autocast dtype), not of float32 arithmetic's.
+        ``"materialize"`` returns the norms of the materialised gradients (inflated by 2^-8
+        for bfloat16 leaves, see :func:`psgfunc.dp.clip`).
 
     Raises:
         ValueError: for an unknown ``method``, an invalid ``max_norm`` (also one too small

@@ -120,11 +120,16 @@ def shared(t: torch.Tensor) -> torch.Tensor:
     silently not each example's own. Sent to the parameter directly, it is a use the rows
     miss, which the check on the parameter's total gradient refuses (``psgfunc.per_sample._rows``).
     """
-    if torch.is_grad_enabled():
-        p = getattr(t, "_psg_param", None)
-        if p is not None:
-            return p
+    p = _differentiable_param(t)
+    if p is not None:
+        return p
     return t.as_strided(t.shape[1:], t.stride()[1:], t.storage_offset())
+
+
+def _differentiable_param(t: torch.Tensor) -> torch.Tensor | None:
+    """The module parameter ``t`` expands (:func:`expanded_call`), where gradients are on;
+    else None (see :func:`shared`)."""
+    return getattr(t, "_psg_param", None) if torch.is_grad_enabled() else None
 
 
 def first(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -134,10 +139,9 @@ def first(t: torch.Tensor | None) -> torch.Tensor | None:
     would send every example's second-order gradient to row 0)."""
     if t is None:
         return None
-    if torch.is_grad_enabled():
-        p = getattr(t, "_psg_param", None)
-        if p is not None:
-            return p
+    p = _differentiable_param(t)
+    if p is not None:
+        return p
     return t[0] if t.shape[0] > 0 else t.new_zeros(t.shape[1:])
 
 
@@ -441,7 +445,7 @@ def expanded_call(
                         "examples in one step; use one batch per forward pass and call "
                         "DPOptimizer.accumulate(), step() or zero_grad() in between"
                     )
-                e._psg_record = _rows.recorder(p, log, call, e.grad_fn, size, where, top_aligned)
+                e._psg_record = _rows.recorder(p, log, call, size, where, top_aligned)
             e.register_hook(_rows.row_hook(p, call, where, top_aligned))  # ops without a rule
             e._psg_param = p  # shared(e) with gradients on: p, never a view spreading over the rows
         expanded[name] = e

@@ -438,16 +438,14 @@ def _accumulates(p: torch.Tensor) -> bool:
         return torch._C._current_graph_task_id() < 0  # (outside the engine: as before, deliver)
 
 
-def recorder(p: torch.Tensor, log: PieceLog, call: Call, node: Any, n: int, name: str,
+def recorder(p: torch.Tensor, log: PieceLog, call: Call, n: int, name: str,
              aligned: bool) -> Callable[[Any, tuple[Any, ...]], None]:
-    """``_psg_record`` of ``p``'s expanded view (``node``: its ``grad_fn``) for fast clipping."""
+    """``_psg_record`` of ``p``'s expanded view for fast clipping (nothing where the backward
+    pass does not accumulate into ``p.grad``, :func:`_accumulates`: autograd.grad, for ``p``
+    or for other inputs, and ``backward(inputs=...)`` without ``p``)."""
 
     def record(kind: Any, data: tuple[Any, ...]) -> None:
-        try:
-            needed = node is None or torch._C._will_engine_execute_node(node)
-        except RuntimeError:  # pragma: no cover - not inside an engine backward pass
-            needed = True
-        if not needed or not _accumulates(p):  # autograd.grad (for other inputs or for p): no rows
+        if not _accumulates(p):
             return
         def add(pend: _Backward) -> None:
             pend.calls[id(call)] = call

@@ -246,7 +246,6 @@ def _weight_kind(weight_shape: tuple[int, ...], groups: int) -> ConvTransposeWei
     return ConvTransposeWeight(weight_shape, groups)
 
 
-
 class _ConvTransposePerSample(torch.autograd.Function):
     """``x [B*N, C_in, *S], w [B, C_in, C_out/G, *k] (shared), b [B, C_out] -> [B*N, C_out, *S']``."""
 

@@ -44,13 +44,10 @@ from psgfunc.per_sample._expanded import (
     is_shared,
     versions,
 )
-from psgfunc.per_sample._expanded import (
-    first as _first,
-)
+from psgfunc.per_sample._expanded import first as _first
 from psgfunc.per_sample._kinds import SummedRows, emit, presum, summed_rows
 
 __all__ = ["GroupNormRule", "InstanceNormRule", "RMSNormRule"]
-
 
 
 def _scale(x_hat: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
