@@ -119,10 +119,15 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
     if size == 0:
         return GradPieces(prep, [LeafPieces([], p.new_zeros((0, *p.shape)), 0, p.shape) for p in prep.p_leaves])
     views = [expand_leaf(p, size) for p in prep.p_leaves]
-    collector = Collector(views)
+    collector = Collector(views, outputs=True)
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
         losses = prep.expanded_losses(views, prep.b_leaves)
-        grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)
+        # the views (their per-sample gradients, or the rules' records) and the layer
+        # outputs whose gradients make the pieces (Collector.output)
+        n = len(views)
+        grads = torch.autograd.grad(losses.sum(), views + collector.inputs, allow_unused=True)
+    collector.finish(grads[n:])
+    grads = grads[:n]
     # the loss may not depend on a leaf at all (no gradient, no records): zeros
     unused = [g is None and not records for g, records in zip(grads, collector.records)]
     dense = [torch.zeros_like(v) if u else g for v, g, u in zip(views, grads, unused)]

@@ -49,6 +49,7 @@ __all__ = [
     "emit",
     "collecting",
     "Collector",
+    "output_collector",
     "LeafPieces",
     "leaf_pieces",
     "certified_norm",
@@ -627,12 +628,24 @@ class Collector:
     Each target gets a ``_psg_record`` attribute; :func:`emit` calls it instead of
     materialising. Attaching it to the tensor (not to a context) means recording also works
     when the backward pass runs outside the block that built the graph.
+
+    With ``outputs=True`` (:func:`psgfunc.per_sample._clip.grad_pieces`, which runs the
+    backward itself) a rule may instead compute its layer with plain differentiable ops on
+    the shared params and hand over a leaf ``z`` of its output's shape on which the output
+    depends as ``y = z + ...`` (:meth:`output`): the caller asks autograd for the gradient
+    of ``z``, which is the layer's output gradient, and :meth:`finish` turns it into the
+    rule's pieces. No ``autograd.Function`` runs for such a layer (torch's own backward
+    gives the input gradient), which on small layers is most of their cost.
     """
 
-    def __init__(self, targets: Sequence[torch.Tensor] = ()):
+    def __init__(self, targets: Sequence[torch.Tensor] = (), *, outputs: bool = False):
         self.records: list[list[tuple[GradKind, tuple[Any, ...]]]] = []
+        self.inputs: list[torch.Tensor] = []  # the leaves ``z`` of :meth:`output`
+        self._builds: list[Any] = []
         for t in targets:
-            self.track(t)
+            i = self.track(t)
+            if outputs:
+                t._psg_outputs = (self, i)
 
     def track(self, target: torch.Tensor) -> int:
         """Start recording for ``target``; returns its index in ``records``."""
@@ -640,6 +653,39 @@ class Collector:
         self.records.append([])
         target._psg_record = lambda kind, data: self.records[i].append((kind, data))
         return i
+
+    def output(self, z: torch.Tensor, build: Any) -> None:
+        """Take ``d loss / d z`` (``g``, shaped as ``z``) for ``build(g) -> [(record index,
+        kind, data), ...]``, the pieces of the layer whose output is ``z + ...``."""
+        self.inputs.append(z)
+        self._builds.append(build)
+
+    def finish(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Record the pieces of every :meth:`output` from ``grads`` (autograd's gradients of
+        :attr:`inputs`, in order; None: the layer's output did not reach the loss)."""
+        for build, g in zip(self._builds, grads):
+            if g is not None:
+                for i, kind, data in build(g):
+                    self.records[i].append((kind, data))
+        self.inputs, self._builds = [], []
+
+
+def output_collector(*params: torch.Tensor | None) -> tuple[Collector, list[int | None]] | None:
+    """``(collector, record index per param)`` where every non-None ``params`` (expanded
+    views, as a rule receives them) is tracked with ``outputs=True`` by one
+    :class:`Collector` (see :meth:`Collector.output`); else None (run the rule as usual)."""
+    found = None
+    idx: list[int | None] = []
+    for p in params:
+        if p is None:
+            idx.append(None)
+            continue
+        entry = getattr(p, "_psg_outputs", None)
+        if entry is None or (found is not None and entry[0] is not found):
+            return None
+        found = entry[0]
+        idx.append(entry[1])
+    return None if found is None else (found, idx)
 
 
 def collecting(target: torch.Tensor) -> bool:

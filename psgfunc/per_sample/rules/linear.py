@@ -31,7 +31,7 @@ from psgfunc.per_sample._expanded import (
     shared,
     versions,
 )
-from psgfunc.per_sample._kinds import Outer, RowSum, _as, emit
+from psgfunc.per_sample._kinds import Outer, RowSum, _as, emit, output_collector
 
 _OUTER, _ROWSUM = Outer(), RowSum()
 
@@ -86,6 +86,42 @@ def _positions(g: torch.Tensor, x: torch.Tensor, size: int) -> tuple[torch.Tenso
     return g.reshape(size, n, g.shape[-1]), x.reshape(size, n, x.shape[-1])
 
 
+def _output_tapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The layer for fast clipping's own backward (:meth:`~psgfunc.per_sample._kinds.Collector.output`),
+    or None where that does not apply (other callers, autocast, mixed dtypes).
+
+    ``y = addmm(z, x, W^T)`` with ``z`` a leaf holding the bias broadcast over the rows (zero
+    without one; stride 0, no memory): torch's backward gives the input gradient, the
+    gradient of ``z`` is the output gradient ``g`` (``y`` is ``z`` plus a term without it,
+    also after in-place ops on ``y``), and the pieces are ``(g, x)`` as the backward of
+    :class:`_LinearPerSample` would emit them. ``x`` changed in place between this forward
+    and the backward raises, as a saved tensor does."""
+    found = output_collector(w, b)
+    weight = repeated(w)
+    if found is None or _autocast.autocast_dtype(x) is not None or x.dtype != weight.dtype:
+        return None
+    collector, (iw, ib) = found
+    size, n_out = w.shape[0], weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    base = weight.new_zeros(()) if b is None else repeated(b)
+    z = base.expand(x2.shape[0], n_out).detach().requires_grad_(True)
+    y = torch.addmm(z, x2, weight.t())
+    saved, version = x.detach(), x._version
+
+    def build(g: torch.Tensor) -> list[tuple[int, Any, Any]]:
+        if saved._version != version:
+            raise RuntimeError(
+                "psgfunc linear: the input of a linear layer was modified in place after the "
+                "layer used it (fast clipping needs it for the per-example norms); use an "
+                "out-of-place op (e.g. torch.relu(x), not x.relu_()) on a layer's input"
+            )
+        g3, x3 = _positions(g, saved, size)
+        return [(iw, _OUTER, (g3, x3))] + ([] if ib is None else [(ib, _ROWSUM, (g3,))])
+
+    collector.output(z, build)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+
+
 class LinearRule(Rule):
     """Per-sample rule of :func:`psgfunc.functional.linear` (batch dim 0 of ``x``)."""
 
@@ -97,6 +133,9 @@ class LinearRule(Rule):
                 f"{w.shape[-1]}] with B = {w.shape[0]}, got {tuple(x.shape)}"
             )
         if is_shared(w) and (b is None or is_shared(b)):
+            out = _output_tapped(x, w, b)
+            if out is not None:
+                return out
             x = _autocast.cast(x, _autocast.autocast_dtype(x))  # autocast: x in its dtype
             return apply_function(_LinearPerSample, x, w, b)
         out = torch.einsum("bni,boi->bno", x.reshape(x.shape[0], -1, x.shape[-1]), w)
