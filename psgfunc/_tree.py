@@ -75,29 +75,35 @@ def batch_size(*batch: Any, what: str = "batch") -> int:
         ValueError: if there is no tensor leaf, a leaf is 0-dimensional (no batch
             dimension), or the leading sizes differ.
     """
-    sizes: list[tuple[str, int]] = []
+    def name(i: int, path: tuple[Any, ...]) -> str:  # (built for an error only)
+        return f"{what}[{i}]" + "".join(f"[{p!r}]" for p in path)
+
+    sizes: list[tuple[int, Any, int]] = []
     for i, tree in enumerate(batch):
-        paths, leaves, _ = optree.tree_flatten_with_path(tree)
+        if isinstance(tree, torch.Tensor):  # (the usual argument: no pytree pass)
+            paths, leaves = [()], [tree]
+        else:
+            paths, leaves, _ = optree.tree_flatten_with_path(tree)
         for path, leaf in zip(paths, leaves):
             if not isinstance(leaf, torch.Tensor):
                 continue
-            name = f"{what}[{i}]" + "".join(f"[{p!r}]" for p in path)
             if leaf.dim() == 0:
                 raise ValueError(
-                    f"{name} is a 0-dim tensor and has no batch dimension; every batch "
+                    f"{name(i, path)} is a 0-dim tensor and has no batch dimension; every batch "
                     "leaf must be shaped [B, ...] (use x.unsqueeze(0) for a single example)"
                 )
-            sizes.append((name, leaf.shape[0]))
+            sizes.append((i, path, leaf.shape[0]))
     if not sizes:
         raise ValueError(
             f"the {what} has no tensor leaves; pass at least one tensor shaped [B, ...]"
         )
-    first_name, first = sizes[0]
-    for name, size in sizes[1:]:
+    i0, path0, first = sizes[0]
+    for i, path, size in sizes[1:]:
         if size != first:
             raise ValueError(
-                f"mismatched batch sizes: {first_name} has leading size {first} but {name} "
-                f"has {size}; every tensor in the {what} must share the batch dimension B"
+                f"mismatched batch sizes: {name(i0, path0)} has leading size {first} but "
+                f"{name(i, path)} has {size}; every tensor in the {what} must share the batch "
+                "dimension B"
             )
     return first
 

@@ -10,6 +10,7 @@ import torch
 from torch.func import grad, vmap
 
 from psgfunc import _rules
+from psgfunc._dispatch import grads_of
 from psgfunc._tree import batch_size
 from psgfunc.per_sample import _torch_ops
 from psgfunc.per_sample._expanded import expand_leaf
@@ -265,7 +266,7 @@ def _expanded_grads(prep: _Prepared, b_leaves, size):
     views = [expand_leaf(p, size) for p in prep.p_leaves]
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
         losses = prep.expanded_losses(views, b_leaves)
-        grads = torch.autograd.grad(losses.sum(), views, allow_unused=True)
+        grads = grads_of(losses.sum(), views)
     return [torch.zeros_like(v) if g is None else g for v, g in zip(views, grads)]
 
 

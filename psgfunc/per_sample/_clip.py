@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from psgfunc import _rules
-from psgfunc._dispatch import no_autograd
+from psgfunc._dispatch import grads_of, no_autograd
 from psgfunc.functional import _autocast
 from psgfunc.per_sample._api import _prepare
 from psgfunc.per_sample._expanded import expand_leaf
@@ -125,7 +125,7 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
         # the views (their per-sample gradients, or the rules' records) and the layer
         # outputs whose gradients make the pieces (Collector.output)
         n = len(views)
-        grads = torch.autograd.grad(losses.sum(), views + collector.inputs, allow_unused=True)
+        grads = grads_of(losses.sum(), views + collector.inputs)
     collector.finish(grads[n:])
     grads = grads[:n]
     # the loss may not depend on a leaf at all (no gradient, no records): zeros

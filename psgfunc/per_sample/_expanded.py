@@ -271,7 +271,8 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
         if not is_shared(p):
             return NotImplemented
     batch_args = tuple(moved[n:]) if flat else optree.tree_unflatten(arg_spec, moved[n:])
-    token = _RANDOMNESS.set(_randomness_name(vmap_info.randomness()))
+    randomness = _randomness_name(vmap_info.randomness())
+    token = _RANDOMNESS.set(randomness) if randomness != _RANDOMNESS.get() else None
     saved = _functorch.pop_dynamic_layer_stack()
     mode = _rules.enter_mode("batch")
     try:
@@ -279,7 +280,8 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     finally:
         _rules.exit_mode(mode)
         _functorch.push_dynamic_layer_stack(saved)
-        _RANDOMNESS.reset(token)
+        if token is not None:
+            _RANDOMNESS.reset(token)
     if out is NotImplemented:
         return NotImplemented
     if isinstance(out, torch.Tensor):

@@ -102,7 +102,7 @@ def _output_tapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
         return None
     collector, (iw, ib) = found
     size, n_out = w.shape[0], weight.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     base = weight.new_zeros(()) if b is None else repeated(b)
     z = base.expand(x2.shape[0], n_out).detach().requires_grad_(True)
     y = torch.addmm(z, x2, weight.t())
