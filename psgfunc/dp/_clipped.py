@@ -107,9 +107,11 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
     sizes = [(leaf.dtype, p.numel()) for leaf, p in zip(leaves, pieces.prep.p_leaves)]  # the sums'
     if not isinstance(checked, dict):
         norms = certified_norm(leaves)
-        if not math.isfinite(float(norms.sum())):  # (nonnegative norms: finite iff their sum is,
-            return None, norms  # short of an overflow, which takes the exact path too)
-        return [clip_factor(norms, checked, rounding_floor(sizes))] * len(leaves), _as(norms, dtype)
+        total = float(norms.sum())  # (nonnegative norms: finite iff their sum is, short of
+        if not math.isfinite(total):  # an overflow, which takes the exact path too)
+            return None, norms
+        factor = clip_factor(norms, checked, rounding_floor(sizes), largest=total)
+        return [factor] * len(leaves), _as(norms, dtype)
     paths, _, _ = optree.tree_flatten_with_path(params)
     group_of = [path[0] for path in paths]
     by_key: dict[Any, list[Any]] = {}

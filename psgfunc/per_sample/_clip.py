@@ -80,8 +80,7 @@ below it, in the leaves' order (each still released after its sum)."""
 
 def _pieces_bytes(leaves: list[LeafPieces]) -> int:
     """An upper bound on the bytes the leaves' pieces hold (a shared piece counted per use)."""
-    return sum(t.numel() * t.element_size() for leaf in leaves for data in leaf.datas
-               for t in data if isinstance(t, torch.Tensor))
+    return sum(t.nbytes for leaf in leaves for data in leaf.datas for t in data if isinstance(t, torch.Tensor))
 
 
 def _release_order(leaves: list[LeafPieces]) -> list[int]:

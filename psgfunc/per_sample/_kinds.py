@@ -166,8 +166,18 @@ def sq_norms(t: torch.Tensor) -> torch.Tensor:
 
 
 def sq_rel(dtype: torch.dtype, k: int) -> float:
-    """The relative error bound of :func:`sq_norms` on rows of ``k`` elements."""
-    return sq_norm_rel(dtype, k, FAST_ONE_PASS)
+    """The relative error bound of :func:`sq_norms` on rows of ``k`` elements (remembered
+    per ``(dtype, k)``: a few are asked per leaf per step; not while the compiler traces,
+    which would guard on the table)."""
+    if torch.compiler.is_compiling():
+        return sq_norm_rel(dtype, k, FAST_ONE_PASS)
+    rel = _SQ_REL.get((dtype, k))
+    if rel is None:
+        rel = _SQ_REL[(dtype, k)] = sq_norm_rel(dtype, k, FAST_ONE_PASS)
+    return rel
+
+
+_SQ_REL: dict[tuple[torch.dtype, int], float] = {}
 
 
 def dense_bound(total: torch.Tensor) -> NormBound:
@@ -760,11 +770,13 @@ class LeafPieces:
             self.bound = NormBound(ref.new_zeros(0, dtype=_acc(ref.dtype)))
             return
         first = records[0][0] if records else None
+        datas = [data for _, data in records]
         # kinds compare by value (GradKind.__eq__), rules mostly reuse one object: `is` first
-        one_kind = dense is None and first is not None and all(k is first or k == first for k, _ in records)
-        if one_kind and not first.prefers_dense([data for _, data in records]):
+        one_kind = dense is None and first is not None and (
+            len(records) == 1 or all(k is first or k == first for k, _ in records))
+        if one_kind and not first.prefers_dense(datas):
             self.kind: GradKind | None = first
-            self.datas = [data for _, data in records]
+            self.datas = datas
             self.dense = None
             self.dtype = next(t.dtype for t in self.datas[0] if isinstance(t, torch.Tensor) and t.is_floating_point())
             self.bound = first.bound(self.datas, cache)
@@ -797,7 +809,8 @@ class LeafPieces:
         gradients, Grams): call once this parameter's last :meth:`weighted_sum` is taken,
         so that a pass holds each layer's pieces only until its own sum is done."""
         self.datas, self.dense, self.kind = [], None, None
-        self.bound = self.bound._replace(refine=None)
+        if self.bound.refine is not None:
+            self.bound = self.bound._replace(refine=None)
 
     def materialize(self) -> torch.Tensor:
         """The per-sample gradients ``[B, *shape]`` (the dense part plus every piece
