@@ -904,6 +904,8 @@ def certified_norm(leaves: Sequence[LeafPieces], out_dtypes: Sequence[torch.dtyp
             k_err = max(k_err, b.err_scale)
             if b.unc is not None:
                 unc.append(b.unc)
+        if out_dtypes is None and leaf.dtype in _FULL:
+            continue  # (its sum ends in the dtype it was computed in)
         out = max(unit_roundoff(leaf.dtype), unit_roundoff(out_dtypes[k]) if out_dtypes else 0.0)
         if out > unit_roundoff(_acc(leaf.dtype)):
             u_out = max(u_out, out)
@@ -921,6 +923,9 @@ def certified_norm(leaves: Sequence[LeafPieces], out_dtypes: Sequence[torch.dtyp
     if plain_sq is not None:
         err = err + plain_sq * k_plain**2
     return (total.sqrt() * math.sqrt(k_hi) + err.sqrt()) * rel
+
+
+_FULL = (torch.float32, F64)
 
 
 def _total(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
