@@ -175,3 +175,31 @@ def test_other_callers_keep_the_function():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pieces = _clip.grad_pieces(fn, p32, x.float())
     assert pieces.leaves[0].dtype == torch.float32
+
+
+def test_in_place_ops_on_a_sequence_output():
+    """A ``[T, O]`` output per example is a view of the layer's ``addmm``: in-place ops on
+    it rebase that product's history, and the tap's leaf still gets the output gradient
+    from before them."""
+    gen = torch.Generator().manual_seed(7)
+    params = _params(gen, (5, 3), (2, 5))
+    x = torch.randn(4, 6, 3, generator=gen, dtype=torch.float64)
+
+    def fn(p, xi):
+        h = PF.linear(p["l0"], xi)
+        h.mul_(2)
+        h[0].add_(1)  # one position of the view
+        return PF.linear(p["l1"], torch.relu(h)).tanh().sum()
+
+    _check(fn, params, (x,), taps=2)
+
+
+def test_inference_tensor_input_gets_autograds_error():
+    """Data made under ``torch.inference_mode`` cannot be saved for a backward: autograd's
+    own message, as the rules' ``autograd.Function`` gives it (no tap for it)."""
+    gen = torch.Generator().manual_seed(8)
+    params = _params(gen, (2, 3))
+    with torch.inference_mode():
+        x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        dp.clipped_grad_sum(lambda p, xi: PF.linear(p["l0"], xi).sum(), params, x, max_norm=1.0, method="fast")

@@ -88,7 +88,8 @@ def _positions(g: torch.Tensor, x: torch.Tensor, size: int) -> tuple[torch.Tenso
 
 def _output_tapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
     """The layer for fast clipping's own backward (:meth:`~psgfunc.per_sample._kinds.Collector.output`),
-    or None where that does not apply (other callers, autocast, mixed dtypes).
+    or None where that does not apply (other callers, autocast, mixed dtypes, an inference
+    tensor).
 
     ``y = addmm(z, x, W^T)`` with ``z`` a leaf holding the bias broadcast over the rows (zero
     without one; stride 0, no memory): torch's backward gives the input gradient, the
@@ -98,8 +99,8 @@ def _output_tapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     and the backward raises, as a saved tensor does."""
     found = output_collector(w, b)
     weight = repeated(w)
-    if found is None or _autocast.autocast_dtype(x) is not None or x.dtype != weight.dtype:
-        return None
+    if found is None or _autocast.autocast_dtype(x) is not None or x.dtype != weight.dtype or x.is_inference():
+        return None  # (an inference tensor: the Function's save raises autograd's own error)
     collector, (iw, ib) = found
     size, n_out = w.shape[0], weight.shape[0]
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
