@@ -196,7 +196,9 @@ def lstm(
             ``pack_padded_sequence(x, lengths, enforce_sorted=False)`` followed by
             ``pad_packed_sequence(..., total_length=T)``. ``h_n``/``c_n`` are the states at
             each sequence's last valid step (``h0``/``c0`` for a length of 0, which
-            pack_padded_sequence refuses). Under ``vmap`` the range is not checked.
+            pack_padded_sequence refuses). A length outside ``[0, T]`` raises, under
+            ``vmap`` too (the batch's values are read beneath the transform); inside a
+            ``torch.compile`` graph only the shape and dtype are checked.
 
     Returns:
         ``(out, (h_n, c_n))`` as nn.LSTM: ``out`` is the last layer's hidden state at every
@@ -754,16 +756,13 @@ def _initial_state(
     return out[0], out[1]
 
 
-def _is_vmapped(t: torch.Tensor) -> bool:
-    """Whether ``t`` is (wrapped around) a vmap BatchedTensor, whose values cannot be read."""
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor inside ``t``'s functorch wrappers: under vmap, the lengths of every
+    example of the batch (a BatchedTensor's values cannot be read as such; these can)."""
     functorch = getattr(torch._C, "_functorch", None)
-    if functorch is None:
-        return False
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
+    while functorch is not None and functorch.is_functorch_wrapped_tensor(t):
         t = functorch.get_unwrapped(t)
-    return False
+    return t
 
 
 def _mask(
@@ -778,7 +777,7 @@ def _mask(
         # traced (the compiled route): the range check below reads values and vmap wrappers,
         # which the tracer cannot (it broke the graph, and the compiled step then failed to
         # trace lstm with lengths); the eager planning run of the same call checked the shape
-        # and dtype, and under vmap the range is not checked anyway
+        # and dtype, and the range of its first example only
         valid = torch.arange(steps, device=device).unsqueeze(1) < lengths.to(device).reshape(1, -1)
         return valid.unsqueeze(-1)
     if isinstance(lengths, bool):
@@ -799,12 +798,13 @@ def _mask(
             "a Python int or a 0-dim tensor for one example [T, D]"
         )
         raise ValueError(f"lstm: lengths must be {what}, got shape {tuple(lengths.shape)}")
-    if not _is_vmapped(lengths):
-        if bool((lengths < 0).any()) or bool((lengths > steps).any()):
-            raise ValueError(
-                f"lstm: lengths must lie in [0, T] = [0, {steps}], got "
-                f"min {int(lengths.min())} and max {int(lengths.max())}"
-            )
+    # (under vmap, per_sample_grads(method="vmap"), the values of all examples at once)
+    values = _values(lengths)
+    if bool((values < 0).any()) or bool((values > steps).any()):
+        raise ValueError(
+            f"lstm: lengths must lie in [0, T] = [0, {steps}], got "
+            f"min {int(values.min())} and max {int(values.max())}"
+        )
     lengths = lengths.to(device).reshape(want)
     valid = torch.arange(steps, device=device).unsqueeze(1) < lengths.reshape(1, -1)
     return valid.unsqueeze(-1)

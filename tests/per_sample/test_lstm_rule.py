@@ -214,10 +214,20 @@ def test_errors_are_the_plain_layers():
     for method in ("expanded", "vmap"):
         with pytest.raises(ValueError, match="features in its last dim"):
             per_sample_grads(fn, params, torch.zeros(B, T, D + 1, dtype=F64), method=method)
-    with pytest.raises(ValueError, match="lengths must lie in"):
-        per_sample_grads(lambda p, x, n: PF.lstm(p, x, lengths=n)[0].sum(), params,
-                         torch.zeros(B, T, D, dtype=F64), torch.tensor([1, 2, 9, 0]),
-                         method="expanded")
+    for method in ("expanded", "vmap", "auto"):  # (vmap: the values beneath the transform)
+        for bad in ([1, 2, 9, 0], [1, -1, 2, 0]):
+            with pytest.raises(ValueError, match="lengths must lie in"):
+                per_sample_grads(lambda p, x, n: PF.lstm(p, x, lengths=n)[0].sum(), params,
+                                 torch.zeros(B, T, D, dtype=F64), torch.tensor(bad),
+                                 method=method)
+
+
+def test_gru_lengths_out_of_range_raise_under_vmap():
+    params = PF.init_gru(D, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"gru: lengths must lie in \[0, T\]"):
+        per_sample_grads(lambda p, x, n: PF.gru(p, x, lengths=n)[0].sum(), params,
+                         torch.zeros(B, T, D, dtype=F64), torch.tensor([T + 1, 1, 1, 1]),
+                         method="vmap")
 
 
 # ------------------------------------------------------------------------------------ cell
