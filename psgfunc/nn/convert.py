@@ -41,7 +41,7 @@ from psgfunc.nn.normalization import (
 )
 from psgfunc.nn.recurrent import DPGRU, DPRNN, DPGRUCell, DPRNNCell
 
-__all__ = ["expand_weights", "CONVERTERS", "HINTS", "adopt_parameters"]
+__all__ = ["expand_weights", "CONVERTERS", "HINTS", "adopt_parameters", "move_hooks"]
 
 Converter = Callable[[nn.Module, int], nn.Module]
 
@@ -66,6 +66,36 @@ def adopt_parameters(shell: nn.Module, layer: nn.Module) -> nn.Module:
             mine[name] = value
     shell.train(layer.training)
     return shell
+
+
+_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+"""``nn.Module``'s per-module hook registries (dicts keyed by the handles' ids)."""
+
+
+def move_hooks(layer: nn.Module, shell: nn.Module) -> None:
+    """Move ``layer``'s module hooks to ``shell``, which replaces it in the model.
+
+    The registries themselves move (the same dict objects, the shell's own hooks added
+    after the layer's), so the ``RemovableHandle`` each registration returned, which
+    refers to its dict, still removes the hook; ``layer`` is left with empty ones. A
+    conversion that dropped them would silently stop a hook the user relies on (a feature
+    extractor's forward hook, a gradient monitor's backward hook).
+    """
+    for name in _HOOKS:
+        theirs = getattr(layer, name, None)
+        if not theirs:  # none registered (or a torch without this registry)
+            continue
+        mine = getattr(shell, name, None)
+        if mine:
+            theirs.update(mine)
+        setattr(shell, name, theirs)
+        setattr(layer, name, type(theirs)())
+        if name == "_backward_hooks":
+            shell._is_full_backward_hook = layer._is_full_backward_hook
 
 
 def _dtype(layer: nn.Module) -> Any:
@@ -306,7 +336,10 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     running statistics, and a converted type in a configuration its shell refuses
     (``nn.Embedding(max_norm=...)``).
 
-    Note: module hooks registered on a replaced layer are not carried over to its shell.
+    Module hooks registered on a replaced layer (forward, forward pre-, full backward and
+    state-dict hooks) move to its shell (:func:`move_hooks`): they run on the shell as they
+    ran on the layer, with the shell as their ``module`` argument, and the handles their
+    registration returned still remove them.
 
     The returned model gets a forward pre-hook and a forward hook (added once, also on a
     model built from shells) that keep a record of each forward pass: every shell checks
@@ -353,6 +386,7 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
     generic: list[nn.Module] = []  # modules with parameters and no converter: Generic shells
     buffered: list[str] = []  # custom modules with buffers: "qualname (Type): ['a', 'b']"
     seen: set[int] = set()
+    converted: list[tuple[nn.Module, nn.Module]] = []  # (layer, its shell), once per layer
 
     def visit(parent: nn.Module | None, attr: str, qualname: str, layer: nn.Module) -> None:
         label = qualname or "<root>"
@@ -371,6 +405,7 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
                 except ValueError as error:
                     problems.append(f"{label} ({type(layer).__name__}): {error}")
                     return
+                converted.append((layer, shells[id(layer)]))
             plan.append((parent, attr, shells[id(layer)]))
             return
         else:
@@ -410,6 +445,8 @@ def expand_weights(module: nn.Module, max_batch_size: int) -> nn.Module:
         layer.max_batch_size = max_batch_size
     for layer in generic:
         make_generic(layer, max_batch_size)  # in place: same object, same state_dict keys
+    for layer, shell in converted:
+        move_hooks(layer, shell)
     result = module
     for parent, attr, shell in plan:
         if parent is None:
