@@ -198,7 +198,9 @@ def lstm(
             each sequence's last valid step (``h0``/``c0`` for a length of 0, which
             pack_padded_sequence refuses). A length outside ``[0, T]`` raises, under
             ``vmap`` too (the batch's values are read beneath the transform); inside a
-            ``torch.compile`` graph only the shape and dtype are checked.
+            ``torch.compile`` graph, which cannot raise on values, it makes that
+            sequence's outputs NaN (``compiled_clipped_grad_sum`` then reruns the call
+            eagerly, which raises).
 
     Returns:
         ``(out, (h_n, c_n))`` as nn.LSTM: ``out`` is the last layer's hidden state at every
@@ -278,6 +280,9 @@ def _lstm(
             layer_in = F.dropout(layer_in, dropout, training=True)
 
     out, hn, cn = layer_in, torch.stack(h_n), torch.stack(c_n)
+    poison = _poison(lengths, steps, out)
+    if poison is not None:  # (traced: a length outside [0, T] makes its example NaN)
+        out, hn, cn = out + poison, hn + poison, cn + poison
     if not batched:
         return out.squeeze(1), (hn.squeeze(1), cn.squeeze(1))
     return (out.transpose(0, 1) if batch_first else out), (hn, cn)
@@ -777,7 +782,7 @@ def _mask(
         # traced (the compiled route): the range check below reads values and vmap wrappers,
         # which the tracer cannot (it broke the graph, and the compiled step then failed to
         # trace lstm with lengths); the eager planning run of the same call checked the shape
-        # and dtype, and the range of its first example only
+        # and dtype, and the range of its first example only; _poison marks the rest
         valid = torch.arange(steps, device=device).unsqueeze(1) < lengths.to(device).reshape(1, -1)
         return valid.unsqueeze(-1)
     if isinstance(lengths, bool):
@@ -808,6 +813,22 @@ def _mask(
     lengths = lengths.to(device).reshape(want)
     valid = torch.arange(steps, device=device).unsqueeze(1) < lengths.reshape(1, -1)
     return valid.unsqueeze(-1)
+
+
+def _poison(lengths: Any, steps: int, like: torch.Tensor) -> torch.Tensor | None:
+    """While ``torch.compile`` traces: ``[1, B, 1]`` (``[1, 1, 1]`` for one example), NaN
+    for a sequence whose length is outside ``[0, T]`` and 0 elsewhere, to add to the
+    layer's outputs; None otherwise (eagerly :func:`_mask` raises instead).
+
+    A graph cannot raise on values, and a mask alone would treat such a length as clamped.
+    The NaN makes that example's loss and norm NaN; the compiled route then runs the call
+    again eagerly (its non-finite-norm fallback), where :func:`_mask` raises the
+    ValueError naming the lengths. Adding 0 changes no value and no gradient."""
+    if not torch.compiler.is_compiling() or not isinstance(lengths, torch.Tensor):
+        return None
+    bad = (lengths < 0) | (lengths > steps)
+    nan = torch.full((), math.nan, dtype=like.dtype, device=like.device)
+    return torch.where(bad.to(like.device), nan, torch.zeros_like(nan)).reshape(1, -1, 1)
 
 
 def _check_sizes(input_size: int, hidden_size: int, num_layers: int, fn: str) -> None:

@@ -454,6 +454,9 @@ def _layer(
         if training and dropout > 0 and layer < num_layers - 1:
             layer_in = F.dropout(layer_in, dropout, training=True)
     out, hn = layer_in, torch.stack(h_n)
+    poison = _lstm_module._poison(lengths, steps, out)
+    if poison is not None:  # (traced: a length outside [0, T] makes its example NaN)
+        out, hn = out + poison, hn + poison
     if not batched:
         return out.squeeze(1), hn.squeeze(1)
     return (out.transpose(0, 1) if batch_first else out), hn

@@ -333,6 +333,14 @@ def test_compiled_fast_traces_lstm_with_lengths():
             summed, got_norms = step(params, *part)
         assert_tree_close(summed, expected)
         torch.testing.assert_close(got_norms, dp.per_sample_norms(grads), rtol=1e-10, atol=0)
+    # a length out of range in an example the planning run did not see: the graph makes that
+    # example NaN, and the eager rerun raises the layer's own error (not a clamped length)
+    ids, lengths, y = batch
+    for bad in (T + 2, -1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\]"):
+                step(params, ids, torch.tensor([5, 1, bad, 4]), y)
 
 
 def test_fast_clipping_records_one_piece_per_lstm_weight(monkeypatch):

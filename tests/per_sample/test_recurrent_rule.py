@@ -253,6 +253,12 @@ def test_compiled_fast_is_one_graph_and_exact():
         summed, got = step(params, *batch)
     assert_tree_close(summed, expected)
     torch.testing.assert_close(got, expected_norms, rtol=1e-10, atol=0)
+    # a length out of range where the planning run did not look: NaN in the graph, then
+    # the eager rerun's ValueError (a graph cannot raise on values; never a clamped length)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"gru: lengths must lie in \[0, T\]"):
+            step(params, batch[0], torch.tensor([3, 1, 4, 0]), batch[2])
 
 
 # ------------------------------------------------------------------------ batch mode, errors
