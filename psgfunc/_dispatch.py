@@ -31,25 +31,22 @@ def no_autograd() -> contextlib.AbstractContextManager:
 _ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
 _STASH = getattr(torch._C, "_stash_obj_in_tls", None)
 _UNSTASH = getattr(torch._C, "_remove_obj_from_tls", None)
-if _UNSTASH is None:  # pragma: no cover
-    _STASH = None
 
 
 def grads_of(loss: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
-    """``torch.autograd.grad(loss, inputs, allow_unused=True)`` for a 0-dim ``loss`` that
-    requires grad and ``inputs`` that do (no graph kept, none built).
+    """``torch.autograd.grad(loss, inputs, allow_unused=True)`` for a 0-dim ``loss`` and
+    ``inputs`` that require grad (no graph kept, none built).
 
     Calls autograd's engine directly: ``torch.autograd.grad``'s Python checks (overrides,
     the seeds' shapes, logging hooks) took 30-50 us per call here, a tenth of a small
-    MLP's fast-clipping step. Falls back to ``torch.autograd.grad`` where the engine is not
-    exposed, while ``torch.compile`` traces, and for a loss without history (whose error
-    message autograd's wrapper gives).
+    MLP's fast-clipping step. Falls back to ``torch.autograd.grad`` where torch does not
+    expose the engine or the context hand-over, while ``torch.compile`` traces, and for a
+    loss without history (whose error message autograd's wrapper gives).
     """
-    if _ENGINE is None or torch.compiler.is_compiling() or loss.grad_fn is None or loss.dim() != 0:
+    if _ENGINE is None or _STASH is None or _UNSTASH is None or torch.compiler.is_compiling() \
+            or loss.grad_fn is None:
         return torch.autograd.grad(loss, inputs, allow_unused=True)
     seed = torch.ones((), dtype=loss.dtype, device=loss.device)
-    if _STASH is None:  # pragma: no cover - a torch that does not hand the context over
-        return _ENGINE.run_backward((loss,), (seed,), False, False, tuple(inputs), True, False)
     # as torch's own wrapper: the backward's device threads see this thread's context
     # variables (the rules' modes), not their defaults
     _STASH("context", contextvars.copy_context())

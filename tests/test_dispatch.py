@@ -11,7 +11,7 @@ import psgfunc.dp as dp
 import psgfunc.functional as PF
 import psgfunc.nn as pnn
 from psgfunc import per_sample_grads
-from psgfunc._dispatch import no_autograd
+from psgfunc._dispatch import grads_of, no_autograd
 
 
 def test_no_autograd_is_inference_mode_outside_compile():
@@ -27,6 +27,25 @@ def test_no_autograd_is_inference_mode_outside_compile():
 
 def lstm_params(gen):
     return PF.init_lstm(3, 4, generator=gen)
+
+
+def test_grads_of_is_autograd_grad():
+    """The direct engine call gives torch.autograd.grad's gradients (None for an input the
+    loss does not reach), and a loss without history gets autograd's own error."""
+    a = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, requires_grad=True)
+    loss = (a.sin() * b).sum()
+    expected = torch.autograd.grad(loss, [a, b, unused], allow_unused=True, retain_graph=True)
+    got = grads_of(loss, [a, b, unused])
+    assert got[2] is None and expected[2] is None
+    for g, e in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        grads_of(torch.ones(()), [a])
+    with pytest.raises(RuntimeError, match="does not require grad"):  # through the fast path
+        dp.clipped_grad_sum(lambda p, x: x.sum(), {"w": torch.randn(3)}, torch.randn(4, 3),
+                            max_norm=1.0, method="fast")
 
 
 def test_lstm_outputs_and_gradients_are_ordinary_tensors():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from psgfunc._dispatch import no_autograd
 from psgfunc._rules import dispatchable
 from psgfunc.functional import _autocast
+from psgfunc.functional.embedding import _values
 from psgfunc.functional.linear import _uniform
 from psgfunc.scan import scan
 
@@ -759,15 +760,6 @@ def _initial_state(
             )
         out.append(t if batched else t.unsqueeze(1))
     return out[0], out[1]
-
-
-def _values(t: torch.Tensor) -> torch.Tensor:
-    """The plain tensor inside ``t``'s functorch wrappers: under vmap, the lengths of every
-    example of the batch (a BatchedTensor's values cannot be read as such; these can)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    while functorch is not None and functorch.is_functorch_wrapped_tensor(t):
-        t = functorch.get_unwrapped(t)
-    return t
 
 
 def _mask(
