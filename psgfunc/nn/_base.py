@@ -77,11 +77,22 @@ class ExpandedModule(nn.Module):
         while n and getattr(torch._C._get_function_stack_at(n - 1), "_psg_outside_shells", False):
             paused.append(torch._C._pop_torch_function_stack())
             n -= 1
+        # the outermost shell of a followed forward: its input's batch is checked against
+        # what carries example data (psgfunc.nn._forward.is_shared), and its outputs carry it
+        record = _forward.current()
+        outer = None if record is None else (record.shell, record.shell_inputs)
+        if record is not None:
+            record.shell, record.shell_inputs = self, (*args, *kwargs.values())
         try:
-            return super().__call__(*args, **kwargs)
+            out = super().__call__(*args, **kwargs)
         finally:
+            if record is not None:
+                record.shell, record.shell_inputs = outer
             for mode in reversed(paused):
                 torch._C._push_on_torch_function_stack(mode)
+        if record is not None:
+            _forward.mark(record, out)
+        return out
 
     def _set_max_batch_size(self, max_batch_size: Any) -> None:
         self.max_batch_size = check_max_batch_size(max_batch_size, type(self).__name__)
@@ -95,6 +106,7 @@ class ExpandedModule(nn.Module):
         batch_dim: int = 0,
         expected: str,
         name: str = "input",
+        data: bool = True,
     ) -> int:
         """The batch size of ``x`` (its size along ``batch_dim``), after the shell's checks.
 
@@ -105,6 +117,8 @@ class ExpandedModule(nn.Module):
             batch_dim: where the batch is.
             expected: the shape to show in errors, e.g. ``"[B, *, 16]"``.
             name: what to call ``x`` in errors.
+            data: whether ``x`` holds the examples' data (checked not to be a tensor shared
+                by every example, :func:`psgfunc.nn._forward.shared`); False for offsets.
 
         Raises:
             ValueError: ``x`` has too few or too many dims (typically a missing batch dim),
@@ -131,7 +145,7 @@ class ExpandedModule(nn.Module):
                 "max_batch_size (psgfunc.nn.expand_weights(model, max_batch_size) resets it "
                 "on a whole model)"
             )
-        _forward.consume(self, x, size, batch_dim)
+        _forward.consume(self, x, size, batch_dim, data=data)
         return size
 
     def _expanded_params(self) -> dict[str, torch.Tensor]:

@@ -31,6 +31,19 @@ one is open, every shell call:
   lookup keeps each example's gradient. ``B`` is the forward's batch when a shell has read
   it, else the leading size of the model's first tensor input.
 
+* (rule C) checks that its input carries the examples' data. While the forward runs with
+  gradients on, the torch-function mode of :mod:`psgfunc.nn.generic` follows it: the model's
+  tensor inputs carry it (batch-first, the module contract), and so does every tensor a torch
+  function makes from one (an in-place op, ``x[i] = v`` and ``out=`` pass it to the tensor
+  they write), and every shell output. A tensor the outermost running shell was called with
+  that carries none (``torch.arange(T)`` position ids, a ``[T, T]`` mask or T5's
+  relative-position buckets) has nothing per example: its dim 0 is not the batch, even when
+  its size is ``B``. A shell refuses it (:func:`is_shared`); a generic shell and a plain op
+  on the model's parameters give it whole to every example. Two exceptions keep tensors
+  built for the batch from sizes alone: slices along the batch dim that are all equal
+  (``torch.zeros(B, T)``, HF's default token types) or a stride-0 batch dim
+  (``.expand(B, ...)``) pass as batched.
+
 Outside such a forward (shells called directly, in a model not passed to ``expand_weights``)
 there is no record to compare batch sizes with; only the most direct case is caught: a
 batch-first shell given a time-major shell's output, or a view of it (same storage, same
@@ -49,13 +62,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch"]
+__all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch", "follow", "mark", "is_shared"]
 
 
 class Record:
     """What the shells of one forward pass read: the batch size and each output's layout."""
 
-    __slots__ = ("root", "depth", "hint", "batch", "source", "outputs")
+    __slots__ = ("root", "depth", "hint", "batch", "source", "outputs", "data", "shell", "shell_inputs")
 
     def __init__(self, root: nn.Module | None, hint: int | None):
         self.root, self.depth, self.hint = root, 1, hint
@@ -63,6 +76,11 @@ class Record:
         self.source: tuple[nn.Module, int | None] | None = None  # who read it first, at which dim
         # (ndim, first two sizes) of each shell output -> (its batch dim, the shell), latest wins
         self.outputs: dict[tuple[int, int, int], tuple[int, nn.Module]] = {}
+        # id -> weak reference of the tensors known to carry example data (the model's inputs
+        # and what ops made from them, see follow()); None when the forward is not followed
+        self.data: dict[int, weakref.ref] | None = None
+        self.shell: nn.Module | None = None  # the outermost shell running (its checks apply)
+        self.shell_inputs: tuple[Any, ...] = ()  # the arguments that shell was called with
 
     def name(self, module: nn.Module) -> str:
         """``module``'s qualified name in the model, for messages."""
@@ -139,7 +157,7 @@ _FIX = (
 )
 
 
-def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None) -> None:
+def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data: bool = True) -> None:
     """Check a shell's reading of the batch (``size`` examples at ``batch_dim`` of ``x``).
 
     Args:
@@ -147,6 +165,8 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None) -> None:
         x: its input (the tensor whose ``batch_dim`` holds the batch).
         size: the batch size it read.
         batch_dim: 0 or 1; None when ``x`` has no batch dim to compare (packed, unbatched).
+        data: whether ``x`` holds the examples' data: in a followed forward, the outermost
+            shell's ``x`` must not be a tensor shared by every example (:func:`is_shared`).
 
     Raises:
         ValueError: ``x`` is most likely a tensor whose batch is at the other dim (rule B) or
@@ -163,6 +183,11 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None) -> None:
         found = record.outputs.get((x.dim(), x.shape[0], x.shape[1]))
         if found is not None and found[0] != batch_dim and (x.shape[0], x.shape[1]) != (1, 1):
             _check_crossing(record, shell, found[1], x, batch_dim, found[0])
+    if (data and record.shell is shell and batch_dim is not None and isinstance(x, torch.Tensor)
+            and any(a is x for a in record.shell_inputs) and is_shared(x, batch_dim)):
+        # (only a tensor the shell was called with: what its hooks or its own code made from
+        # one is not followed, so carries no evidence either way)
+        _refuse_shared(record, shell, x, batch_dim)
     if record.batch is None:
         record.batch, record.source = size, (shell, batch_dim)
     elif size != record.batch:
@@ -181,6 +206,81 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None) -> None:
             f"together. Input shape {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}."
             f"{shared} {_FIX}"
         )
+
+
+def _refuse_shared(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: int) -> None:
+    raise ValueError(
+        f"{record.name(shell)} reads dim {batch_dim} of its input {tuple(x.shape)} as a batch of "
+        f"{x.shape[batch_dim]} examples, but that input was computed without any of the model's "
+        "inputs (from constants, parameters or buffers only: e.g. position ids "
+        "torch.arange(T), a [T, T] mask or relative-position table), so it is shared by every "
+        f"example and its dim {batch_dim} is not the batch: each example would get the gradient "
+        "rows of others. Give it a leading dim of 1 (pos[None]: an Embedding then looks it up "
+        "once per example) or expand it to the batch (pos.expand(B, *pos.shape)); a tensor that "
+        "does hold one row per example must be made from the model's inputs (x.new_zeros(B, H), "
+        "torch.zeros_like(x[..., 0])), not from sizes alone"
+    )
+
+
+def follow(data: dict[int, weakref.ref], func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    """After a torch function ran in a followed forward: when one of its tensor arguments
+    (or list/tuple elements) carries example data, so do its outputs, and the tensor it wrote
+    to (an in-place op's ``self``, ``x[i] = ...``'s ``x``, ``out=``)."""
+    hit = False
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, torch.Tensor):
+            hit = _has(data, a)
+        elif type(a) is list or type(a) is tuple:
+            hit = any(isinstance(v, torch.Tensor) and _has(data, v) for v in a)
+        if hit:
+            break
+    if not hit:
+        return
+    _add(data, out)
+    name = getattr(func, "__name__", "")
+    if args and isinstance(args[0], torch.Tensor) and (
+        name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+    ):
+        _add(data, args[0])
+    if kwargs and "out" in kwargs:
+        _add(data, kwargs["out"])
+
+
+def mark(record: Record, value: Any) -> None:
+    """Note the tensors in ``value`` (tensors, lists, tuples, dicts of them) as carrying example
+    data, when ``record`` follows its forward."""
+    if record.data is not None:
+        _add(record.data, value)
+
+
+def _has(data: dict[int, weakref.ref], t: torch.Tensor) -> bool:
+    ref = data.get(id(t))
+    return ref is not None and ref() is t
+
+
+def _add(data: dict[int, weakref.ref], value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        data[id(value)] = weakref.ref(value)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _add(data, v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _add(data, v)
+
+
+def is_shared(x: torch.Tensor, dim: int) -> bool:
+    """Whether ``x``, read with the batch at ``dim`` in a followed forward, is surely not
+    batched: made without the model's inputs, with distinct slices along ``dim`` (a position
+    table, a mask). A tensor made from sizes alone whose slices are all equal
+    (``torch.zeros(B, T)``), or expanded along ``dim`` (stride 0), passes as batched: its
+    dim was built for the batch. False outside a followed forward (no evidence either way)."""
+    record = _CURRENT.get()
+    data = None if record is None else record.data
+    if data is None or _has(data, x) or x.dim() <= dim or x.shape[dim] <= 1 or x.stride(dim) == 0:
+        return False
+    with torch.no_grad():
+        return not torch.equal(x, x.narrow(dim, 0, 1).expand_as(x))
 
 
 def _check_crossing(

@@ -103,7 +103,7 @@ class EmbeddingBag(ExpandedModule, nn.EmbeddingBag):
                 )
             starts = offsets[:-1] if self.include_last_offset and isinstance(offsets, torch.Tensor) else offsets
             size = self._batch_size(starts, min_dim=1, max_dim=1, expected="[B] (one bag per example)",
-                                    name="offsets")
+                                    name="offsets", data=False)
         out = module_call(
             PF.embedding_bag, self._expanded_params(), size, input, offsets, mode=self.mode,
             per_sample_weights=per_sample_weights, padding_idx=self.padding_idx,

@@ -23,7 +23,9 @@ only its ``forward`` changes:
 
 Tensors in the input whose dim 0 is ``B`` are taken as batched (example ``b`` gets row ``b``,
 with a leading 1); other tensors (e.g. ``[1, T, D]`` rotary tables shared by every example) go
-to every example as they are. Tensor outputs must have the example's leading 1 (a module that
+to every example as they are, and so does a tensor whose dim 0 happens to be ``B`` but that
+was made without the model's inputs (a ``[T, T]`` mask with ``T == B``: the forward follows
+which tensors carry the examples' data, :func:`psgfunc.nn._forward.is_shared`). Tensor outputs must have the example's leading 1 (a module that
 keeps the batch dim); it is removed and the examples are stacked back to ``[B, ...]``.
 
 **Plain ops on the model's parameters, outside any shell.** A module WITHOUT parameters of
@@ -41,7 +43,8 @@ of one taken in that forward: ``.T``, ``.t()``, ``transpose``, ``permute``, ``vi
 examples with the rules active (:class:`_Runner`, the same runner as a generic shell's).
 The op's per-sample gradient (or its fast-clipping pieces) then joins those of the shells
 that use the same ``Parameter``, as two shells sharing one do. The batch is the op's first
-tensor input (not a parameter) whose dim 0 is the forward's batch size (checked against
+tensor input (not a parameter) whose dim 0 is the forward's batch size and that carries the
+examples' data (not a constant of that size: :func:`psgfunc.nn._forward.is_shared`) (checked against
 the forward's record, :mod:`psgfunc.nn._forward`); an op with no such input, and an op
 without a rule, runs unchanged, and the check on the parameter's total gradient
 (:mod:`psgfunc.per_sample._rows`) then raises the ValueError that names the fix. Shells
@@ -159,8 +162,11 @@ class _Runner:
         names = list(expanded)
         views = [expanded[n] for n in names]
         leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        # (a tensor made without the model's inputs whose dim 0 happens to be B, e.g. a
+        # [T, T] mask with T == B, is shared, not batched: psgfunc.nn._forward.is_shared)
         batched = [
-            isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size for t in leaves
+            isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size and not _forward.is_shared(t, 0)
+            for t in leaves
         ]
         b_leaves = [t for t, b in zip(leaves, batched) if b]
         out_info: dict[str, Any] = {}
@@ -293,6 +299,13 @@ class _OutsideShells(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        out = self._dispatch(func, args, kwargs)
+        data = self.record.data
+        if data is not None and not torch._C._are_functorch_transforms_active():
+            _forward.follow(data, func, args, kwargs, out)  # what carries example data
+        return out
+
+    def _dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         is_view = func in _VIEW_FNS
         if not is_view and _torch_ops.rule_for(func) is None:
             return func(*args, **kwargs)
@@ -355,7 +368,7 @@ class _OutsideShells(TorchFunctionMode):
         inputs = [v for v in _torch_ops._tensors(s_args, s_kwargs) if v.dim() > 0]
         record = self.record
         batch = record.batch if record.batch is not None else record.hint
-        first = next((t for t in inputs if batch is None or t.shape[0] == batch), None)
+        first = next((t for t in inputs if (batch is None or t.shape[0] == batch) and not _forward.is_shared(t, 0)), None)
         if first is None:
             # no input batched like the forward: the op is left as is, and the parameter's
             # total-gradient check raises (a use outside psgfunc layers) if it gets a gradient
@@ -414,6 +427,11 @@ def _enter_forward(model: nn.Module, args: Any, kwargs: Any) -> None:
     if (record is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active() and _rules.expanded_mode_kind() is None):
         mode = _OutsideShells(model, record)
+        if record.data is None and record.root is model:
+            # the outermost forward: its inputs carry the examples' data (batch-first, the
+            # module contract), and the mode follows what ops make from them
+            record.data = {}
+            _forward.mark(record, optree.tree_leaves((args, kwargs)))
         mode.__enter__()
     entries.append((model, mode))
 

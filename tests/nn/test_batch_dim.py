@@ -2,8 +2,9 @@
 
 A model converted by ``expand_weights`` records each forward pass: a batch-first shell fed a
 time-major tensor raises (also when ``T == B``, where the sizes alone would silently mix the
-examples' gradient rows), and ``[1, T]`` position ids are looked up for every example, so
-each example's table gradient is its own.
+examples' gradient rows), ``[1, T]`` position ids are looked up for every example, so
+each example's table gradient is its own, and a tensor made without the model's inputs (1-D
+position ids, a ``[T, T]`` mask or table) is never read as the batch (rule C).
 """
 
 from __future__ import annotations
@@ -305,10 +306,15 @@ def test_shared_position_ids_under_dp_optimizer(fast):
         torch.testing.assert_close(before[name] - p.detach(), clipped / 5, rtol=1e-10, atol=1e-13)
 
 
-def test_flat_position_ids_are_examples_and_a_mismatch_raises():
+@pytest.mark.parametrize("batch", [5, 4, 1])
+def test_flat_position_ids_are_refused_as_shared(batch):
+    """1-D position ids arange(T) (nanoGPT) are made without the model's input: their dim 0
+    is not the batch, also when T == B (where shapes alone would pass and each example would
+    get the position rows of all examples)."""
     model = pnn.expand_weights(Positions(pos_first=False, flat_positions=True), 8)
-    with pytest.raises(ValueError, match=r"Embedding 'pos' reads a batch of 4 examples"):
-        model(torch.randint(0, 7, (5, 4)))
+    ids = torch.randint(0, 7, (batch, 4))
+    with pytest.raises(ValueError, match=r"Embedding 'pos' reads dim 0 of its input \(4,\) .* shared by every example"):
+        model(ids)
 
 
 def test_shared_ids_outside_a_converted_model_are_one_example():
@@ -332,3 +338,129 @@ def test_a_record_left_open_by_an_interrupted_forward_ends_at_the_next_call():
     assert _forward.current() is not None and _forward.current().batch == 4
     model(torch.randn(2, 3)).sum().backward()  # a new record: batch 2, no stale mismatch
     assert model[0].weight.grad_sample.shape[0] == 2 and _forward.current() is None
+
+
+# ------------------------------------- rule C: tensors made without the model's inputs are shared
+
+
+class MaskedMix(nn.Module):
+    """A module with a parameter and no converter (a generic shell) that also takes a [T, T]
+    mask shared by every example."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) * 0.3)
+
+    def forward(self, x, mask):  # x [B, T, D], mask [T, T]
+        h = x @ self.w
+        return torch.softmax(h @ h.transpose(-1, -2) + mask, -1) @ h
+
+
+class Masked(nn.Module):
+    def __init__(self, d=3):
+        super().__init__()
+        self.mix, self.head = MaskedMix(d), nn.Linear(d, 2)
+
+    def forward(self, x):
+        steps = x.shape[1]
+        mask = torch.triu(torch.full((steps, steps), -1e9, dtype=x.dtype), 1)  # no data of x
+        return self.head(self.mix(x, mask).mean(1))
+
+
+def loop_oracle(ref, inputs, y):
+    def fn(params, x_b, y_b):
+        return F.cross_entropy(functional_call(ref, params, (x_b[None],)), y_b[None], reduction="sum")
+
+    return per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters()}, inputs, y)
+
+
+@pytest.mark.parametrize("size,steps", [(3, 5), (4, 4)])
+def test_a_generic_shell_gives_a_shared_mask_to_every_example(size, steps):
+    """With T == B the mask's dim 0 has the batch's size; it was made without the input, so
+    every example gets all of it (before: example b got row b, and the output changed)."""
+    torch.manual_seed(0)
+    ref = Masked().double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    x, y = torch.randn(size, steps, 3, dtype=F64), torch.randint(0, 2, (size,))
+    out = model(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-12)
+    F.cross_entropy(out, y, reduction="sum").backward()
+    assert_tree_close(grad_samples(model), loop_oracle(ref, x, y), rtol=1e-10)
+
+
+class TableBias(nn.Module):
+    """A [T, T] relative-position table looked up by an Embedding (T5's relative bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.rel, self.head = nn.Embedding(7, 3), nn.Embedding(9, 1), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        steps = ids.shape[1]
+        pos = torch.arange(steps)
+        bias = self.rel(pos[None, :] - pos[:, None] + 4)[..., 0]  # [T, T], no data of ids
+        h = self.tok(ids)
+        return self.head(torch.softmax(h @ h.transpose(1, 2) + bias, -1) @ h)
+
+
+@pytest.mark.parametrize("fast", [None, False, True])
+def test_a_shared_table_lookup_is_refused_also_when_t_equals_b(fast):
+    model = pnn.expand_weights(TableBias().double(), 8)
+    for size, steps in ((3, 5), (4, 4)):
+        ids = torch.randint(0, 7, (size, steps))
+        with pytest.raises(ValueError, match=r"Embedding 'rel' reads dim 0 of its input \(%d, %d\)" % (steps, steps)):
+            if fast is None:
+                model(ids)
+            else:
+                opt = dp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), max_norm=1.0,
+                                     noise_multiplier=0.0, expected_batch_size=size, fast_clipping=fast)
+                model(ids).sum().backward()
+                opt.step()
+
+
+class MadeFromSizes(nn.Module):
+    """Shell inputs made from sizes alone (all rows equal: built for the batch) or from the
+    input through in-place ops and ``new_zeros``: all batched."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.typ, self.state = nn.Embedding(7, 3), nn.Embedding(2, 3), nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        types = torch.zeros(ids.shape, dtype=torch.long)  # HF's default token_type_ids
+        table = torch.arange(ids.numel()).view(ids.shape) % 7  # distinct rows, then overwritten
+        table.copy_(ids)
+        h0 = ids.new_zeros(ids.shape[0], 3).to(torch.float64)
+        h = self.tok(table) + self.typ(types) + self.state(h0)[:, None]
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("size,steps", [(4, 4), (3, 5)])
+def test_inputs_made_for_the_batch_or_from_the_input_are_batched(size, steps):
+    torch.manual_seed(1)
+    ref = MadeFromSizes().double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    ids, y = torch.randint(0, 7, (size, steps)), torch.randint(0, 2, (size, steps))
+    F.cross_entropy(model(ids).transpose(1, 2), y, reduction="sum").backward()
+    assert_tree_close(grad_samples(model), position_oracle(ref, ids, y), rtol=1e-10)
+
+
+class ConstantThroughTiedHead(nn.Module):
+    """A plain op outside shells (``F.linear`` on an embedding's weight) whose only tensor
+    input with the batch's size is a constant [T, D] table."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.head = nn.Embedding(5, 3), nn.Linear(3, 5)
+
+    def forward(self, ids):
+        table = torch.linspace(-1, 1, 12, dtype=torch.float64).view(4, 3)
+        return self.head(torch.tanh(self.tok(ids))) + F.linear(table, self.tok.weight)
+
+
+def test_a_plain_op_on_a_parameter_does_not_take_a_constant_for_the_batch():
+    model = pnn.expand_weights(ConstantThroughTiedHead().double(), 8)
+    out = model(torch.randint(0, 5, (4, 4)))  # T == B == 4: the table has the batch's size
+    with pytest.raises(ValueError, match="used outside any psgfunc layer"):
+        out.sum().backward()
