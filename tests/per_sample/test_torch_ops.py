@@ -160,6 +160,25 @@ def test_op_without_rule_falls_back_and_warns_once_naming_it():
         assert grad_pieces(fn, params, x).materialized == [1]  # "w" (optree sorts keys) only
 
 
+@pytest.mark.parametrize("which", ["all", "query"])
+def test_sdpa_refuses_one_dim_examples(which):
+    """torch refuses 1-D q/k/v; on the stacked batch ``[B, E]`` would read as a sequence of
+    the B examples, so each example's result would depend on the others: refused."""
+    params = {"w": rand(3, 3)}
+    x = rand(B, 2, 3)
+
+    def fn(p, xe):
+        q = xe[0] @ p["w"]
+        kv = xe[1] if which == "all" else xe[1:]
+        return F.scaled_dot_product_attention(q, kv, kv).sin().sum()
+
+    for run in (lambda: pf.per_sample_grads(fn, params, x, method="expanded"),
+                lambda: pf.per_sample_grads(fn, params, x, method="auto"),
+                lambda: pf.dp.clipped_grad_sum(fn, params, x, max_norm=1.0, method="fast")):
+        with pytest.raises(ValueError, match="query must be at least 2-D"):
+            run()
+
+
 def test_sdpa_under_transforms_has_no_fallback():
     params = {"w": rand(4, 12)}
     mask = torch.rand(5, 5, generator=torch.Generator().manual_seed(0)) > 0.3

@@ -179,6 +179,14 @@ class _SDPARule(Rule):
                 mask: Any, dropout_p: float, is_causal: bool, scale: Any, enable_gqa: bool) -> Any:
         if dropout_p > 0 and vmap_randomness() != "different":
             return NotImplemented  # one mask for all examples, or an error: the vmap route
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if t.dim() < 3:  # torch refuses it on one example; on the stacked batch, [B, E]
+                # would read as a sequence of the B examples, mixing them
+                raise ValueError(
+                    f"scaled_dot_product_attention: each example's {name} must be at least 2-D "
+                    f"[..., L, E] (as torch requires), got an example of shape {tuple(t.shape[1:])}; "
+                    "add the sequence dim, e.g. q.unsqueeze(-2)"
+                )
         tensors = [t for t in (q, k, v, mask) if isinstance(t, torch.Tensor)]
         rank = max(t.dim() for t in tensors)
 
