@@ -170,7 +170,8 @@ def versions(*params: torch.Tensor | None) -> tuple[int, ...] | None:
     return tuple(p._version for p in params if p is not None)
 
 
-def check_versions(kept: tuple[int, ...] | None, where: str, *params: torch.Tensor | None) -> None:
+def check_versions(kept: tuple[int, ...] | None, where: str, *params: torch.Tensor | None,
+                   what: str = "a parameter") -> None:
     """RuntimeError if a parameter changed in place between the forward and this backward.
 
     A tensor saved with ``save_for_backward`` gets this check from autograd; a parameter kept
@@ -183,10 +184,10 @@ def check_versions(kept: tuple[int, ...] | None, where: str, *params: torch.Tens
     now = tuple(p._version for p in params if p is not None)
     if now != kept:
         raise RuntimeError(
-            f"psgfunc {where}: a parameter the backward pass needs was modified in place after "
+            f"psgfunc {where}: {what} the backward pass needs was modified in place after "
             "the forward pass (an optimizer step or an in-place edit between the forward and "
-            "the backward); run the forward pass again after changing the parameters, or "
-            "change them out of place"
+            "the backward); run the forward pass again after the change, or make it out of "
+            "place"
         )
 
 

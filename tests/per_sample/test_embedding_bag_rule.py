@@ -247,3 +247,36 @@ def test_nn_embedding_bag_through_functional_call_takes_the_rule(layout, rule_ca
         summed, got = dp.clipped_grad_sum(fn, params, idx, y, max_norm=c, method="fast")
     assert_tree_close(summed, want)
     torch.testing.assert_close(got, want_norms, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("edit", ["idx", "offsets"])
+def test_indices_changed_in_place_before_the_backward_raise(edit):
+    """Plain torch raises when the indices change between forward and backward; the rule
+    keeps them by reference (not saved), so it checks their versions itself (before: the
+    gradient silently went to the new rows)."""
+    import psgfunc.nn as pnn
+
+    torch.manual_seed(0)
+    bag = pnn.EmbeddingBag(10, 4, mode="sum", max_batch_size=8).double()
+    if edit == "idx":
+        idx, offsets = torch.randint(0, 8, (3, 4)), None
+    else:
+        idx, offsets = torch.randint(0, 8, (6,)), torch.tensor([0, 2, 3])
+    out = bag(idx, offsets)
+    (idx if edit == "idx" else offsets).add_(1 if edit == "idx" else 0).clamp_(max=5)
+    with pytest.raises(RuntimeError, match="embedding_bag: an index or offsets tensor .* modified in place"):
+        out.sum().backward()
+    params = {"weight": bag.weight.detach()}  # the functional route, under fast clipping too
+    idx = torch.randint(0, 8, (3, 2, 4))
+
+    def fn(p, i):
+        out = PF.embedding_bag(p, i, mode="sum")
+        i.add_(1)
+        return out.square().sum()
+
+    for method in ("expanded", "fast"):
+        with pytest.raises(RuntimeError, match="modified in place"):
+            if method == "fast":
+                dp.clipped_grad_sum(fn, params, idx.clone(), max_norm=1.0, method="fast")
+            else:
+                per_sample_grads(fn, params, idx.clone(), method="expanded")

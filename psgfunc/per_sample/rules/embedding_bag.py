@@ -42,7 +42,7 @@ from torch.func import vmap
 
 from psgfunc import _rules
 from psgfunc.functional.embedding_bag import _check_args, _check_offsets, embedding_bag
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, is_shared
+from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, check_versions, is_shared, versions
 from psgfunc.per_sample._kinds import emit
 from psgfunc.per_sample.rules.embedding import EmbeddingRows, _rows_kind
 
@@ -154,12 +154,15 @@ class _BagPerSample(torch.autograd.Function):
         lookups = call.mode == "max" or psw is not None
         ctx.save_for_backward(w if lookups else None, output if call.mode == "max" else None)
         ctx.weight = w
+        # the indices and offsets are kept on `call` (not saved): autograd does not check them
+        ctx.versions = versions(call.idx, call.offsets)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         saved, out = ctx.saved_tensors
         w = ctx.weight
         call = ctx.call
+        check_versions(ctx.versions, "embedding_bag", call.idx, call.offsets, what="an index or offsets tensor")
         layout = call.layout
         gp = layout.spread(g)  # [E, T, D]
         gw = gpsw = None
@@ -181,7 +184,7 @@ class _Call:
     def __init__(self, idx: torch.Tensor, offsets: torch.Tensor | None, n: int, bags: int,
                  examples_are_bags: bool, include_last_offset: bool, padding_idx: int | None,
                  mode: str, psw: torch.Tensor | None, dtype: torch.dtype):
-        self.mode, self.padding_idx, self.idx = mode, padding_idx, idx  # idx [E, T]
+        self.mode, self.padding_idx, self.idx, self.offsets = mode, padding_idx, idx, offsets  # idx [E, T]
         self.e, t = idx.shape
         self.examples_are_bags = examples_are_bags
         self.layout = _Layout(idx, offsets, n, bags, include_last_offset, padding_idx, mode,
