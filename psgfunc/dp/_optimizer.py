@@ -561,3 +561,5 @@ class DPOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.detach_()
                     p.grad.zero_()
+                    # zeros no backward left since: as untouched as None (see _unreached)
+                    self._updates[id(p)] = (p.grad, p.grad._version)

@@ -486,6 +486,27 @@ def test_layer_the_loss_does_not_use_has_zero_per_sample_gradients(fast):
         opt.accumulate()
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_unused_layer_after_zero_grad_to_zeros_still_has_zero_per_sample_gradients(fast):
+    """zero_grad(set_to_none=False) zeroes the unused layer's update in place: still no
+    gradient that a backward left (before: the next step refused it as unrecorded); a
+    backward that does add to the zeros (a use outside psgfunc layers) still raises."""
+    torch.manual_seed(0)
+    body, unused = pnn.Linear(3, 4, 4, dtype=F64), pnn.Linear(4, 2, 4, dtype=F64)
+    x = torch.randn(4, 3, dtype=F64)
+    opt = optimizer([*body.parameters(), *unused.parameters()], "fast" if fast else "dense", max_norm=0.5)
+    for _ in range(3):
+        h = body(x)
+        unused(h)  # runs, but its output is not in the loss
+        h.tanh().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    h = body(x)
+    (h.tanh().sum() + unused.weight.sum()).backward()  # a use no psgfunc layer recorded
+    with pytest.raises(ValueError, match="have no grad_sample while others do"):
+        opt.step()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layer", ["linear", "conv", "layer_norm", "rms_norm", "generic"])
 def test_a_gradient_penalty_is_refused_not_spread_over_the_rows(mode, layer):
