@@ -43,9 +43,27 @@ def test_grads_of_is_autograd_grad():
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="does not require grad"):
         grads_of(torch.ones(()), [a])
-    with pytest.raises(RuntimeError, match="does not require grad"):  # through the fast path
-        dp.clipped_grad_sum(lambda p, x: x.sum(), {"w": torch.randn(3)}, torch.randn(4, 3),
-                            max_norm=1.0, method="fast")
+
+
+
+@pytest.mark.parametrize("route", ["vmap", "expanded", "auto", "fast", "materialize"])
+def test_a_loss_without_the_params_has_zero_gradients_on_every_route(route):
+    """As torch.func.grad (and the vmap route) give: zeros, not autograd's error for a loss
+    without history (the expanded and fast routes raised it)."""
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    x = torch.randn(4, 3)
+
+    def fn(p, xi):
+        return xi.sin().sum()
+
+    if route in ("fast", "materialize"):
+        summed, norms = dp.clipped_grad_sum(fn, params, x, max_norm=1.0, method=route)
+        # (fast clipping's certified norms carry an absolute floor of about 1e-22)
+        assert all(not t.any() for t in summed.values()) and float(norms.max()) < 1e-20
+    else:
+        grads = per_sample_grads(fn, params, x, method=route)
+        assert {k: tuple(v.shape) for k, v in grads.items()} == {"w": (4, 3, 2), "b": (4, 2)}
+        assert all(not t.any() for t in grads.values())
 
 
 def test_lstm_outputs_and_gradients_are_ordinary_tensors():

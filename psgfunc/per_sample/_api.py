@@ -265,8 +265,9 @@ def _expanded_grads(prep: _Prepared, b_leaves, size):
         return []
     views = [expand_leaf(p, size) for p in prep.p_leaves]
     with torch.enable_grad(), _rules.expanded_mode("vmap"):
-        losses = prep.expanded_losses(views, b_leaves)
-        grads = grads_of(losses.sum(), views)
+        total = prep.expanded_losses(views, b_leaves).sum()
+        # a loss that does not depend on the params: zeros, as vmap(grad) gives
+        grads = grads_of(total, views) if total.requires_grad else [None] * len(views)
     return [torch.zeros_like(v) if g is None else g for v, g in zip(views, grads)]
 
 

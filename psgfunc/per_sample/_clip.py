@@ -124,7 +124,10 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
         # the views (their per-sample gradients, or the rules' records) and the layer
         # outputs whose gradients make the pieces (Collector.output)
         n = len(views)
-        grads = grads_of(losses.sum(), views + collector.inputs)
+        total = losses.sum()
+        # a loss that does not depend on the params: no gradient anywhere (zeros below)
+        grads = (grads_of(total, views + collector.inputs) if total.requires_grad
+                 else [None] * (n + len(collector.inputs)))
     collector.finish(grads[n:])
     grads = grads[:n]
     # the loss may not depend on a leaf at all (no gradient, no records): zeros
