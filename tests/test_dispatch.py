@@ -131,3 +131,26 @@ def test_dp_optimizer_fast_clipping_norms_and_update_are_ordinary_tensors():
         opt.step()
         assert not any(p.is_inference() or p.grad.is_inference() for p in model.parameters())
         opt.zero_grad()
+
+
+def test_grad_pieces_sq_norms_are_exact_ordinary_tensors():
+    """GradPieces.sq_norms: each leaf's per-example squared norms (float64 loop), as ordinary
+    tensors (the pieces' own are inference tensors: a caller could not use them in autograd)."""
+    from psgfunc.per_sample._clip import grad_pieces
+    from tests.oracles import per_example_grads
+
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(4, 3, generator=gen, dtype=torch.float64),
+              "b": torch.randn(4, generator=gen, dtype=torch.float64)}
+    x = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64)
+
+    def fn(p, xi):
+        return PF.linear(p, xi).tanh().sum()
+
+    pieces = grad_pieces(fn, params, x)
+    want = per_example_grads(fn, params, x)
+    for got, key in zip(pieces.sq_norms, sorted(params)):
+        assert not got.is_inference()
+        torch.testing.assert_close(got, want[key].flatten(1).square().sum(1), rtol=1e-12, atol=0)
+    leaf = torch.ones(5, dtype=torch.float64, requires_grad=True)
+    (pieces.sq_norms[0] * leaf).sum().backward()  # usable in autograd

@@ -44,7 +44,9 @@ class GradPieces:
 
     @property
     def sq_norms(self) -> list[torch.Tensor]:
-        return [leaf.sq_norm for leaf in self.leaves]
+        # (copies: the pieces' own are inference tensors, which a caller could not save for
+        # a backward nor change in place)
+        return [leaf.sq_norm.clone() for leaf in self.leaves]
 
     def weighted_sums(self, factors: list[torch.Tensor], *, release: bool = False) -> Any:
         """``sum_b factors[i][b] * grad_b`` for every leaf ``i``; params' structure, no batch dim.
