@@ -140,8 +140,8 @@ def test_grad_pieces_sq_norms_are_exact_ordinary_tensors():
     from tests.oracles import per_example_grads
 
     gen = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(4, 3, generator=gen, dtype=torch.float64),
-              "b": torch.randn(4, generator=gen, dtype=torch.float64)}
+    params = {"weight": torch.randn(4, 3, generator=gen, dtype=torch.float64),
+              "bias": torch.randn(4, generator=gen, dtype=torch.float64)}
     x = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64)
 
     def fn(p, xi):
