@@ -536,9 +536,11 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _add_to_sum(self, summed: list[torch.Tensor]) -> None:
         """Add one micro-batch's clipped sums to the running sum, in place (the sums are this
-        optimizer's own tensors: no new parameter-sized tensor per micro-batch)."""
+        optimizer's own tensors: no new parameter-sized tensor per micro-batch). Sums of
+        half-precision parameters run in float32 (rounded to the parameter's dtype once, in
+        ``step()``): in float16, each micro-batch's addition rounded the running sum again."""
         if self._summed is None:
-            self._summed = summed
+            self._summed = [s.float() if s.dtype in (torch.float16, torch.bfloat16) else s for s in summed]
             self._summed_params = [id(p) for p in self._trainable()]
         else:
             for acc, s in zip(self._summed, summed):

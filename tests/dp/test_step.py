@@ -313,3 +313,29 @@ def test_state_dict_resumes_the_noise_stream():
     opt.accumulate()
     with pytest.raises(ValueError, match="half accumulated"):
         opt.state_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fast", [False, True])
+def test_half_precision_micro_batches_round_the_sum_once(dtype, fast):
+    """64 micro-batches of one example: the running clipped sum of half-precision params is
+    kept in float32, so the update is the float64 clipped sum rounded once (before: each
+    micro-batch's addition rounded it again, up to tens of roundings off)."""
+    import psgfunc.nn as pnn
+
+    gen = torch.Generator().manual_seed(0)
+    layer = pnn.Linear(4, 3, max_batch_size=1).to(dtype)
+    opt = dp.DPOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), max_norm=1e3,
+                         noise_multiplier=0.0, expected_batch_size=1, fast_clipping=fast)
+    xs = (1 + torch.rand(64, 1, 4, generator=gen)).to(dtype)
+    want = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in layer.named_parameters()}
+    for x in xs:
+        layer(x).sum().backward()
+        opt.accumulate()
+        opt.zero_grad()
+        want["weight"] += x.double().expand(3, 4)  # d/dW of sum(W x + b): rows of x (no clipping)
+        want["bias"] += 1.0
+    opt.step()
+    for name, p in layer.named_parameters():
+        # one rounding of the exact sum to the param's dtype (noise 0, lr 0: p.grad holds it)
+        assert torch.equal(p.grad, want[name].to(dtype)), name
