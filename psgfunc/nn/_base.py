@@ -77,22 +77,19 @@ class ExpandedModule(nn.Module):
         while n and getattr(torch._C._get_function_stack_at(n - 1), "_psg_outside_shells", False):
             paused.append(torch._C._pop_torch_function_stack())
             n -= 1
-        # the outermost shell of a followed forward: its input's batch is checked against
-        # what carries example data (psgfunc.nn._forward.is_shared), and its outputs carry it
+        # the outermost shell of a followed forward: the inputs it is called with are checked
+        # not to be constants of the forward (psgfunc.nn._forward.is_shared)
         record = _forward.current()
         outer = None if record is None else (record.shell, record.shell_inputs)
         if record is not None:
             record.shell, record.shell_inputs = self, (*args, *kwargs.values())
         try:
-            out = super().__call__(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
         finally:
             if record is not None:
                 record.shell, record.shell_inputs = outer
             for mode in reversed(paused):
                 torch._C._push_on_torch_function_stack(mode)
-        if record is not None:
-            _forward.mark(record, out)
-        return out
 
     def _set_max_batch_size(self, max_batch_size: Any) -> None:
         self.max_batch_size = check_max_batch_size(max_batch_size, type(self).__name__)

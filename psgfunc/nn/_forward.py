@@ -31,18 +31,22 @@ one is open, every shell call:
   lookup keeps each example's gradient. ``B`` is the forward's batch when a shell has read
   it, else the leading size of the model's first tensor input.
 
-* (rule C) checks that its input carries the examples' data. While the forward runs with
-  gradients on, the torch-function mode of :mod:`psgfunc.nn.generic` follows it: the model's
-  tensor inputs carry it (batch-first, the module contract), and so does every tensor a torch
-  function makes from one (an in-place op, ``x[i] = v`` and ``out=`` pass it to the tensor
-  they write), and every shell output. A tensor the outermost running shell was called with
-  that carries none (``torch.arange(T)`` position ids, a ``[T, T]`` mask or T5's
-  relative-position buckets) has nothing per example: its dim 0 is not the batch, even when
-  its size is ``B``. A shell refuses it (:func:`is_shared`); a generic shell and a plain op
-  on the model's parameters give it whole to every example. Two exceptions keep tensors
-  built for the batch from sizes alone: slices along the batch dim that are all equal
-  (``torch.zeros(B, T)``, HF's default token types) or a stride-0 batch dim
-  (``.expand(B, ...)``) pass as batched.
+* (rule C) checks that its input is not a constant of the forward. While the forward runs
+  with gradients on, the torch-function mode of :mod:`psgfunc.nn.generic` follows which
+  tensors are the same for every example: the model's parameters and buffers, the outputs
+  of deterministic factories (``torch.arange``, ``zeros``, ``ones``, ``full``, ``linspace``,
+  ``eye``, ``*_like``, ``new_*``) and of non-random ops on constants only (:func:`follow`).
+  A constant the outermost running shell is called with, whose slices along the batch dim
+  differ (``torch.arange(T)`` position ids, a ``[T, T]`` mask, T5's relative-position
+  buckets), has nothing per example: its dim 0 is not the batch, even when its size is
+  ``B``. A shell refuses it (:func:`is_shared`); a generic shell and a plain op on the
+  model's parameters give it whole to every example. Whatever the mode cannot follow (the
+  model's inputs, random draws, ``torch.tensor`` of Python data, what TorchScript, numpy or
+  an extension makes) may hold the examples and is read as before. A constant whose slices
+  are all equal (``torch.zeros(B, T)``, HF's default token types) or expanded along the
+  batch dim (``cls.expand(B, ...)``) is taken as batched (shapes cannot tell; most often
+  its dim was built for the batch), but does not set the forward's batch size. Left open: a
+  tensor of ``M`` equal slices meant as ``M`` slots every example uses, with ``M == B``.
 
 Outside such a forward (shells called directly, in a model not passed to ``expand_weights``)
 there is no record to compare batch sizes with; only the most direct case is caught: a
@@ -62,7 +66,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch", "follow", "mark", "is_shared"]
+__all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch", "follow", "mark",
+           "is_constant", "is_shared"]
 
 
 class Record:
@@ -76,8 +81,8 @@ class Record:
         self.source: tuple[nn.Module, int | None] | None = None  # who read it first, at which dim
         # (ndim, first two sizes) of each shell output -> (its batch dim, the shell), latest wins
         self.outputs: dict[tuple[int, int, int], tuple[int, nn.Module]] = {}
-        # id -> weak reference of the tensors known to carry example data (the model's inputs
-        # and what ops made from them, see follow()); None when the forward is not followed
+        # id -> weak reference of the forward's constants (parameters, buffers, factories and
+        # ops on those only: see follow()); None when the forward is not followed
         self.data: dict[int, weakref.ref] | None = None
         self.shell: nn.Module | None = None  # the outermost shell running (its checks apply)
         self.shell_inputs: tuple[Any, ...] = ()  # the arguments that shell was called with
@@ -166,7 +171,7 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
         size: the batch size it read.
         batch_dim: 0 or 1; None when ``x`` has no batch dim to compare (packed, unbatched).
         data: whether ``x`` holds the examples' data: in a followed forward, the outermost
-            shell's ``x`` must not be a tensor shared by every example (:func:`is_shared`).
+            shell's ``x`` must not be a constant shared by every example (:func:`is_shared`).
 
     Raises:
         ValueError: ``x`` is most likely a tensor whose batch is at the other dim (rule B) or
@@ -189,6 +194,8 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
         # one is not followed, so carries no evidence either way)
         _refuse_shared(record, shell, x, batch_dim)
     if record.batch is None:
+        if record.data is not None and _has(record.data, x):
+            return  # a constant of equal slices (passed as batched): not evidence of the batch
         record.batch, record.source = size, (shell, batch_dim)
     elif size != record.batch:
         first, dim = record.source  # type: ignore[misc]
@@ -211,73 +218,117 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
 def _refuse_shared(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: int) -> None:
     raise ValueError(
         f"{record.name(shell)} reads dim {batch_dim} of its input {tuple(x.shape)} as a batch of "
-        f"{x.shape[batch_dim]} examples, but that input was computed without any of the model's "
-        "inputs (from constants, parameters or buffers only: e.g. position ids "
-        "torch.arange(T), a [T, T] mask or relative-position table), so it is shared by every "
-        f"example and its dim {batch_dim} is not the batch: each example would get the gradient "
-        "rows of others. Give it a leading dim of 1 (pos[None]: an Embedding then looks it up "
-        "once per example) or expand it to the batch (pos.expand(B, *pos.shape)); a tensor that "
-        "does hold one row per example must be made from the model's inputs (x.new_zeros(B, H), "
-        "torch.zeros_like(x[..., 0])), not from sizes alone"
+        f"{x.shape[batch_dim]} examples, but that input is a constant of the forward (made by "
+        "torch.arange/zeros/ones/full/linspace/eye, from parameters or buffers, and ops on "
+        "those only: e.g. position ids torch.arange(T), a [T, T] mask or relative-position "
+        f"table), so it is shared by every example and its dim {batch_dim} is not the batch: "
+        "each example would get the gradient rows of others. Give it a leading dim of 1 "
+        "(pos[None]: an Embedding then looks it up once per example) or expand it to the "
+        "batch (pos.expand(B, *pos.shape))"
     )
 
 
-def follow(data: dict[int, weakref.ref], func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-    """After a torch function ran in a followed forward: when one of its tensor arguments
-    (or list/tuple elements) carries example data, so do its outputs, and the tensor it wrote
-    to (an in-place op's ``self``, ``x[i] = ...``'s ``x``, ``out=``)."""
-    hit = False
-    for a in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(a, torch.Tensor):
-            hit = _has(data, a)
-        elif type(a) is list or type(a) is tuple:
-            hit = any(isinstance(v, torch.Tensor) and _has(data, v) for v in a)
-        if hit:
-            break
-    if not hit:
-        return
-    _add(data, out)
+def _always_constant() -> frozenset:
+    """Torch functions whose values depend on no tensor's values: deterministic factories,
+    and ``*_like``/``new_*`` (which read only a tensor's shape, dtype and device)."""
+    names = ("arange", "zeros", "ones", "full", "linspace", "logspace", "eye", "tril_indices",
+             "triu_indices", "zeros_like", "ones_like", "full_like")
+    fns = [getattr(torch, n) for n in names if hasattr(torch, n)]
+    fns += [getattr(torch.Tensor, n) for n in ("new_zeros", "new_ones", "new_full") if hasattr(torch.Tensor, n)]
+    return frozenset(fns)
+
+
+_ALWAYS_CONSTANT = _always_constant()
+# values from the first argument alone (the others give a dtype, device or shape)
+_SELF_ONLY = frozenset(getattr(torch.Tensor, n) for n in ("to", "type_as", "expand_as", "view_as", "reshape_as"))
+_RANDOM = frozenset((
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal",
+    "bernoulli", "multinomial", "poisson", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "alpha_dropout", "feature_alpha_dropout", "native_dropout", "rrelu", "gumbel_softmax",
+    "uniform", "random", "exponential", "geometric", "cauchy", "log_normal",
+))  # names (in-place ones without their trailing _) of ops that draw random numbers
+
+
+def follow(consts: dict[int, weakref.ref], func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    """After a torch function ran in a followed forward, note whether its outputs are
+    constants of the forward: values the same for every example, made by a deterministic
+    factory (:data:`_ALWAYS_CONSTANT`) or by a non-random op all of whose tensor arguments
+    are constants (parameters and buffers are). A tensor an op writes to (an in-place op's
+    ``self``, ``x[i] = v``'s ``x``, ``out=``) takes the op's status. Anything else (the
+    model's inputs, random draws, ``torch.tensor(...)`` of Python data, what code this mode
+    does not see makes) is not a constant: it may hold the examples."""
     name = getattr(func, "__name__", "")
+    if func in _ALWAYS_CONSTANT:
+        const = True
+    elif name.rstrip("_") in _RANDOM:
+        const = False
+    else:
+        const = False
+        for a in (args[:1] if func in _SELF_ONLY else (*args, *kwargs.values()) if kwargs else args):
+            if isinstance(a, torch.Tensor):
+                const = _has(consts, a)
+            elif type(a) is list or type(a) is tuple:
+                tensors = [v for v in a if isinstance(v, torch.Tensor)]
+                if not tensors:
+                    continue
+                const = all(_has(consts, v) for v in tensors)
+            else:
+                continue
+            if not const:
+                break
+    written = []
     if args and isinstance(args[0], torch.Tensor) and (
         name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
     ):
-        _add(data, args[0])
-    if kwargs and "out" in kwargs:
-        _add(data, kwargs["out"])
+        written.append(args[0])
+    if kwargs and isinstance(kwargs.get("out"), torch.Tensor):
+        written.append(kwargs["out"])
+    if const:
+        _add(consts, out)
+        for t in written:
+            _add(consts, t)
+    else:
+        for t in written:
+            consts.pop(id(t), None)
+        if isinstance(out, torch.Tensor) and _has(consts, out):  # an op that returned its input
+            consts.pop(id(out), None)
 
 
 def mark(record: Record, value: Any) -> None:
-    """Note the tensors in ``value`` (tensors, lists, tuples, dicts of them) as carrying example
-    data, when ``record`` follows its forward."""
+    """Note the tensors in ``value`` (tensors, lists, tuples, dicts of them) as constants of
+    the forward (parameters, buffers), when ``record`` follows it."""
     if record.data is not None:
         _add(record.data, value)
 
 
-def _has(data: dict[int, weakref.ref], t: torch.Tensor) -> bool:
-    ref = data.get(id(t))
+def _has(consts: dict[int, weakref.ref], t: torch.Tensor) -> bool:
+    ref = consts.get(id(t))
     return ref is not None and ref() is t
 
 
-def _add(data: dict[int, weakref.ref], value: Any) -> None:
+def _add(consts: dict[int, weakref.ref], value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        data[id(value)] = weakref.ref(value)
+        consts[id(value)] = weakref.ref(value)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            _add(data, v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _add(data, v)
+            _add(consts, v)
+
+
+def is_constant(x: Any) -> bool:
+    """Whether ``x`` is a constant of the followed forward in progress (see :func:`follow`)."""
+    record = _CURRENT.get()
+    consts = None if record is None else record.data
+    return consts is not None and isinstance(x, torch.Tensor) and _has(consts, x)
 
 
 def is_shared(x: torch.Tensor, dim: int) -> bool:
-    """Whether ``x``, read with the batch at ``dim`` in a followed forward, is surely not
-    batched: made without the model's inputs, with distinct slices along ``dim`` (a position
-    table, a mask). A tensor made from sizes alone whose slices are all equal
-    (``torch.zeros(B, T)``), or expanded along ``dim`` (stride 0), passes as batched: its
-    dim was built for the batch. False outside a followed forward (no evidence either way)."""
-    record = _CURRENT.get()
-    data = None if record is None else record.data
-    if data is None or _has(data, x) or x.dim() <= dim or x.shape[dim] <= 1 or x.stride(dim) == 0:
+    """Whether ``x``, read with the batch at ``dim``, is surely not batched: a constant of the
+    followed forward (:func:`follow`) whose slices along ``dim`` differ (a position table, a
+    mask). A constant whose slices are all equal (``torch.zeros(B, T)``, HF's default token
+    types) or that is expanded along ``dim`` (stride 0: ``cls.expand(B, ...)``) is taken as
+    batched: shapes cannot tell whether its dim was built for the batch, and most often it
+    was. False outside a followed forward."""
+    if not is_constant(x) or x.dim() <= dim or x.shape[dim] <= 1 or x.stride(dim) == 0:
         return False
     with torch.no_grad():
         return not torch.equal(x, x.narrow(dim, 0, 1).expand_as(x))

@@ -152,6 +152,9 @@ class DPMultiheadAttention(_AnyBatch, nn.MultiheadAttention):
                     )
         self._check_batch(size, "query")
         _forward.consume(self, query, size, batch_dim)
+        if batch_dim is not None:  # key and value hold the examples too (e.g. not a constant)
+            for t in {id(t): t for t in (key, value) if isinstance(t, torch.Tensor) and t is not query}.values():
+                _forward.consume(self, t, size, batch_dim)
         out, weights = module_call(
             PF.multi_head_attention, self._expanded_params(), size, q, k, v, self.num_heads,
             key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,

@@ -23,9 +23,9 @@ only its ``forward`` changes:
 
 Tensors in the input whose dim 0 is ``B`` are taken as batched (example ``b`` gets row ``b``,
 with a leading 1); other tensors (e.g. ``[1, T, D]`` rotary tables shared by every example) go
-to every example as they are, and so does a tensor whose dim 0 happens to be ``B`` but that
-was made without the model's inputs (a ``[T, T]`` mask with ``T == B``: the forward follows
-which tensors carry the examples' data, :func:`psgfunc.nn._forward.is_shared`). Tensor outputs must have the example's leading 1 (a module that
+to every example as they are, and so does a constant of the forward whose dim 0 happens to
+be ``B`` (a ``[T, T]`` mask made by ``torch.full`` with ``T == B``: the forward follows which
+tensors are the same for every example, :func:`psgfunc.nn._forward.is_shared`). Tensor outputs must have the example's leading 1 (a module that
 keeps the batch dim); it is removed and the examples are stacked back to ``[B, ...]``.
 
 **Plain ops on the model's parameters, outside any shell.** A module WITHOUT parameters of
@@ -44,7 +44,7 @@ examples with the rules active (:class:`_Runner`, the same runner as a generic s
 The op's per-sample gradient (or its fast-clipping pieces) then joins those of the shells
 that use the same ``Parameter``, as two shells sharing one do. The batch is the op's first
 tensor input (not a parameter) whose dim 0 is the forward's batch size and that carries the
-examples' data (not a constant of that size: :func:`psgfunc.nn._forward.is_shared`) (checked against
+examples (not a constant of that size: :func:`psgfunc.nn._forward.is_shared`) (checked against
 the forward's record, :mod:`psgfunc.nn._forward`); an op with no such input, and an op
 without a rule, runs unchanged, and the check on the parameter's total gradient
 (:mod:`psgfunc.per_sample._rows`) then raises the ValueError that names the fix. Shells
@@ -302,7 +302,7 @@ class _OutsideShells(TorchFunctionMode):
         out = self._dispatch(func, args, kwargs)
         data = self.record.data
         if data is not None and not torch._C._are_functorch_transforms_active():
-            _forward.follow(data, func, args, kwargs, out)  # what carries example data
+            _forward.follow(data, func, args, kwargs, out)  # which tensors are constants
         return out
 
     def _dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -428,10 +428,10 @@ def _enter_forward(model: nn.Module, args: Any, kwargs: Any) -> None:
             and not torch._C._are_functorch_transforms_active() and _rules.expanded_mode_kind() is None):
         mode = _OutsideShells(model, record)
         if record.data is None and record.root is model:
-            # the outermost forward: its inputs carry the examples' data (batch-first, the
-            # module contract), and the mode follows what ops make from them
+            # the outermost forward: its parameters and buffers are constants of it (the same
+            # for every example), and the mode follows what ops make from constants only
             record.data = {}
-            _forward.mark(record, optree.tree_leaves((args, kwargs)))
+            _forward.mark(record, [*model.parameters(), *model.buffers()])
         mode.__enter__()
     entries.append((model, mode))
 
@@ -452,5 +452,10 @@ def install_outside_shells(model: nn.Module) -> None:
     its forward runs (see the module docstring). Called by ``expand_weights`` after
     :func:`psgfunc.nn._forward.install`, whose record the mode reads."""
     if _enter_forward not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_enter_forward, with_kwargs=True)
+        # first among the pre-hooks (after the record's): what the user's own pre-hooks make
+        # (position ids added to the inputs) is followed too
+        model.register_forward_pre_hook(_enter_forward, with_kwargs=True, prepend=True)
+        hooks = model._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if h is _forward._open]:
+            hooks.move_to_end(key, last=False)
         model.register_forward_hook(_exit_forward, with_kwargs=True, always_call=True)

@@ -3,8 +3,8 @@
 A model converted by ``expand_weights`` records each forward pass: a batch-first shell fed a
 time-major tensor raises (also when ``T == B``, where the sizes alone would silently mix the
 examples' gradient rows), ``[1, T]`` position ids are looked up for every example, so
-each example's table gradient is its own, and a tensor made without the model's inputs (1-D
-position ids, a ``[T, T]`` mask or table) is never read as the batch (rule C).
+each example's table gradient is its own, and a constant of the forward (1-D position ids, a
+``[T, T]`` mask or table made by torch's factories) is never read as the batch (rule C).
 """
 
 from __future__ import annotations
@@ -308,12 +308,12 @@ def test_shared_position_ids_under_dp_optimizer(fast):
 
 @pytest.mark.parametrize("batch", [5, 4, 1])
 def test_flat_position_ids_are_refused_as_shared(batch):
-    """1-D position ids arange(T) (nanoGPT) are made without the model's input: their dim 0
-    is not the batch, also when T == B (where shapes alone would pass and each example would
-    get the position rows of all examples)."""
+    """1-D position ids arange(T) (nanoGPT) are a constant of the forward: their dim 0 is not
+    the batch, also when T == B (where shapes alone would pass and each example would get
+    the position rows of all examples)."""
     model = pnn.expand_weights(Positions(pos_first=False, flat_positions=True), 8)
     ids = torch.randint(0, 7, (batch, 4))
-    with pytest.raises(ValueError, match=r"Embedding 'pos' reads dim 0 of its input \(4,\) .* shared by every example"):
+    with pytest.raises(ValueError, match=r"Embedding 'pos' reads dim 0 of its input \(4,\) .* constant of the forward"):
         model(ids)
 
 
@@ -340,7 +340,7 @@ def test_a_record_left_open_by_an_interrupted_forward_ends_at_the_next_call():
     assert model[0].weight.grad_sample.shape[0] == 2 and _forward.current() is None
 
 
-# ------------------------------------- rule C: tensors made without the model's inputs are shared
+# ------------------------------------------- rule C: constants of the forward are not the batch
 
 
 class MaskedMix(nn.Module):
@@ -376,7 +376,7 @@ def loop_oracle(ref, inputs, y):
 
 @pytest.mark.parametrize("size,steps", [(3, 5), (4, 4)])
 def test_a_generic_shell_gives_a_shared_mask_to_every_example(size, steps):
-    """With T == B the mask's dim 0 has the batch's size; it was made without the input, so
+    """With T == B the mask's dim 0 has the batch's size; it is a constant (torch.full), so
     every example gets all of it (before: example b got row b, and the output changed)."""
     torch.manual_seed(0)
     ref = Masked().double()
@@ -419,8 +419,8 @@ def test_a_shared_table_lookup_is_refused_also_when_t_equals_b(fast):
 
 
 class MadeFromSizes(nn.Module):
-    """Shell inputs made from sizes alone (all rows equal: built for the batch) or from the
-    input through in-place ops and ``new_zeros``: all batched."""
+    """Shell inputs that are constants with all rows equal (built for the batch from sizes:
+    taken as batched) or constants overwritten in place with the input (no longer constant)."""
 
     def __init__(self):
         super().__init__()
@@ -464,3 +464,96 @@ def test_a_plain_op_on_a_parameter_does_not_take_a_constant_for_the_batch():
     out = model(torch.randint(0, 5, (4, 4)))  # T == B == 4: the table has the batch's size
     with pytest.raises(ValueError, match="used outside any psgfunc layer"):
         out.sum().backward()
+
+
+class Positions1D(nn.Module):
+    """nanoGPT's position ids, made in one of several ways; ``hook``: added by a forward
+    pre-hook registered before the conversion."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.tok, self.pos, self.head = nn.Embedding(7, 3), nn.Embedding(6, 3), nn.Linear(3, 2)
+        if how == "hook":
+            self.register_forward_pre_hook(lambda m, args: (args[0], torch.arange(args[0].shape[1])))
+
+    def forward(self, ids, pos=None):
+        steps = ids.shape[1]
+        if self.how == "type_as":
+            pos = torch.arange(steps).type_as(ids)
+        elif self.how == "to":
+            pos = torch.arange(steps).to(ids)
+        elif self.how == "new_ones":
+            pos = ids.new_ones(steps).cumsum(0) - 1
+        return self.head(torch.tanh(self.tok(ids) + self.pos(pos)))
+
+
+@pytest.mark.parametrize("how", ["type_as", "to", "new_ones", "hook"])
+def test_constants_through_metadata_ops_and_pre_hooks_are_refused(how):
+    """Ops that take only a dtype, device or shape from the input (type_as, to, new_*) keep a
+    constant constant; a pre-hook registered before the conversion runs inside the followed
+    forward."""
+    model = pnn.expand_weights(Positions1D(how), 8)
+    with pytest.raises(ValueError, match="constant of the forward"):
+        model(torch.randint(0, 7, (4, 4)))
+
+
+class Unfollowed(nn.Module):
+    """Per-example tensors made where the forward cannot follow them, or from the inputs in
+    a container: read as batched, as before."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.tok, self.len, self.head = nn.Embedding(7, 3), nn.Embedding(8, 3), nn.Linear(3, 2)
+
+    def forward(self, batch):
+        ids = batch["ids"] if self.how == "mapping" else batch
+        if self.how == "tolist":
+            lengths = torch.tensor([sum(v > 2 for v in row) for row in ids.tolist()])
+        elif self.how == "vmap":
+            lengths = torch.vmap(lambda row: (row > 2).sum())(ids)
+        else:
+            lengths = (ids > 2).sum(1)
+        return self.head(torch.tanh(self.tok(ids) + self.len(lengths)[:, None]))
+
+
+class Box(dict):  # an input container optree does not flatten
+    pass
+
+
+@pytest.mark.parametrize("how", ["tolist", "vmap", "mapping"])
+def test_what_the_forward_cannot_follow_is_read_as_before(how):
+    torch.manual_seed(2)
+    ref = Unfollowed(how).double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    ids, y = torch.randint(0, 7, (4, 4)), torch.randint(0, 2, (4, 4))
+    batch = Box(ids=ids) if how == "mapping" else ids
+    F.cross_entropy(model(batch).transpose(1, 2), y, reduction="sum").backward()
+
+    def fn(params, ids_b, y_b):
+        one = Box(ids=ids_b[None]) if how == "mapping" else ids_b[None]
+        return F.cross_entropy(functional_call(ref, params, (one,)).transpose(1, 2), y_b[None], reduction="sum")
+
+    expected = per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters()}, ids, y)
+    assert_tree_close(grad_samples(model), expected, rtol=1e-10)
+
+
+def test_random_per_example_tensors_are_batched():
+    """Diffusion timesteps drawn in the forward, one per example: random draws may hold the
+    examples (not constants), so an Embedding reads them as the batch."""
+
+    class Timesteps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.temb, self.head = nn.Embedding(10, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            t = torch.randint(0, 10, (x.shape[0],))
+            return self.head(x + self.temb(t))
+
+    model = pnn.expand_weights(Timesteps().double(), 8)
+    for size in (3, 4):
+        model(torch.randn(size, 3, dtype=F64)).sum().backward()
+        assert model.temb.weight.grad_sample.shape == (size, 10, 3)
+        pnn.zero_grad(model)

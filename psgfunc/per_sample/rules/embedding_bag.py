@@ -42,7 +42,14 @@ from torch.func import vmap
 
 from psgfunc import _rules
 from psgfunc.functional.embedding_bag import _check_args, _check_offsets, embedding_bag
-from psgfunc.per_sample._expanded import Rule, apply_function, call_rule, check_versions, is_shared, versions
+from psgfunc.per_sample._expanded import (
+    Rule,
+    apply_function,
+    call_rule,
+    check_versions,
+    is_shared,
+    versions,
+)
 from psgfunc.per_sample._kinds import emit
 from psgfunc.per_sample.rules.embedding import EmbeddingRows, _rows_kind
 
