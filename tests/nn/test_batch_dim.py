@@ -557,3 +557,21 @@ def test_random_per_example_tensors_are_batched():
         model(torch.randn(size, 3, dtype=F64)).sum().backward()
         assert model.temb.weight.grad_sample.shape == (size, 10, 3)
         pnn.zero_grad(model)
+
+
+def test_attention_refuses_a_constant_memory_as_key_and_value():
+    """Key and value hold the examples too: a constant [B, S, E] memory (distinct rows) that
+    every example attends to is not one memory per example."""
+
+    class Memory(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            mem = torch.linspace(-1, 1, x.shape[0] * 12).view(x.shape[0], 3, 4)
+            return self.head(self.att(x, mem, mem)[0].mean(1))
+
+    model = pnn.expand_weights(Memory(), 8)
+    with pytest.raises(ValueError, match=r"DPMultiheadAttention 'att' reads dim 0 of its input \(4, 3, 4\)"):
+        model(torch.randn(4, 5, 4))
