@@ -279,7 +279,7 @@ def _scaled_slack(leaves: list[torch.Tensor]) -> float:
     rounding, so that ``clip``'s result, as returned, has norm at most ``C``: the norm's
     error (``sq_norm_rel``), its rounding to the norms' dtype and the inflation's, the
     factor's rounding (also to a float32 leaf's dtype) and each product's: ``gamma_6``.
-    At most about 1.3e-5 in float32 and 1e-13 in float64 for rows up to a million elements
+    At most about 1.3e-5 in float32 and 1e-12 in float64 for rows up to a million elements
     (without it, half the clipped float32 examples came out up to 3.4 roundings above
     ``C``)."""
     rel = 0.0
@@ -347,12 +347,14 @@ def clip(grads: Any, max_norm: MaxNorm) -> Any:
     """Clip every example's gradient to L2 norm at most ``max_norm``.
 
     Example ``b`` is scaled by ``min(1, C / ||g_b||)`` with ``||g_b||`` the global norm over
-    all leaves (:func:`per_sample_norms`); an example with norm ``<= C`` (a zero gradient
-    included) is left unchanged. Half-precision leaves are scaled in float32 and rounded
-    once, which can move each coordinate by 2^-8 (bfloat16) relatively, so their norms
-    are taken 2^-8 larger; all norms are also taken larger by their own error bound and
-    the scaling's (:func:`_scaled_slack`: up to about 1e-5 in float32, 1e-13 in float64),
-    so the clipped gradient, as returned, has norm at most ``C``.
+    all leaves (:func:`per_sample_norms`), taken larger by the slack below: an example
+    with norm ``<= C / (1 + slack)`` (a zero gradient included) is left unchanged, one just
+    below ``C`` may be scaled by a factor a hair under 1. Half-precision leaves are scaled
+    in float32 and rounded once, which can move each coordinate by 2^-8 (bfloat16)
+    relatively, so their norms are taken 2^-8 larger; all norms are also taken larger by
+    their own error bound and the scaling's (:func:`_scaled_slack`: up to about 1.3e-5 in
+    float32, 1e-12 in float64 for rows up to a million elements), so the clipped gradient,
+    as returned, has norm at most ``C``.
     Below float16's smallest normal number (6.1e-5) rounding is absolute (up to 3e-8 per
     coordinate), so float16 leaves are clipped to ``C`` minus ``3e-8 sqrt(their size)``
     (:func:`rounding_floor`; a ``C`` below twice that raises).

@@ -26,6 +26,12 @@ from psgfunc.per_sample._clip import weighted_sums
 from psgfunc.per_sample._kinds import certified_norm, leaf_pieces
 
 
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the running clipped sum (and of the noise added to it) for parameters of
+    ``dtype``: float32 for half precision, else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 class DPOptimizer(torch.optim.Optimizer):
     """Differentially private wrapper of a ``torch.optim`` optimizer (DP-SGD, Abadi et al. 2016).
 
@@ -499,7 +505,9 @@ class DPOptimizer(torch.optim.Optimizer):
         params = self._same_params(self._trainable())
         summed = self._summed
         if summed is None:  # empty logical batch: the update is pure noise
-            summed = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+            # (in the running sum's dtype: ranks all-reduce it, whether or not theirs is empty)
+            summed = [torch.zeros_like(p, dtype=_sum_dtype(p.dtype), memory_format=torch.contiguous_format)
+                      for p in params]
         updates, self.dp_state = self.transform.update_from_sum(summed, self.dp_state)
         for p, u in zip(params, updates):
             p.grad = u.to(dtype=p.dtype)
@@ -537,10 +545,11 @@ class DPOptimizer(torch.optim.Optimizer):
     def _add_to_sum(self, summed: list[torch.Tensor]) -> None:
         """Add one micro-batch's clipped sums to the running sum, in place (the sums are this
         optimizer's own tensors: no new parameter-sized tensor per micro-batch). Sums of
-        half-precision parameters run in float32 (rounded to the parameter's dtype once, in
-        ``step()``): in float16, each micro-batch's addition rounded the running sum again."""
+        half-precision parameters run in float32 (:func:`_sum_dtype`; twice their memory),
+        rounded to the parameter's dtype once, in ``step()``: in float16, each micro-batch's
+        addition rounded the running sum again, with float16's precision."""
         if self._summed is None:
-            self._summed = [s.float() if s.dtype in (torch.float16, torch.bfloat16) else s for s in summed]
+            self._summed = [s.to(_sum_dtype(s.dtype)) for s in summed]
             self._summed_params = [id(p) for p in self._trainable()]
         else:
             for acc, s in zip(self._summed, summed):

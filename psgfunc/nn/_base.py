@@ -115,7 +115,7 @@ class ExpandedModule(nn.Module):
             expected: the shape to show in errors, e.g. ``"[B, *, 16]"``.
             name: what to call ``x`` in errors.
             data: whether ``x`` holds the examples' data (checked not to be a tensor shared
-                by every example, :func:`psgfunc.nn._forward.shared`); False for offsets.
+                by every example, :func:`psgfunc.nn._forward.is_shared`); False for offsets.
 
         Raises:
             ValueError: ``x`` has too few or too many dims (typically a missing batch dim),

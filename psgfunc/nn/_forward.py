@@ -73,7 +73,8 @@ __all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batc
 class Record:
     """What the shells of one forward pass read: the batch size and each output's layout."""
 
-    __slots__ = ("root", "depth", "hint", "batch", "source", "outputs", "data", "shell", "shell_inputs")
+    __slots__ = ("root", "depth", "hint", "batch", "source", "outputs", "data", "shell", "shell_inputs",
+                 "pending")
 
     def __init__(self, root: nn.Module | None, hint: int | None):
         self.root, self.depth, self.hint = root, 1, hint
@@ -83,9 +84,11 @@ class Record:
         self.outputs: dict[tuple[int, int, int], tuple[int, nn.Module]] = {}
         # id -> weak reference of the forward's constants (parameters, buffers, factories and
         # ops on those only: see follow()); None when the forward is not followed
-        self.data: dict[int, weakref.ref] | None = None
+        self.data: dict[int, tuple[weakref.ref, int]] | None = None
         self.shell: nn.Module | None = None  # the outermost shell running (its checks apply)
         self.shell_inputs: tuple[Any, ...] = ()  # the arguments that shell was called with
+        # (shell, size, dim, shape) of constants read as batched before the batch was known
+        self.pending: list[tuple[nn.Module, int, int | None, tuple[int, ...]]] = []
 
     def name(self, module: nn.Module) -> str:
         """``module``'s qualified name in the model, for messages."""
@@ -128,6 +131,14 @@ def _open(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> N
         _CURRENT.set(Record(module, _hint(args, kwargs)))
     else:  # a converted model called inside another one's forward: one record for both
         record.depth += 1
+
+
+def _refresh_hint(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """After the pre-hooks registered before the conversion (:func:`_open` runs first, so that
+    what they make is followed): the hint from the arguments they leave."""
+    record = _CURRENT.get()
+    if record is not None and record.root is module and record.batch is None:
+        record.hint = _hint(args, kwargs)
 
 
 def _close(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -195,8 +206,21 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
         _refuse_shared(record, shell, x, batch_dim)
     if record.batch is None:
         if record.data is not None and _has(record.data, x):
-            return  # a constant of equal slices (passed as batched): not evidence of the batch
+            # a constant of equal slices (passed as batched) is no evidence of the batch: it
+            # is checked against the batch once a shell reads that from the examples
+            record.pending.append((shell, size, batch_dim, tuple(x.shape)))
+            return
         record.batch, record.source = size, (shell, batch_dim)
+        for early, early_size, early_dim, shape in record.pending:
+            if early_size != size:
+                raise ValueError(
+                    f"{record.name(early)} read a batch of {early_size} examples at dim "
+                    f"{early_dim} of a constant of the forward {shape} (equal slices: taken as "
+                    f"one per example), but this forward's batch has {size} examples (read by "
+                    f"{record.name(shell)}): the constant is not built for the batch; give it a "
+                    "leading dim of 1 or expand it to the batch"
+                )
+        record.pending.clear()
     elif size != record.batch:
         first, dim = record.source  # type: ignore[misc]
         who = record.name(first) + ("" if dim is None else f" at dim {dim}")
@@ -224,7 +248,9 @@ def _refuse_shared(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim:
         f"table), so it is shared by every example and its dim {batch_dim} is not the batch: "
         "each example would get the gradient rows of others. Give it a leading dim of 1 "
         "(pos[None]: an Embedding then looks it up once per example) or expand it to the "
-        "batch (pos.expand(B, *pos.shape))"
+        "batch (pos.expand(B, *pos.shape)). If its rows do belong to one example each (e.g. "
+        "timesteps torch.linspace(0, 1, B)), build it from Python values, torch.tensor(...), "
+        "which psgfunc reads as batch-first data"
     )
 
 
@@ -242,55 +268,97 @@ _ALWAYS_CONSTANT = _always_constant()
 # values from the first argument alone (the others give a dtype, device or shape)
 _SELF_ONLY = frozenset(getattr(torch.Tensor, n) for n in ("to", "type_as", "expand_as", "view_as", "reshape_as"))
 _RANDOM = frozenset((
-    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal",
-    "bernoulli", "multinomial", "poisson", "dropout", "dropout1d", "dropout2d", "dropout3d",
-    "alpha_dropout", "feature_alpha_dropout", "native_dropout", "rrelu", "gumbel_softmax",
-    "uniform", "random", "exponential", "geometric", "cauchy", "log_normal",
-))  # names (in-place ones without their trailing _) of ops that draw random numbers
+    "rand", "normal", "bernoulli", "multinomial", "poisson", "binomial", "_standard_gamma",
+    "_sample_dirichlet", "rrelu", "gumbel_softmax", "uniform", "random", "exponential",
+    "geometric", "cauchy", "log_normal", "fractional_max_pool2d", "fractional_max_pool3d",
+    "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal", "trunc_normal",
+    "orthogonal", "sparse",
+))  # names (in-place ones without their trailing _) of ops that draw random numbers, besides
+# rand*, *dropout* and any call given a generator=
+# made from no tensor's values, but not constants: uninitialised (filled where the mode may
+# not see it) or Python data (which may come from the examples, e.g. through .tolist())
+_NEVER = frozenset(getattr(torch.Tensor, n) for n in ("new_tensor", "new_empty", "new_empty_strided"))
+_NEVER |= frozenset(getattr(torch, n) for n in ("empty_like",))
 
 
-def follow(consts: dict[int, weakref.ref], func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+def _random(name: str, kwargs: dict[str, Any]) -> bool:
+    base = name.rstrip("_")
+    return (base.startswith("rand") or "dropout" in base or base in _RANDOM
+            or (bool(kwargs) and kwargs.get("generator") is not None))
+
+
+def _const_arg(consts: dict[int, tuple[weakref.ref, int]], a: Any) -> bool:
+    """Whether an argument holds constants only (tensors that are, inside lists, tuples and
+    slices; any other value: a Python number or option)."""
+    if isinstance(a, torch.Tensor):
+        return _has(consts, a)
+    if type(a) is list or type(a) is tuple:
+        return all(_const_arg(consts, v) for v in a)
+    if type(a) is slice:
+        return all(_const_arg(consts, v) for v in (a.start, a.stop, a.step))
+    return True
+
+
+def _any_tensor(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return True
+    if type(a) is list or type(a) is tuple:
+        return any(_any_tensor(v) for v in a)
+    if type(a) is slice:
+        return any(_any_tensor(v) for v in (a.start, a.stop, a.step))
+    return False
+
+
+def follow(consts: dict[int, tuple[weakref.ref, int]], func: Any, args: tuple[Any, ...],
+           kwargs: dict[str, Any], out: Any) -> None:
     """After a torch function ran in a followed forward, note whether its outputs are
     constants of the forward: values the same for every example, made by a deterministic
     factory (:data:`_ALWAYS_CONSTANT`) or by a non-random op all of whose tensor arguments
-    are constants (parameters and buffers are). A tensor an op writes to (an in-place op's
-    ``self``, ``x[i] = v``'s ``x``, ``out=``) takes the op's status. Anything else (the
-    model's inputs, random draws, ``torch.tensor(...)`` of Python data, what code this mode
-    does not see makes) is not a constant: it may hold the examples."""
+    are constants (parameters and buffers are). A tensor an in-place op writes to (its
+    ``self``, ``out=``) takes the op's status; ``x[i] = v`` makes ``x`` no constant (its
+    index may come from the examples through Python numbers), as does indexing with a
+    Python list. A constant is one as long as its version is (a write through any view of
+    it, seen or not, ends it). Anything else (the model's inputs, random draws,
+    ``torch.tensor(...)`` of Python data, what code this mode does not see makes) is not a
+    constant: it may hold the examples."""
     name = getattr(func, "__name__", "")
     if func in _ALWAYS_CONSTANT:
         const = True
-    elif name.rstrip("_") in _RANDOM:
+    elif func in _NEVER or name == "__setitem__" or _random(name, kwargs):
         const = False
+    elif name == "__getitem__" and any(type(i) is list for i in (args[1] if type(args[1]) is tuple else (args[1],))):
+        const = False  # (rows picked by Python numbers, which may come from the examples)
+    elif func in _SELF_ONLY:
+        const = _const_arg(consts, args[0])
     else:
-        const = False
-        for a in (args[:1] if func in _SELF_ONLY else (*args, *kwargs.values()) if kwargs else args):
+        tensors = False
+        const = True
+        for a in (*args, *kwargs.values()) if kwargs else args:
             if isinstance(a, torch.Tensor):
+                tensors = True
                 const = _has(consts, a)
-            elif type(a) is list or type(a) is tuple:
-                tensors = [v for v in a if isinstance(v, torch.Tensor)]
-                if not tensors:
-                    continue
-                const = all(_has(consts, v) for v in tensors)
-            else:
-                continue
+            elif type(a) is list or type(a) is tuple or type(a) is slice:
+                const = _const_arg(consts, a)
+                tensors = tensors or _any_tensor(a)
             if not const:
                 break
+        const = const and tensors
     written = []
     if args and isinstance(args[0], torch.Tensor) and (
         name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
     ):
         written.append(args[0])
-    if kwargs and isinstance(kwargs.get("out"), torch.Tensor):
-        written.append(kwargs["out"])
+    o = kwargs.get("out") if kwargs else None
+    written += [o] if isinstance(o, torch.Tensor) else list(o) if type(o) in (list, tuple) else []
     if const:
         _add(consts, out)
         for t in written:
             _add(consts, t)
     else:
         for t in written:
-            consts.pop(id(t), None)
-        if isinstance(out, torch.Tensor) and _has(consts, out):  # an op that returned its input
+            if isinstance(t, torch.Tensor):
+                consts.pop(id(t), None)
+        if isinstance(out, torch.Tensor):  # (an op that returned its input)
             consts.pop(id(out), None)
 
 
@@ -301,14 +369,14 @@ def mark(record: Record, value: Any) -> None:
         _add(record.data, value)
 
 
-def _has(consts: dict[int, weakref.ref], t: torch.Tensor) -> bool:
-    ref = consts.get(id(t))
-    return ref is not None and ref() is t
+def _has(consts: dict[int, tuple[weakref.ref, int]], t: torch.Tensor) -> bool:
+    entry = consts.get(id(t))
+    return entry is not None and entry[0]() is t and entry[1] == t._version
 
 
-def _add(consts: dict[int, weakref.ref], value: Any) -> None:
+def _add(consts: dict[int, tuple[weakref.ref, int]], value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        consts[id(value)] = weakref.ref(value)
+        consts[id(value)] = (weakref.ref(value), value._version)
     elif isinstance(value, (list, tuple)):
         for v in value:
             _add(consts, v)
@@ -328,7 +396,8 @@ def is_shared(x: torch.Tensor, dim: int) -> bool:
     types) or that is expanded along ``dim`` (stride 0: ``cls.expand(B, ...)``) is taken as
     batched: shapes cannot tell whether its dim was built for the batch, and most often it
     was. False outside a followed forward."""
-    if not is_constant(x) or x.dim() <= dim or x.shape[dim] <= 1 or x.stride(dim) == 0:
+    if (not is_constant(x) or x.layout != torch.strided or x.dim() <= dim or x.shape[dim] <= 1
+            or x.stride(dim) == 0):
         return False
     with torch.no_grad():
         return not torch.equal(x, x.narrow(dim, 0, 1).expand_as(x))

@@ -43,8 +43,8 @@ of one taken in that forward: ``.T``, ``.t()``, ``transpose``, ``permute``, ``vi
 examples with the rules active (:class:`_Runner`, the same runner as a generic shell's).
 The op's per-sample gradient (or its fast-clipping pieces) then joins those of the shells
 that use the same ``Parameter``, as two shells sharing one do. The batch is the op's first
-tensor input (not a parameter) whose dim 0 is the forward's batch size and that carries the
-examples (not a constant of that size: :func:`psgfunc.nn._forward.is_shared`) (checked against
+tensor input (not a parameter) whose dim 0 is the forward's batch size and that is not a
+constant of the forward with distinct rows (:func:`psgfunc.nn._forward.is_shared`) (checked against
 the forward's record, :mod:`psgfunc.nn._forward`); an op with no such input, and an op
 without a rule, runs unchanged, and the check on the parameter's total gradient
 (:mod:`psgfunc.per_sample._rows`) then raises the ValueError that names the fix. Shells
@@ -458,4 +458,5 @@ def install_outside_shells(model: nn.Module) -> None:
         hooks = model._forward_pre_hooks
         for key in [k for k, h in hooks.items() if h is _forward._open]:
             hooks.move_to_end(key, last=False)
+        model.register_forward_pre_hook(_forward._refresh_hint, with_kwargs=True)
         model.register_forward_hook(_exit_forward, with_kwargs=True, always_call=True)

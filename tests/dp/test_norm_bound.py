@@ -240,8 +240,9 @@ def test_optimizer_contribution_within_bound(kind, dtype, fast, seed, scale, c):
     ((out[0] if isinstance(out, tuple) else out) * a).sum().backward()
     opt.accumulate()
     check(opt._summed, c)  # the running clipped sum: this one example's contribution
-    # (half-precision params: the micro-batch's sums, rounded to their dtype, then kept in
-    # float32 exactly, so that later micro-batches do not round the running sum again)
+    # (half-precision params: the micro-batch's sums, rounded to their dtype (exactly
+    # representable in float32), then kept in float32, so that later micro-batches round
+    # the running sum with float32's precision, not theirs)
     half = (torch.float16, torch.bfloat16)
     assert all(s.dtype == (torch.float32 if p.dtype in half else p.dtype)
                for s, p in zip(opt._summed, model.parameters()))

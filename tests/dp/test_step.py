@@ -339,3 +339,29 @@ def test_half_precision_micro_batches_round_the_sum_once(dtype, fast):
     for name, p in layer.named_parameters():
         # one rounding of the exact sum to the param's dtype (noise 0, lr 0: p.grad holds it)
         assert torch.equal(p.grad, want[name].to(dtype)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_an_empty_batch_sums_in_the_dtype_of_a_full_one(dtype, monkeypatch):
+    """The sum handed to the transform (which ranks all-reduce) has one dtype per parameter,
+    empty logical batch or not: float32 for half precision."""
+    import psgfunc.nn as pnn
+
+    layer = pnn.Linear(4, 3, max_batch_size=2).to(dtype)
+    opt = dp.DPOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), max_norm=1.0,
+                         noise_multiplier=0.0, expected_batch_size=2)
+    seen = []
+    original = opt.transform.update_from_sum
+
+    def spy(summed, state):
+        seen.append([t.dtype for t in summed])
+        return original(summed, state)
+
+    monkeypatch.setattr(opt.transform, "update_from_sum", spy)
+    layer(torch.randn(2, 4).to(dtype)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    opt.step()  # an empty batch
+    want = torch.float32 if dtype != torch.float32 else dtype
+    assert seen == [[want, want], [want, want]]
+    assert all(p.grad.dtype == dtype for p in layer.parameters())

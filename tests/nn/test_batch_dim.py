@@ -560,8 +560,9 @@ def test_random_per_example_tensors_are_batched():
 
 
 def test_attention_refuses_a_constant_memory_as_key_and_value():
-    """Key and value hold the examples too: a constant [B, S, E] memory (distinct rows) that
-    every example attends to is not one memory per example."""
+    """Key and value are checked too: a constant [B, S, E] memory of distinct rows could be
+    one memory per example (example b attends to mem[b]) or a table that merely has B rows;
+    shapes cannot tell, so it is refused (the message says how to build a per-example one)."""
 
     class Memory(nn.Module):
         def __init__(self):
@@ -575,3 +576,72 @@ def test_attention_refuses_a_constant_memory_as_key_and_value():
     model = pnn.expand_weights(Memory(), 8)
     with pytest.raises(ValueError, match=r"DPMultiheadAttention 'att' reads dim 0 of its input \(4, 3, 4\)"):
         model(torch.randn(4, 5, 4))
+
+
+class WrittenConstants(nn.Module):
+    """Constants that the examples' data reach through a view, a Python index or a random
+    draw (Beta, as in mixup): not constants any more, read as batched."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.tok, self.len, self.head = nn.Embedding(7, 3), nn.Embedding(8, 3), nn.Linear(3, 2)
+        self.register_buffer("alpha", torch.tensor(0.4))
+
+    def forward(self, ids):
+        size = ids.shape[0]
+        table = torch.arange(size * 2).view(size, 2) % 8  # a constant of distinct rows ...
+        if self.how == "view":
+            table[:, :1].copy_(ids[:, :1])  # ... written through a view
+        elif self.how == "python-index":
+            for i, n in enumerate((ids > 2).sum(1).tolist()):  # ... through Python numbers
+                table[i, 0] = n
+        else:  # ... or a per-example random draw
+            lam = torch.distributions.Beta(self.alpha, self.alpha).sample((size,))
+            table = table + (lam[:, None] > 2).long()
+        return self.head(torch.tanh(self.tok(ids) + self.len(table).sum(1)[:, None]))
+
+
+@pytest.mark.filterwarnings("ignore:expand_weights. custom module")  # (the alpha buffer)
+@pytest.mark.parametrize("how", ["view", "python-index", "beta"])
+def test_constants_written_with_data_are_batched(how):
+    model = pnn.expand_weights(WrittenConstants(how).double(), 8)
+    for size in (4, 3):  # (4: T == B)
+        model(torch.randint(0, 7, (size, 4))).sum().backward()
+        assert model.len.weight.grad_sample.shape == (size, 8, 3)
+        pnn.zero_grad(model)
+
+
+class EqualSlots(nn.Module):
+    """M equal constant slots read by a layer before the examples are: M != B is refused
+    (once a layer reads the examples' batch), naming the layer that read the slots."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        slots = self.q(torch.ones(5, 3, dtype=x.dtype))  # [M, 3], M = 5
+        return self.head(x @ slots.T @ slots)
+
+
+def test_equal_constant_slots_are_checked_once_the_batch_is_known():
+    model = pnn.expand_weights(EqualSlots().double(), 8)
+    with pytest.raises(ValueError, match=r"Linear 'q' read a batch of 5 examples .* constant of the forward .* batch has 4"):
+        model(torch.randn(4, 3, dtype=F64))
+
+
+def test_a_pre_hook_that_reshapes_the_input_gives_the_batch_hint():
+    """The forward's batch before any layer reads it comes from the arguments the pre-hooks
+    registered before the conversion leave (here: a [T, B] input made batch-first), so a
+    [1, T] position lookup is expanded to B, not T."""
+    module = Positions()
+    module.register_forward_pre_hook(lambda m, args: (args[0].T,))
+    ref = copy.deepcopy(module)
+    model = pnn.expand_weights(module, 8)
+    ids = torch.randint(0, 7, (5, 3))  # [T, B]: T = 5, B = 3
+    out = model(ids)
+    assert out.shape == (3, 5, 2)
+    torch.testing.assert_close(out, ref(ids))
+    out.sum().backward()
+    assert model.pos.weight.grad_sample.shape[0] == 3

@@ -197,3 +197,14 @@ def test_sdpa_under_transforms_has_no_fallback():
         for method in ("vmap", "expanded"):
             close(pf.per_sample_grads(fn, params, x, method=method), ref)
     assert not [w for w in caught if "batching rule" in str(w.message)]
+
+
+def test_sdpa_refuses_one_dim_key_and_value():
+    params = {"w": rand(3, 3)}
+    x = rand(B, 2, 3)
+
+    def fn(p, xe):
+        return F.scaled_dot_product_attention((xe @ p["w"])[None], xe[1], xe[1]).sin().sum()
+
+    with pytest.raises(ValueError, match="key must be at least 2-D"):
+        pf.per_sample_grads(fn, params, x, method="expanded")
