@@ -369,14 +369,19 @@ def mark(record: Record, value: Any) -> None:
         _add(record.data, value)
 
 
+def _version(t: torch.Tensor) -> int:
+    # (an inference tensor has no version counter, and cannot change outside inference mode)
+    return -1 if t.is_inference() else t._version
+
+
 def _has(consts: dict[int, tuple[weakref.ref, int]], t: torch.Tensor) -> bool:
     entry = consts.get(id(t))
-    return entry is not None and entry[0]() is t and entry[1] == t._version
+    return entry is not None and entry[0]() is t and entry[1] == _version(t)
 
 
 def _add(consts: dict[int, tuple[weakref.ref, int]], value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        consts[id(value)] = (weakref.ref(value), value._version)
+        consts[id(value)] = (weakref.ref(value), _version(value))
     elif isinstance(value, (list, tuple)):
         for v in value:
             _add(consts, v)

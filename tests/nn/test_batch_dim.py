@@ -645,3 +645,24 @@ def test_a_pre_hook_that_reshapes_the_input_gives_the_batch_hint():
     torch.testing.assert_close(out, ref(ids))
     out.sum().backward()
     assert model.pos.weight.grad_sample.shape[0] == 3
+
+
+@pytest.mark.filterwarnings("ignore:expand_weights. custom module")
+def test_an_inference_tensor_buffer_is_followed_without_a_version():
+    """A buffer made under torch.inference_mode has no version counter: the forward still
+    follows it (before: the first forward raised torch's RuntimeError)."""
+
+    class WithInferenceBuffer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            with torch.inference_mode():
+                table = torch.arange(4)
+            self.register_buffer("pos", table)
+
+        def forward(self, x):
+            return self.lin(x) + self.pos[:2].float()
+
+    model = pnn.expand_weights(WithInferenceBuffer(), 8)
+    model(torch.randn(4, 3)).sum().backward()
+    assert model.lin.weight.grad_sample.shape == (4, 2, 3)
