@@ -401,8 +401,8 @@ def is_shared(x: torch.Tensor, dim: int) -> bool:
     types) or that is expanded along ``dim`` (stride 0: ``cls.expand(B, ...)``) is taken as
     batched: shapes cannot tell whether its dim was built for the batch, and most often it
     was. False outside a followed forward."""
-    if (not is_constant(x) or x.layout != torch.strided or x.dim() <= dim or x.shape[dim] <= 1
-            or x.stride(dim) == 0):
+    if (not is_constant(x) or x.layout != torch.strided or x.is_meta or x.dim() <= dim
+            or x.shape[dim] <= 1 or x.stride(dim) == 0):
         return False
     with torch.no_grad():
         return not torch.equal(x, x.narrow(dim, 0, 1).expand_as(x))
