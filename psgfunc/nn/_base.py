@@ -114,7 +114,7 @@ class ExpandedModule(nn.Module):
             batch_dim: where the batch is.
             expected: the shape to show in errors, e.g. ``"[B, *, 16]"``.
             name: what to call ``x`` in errors.
-            data: whether ``x`` holds the examples' data (checked not to be a tensor shared
+            data: whether ``x`` holds the examples' data (checked not to be a constant shared
                 by every example, :func:`psgfunc.nn._forward.is_shared`); False for offsets.
 
         Raises:

@@ -25,8 +25,9 @@ Tensors in the input whose dim 0 is ``B`` are taken as batched (example ``b`` ge
 with a leading 1); other tensors (e.g. ``[1, T, D]`` rotary tables shared by every example) go
 to every example as they are, and so does a constant of the forward whose dim 0 happens to
 be ``B`` (a ``[T, T]`` mask made by ``torch.full`` with ``T == B``: the forward follows which
-tensors are the same for every example, :func:`psgfunc.nn._forward.is_shared`). Tensor outputs must have the example's leading 1 (a module that
-keeps the batch dim); it is removed and the examples are stacked back to ``[B, ...]``.
+tensors are the same for every example, :func:`psgfunc.nn._forward.is_shared`). Tensor
+outputs must have the example's leading 1 (a module that keeps the batch dim); it is
+removed and the examples are stacked back to ``[B, ...]``.
 
 **Plain ops on the model's parameters, outside any shell.** A module WITHOUT parameters of
 its own is no shell, yet its forward may use a child's parameter in a plain torch op: a
@@ -162,8 +163,8 @@ class _Runner:
         names = list(expanded)
         views = [expanded[n] for n in names]
         leaves, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
-        # (a tensor made without the model's inputs whose dim 0 happens to be B, e.g. a
-        # [T, T] mask with T == B, is shared, not batched: psgfunc.nn._forward.is_shared)
+        # (a constant of the forward whose dim 0 happens to be B, e.g. a [T, T] mask with
+        # T == B, is shared, not batched: psgfunc.nn._forward.is_shared)
         batched = [
             isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size and not _forward.is_shared(t, 0)
             for t in leaves
