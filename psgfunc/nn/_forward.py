@@ -66,7 +66,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch", "follow", "mark",
+__all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch", "judge", "follow", "mark",
            "is_constant", "is_shared"]
 
 
@@ -309,8 +309,39 @@ def _any_tensor(a: Any) -> bool:
     return False
 
 
+def judge(consts: dict[int, tuple[weakref.ref, int]], func: Any, args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> bool:
+    """Whether ``func(*args, **kwargs)`` makes a constant, judged BEFORE it runs (an in-place
+    op changes its ``self``'s version, which would make ``self`` look non-constant after);
+    pass the result to :func:`follow`."""
+    name = getattr(func, "__name__", "")
+    if func in _ALWAYS_CONSTANT:
+        return True
+    if func in _NEVER or name == "__setitem__" or _random(name, kwargs):
+        return False
+    if name == "__getitem__" and any(type(i) is list for i in (args[1] if type(args[1]) is tuple else (args[1],))):
+        return False  # (rows picked by Python numbers, which may come from the examples)
+    if func in _SELF_ONLY:
+        return _const_arg(consts, args[0])
+    if name in ("copy_", "fill_"):  # the whole of self is overwritten: its values do not count
+        args = args[1:]
+        if name == "fill_" and not _any_tensor(args) and not _any_tensor(tuple(kwargs.values())):
+            return True
+    tensors = False
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, torch.Tensor):
+            tensors = True
+            if not _has(consts, a):
+                return False
+        elif type(a) is list or type(a) is tuple or type(a) is slice:
+            if not _const_arg(consts, a):
+                return False
+            tensors = tensors or _any_tensor(a)
+    return tensors
+
+
 def follow(consts: dict[int, tuple[weakref.ref, int]], func: Any, args: tuple[Any, ...],
-           kwargs: dict[str, Any], out: Any) -> None:
+           kwargs: dict[str, Any], out: Any, const: bool) -> None:
     """After a torch function ran in a followed forward, note whether its outputs are
     constants of the forward: values the same for every example, made by a deterministic
     factory (:data:`_ALWAYS_CONSTANT`) or by a non-random op all of whose tensor arguments
@@ -320,29 +351,9 @@ def follow(consts: dict[int, tuple[weakref.ref, int]], func: Any, args: tuple[An
     Python list. A constant is one as long as its version is (a write through any view of
     it, seen or not, ends it). Anything else (the model's inputs, random draws,
     ``torch.tensor(...)`` of Python data, what code this mode does not see makes) is not a
-    constant: it may hold the examples."""
+    constant: it may hold the examples. ``const``: :func:`judge`'s verdict, taken before the
+    op ran."""
     name = getattr(func, "__name__", "")
-    if func in _ALWAYS_CONSTANT:
-        const = True
-    elif func in _NEVER or name == "__setitem__" or _random(name, kwargs):
-        const = False
-    elif name == "__getitem__" and any(type(i) is list for i in (args[1] if type(args[1]) is tuple else (args[1],))):
-        const = False  # (rows picked by Python numbers, which may come from the examples)
-    elif func in _SELF_ONLY:
-        const = _const_arg(consts, args[0])
-    else:
-        tensors = False
-        const = True
-        for a in (*args, *kwargs.values()) if kwargs else args:
-            if isinstance(a, torch.Tensor):
-                tensors = True
-                const = _has(consts, a)
-            elif type(a) is list or type(a) is tuple or type(a) is slice:
-                const = _const_arg(consts, a)
-                tensors = tensors or _any_tensor(a)
-            if not const:
-                break
-        const = const and tensors
     written = []
     if args and isinstance(args[0], torch.Tensor) and (
         name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))

@@ -300,10 +300,12 @@ class _OutsideShells(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = self._dispatch(func, args, kwargs)
         data = self.record.data
-        if data is not None and not torch._C._are_functorch_transforms_active():
-            _forward.follow(data, func, args, kwargs, out)  # which tensors are constants
+        if data is None or torch._C._are_functorch_transforms_active():
+            return self._dispatch(func, args, kwargs)
+        const = _forward.judge(data, func, args, kwargs)  # before: an in-place op changes self
+        out = self._dispatch(func, args, kwargs)
+        _forward.follow(data, func, args, kwargs, out, const)  # which tensors are constants
         return out
 
     def _dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

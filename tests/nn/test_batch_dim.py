@@ -485,10 +485,16 @@ class Positions1D(nn.Module):
             pos = torch.arange(steps).to(ids)
         elif self.how == "new_ones":
             pos = ids.new_ones(steps).cumsum(0) - 1
+        elif self.how == "in-place":  # (T5's buckets are added in place: relative_buckets +=)
+            pos = torch.arange(steps)
+            pos += 1
+            pos.clamp_(max=5)
+        elif self.how == "empty-copy":
+            pos = torch.empty(steps, dtype=torch.long).copy_(torch.arange(steps))
         return self.head(torch.tanh(self.tok(ids) + self.pos(pos)))
 
 
-@pytest.mark.parametrize("how", ["type_as", "to", "new_ones", "hook"])
+@pytest.mark.parametrize("how", ["type_as", "to", "new_ones", "hook", "in-place", "empty-copy"])
 def test_constants_through_metadata_ops_and_pre_hooks_are_refused(how):
     """Ops that take only a dtype, device or shape from the input (type_as, to, new_*) keep a
     constant constant; a pre-hook registered before the conversion runs inside the followed
