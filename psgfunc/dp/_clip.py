@@ -259,34 +259,24 @@ def rounding_floor(leaves: Any) -> float:
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def _certified_slack(leaves: list[torch.Tensor], b: int) -> float:
-    """Relative slack that makes :func:`_norms_of`'s norms upper bounds that also cover the
-    clipped sum's own rounding, as fast clipping's are: their computation (within
-    ``sq_norm_rel`` of the squares, rescaled rows included), the factor's and each
-    product's rounding, and the sum over the ``B`` examples (``gamma_B`` of its terms'
-    sizes), so that every example's contribution is at most ``C`` as computed. A few
-    ``1e-6`` in float32."""
+def _covering_slack(leaves: list[torch.Tensor], roundings: int) -> float:
+    """Relative slack that makes :func:`_norms_of`'s norms upper bounds that also cover what
+    is computed from them: their own error (``sq_norm_rel`` of the squares, rescaled rows
+    included) and ``roundings`` roundings more (``gamma``), in the leaves' accumulation
+    precision.
+
+    ``clip`` (6: the norm's rounding to the norms' dtype and the inflation's, the factor's,
+    also to a float32 leaf's dtype, and each product's) keeps its result, as returned,
+    within ``C``: at most about 1.3e-5 in float32 and 1e-12 in float64 for rows up to a
+    million elements (without it, half the clipped float32 examples came out up to 3.4
+    roundings above ``C``). A certified clipped sum (``B + 6``: the sum over the ``B``
+    examples too) keeps every example's contribution within ``C`` as computed, as fast
+    clipping's norms do: a few ``1e-6`` in float32."""
     rel = 0.0
     for leaf in leaves:
         acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
         k = max(1, math.prod(leaf.shape[1:]))
-        rel = max(rel, sq_norm_rel(acc, k) + gamma(b + 6, acc))
-    return rel
-
-
-def _scaled_slack(leaves: list[torch.Tensor]) -> float:
-    """Relative slack that makes :func:`_norms_of`'s norms cover the scaled gradient's own
-    rounding, so that ``clip``'s result, as returned, has norm at most ``C``: the norm's
-    error (``sq_norm_rel``), its rounding to the norms' dtype and the inflation's, the
-    factor's rounding (also to a float32 leaf's dtype) and each product's: ``gamma_6``.
-    At most about 1.3e-5 in float32 and 1e-12 in float64 for rows up to a million elements
-    (without it, half the clipped float32 examples came out up to 3.4 roundings above
-    ``C``)."""
-    rel = 0.0
-    for leaf in leaves:
-        acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
-        k = max(1, math.prod(leaf.shape[1:]))
-        rel = max(rel, sq_norm_rel(acc, k) + gamma(6, acc))
+        rel = max(rel, sq_norm_rel(acc, k) + gamma(roundings, acc))
     return rel
 
 
@@ -297,15 +287,15 @@ def _clip_factors(
 
     Factors are aligned with ``tree_leaves(grads)``; with per-layer ``max_norm`` every leaf
     under top-level key ``k`` gets group ``k``'s factor. The norms are inflated by
-    :func:`_slack` (2^-8 with bfloat16 leaves, none for float32/64), with ``certified`` by
-    :func:`_certified_slack` too, with ``scaled`` by :func:`_scaled_slack` (for ``clip``),
-    and returned as used.
+    :func:`_slack` (2^-8 with bfloat16 leaves, none for float32/64), with ``certified`` or
+    ``scaled`` by :func:`_covering_slack` too (the clipped sum's rounding, or the scaled
+    gradients', for ``clip``), and returned as used.
     """
     checked = _check_max_norm(max_norm, grads, where)
     leaves, b = _check_leaves(grads, where)
     dtype = _acc_dtype(leaves)
-    slack = (1 + _slack(leaves) + (_certified_slack(leaves, b) if certified else 0.0)
-             + (_scaled_slack(leaves) if scaled else 0.0))
+    roundings = b + 6 if certified else 6 if scaled else 0
+    slack = 1 + _slack(leaves) + (_covering_slack(leaves, roundings) if roundings else 0.0)
     if not isinstance(checked, dict):
         norms = _norms_of(leaves, b, dtype, where) * slack
         factor = clip_factor(norms, checked, rounding_floor(_sizes(leaves)))
@@ -352,7 +342,7 @@ def clip(grads: Any, max_norm: MaxNorm) -> Any:
     below ``C`` may be scaled by a factor a hair under 1. Half-precision leaves are scaled
     in float32 and rounded once, which can move each coordinate by 2^-8 (bfloat16)
     relatively, so their norms are taken 2^-8 larger; all norms are also taken larger by
-    their own error bound and the scaling's (:func:`_scaled_slack`: up to about 1.3e-5 in
+    their own error bound and the scaling's (:func:`_covering_slack`: up to about 1.3e-5 in
     float32, 1e-12 in float64 for rows up to a million elements), so the clipped gradient,
     as returned, has norm at most ``C``.
     Below float16's smallest normal number (6.1e-5) rounding is absolute (up to 3e-8 per
@@ -387,7 +377,7 @@ def clipped_sum(grads: Any, max_norm: MaxNorm, where: str = "clipped_sum", *,
                 certified: bool = False) -> tuple[Any, torch.Tensor]:
     """``(sum_b clip(g)_b, norms [B])`` without materialising the clipped ``[B, ...]`` tree.
 
-    ``certified``: norms raised by :func:`_certified_slack`, so that each example's
+    ``certified``: norms raised by :func:`_covering_slack`, so that each example's
     contribution to the sum is at most ``C`` as computed (fast clipping's promise, for its
     fallback to materialised gradients); otherwise within ``C (1 + 1e-5)``."""
     factors, norms = _clip_factors(grads, max_norm, where, certified)

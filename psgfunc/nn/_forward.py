@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextvars
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import optree
@@ -287,26 +288,15 @@ def _random(name: str, kwargs: dict[str, Any]) -> bool:
             or (bool(kwargs) and kwargs.get("generator") is not None))
 
 
-def _const_arg(consts: dict[int, tuple[weakref.ref, int]], a: Any) -> bool:
-    """Whether an argument holds constants only (tensors that are, inside lists, tuples and
-    slices; any other value: a Python number or option)."""
+def _tensors_in(a: Any) -> Iterator[torch.Tensor]:
+    """The tensors in an argument: itself, or inside lists, tuples and slices."""
     if isinstance(a, torch.Tensor):
-        return _has(consts, a)
-    if type(a) is list or type(a) is tuple:
-        return all(_const_arg(consts, v) for v in a)
-    if type(a) is slice:
-        return all(_const_arg(consts, v) for v in (a.start, a.stop, a.step))
-    return True
-
-
-def _any_tensor(a: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return True
-    if type(a) is list or type(a) is tuple:
-        return any(_any_tensor(v) for v in a)
-    if type(a) is slice:
-        return any(_any_tensor(v) for v in (a.start, a.stop, a.step))
-    return False
+        yield a
+    elif type(a) is list or type(a) is tuple:
+        for v in a:
+            yield from _tensors_in(v)
+    elif type(a) is slice:
+        yield from _tensors_in((a.start, a.stop, a.step))
 
 
 def judge(consts: dict[int, tuple[weakref.ref, int]], func: Any, args: tuple[Any, ...],
@@ -322,22 +312,14 @@ def judge(consts: dict[int, tuple[weakref.ref, int]], func: Any, args: tuple[Any
     if name == "__getitem__" and any(type(i) is list for i in (args[1] if type(args[1]) is tuple else (args[1],))):
         return False  # (rows picked by Python numbers, which may come from the examples)
     if func in _SELF_ONLY:
-        return _const_arg(consts, args[0])
+        return _has(consts, args[0])
     if name in ("copy_", "fill_"):  # the whole of self is overwritten: its values do not count
         args = args[1:]
-        if name == "fill_" and not _any_tensor(args) and not _any_tensor(tuple(kwargs.values())):
-            return True
-    tensors = False
-    for a in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(a, torch.Tensor):
-            tensors = True
-            if not _has(consts, a):
-                return False
-        elif type(a) is list or type(a) is tuple or type(a) is slice:
-            if not _const_arg(consts, a):
-                return False
-            tensors = tensors or _any_tensor(a)
-    return tensors
+    tensors = list(_tensors_in((args, tuple(kwargs.values()))))
+    if name == "fill_" and not tensors:
+        return True  # (a Python number)
+    # other Python values (numbers, options) count as constants
+    return bool(tensors) and all(_has(consts, t) for t in tensors)
 
 
 def follow(consts: dict[int, tuple[weakref.ref, int]], func: Any, args: tuple[Any, ...],
