@@ -15,8 +15,16 @@ one is open, every shell call:
 * checks that it reads the forward's batch size (the first shell's; rule A): a layer that
   reads another dim, or a batch-1 tensor shared by every example, can never give per-example
   gradients, so it raises a ValueError instead of leaving mismatched ``grad_sample`` s;
-* looks for the most recent earlier shell output whose ndim and first two sizes equal those of
-  its input, a tensor its input most likely derives from through shape-keeping ops (dropout,
+* (rule B, followed) while the forward runs with gradients on, the torch-function mode of
+  :mod:`psgfunc.nn.generic` follows where each shell output's batch dim goes through the
+  ops between shells (:func:`carry`: ``transpose``, ``permute``, ``movedim``, ``.T``,
+  ``einsum`` and matmuls move it; shape-keeping ops keep it): a shell whose input has its
+  batch at another dim than the one it reads raises, at any sizes (HF Longformer's
+  ``hidden.transpose(0, 1)`` into a batch-first Linear, ``attention_out + x`` of a
+  time-major attention into one); a tensor whose batch the mode lost (a reshape, a stack)
+  falls back on the next check;
+* (rule B, by sizes and layout: what the mode did not follow) looks for the most recent
+  earlier shell output whose ndim and first two sizes equal those of its input, a tensor its input most likely derives from through shape-keeping ops (dropout,
   activations, residual adds); when that output had the batch at the other dim (rule B),
   the input must have been transposed on the way. ``T != B``: the sizes prove no transpose
   happened, so the call raises. ``T == B``: shapes cannot tell; the memory layout can: a
@@ -68,14 +76,14 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 __all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch", "judge", "follow", "mark",
-           "is_constant", "is_shared"]
+           "is_constant", "is_shared", "carry"]
 
 
 class Record:
     """What the shells of one forward pass read: the batch size and each output's layout."""
 
     __slots__ = ("root", "depth", "hint", "batch", "source", "outputs", "data", "shell", "shell_inputs",
-                 "pending")
+                 "pending", "moved")
 
     def __init__(self, root: nn.Module | None, hint: int | None):
         self.root, self.depth, self.hint = root, 1, hint
@@ -90,6 +98,10 @@ class Record:
         self.shell_inputs: tuple[Any, ...] = ()  # the arguments that shell was called with
         # (shell, size, dim, shape) of constants read as batched before the batch was known
         self.pending: list[tuple[nn.Module, int, int | None, tuple[int, ...]]] = []
+        # id -> (weak reference, its batch dim or -1 when its inputs disagreed, the shell whose
+        # output it derives from): shell outputs and what ops make from them (see carry()),
+        # followed when the forward is (``data`` is not None)
+        self.moved: dict[int, tuple[weakref.ref, int, nn.Module]] = {}
 
     def name(self, module: nn.Module) -> str:
         """``module``'s qualified name in the model, for messages."""
@@ -196,7 +208,14 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
         if _LOOSE and batch_dim == 0 and isinstance(x, torch.Tensor) and x.dim() >= 2:
             _check_loose(shell, x)
         return
-    if batch_dim is not None and isinstance(x, torch.Tensor) and x.dim() >= 2:
+    entry = record.moved.get(id(x)) if batch_dim is not None and isinstance(x, torch.Tensor) else None
+    if entry is not None and entry[0]() is x:
+        # followed from a shell's output through the forward's ops: its batch dim is known
+        if entry[1] != batch_dim and x.shape[batch_dim] * x.shape[entry[1]] != 1:
+            _refuse_moved(record, shell, x, batch_dim, entry[1], entry[2])
+    elif batch_dim is not None and isinstance(x, torch.Tensor) and x.dim() >= 2:
+        # not followed (a forward without gradients, a compiled one): the leading sizes and
+        # the memory layout of x against the shell outputs (rule B)
         found = record.outputs.get((x.dim(), x.shape[0], x.shape[1]))
         if found is not None and found[0] != batch_dim and (x.shape[0], x.shape[1]) != (1, 1):
             _check_crossing(record, shell, found[1], x, batch_dim, found[0])
@@ -238,6 +257,25 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
             f"together. Input shape {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}."
             f"{shared} {_FIX}"
         )
+
+
+def _refuse_moved(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: int, at: int,
+                  producer: nn.Module) -> None:
+    where = (
+        f"its batch is at dim {at}" if at >= 0 else
+        "it combines tensors whose batch is at different dims (e.g. a time-major [T, B, ...] "
+        "and a batch-first [B, T, ...] one), so it has no batch dim"
+    )
+    raise ValueError(
+        f"{record.name(shell)} reads dim {batch_dim} of its input {tuple(x.shape)} as the batch, "
+        f"but that input derives from the output of {record.name(producer)} through ops "
+        f"(transpose, permute, movedim, einsum, ...) after which {where}: the layer would take "
+        f"{'the time steps (or another dim) for examples' if at >= 0 else 'mixed dims for examples'}"
+        " and give each example the gradient rows of others (at T == B the sizes cannot show "
+        f"it). Bring the batch to dim {batch_dim} before the layer (x.transpose(0, 1) or "
+        "x.movedim(...)), or compute this part with the batch where the layer reads it. "
+        + _FIX
+    )
 
 
 def _refuse_shared(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: int) -> None:
@@ -447,8 +485,137 @@ def produce(shell: nn.Module, out: Any, batch_dim: int) -> Any:
         return out
     record = _CURRENT.get()
     if record is not None:
+        if record.data is not None:
+            record.moved[id(out)] = (weakref.ref(out), batch_dim, shell)
         record.outputs[(out.dim(), out.shape[0], out.shape[1])] = (batch_dim, shell)
     elif batch_dim == 1:
         _LOOSE[:] = [(r, m) for r, m in _LOOSE if r() is not None][-(_LOOSE_MAX - 1):]
         _LOOSE.append((weakref.ref(out), shell))
     return out
+
+
+# ------------------------------------------------------------ where each shell output's batch goes
+
+
+def _properties() -> dict[Any, str]:
+    """The tensor properties that permute dims (their getters reach the torch-function mode)."""
+    return {getattr(torch.Tensor, n): n for n in ("T", "mT", "H", "mH") if hasattr(torch.Tensor, n)}
+
+
+_PROPERTIES = _properties()
+_SWAPS = frozenset(("transpose", "transpose_", "swapaxes", "swapaxes_", "swapdims", "swapdims_"))
+
+
+def _norm(dim: Any, ndim: int) -> int:
+    return int(dim) + ndim if int(dim) < 0 else int(dim)
+
+
+def _order(func: Any, name: str, src: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int] | None:
+    """For a op that only permutes its input's dims: ``order[i]``, the input dim at output
+    dim ``i``; None for any other op."""
+    n = src.dim()
+    if name == "__get__":
+        prop = _PROPERTIES.get(getattr(func, "__self__", None))
+        if prop in ("T",):
+            return list(range(n - 1, -1, -1))
+        if prop in ("mT", "mH") or (prop == "H" and n == 2):
+            return [*range(n - 2), n - 1, n - 2]
+        return None
+    if name in _SWAPS:
+        rest = list(args[1:]) + [kwargs[k] for k in ("dim0", "dim1", "axis0", "axis1") if k in kwargs]
+        a, b = (_norm(d, n) for d in rest[:2])
+        order = list(range(n))
+        order[a], order[b] = b, a
+        return order
+    if name in ("t", "t_", "adjoint"):
+        return list(range(n)) if n < 2 else [*range(n - 2), n - 1, n - 2]
+    if name == "permute":
+        dims = args[1:] if len(args) > 2 or not isinstance(args[1] if len(args) > 1 else None, (tuple, list)) else args[1]
+        dims = dims if dims else kwargs.get("dims", ())
+        return [_norm(d, n) for d in dims]
+    if name in ("movedim", "moveaxis"):
+        rest = list(args[1:]) + [kwargs[k] for k in ("source", "destination") if k in kwargs]
+        source, dest = ([v] if isinstance(v, int) else list(v) for v in rest[:2])
+        source, dest = [_norm(d, n) for d in source], [_norm(d, n) for d in dest]
+        order: list[int | None] = [None] * n
+        for sd, dd in zip(source, dest):
+            order[dd] = sd
+        others = iter(d for d in range(n) if d not in source)
+        return [next(others) if o is None else o for o in order]  # type: ignore[misc]
+    return None
+
+
+def _einsum_dim(args: tuple[Any, ...], src: torch.Tensor, at: int) -> int | None:
+    """The output dim of ``torch.einsum``'s where ``src``'s dim ``at`` goes; None when the
+    equation does not say (an ellipsis, implicit output, a summed index)."""
+    eq = args[0] if args and isinstance(args[0], str) else None
+    ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    if eq is None or "..." in eq or "->" not in eq:
+        return None
+    ins, out = eq.replace(" ", "").split("->")
+    for letters, op in zip(ins.split(","), ops):
+        if op is src and len(letters) == src.dim():
+            pos = out.find(letters[at])
+            return None if pos < 0 else pos
+    return None
+
+
+_MATMULS = frozenset(("matmul", "mm", "bmm", "__matmul__", "__rmatmul__"))
+
+
+def _matmul_dim(name: str, args: tuple[Any, ...], t: torch.Tensor, at: int, out: torch.Tensor) -> int | None:
+    """Where ``t``'s dim ``at`` goes in ``out = a @ b`` (``t`` is ``a`` or ``b``); None when
+    the product sums over it (``a``'s last dim, ``b``'s second-to-last) or a vector drops it."""
+    first = args[1] if name == "__rmatmul__" else args[0]
+    n, m = t.dim(), out.dim()
+    if n < 2 or (at == n - 1 if t is first else at == n - 2):
+        return None
+    return m - 1 if at == n - 1 else at + m - n
+
+
+def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    """After a torch function ran in a followed forward: where the batch of its outputs is,
+    when an argument derives from a shell's output (:attr:`Record.moved`). An op that only
+    permutes dims (``transpose``, ``swapaxes``, ``permute``, ``movedim``, ``.T``/``.mT``)
+    moves it as it moves that dim, as do ``einsum`` with an explicit output and matmuls (a
+    summed dim goes nowhere); any other output with an argument's number of dims and the same
+    size at that argument's batch dim keeps it (elementwise ops, slicing other dims,
+    ``contiguous``, same-shape ``reshape``). Arguments whose batch lands at different dims
+    give ``-1`` (no batch dim); an output none lands in is not followed (the shell reading it
+    falls back on rule B's sizes and layout)."""
+    moved = record.moved
+    if not moved:
+        return
+    found = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        for t in (a,) if isinstance(a, torch.Tensor) else a if type(a) in (list, tuple) else ():
+            entry = moved.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if entry is not None and entry[0]() is t:
+                found.append((t, entry[1], entry[2]))
+    if not found:
+        return
+    name = getattr(func, "__name__", "")
+    single = isinstance(out, torch.Tensor)
+    order = _order(func, name, args[0], args, kwargs) if single and args and args[0] is found[0][0] else None
+    for o in out if type(out) in (tuple, list) else (out,):
+        if not isinstance(o, torch.Tensor):
+            continue
+        dims, producer = set(), found[0][2]
+        for t, at, who in found:
+            if at < 0:
+                new = -1
+            elif order is not None:
+                new = order.index(at) if t is args[0] and at in order else None
+            elif single and name == "einsum":
+                new = _einsum_dim(args, t, at)
+            elif single and name in _MATMULS:
+                new = _matmul_dim(name, args, t, at, o)
+            else:
+                new = at if o.dim() == t.dim() and o.shape[at] == t.shape[at] else None
+            if new is not None:
+                dims.add(new)
+                producer = who
+        if not dims or o.dim() == 0:
+            moved.pop(id(o), None)
+        else:
+            moved[id(o)] = (weakref.ref(o), dims.pop() if len(dims) == 1 else -1, producer)

@@ -306,6 +306,7 @@ class _OutsideShells(TorchFunctionMode):
         const = _forward.judge(data, func, args, kwargs)  # before: an in-place op changes self
         out = self._dispatch(func, args, kwargs)
         _forward.follow(data, func, args, kwargs, out, const)  # which tensors are constants
+        _forward.carry(self.record, func, args, kwargs, out)  # where shell outputs' batch goes
         return out
 
     def _dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -87,15 +87,21 @@ def test_time_major_output_into_a_batch_first_layer_raises(kind, between, steps)
 
 
 @pytest.mark.parametrize("steps", [5, 3])
-def test_transposed_contiguous_copy_is_refused_only_when_t_equals_b(steps):
-    model = pnn.expand_weights(Recurrent(nn.LSTM(3, 4), 4, "transpose-contiguous"), 8).double()
-    x = torch.randn(steps, 5, 3, dtype=F64)
-    if steps == 5:
-        with pytest.raises(ValueError, match="cannot tell whether the input was transposed"):
-            model(x)
-    else:
-        model(x).sum().backward()
-        assert model.fc.weight.grad_sample.shape == (5, 2, 4)
+def test_transposed_contiguous_copy_is_followed_and_refused_only_without_gradients(steps):
+    """The forward follows the transpose through .contiguous(): exact; a forward the mode
+    does not follow (no gradients) falls back on sizes and layout, and refuses at T == B."""
+    torch.manual_seed(3)
+    ref = Recurrent(nn.LSTM(3, 4), 4, "transpose-contiguous").double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    x = torch.randn(5, steps, 3, dtype=F64)  # [B, T, D]
+    model(x.transpose(0, 1)).pow(2).sum().backward()
+    assert_tree_close(grad_samples(model), oracle(ref, x, batch_first=False), rtol=1e-10)
+    with torch.no_grad():
+        if steps == 5:
+            with pytest.raises(ValueError, match="cannot tell whether the input was transposed"):
+                model(x.transpose(0, 1))
+        else:
+            model(x.transpose(0, 1))
 
 
 def oracle(ref, x, batch_first):
@@ -672,3 +678,79 @@ def test_an_inference_tensor_buffer_is_followed_without_a_version():
     model = pnn.expand_weights(WithInferenceBuffer(), 8)
     model(torch.randn(4, 3)).sum().backward()
     assert model.lin.weight.grad_sample.shape == (4, 2, 3)
+
+
+# ------------------------------------------------- rule B, followed: where a shell output's batch goes
+
+
+class Moved(nn.Module):
+    """A batch-first Linear's output ``[B, T, 4]`` moved by ``how`` before the next Linear
+    (HF Longformer: ``hidden.transpose(0, 1)`` into its query projection)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.q, self.o = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        how = self.how
+        if how == "transpose":
+            h = h.transpose(0, 1)
+        elif how == "transpose-contiguous-relu":
+            h = torch.relu(h.transpose(0, 1).contiguous())
+        elif how == "permute":
+            h = h.permute(1, 0, 2)
+        elif how == "movedim":
+            h = torch.movedim(h, 1, 0)
+        elif how == "einsum":
+            h = torch.einsum("btd->tbd", h)
+        elif how == "swap-add":
+            h = x.new_zeros(()) + h.swapaxes(0, 1)
+        elif how == "there-and-back":
+            h = h.transpose(0, 1).contiguous().permute(1, 0, 2) * 2.0
+        elif how == "einsum-back":
+            h = torch.einsum("tbd->btd", h.transpose(0, 1).contiguous())
+        elif how == "mixed":
+            h = h + h.transpose(0, 1)
+        return self.o(self.q(h))
+
+
+@pytest.mark.parametrize("how", ["transpose", "transpose-contiguous-relu", "permute", "movedim", "einsum",
+                                 "swap-add", "mixed"])
+def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(how):
+    """Before, at T == B the sizes and layout checks saw only time-major outputs: the Linear
+    took the time steps for examples (0.88 off the loop for HF Longformer's pattern)."""
+    model = pnn.expand_weights(Moved(how).double(), 8)
+    with pytest.raises(ValueError, match=r"Linear 'q' reads dim 0 .* derives from the output of Linear 'a'"):
+        model(torch.randn(4, 4, 3, dtype=F64))
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", ["there-and-back", "einsum-back", "none"])
+def test_a_batch_first_output_moved_back_gives_exact_grads(how):
+    torch.manual_seed(4)
+    ref = Moved(how).double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    x = torch.randn(4, 4, 3, dtype=F64)
+    model(x).pow(2).sum().backward()
+    assert_tree_close(grad_samples(model), oracle(ref, x, batch_first=True), rtol=1e-10)
+
+
+@pytest.mark.parametrize("order", ["out+x", "x+out"])
+def test_a_time_major_attention_output_into_a_batch_first_layer_is_refused_in_any_add_order(order):
+    """Before, the layout check read ``attention_out + x`` (which takes the attention
+    output's layout) as a transposed tensor and let a batch-first Linear take L for B."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.fc = nn.MultiheadAttention(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):  # [L, B, E]
+            a = self.att(x, x, x, need_weights=False)[0]
+            return self.fc(a + x if order == "out+x" else x + a)
+
+    model = pnn.expand_weights(Block().double(), 8)
+    with pytest.raises(ValueError, match=r"Linear 'fc' reads dim 0 .*MultiheadAttention 'att'.* at dim 1"):
+        model(torch.randn(3, 3, 4, dtype=F64))
