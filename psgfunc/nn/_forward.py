@@ -510,10 +510,45 @@ def _norm(dim: Any, ndim: int) -> int:
     return int(dim) + ndim if int(dim) < 0 else int(dim)
 
 
-def _order(func: Any, name: str, src: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int] | None:
-    """For a op that only permutes its input's dims: ``order[i]``, the input dim at output
-    dim ``i``; None for any other op."""
-    n = src.dim()
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, *names: str, default: Any = None) -> Any:
+    """Argument ``i`` (after ``self``), given by position or by one of ``names``."""
+    if len(args) > i:
+        return args[i]
+    return next((kwargs[k] for k in names if k in kwargs), default)
+
+
+def _index_order(idx: Any, n: int) -> list[int | None] | None:
+    """``x[idx]``'s order (see :func:`_order`) for basic indexing (ints, slices, None,
+    Ellipsis); None for advanced indexing (tensors, lists, booleans)."""
+    items = idx if type(idx) is tuple else (idx,)
+    if any(not (type(v) in (int, slice) or v is None or v is Ellipsis) for v in items):
+        return None
+    used = sum(1 for v in items if type(v) in (int, slice))
+    order: list[int | None] = []
+    dim = 0
+    for v in items:
+        if v is None:
+            order.append(None)
+        elif v is Ellipsis:
+            order += range(dim, dim + n - used)
+            dim += n - used
+        elif type(v) is slice:
+            order.append(dim)
+            dim += 1
+        else:  # an int drops its dim
+            dim += 1
+    return order + list(range(dim, n))
+
+
+def _order(func: Any, name: str, t: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int | None] | None:
+    """For an op that only moves, drops or adds dims of ``t`` (its argument): ``order[i]``,
+    the dim of ``t`` at output dim ``i`` (None: a new dim); None for any other op."""
+    n = t.dim()
+    if name == "stack" and args and type(args[0]) in (list, tuple) and any(v is t for v in args[0]):
+        d = _norm(_arg(args, kwargs, 1, "dim", default=0), n + 1)
+        return [*range(d), None, *range(d, n)]
+    if not args or args[0] is not t:
+        return None
     if name == "__get__":
         prop = _PROPERTIES.get(getattr(func, "__self__", None))
         if prop in ("T",):
@@ -522,11 +557,11 @@ def _order(func: Any, name: str, src: torch.Tensor, args: tuple[Any, ...], kwarg
             return [*range(n - 2), n - 1, n - 2]
         return None
     if name in _SWAPS:
-        rest = list(args[1:]) + [kwargs[k] for k in ("dim0", "dim1", "axis0", "axis1") if k in kwargs]
-        a, b = (_norm(d, n) for d in rest[:2])
+        a = _norm(_arg(args, kwargs, 1, "dim0", "axis0"), n)
+        b = _norm(_arg(args, kwargs, 2, "dim1", "axis1"), n)
         order = list(range(n))
         order[a], order[b] = b, a
-        return order
+        return order  # type: ignore[return-value]
     if name in ("t", "t_", "adjoint"):
         return list(range(n)) if n < 2 else [*range(n - 2), n - 1, n - 2]
     if name == "permute":
@@ -534,14 +569,31 @@ def _order(func: Any, name: str, src: torch.Tensor, args: tuple[Any, ...], kwarg
         dims = dims if dims else kwargs.get("dims", ())
         return [_norm(d, n) for d in dims]
     if name in ("movedim", "moveaxis"):
-        rest = list(args[1:]) + [kwargs[k] for k in ("source", "destination") if k in kwargs]
-        source, dest = ([v] if isinstance(v, int) else list(v) for v in rest[:2])
+        source, dest = (_arg(args, kwargs, 1, "source"), _arg(args, kwargs, 2, "destination"))
+        source, dest = ([v] if isinstance(v, int) else list(v) for v in (source, dest))
         source, dest = [_norm(d, n) for d in source], [_norm(d, n) for d in dest]
-        order: list[int | None] = [None] * n
+        moved: list[int | None] = [None] * n
         for sd, dd in zip(source, dest):
-            order[dd] = sd
+            moved[dd] = sd
         others = iter(d for d in range(n) if d not in source)
-        return [next(others) if o is None else o for o in order]  # type: ignore[misc]
+        return [next(others) if o is None else o for o in moved]
+    if name in ("unsqueeze", "unsqueeze_"):
+        d = _norm(_arg(args, kwargs, 1, "dim"), n + 1)
+        return [*range(d), None, *range(d, n)]
+    if name in ("squeeze", "squeeze_"):
+        dims = _arg(args, kwargs, 1, "dim")
+        dims = range(n) if dims is None else [dims] if isinstance(dims, int) else dims
+        gone = {_norm(d, n) for d in dims if t.shape[_norm(d, n)] == 1}
+        return [d for d in range(n) if d not in gone]
+    if name in ("select", "unbind"):
+        d = _norm(_arg(args, kwargs, 1, "dim", default=0), n)
+        return [i for i in range(n) if i != d]
+    if name == "flatten":
+        start = _norm(_arg(args, kwargs, 1, "start_dim", default=0), n)
+        end = _norm(_arg(args, kwargs, 2, "end_dim", default=-1), n)
+        return list(range(n)) if start >= end else [*range(start), None, *range(end + 1, n)]
+    if name == "__getitem__" and len(args) > 1:
+        return _index_order(args[1], n)
     return None
 
 
@@ -576,8 +628,9 @@ def _matmul_dim(name: str, args: tuple[Any, ...], t: torch.Tensor, at: int, out:
 def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
     """After a torch function ran in a followed forward: where the batch of its outputs is,
     when an argument derives from a shell's output (:attr:`Record.moved`). An op that only
-    permutes dims (``transpose``, ``swapaxes``, ``permute``, ``movedim``, ``.T``/``.mT``)
-    moves it as it moves that dim, as do ``einsum`` with an explicit output and matmuls (a
+    moves, drops or adds dims (``transpose``, ``permute``, ``movedim``, ``.T``/``.mT``,
+    ``unsqueeze``, ``squeeze``, ``select``, ``unbind``, ``flatten``, ``stack``, basic
+    indexing) moves it as it moves that dim (dropped or merged: not followed), as do ``einsum`` with an explicit output and matmuls (a
     summed dim goes nowhere); any other output with an argument's number of dims and the same
     size at that argument's batch dim keeps it (elementwise ops, slicing other dims,
     ``contiguous``, same-shape ``reshape``). Arguments whose batch lands at different dims
@@ -596,16 +649,16 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         return
     name = getattr(func, "__name__", "")
     single = isinstance(out, torch.Tensor)
-    order = _order(func, name, args[0], args, kwargs) if single and args and args[0] is found[0][0] else None
+    orders = [_order(func, name, t, args, kwargs) for t, _, _ in found]
     for o in out if type(out) in (tuple, list) else (out,):
         if not isinstance(o, torch.Tensor):
             continue
         dims, producer = set(), found[0][2]
-        for t, at, who in found:
+        for (t, at, who), order in zip(found, orders):
             if at < 0:
                 new = -1
             elif order is not None:
-                new = order.index(at) if t is args[0] and at in order else None
+                new = order.index(at) if at in order and len(order) == o.dim() else None
             elif single and name == "einsum":
                 new = _einsum_dim(args, t, at)
             elif single and name in _MATMULS:
