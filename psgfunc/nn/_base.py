@@ -134,7 +134,7 @@ class ExpandedModule(nn.Module):
                 f"e.g. x.unsqueeze({batch_dim})"
             )
         size = x.shape[batch_dim]
-        if size > self.max_batch_size:
+        if size > self.max_batch_size and not _forward.frozen(self):  # (frozen: nothing per example)
             raise ValueError(
                 f"{cls}: {name} holds a batch of {size} examples (dim {batch_dim}) but "
                 f"max_batch_size={self.max_batch_size}; split the batch into chunks of at most "

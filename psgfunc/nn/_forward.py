@@ -76,7 +76,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 __all__ = ["Record", "install", "current", "consume", "produce", "broadcast_batch", "judge", "follow", "mark",
-           "is_constant", "is_shared", "carry"]
+           "is_constant", "is_shared", "carry", "frozen"]
 
 
 class Record:
@@ -173,8 +173,8 @@ def broadcast_batch() -> int | None:
     """The batch size a batch-1 index tensor must be looked up for: the forward's, or the
     leading size of the model's input before any shell has read one; None outside a record."""
     record = _CURRENT.get()
-    if record is None:
-        return None
+    if record is None or torch._C._are_functorch_transforms_active():
+        return None  # (under transforms, e.g. in a generic shell, each call sees one example)
     return record.batch if record.batch is not None else record.hint
 
 
@@ -203,6 +203,8 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
     """
     if torch._C._are_functorch_transforms_active():
         return  # inside torch.func transforms fn sees one example; no forward record applies
+    if frozen(shell):
+        return  # no per-example gradient to give: which dim it reads changes no value
     record = _CURRENT.get()
     if record is None:
         if _LOOSE and batch_dim == 0 and isinstance(x, torch.Tensor) and x.dim() >= 2:
@@ -257,6 +259,18 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
             f"together. Input shape {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}."
             f"{shared} {_FIX}"
         )
+
+
+def frozen(shell: nn.Module) -> bool:
+    """Whether ``shell`` has parameters and none requires a gradient (a frozen layer: it gives
+    no per-example gradient, so none of the batch rules apply to it). A layer without
+    parameters (``LayerNorm(elementwise_affine=False)``) keeps its checks."""
+    found = False
+    for p in shell.parameters():
+        if p.requires_grad:
+            return False
+        found = True
+    return found
 
 
 def _refuse_moved(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: int, at: int,
@@ -484,6 +498,12 @@ def produce(shell: nn.Module, out: Any, batch_dim: int) -> Any:
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         return out
     record = _CURRENT.get()
+    if record is not None and frozen(shell):
+        # a layer with nothing to train computes what its torch.nn layer does, whichever dim
+        # it took for the batch: its output keeps its input's batch dim, as a plain op's
+        if record.data is not None and record.shell is shell:
+            carry(record, None, record.shell_inputs, {}, out)
+        return out
     if record is not None:
         if record.data is not None:
             record.moved[id(out)] = (weakref.ref(out), batch_dim, shell)

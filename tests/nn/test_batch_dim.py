@@ -764,3 +764,83 @@ def test_a_time_major_attention_output_into_a_batch_first_layer_is_refused_in_an
     model = pnn.expand_weights(Block().double(), 8)
     with pytest.raises(ValueError, match=r"Linear 'fc' reads dim 0 .*MultiheadAttention 'att'.* at dim 1"):
         model(torch.randn(3, 3, 4, dtype=F64))
+
+
+# ------------------------------------------------------------------ frozen layers; generic shells
+
+
+class FrozenPositions(nn.Module):
+    """HF Whisper's encoder: a frozen position table looked up with ``arange(T)`` (1-D, a
+    constant of the forward) and added to every example."""
+
+    def __init__(self, frozen_q=False):
+        super().__init__()
+        self.emb, self.pos, self.q = nn.Embedding(7, 3), nn.Embedding(6, 3), nn.Linear(3, 2)
+        self.pos.weight.requires_grad_(False)
+        self.q.requires_grad_(not frozen_q)
+        self.frozen_q = frozen_q
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.q(h.transpose(0, 1) if self.frozen_q else h)
+
+
+@pytest.mark.parametrize("size", [4, 3])
+def test_a_frozen_layer_is_not_checked_and_needs_no_max_batch_size(size):
+    """Before, the frozen table was refused as reading a constant at T == B and its T = 5
+    positions exceeded max_batch_size=3: a layer with nothing to train reads no batch."""
+    torch.manual_seed(5)
+    ref = FrozenPositions().double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 4)
+    ids = torch.randint(0, 7, (size, 4 if size == 4 else 5))
+
+    def fn(params, row):
+        return functional_call(ref, params, (row[None],)).pow(2).sum()
+
+    model(ids).pow(2).sum().backward()
+    want = per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters() if p.requires_grad}, ids)
+    assert_tree_close({n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad}, want, rtol=1e-10)
+    assert getattr(model.pos.weight, "grad_sample", None) is None
+
+
+def test_a_frozen_layer_passes_on_where_its_input_has_the_batch():
+    """A frozen Linear fed a transposed tensor: its output keeps the batch at dim 1 (as a
+    plain op's would), so the trainable layer after it still refuses it."""
+
+    class Then(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.frozen, self.b = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.b(self.frozen(self.a(x).transpose(0, 1)))
+
+    model = pnn.expand_weights(Then().double(), 8)
+    with pytest.raises(ValueError, match=r"Linear 'b' reads dim 0 .* output of Linear 'a'.* at dim 1"):
+        model(torch.randn(4, 4, 3, dtype=F64))
+
+
+def test_shared_ids_inside_a_generic_shell_are_looked_up_per_example_call():
+    """HF CLIP's vision embeddings: a module with its own parameter (a generic shell) whose
+    child Embedding looks up ``[1, T]`` position ids. The generic shell runs each example
+    as a batch of one, so the ids stay ``[1, T]`` there (before: expanded to the forward's
+    batch inside the per-example call, refused)."""
+
+    class Embeddings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(3))
+            self.pos = nn.Embedding(5, 3)
+            self.register_buffer("ids", torch.arange(4)[None], persistent=False)
+
+        def forward(self, x):  # [B, 4, 3]
+            return x * self.cls + self.pos(self.ids)
+
+    torch.manual_seed(6)
+    ref = nn.Sequential(Embeddings(), nn.Linear(3, 2)).double()
+    with pytest.warns(UserWarning, match="hold buffers"):  # (the ids buffer: constant)
+        model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    x = torch.randn(4, 4, 3, dtype=F64)
+    model(x).pow(2).sum().backward()
+    assert_tree_close(grad_samples(model), oracle(ref, x, batch_first=True), rtol=1e-10)
