@@ -659,6 +659,13 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     moved = record.moved
     if not moved:
         return
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__":
+        _carry_write(moved, *args[:3])
+        return
+    if name == "copy_" and args:  # self takes the batch dim of what is written into it
+        moved.pop(id(args[0]), None)
+        args = args[1:]
     found = []
     for a in (*args, *kwargs.values()) if kwargs else args:
         for t in (a,) if isinstance(a, torch.Tensor) else a if type(a) in (list, tuple) else ():
@@ -667,7 +674,6 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                 found.append((t, entry[1], entry[2]))
     if not found:
         return
-    name = getattr(func, "__name__", "")
     single = isinstance(out, torch.Tensor)
     orders = [_order(func, name, t, args, kwargs) for t, _, _ in found]
     for o in out if type(out) in (tuple, list) else (out,):
@@ -692,3 +698,22 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             moved.pop(id(o), None)
         else:
             moved[id(o)] = (weakref.ref(o), dims.pop() if len(dims) == 1 else -1, producer)
+
+
+def _carry_write(moved: dict[int, tuple[weakref.ref, int, nn.Module]], dst: Any, idx: Any, src: Any) -> None:
+    """``dst[idx] = src``: where ``src``'s batch dim lands in ``dst`` (a time-major buffer
+    filled with batch-first rows, ``out[t] = h``); ``dst`` keeps its own where that agrees,
+    ``-1`` where it does not."""
+    entry = moved.get(id(src)) if isinstance(src, torch.Tensor) else None
+    if entry is None or entry[0]() is not src or not isinstance(dst, torch.Tensor):
+        return  # (nothing followed written: dst keeps what it had)
+    at = entry[1]
+    order = _index_order(idx, dst.dim()) if at >= 0 else None
+    view_dim = None if order is None else at + len(order) - src.dim()
+    lands = -1 if at < 0 else order[view_dim] if order is not None and 0 <= view_dim < len(order) else None
+    if lands is None:
+        lands = -1  # (an advanced index, or a dim it drops: no batch dim to trust)
+    own = moved.get(id(dst))
+    if own is not None and own[0]() is dst and own[1] != lands:
+        lands = -1
+    moved[id(dst)] = (weakref.ref(dst), lands, entry[2])

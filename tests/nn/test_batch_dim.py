@@ -721,13 +721,26 @@ class Moved(nn.Module):
             h = torch.cat([h[None, :, t].squeeze(0).unsqueeze(0) for t in range(h.shape[1])])
         elif how == "stack-slices-back":
             h = torch.stack([h[:, t] for t in range(h.shape[1])], dim=1)
+        elif how == "setitem":  # a time-major buffer filled with the batch-first time slices
+            buf = torch.zeros(h.shape[1], h.shape[0], h.shape[2], dtype=h.dtype)
+            for t in range(h.shape[1]):
+                buf[t] = h[:, t]
+            h = buf
+        elif how == "copy":
+            h = torch.empty(h.shape[1], h.shape[0], h.shape[2], dtype=h.dtype).copy_(h.transpose(0, 1))
+        elif how == "setitem-back":
+            buf = torch.zeros_like(h)
+            for t in range(h.shape[1]):
+                buf[:, t] = h[:, t]
+            h = buf
         elif how == "unbind-stack-back":
             h = torch.stack(h.transpose(0, 1).unbind(0), dim=1)[..., None].flatten(2)
         return self.o(self.q(h))
 
 
 @pytest.mark.parametrize("how", ["transpose", "transpose-contiguous-relu", "permute", "movedim", "einsum",
-                                 "swap-add", "mixed", "stack-slices", "unbind-stack", "index-unsqueeze-cat"])
+                                 "swap-add", "mixed", "stack-slices", "unbind-stack", "index-unsqueeze-cat",
+                                 "setitem", "copy"])
 def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(how):
     """Before, at T == B the sizes and layout checks saw only time-major outputs: the Linear
     took the time steps for examples (0.88 off the loop for HF Longformer's pattern)."""
@@ -737,7 +750,8 @@ def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(ho
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("how", ["there-and-back", "einsum-back", "none", "stack-slices-back", "unbind-stack-back"])
+@pytest.mark.parametrize("how", ["there-and-back", "einsum-back", "none", "stack-slices-back", "unbind-stack-back",
+                                 "setitem-back"])
 def test_a_batch_first_output_moved_back_gives_exact_grads(how):
     torch.manual_seed(4)
     ref = Moved(how).double()
