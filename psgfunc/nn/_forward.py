@@ -203,9 +203,9 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
     """
     if torch._C._are_functorch_transforms_active():
         return  # inside torch.func transforms fn sees one example; no forward record applies
-    if frozen(shell):
-        return  # no per-example gradient to give: which dim it reads changes no value
     record = _CURRENT.get()
+    if record is not None and _frozen_on_constants(record, shell):
+        return  # a constant op: no example to read (its output is a constant too: produce)
     if record is None:
         if _LOOSE and batch_dim == 0 and isinstance(x, torch.Tensor) and x.dim() >= 2:
             _check_loose(shell, x)
@@ -261,10 +261,23 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
         )
 
 
+def _frozen_on_constants(record: Record, shell: nn.Module) -> bool:
+    """Whether ``shell`` is :func:`frozen` and called (as the outermost shell running) with
+    constants of the followed forward only: then it computes one more constant, the same
+    for every example (HF Whisper's frozen position table looked up with ``arange(T)``), and
+    reads no batch. A frozen layer given the examples keeps every check: a recurrent or
+    attention layer that took another dim for the batch would mix the examples even with
+    nothing to train."""
+    if record.data is None or record.shell is not shell or not frozen(shell):
+        return False
+    inputs = [t for t in _tensors_in(record.shell_inputs)]
+    return bool(inputs) and all(_has(record.data, t) for t in inputs)
+
+
 def frozen(shell: nn.Module) -> bool:
     """Whether ``shell`` has parameters and none requires a gradient (a frozen layer: it gives
-    no per-example gradient, so none of the batch rules apply to it). A layer without
-    parameters (``LayerNorm(elementwise_affine=False)``) keeps its checks."""
+    no per-example gradient). A layer without parameters (``LayerNorm(elementwise_affine=
+    False)``) is not frozen."""
     found = False
     for p in shell.parameters():
         if p.requires_grad:
@@ -498,11 +511,8 @@ def produce(shell: nn.Module, out: Any, batch_dim: int) -> Any:
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         return out
     record = _CURRENT.get()
-    if record is not None and frozen(shell):
-        # a layer with nothing to train computes what its torch.nn layer does, whichever dim
-        # it took for the batch: its output keeps its input's batch dim, as a plain op's
-        if record.data is not None and record.shell is shell:
-            carry(record, None, record.shell_inputs, {}, out)
+    if record is not None and _frozen_on_constants(record, shell):
+        _add(record.data, out)  # type: ignore[arg-type]
         return out
     if record is not None:
         if record.data is not None:

@@ -817,22 +817,52 @@ def test_a_frozen_layer_is_not_checked_and_needs_no_max_batch_size(size):
     assert getattr(model.pos.weight, "grad_sample", None) is None
 
 
-def test_a_frozen_layer_passes_on_where_its_input_has_the_batch():
-    """A frozen Linear fed a transposed tensor: its output keeps the batch at dim 1 (as a
-    plain op's would), so the trainable layer after it still refuses it."""
+class FrozenBackbone(nn.Module):
+    """A frozen time-major LSTM (a backbone: only the head trains) fed the input transposed:
+    its output ``[T, B, H]`` into a batch-first head is read T for B."""
 
-    class Then(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.frozen, self.b = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
-            self.frozen.requires_grad_(False)
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 5), nn.Linear(5, 2)
+        self.lstm.requires_grad_(False)
 
-        def forward(self, x):
-            return self.b(self.frozen(self.a(x).transpose(0, 1)))
+    def forward(self, x):  # [B, T, 3]
+        return self.head(self.lstm(x.transpose(0, 1))[0]).transpose(0, 1)
 
-    model = pnn.expand_weights(Then().double(), 8)
-    with pytest.raises(ValueError, match=r"Linear 'b' reads dim 0 .* output of Linear 'a'.* at dim 1"):
-        model(torch.randn(4, 4, 3, dtype=F64))
+
+@pytest.mark.parametrize("steps", [4, 3])
+def test_a_frozen_layer_given_the_examples_keeps_its_checks(steps):
+    """Only a frozen layer on constants is a constant op; one given the examples reads them
+    as any layer (a first version skipped it: the head's grad_sample had T rows, silent)."""
+    model = pnn.expand_weights(FrozenBackbone().double(), 8)
+    with pytest.raises(ValueError, match=r"Linear 'head' reads dim 0 .*DPLSTM 'lstm'"):
+        model(torch.randn(4, steps, 3, dtype=F64))
+
+
+class FrozenDecoder(nn.Module):
+    """A frozen batch-first LSTM whose initial state ``[1, B, H]`` (batch at dim 1) comes from
+    a trainable layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec, self.head = nn.Linear(3, 5), nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 2)
+        self.dec.requires_grad_(False)
+
+    def forward(self, x):
+        h0 = self.enc(x[:, 0]).unsqueeze(0)
+        return self.head(self.dec(x, (h0, torch.zeros_like(h0)))[0])
+
+
+@pytest.mark.parametrize("steps", [4, 3])
+def test_a_frozen_layer_with_a_state_from_a_trainable_one_gives_exact_grads(steps):
+    torch.manual_seed(7)
+    ref = FrozenDecoder().double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    x = torch.randn(4, steps, 3, dtype=F64)
+    model(x).pow(2).sum().backward()
+    want = oracle(ref, x, batch_first=True)
+    assert_tree_close({n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad},
+                      {n: g for n, g in want.items() if not n.startswith("dec.")}, rtol=1e-10)
 
 
 def test_shared_ids_inside_a_generic_shell_are_looked_up_per_example_call():
