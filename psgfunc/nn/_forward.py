@@ -66,6 +66,7 @@ leading sizes), that is still alive and not transposed. What passes through othe
 from __future__ import annotations
 
 import contextvars
+import math
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -99,9 +100,10 @@ class Record:
         # (shell, size, dim, shape) of constants read as batched before the batch was known
         self.pending: list[tuple[nn.Module, int, int | None, tuple[int, ...]]] = []
         # id -> (weak reference, its batch dim or -1 when its inputs disagreed, the shell whose
-        # output it derives from): shell outputs and what ops make from them (see carry()),
+        # output it derives from, which of its rows each row holds: None in order): shell
+        # outputs and what ops make from them (see carry()),
         # followed when the forward is (``data`` is not None)
-        self.moved: dict[int, tuple[weakref.ref, int, nn.Module]] = {}
+        self.moved: dict[int, tuple[weakref.ref, int, nn.Module, torch.Tensor | None]] = {}
 
     def name(self, module: nn.Module) -> str:
         """``module``'s qualified name in the model, for messages."""
@@ -215,6 +217,8 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
         # followed from a shell's output through the forward's ops: its batch dim is known
         if entry[1] != batch_dim and x.shape[batch_dim] * x.shape[entry[1]] != 1:
             _refuse_moved(record, shell, x, batch_dim, entry[1], entry[2])
+        if not _in_order(entry[3], x.shape[batch_dim]):
+            _refuse_reordered(record, shell, x, batch_dim, entry[2])
     elif batch_dim is not None and isinstance(x, torch.Tensor) and x.dim() >= 2:
         # not followed (a forward without gradients, a compiled one): the leading sizes and
         # the memory layout of x against the shell outputs (rule B)
@@ -302,6 +306,19 @@ def _refuse_moved(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: 
         f"it). Bring the batch to dim {batch_dim} before the layer (x.transpose(0, 1) or "
         "x.movedim(...)), or compute this part with the batch where the layer reads it. "
         + _FIX
+    )
+
+
+def _refuse_reordered(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: int, producer: nn.Module) -> None:
+    raise ValueError(
+        f"{record.name(shell)} reads dim {batch_dim} of its input {tuple(x.shape)} as the batch, "
+        f"but that input derives from the output of {record.name(producer)} through ops that "
+        "reordered or picked its examples (flip, roll, index_select, indexing with a tensor, "
+        "split and cat in another order): row b of this layer's per-sample gradients would "
+        f"belong to another example than row b of {record.name(producer)}'s, and clipping "
+        "each row would not bound any one example's influence. Restore the order before the "
+        "layer (x[inverse], with inverse = torch.argsort(order)), or reorder the model's "
+        "input instead, before its first layer"
     )
 
 
@@ -516,7 +533,7 @@ def produce(shell: nn.Module, out: Any, batch_dim: int) -> Any:
         return out
     if record is not None:
         if record.data is not None:
-            record.moved[id(out)] = (weakref.ref(out), batch_dim, shell)
+            record.moved[id(out)] = (weakref.ref(out), batch_dim, shell, None)
         record.outputs[(out.dim(), out.shape[0], out.shape[1])] = (batch_dim, shell)
     elif batch_dim == 1:
         _LOOSE[:] = [(r, m) for r, m in _LOOSE if r() is not None][-(_LOOSE_MAX - 1):]
@@ -655,17 +672,108 @@ def _matmul_dim(name: str, args: tuple[Any, ...], t: torch.Tensor, at: int, out:
     return m - 1 if at == n - 1 else at + m - n
 
 
+_RESHAPES = frozenset(("view", "reshape", "view_as", "reshape_as", "unflatten", "_unsafe_view"))
+# ops that mix, pick or move entries along a dim in ways not followed here: along the batch dim
+# (or any dim, for as_strided), their output has no batch dim to trust (-1)
+_SCRAMBLES = frozenset((
+    "as_strided", "rot90", "gather", "take_along_dim", "scatter", "scatter_add", "scatter_reduce",
+    "sort", "argsort", "msort", "topk", "kthvalue", "unique", "unique_consecutive", "take", "put",
+    "index_add", "index_copy", "index_fill", "index_put", "masked_select", "masked_scatter",
+    "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "diff", "fft_fft",
+))
+_LAST_DIM = frozenset(("sort", "argsort", "topk", "kthvalue", "diff", "fft_fft"))  # dim defaults to -1
+
+
+def _reshaped_dim(t: torch.Tensor, at: int, o: torch.Tensor) -> int | None:
+    """For a row-major reshape of ``t`` into ``o``: the dim of ``o`` that is ``t``'s dim
+    ``at`` (same size, same number of entries before it); None when it is merged or split."""
+    before = math.prod(t.shape[:at])
+    acc = 1
+    for d in range(o.dim()):
+        if acc == before and o.shape[d] == t.shape[at]:
+            return d
+        acc *= o.shape[d]
+        if acc > before:
+            return None
+    return None
+
+
+def _rows(rows: torch.Tensor | None, size: int) -> torch.Tensor:
+    return torch.arange(size) if rows is None else rows
+
+
+def _item_at(idx: Any, n: int, at: int) -> Any:
+    """The item of the index ``idx`` (of a tensor with ``n`` dims) that indexes dim ``at``
+    (``slice(None)`` when none does)."""
+    items = idx if type(idx) is tuple else (idx,)
+    used = sum(1 for v in items if v is not None and v is not Ellipsis and type(v) is not bool)
+    dim = 0
+    for v in items:
+        if v is None or type(v) is bool:
+            continue
+        if v is Ellipsis:
+            dim += n - used
+            if dim > at:
+                return slice(None)
+            continue
+        if dim == at:
+            return v
+        dim += 1
+    return slice(None)
+
+
+def _index_rows(idx: Any, t: torch.Tensor, at: int, rows: torch.Tensor | None) -> tuple[int, Any] | None:
+    """``t[idx]``: ``(at, rows)`` after it, for basic indexing (ints, slices, None, Ellipsis)
+    and for one 1-D index (tensor or list) among slices; None (no batch dim to trust)
+    for other advanced indexing."""
+    n = t.dim()
+    order = _index_order(idx, n)
+    item = _item_at(idx, n, at)
+    if order is not None:  # basic
+        if at not in order:
+            return None  # (an int dropped the batch dim)
+        if type(item) is slice and item != slice(None):
+            return order.index(at), _rows(rows, t.shape[at])[item]
+        return order.index(at), rows
+    items = list(idx if type(idx) is tuple else (idx,))
+    if any(v is None or v is Ellipsis or type(v) in (int, bool) for v in items) or len(items) > n:
+        return None
+    items += [slice(None)] * (n - len(items))
+    picks = [k for k, v in enumerate(items) if type(v) is not slice]
+    tensors = [torch.as_tensor(items[k]) if type(items[k]) is list else items[k] for k in picks]
+    if any(not isinstance(v, torch.Tensor) or v.dim() != 1 for v in tensors):
+        return None
+    if len(picks) > 1 and (any(v.dtype == torch.bool for v in tensors)
+                           or len({v.shape[0] for v in tensors}) != 1):
+        return None  # (masks among several indices, or indices that broadcast: not followed)
+    full = _rows(rows, t.shape[at])
+    adjacent = picks == list(range(picks[0], picks[0] + len(picks)))
+    block = picks[0] if adjacent else 0  # where the indexed dims' one result dim goes
+    if at in picks:
+        pick = tensors[picks.index(at)].cpu()
+        return block, full[pick if pick.dtype == torch.bool else pick.long()]
+    kept = [d for d in range(n) if d not in picks]
+    new = (at if at < picks[0] else at - len(picks) + 1) if adjacent else 1 + kept.index(at)
+    item = items[at]
+    return new, (rows if item == slice(None) else full[item])
+
+
 def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
     """After a torch function ran in a followed forward: where the batch of its outputs is,
-    when an argument derives from a shell's output (:attr:`Record.moved`). An op that only
-    moves, drops or adds dims (``transpose``, ``permute``, ``movedim``, ``.T``/``.mT``,
-    ``unsqueeze``, ``squeeze``, ``select``, ``unbind``, ``flatten``, ``stack``, basic
-    indexing) moves it as it moves that dim (dropped or merged: not followed), as do ``einsum`` with an explicit output and matmuls (a
-    summed dim goes nowhere); any other output with an argument's number of dims and the same
-    size at that argument's batch dim keeps it (elementwise ops, slicing other dims,
-    ``contiguous``, same-shape ``reshape``). Arguments whose batch lands at different dims
-    give ``-1`` (no batch dim); an output none lands in is not followed (the shell reading it
-    falls back on rule B's sizes and layout)."""
+    and in which order its rows are, when an argument derives from a shell's output
+    (:attr:`Record.moved`). An op that only moves, drops or adds dims (``transpose``,
+    ``permute``, ``movedim``, ``.T``/``.mT``, ``unsqueeze``, ``squeeze``, ``select``,
+    ``unbind``, ``flatten``, ``stack``, basic indexing, row-major ``view``/``reshape``) moves it
+    as it moves that dim (dropped, merged or split: not followed), as do ``einsum`` with an
+    explicit output and matmuls (a summed dim goes nowhere). Ops that reorder or pick rows
+    along the batch dim (``flip``, ``roll``, ``index_select``, one index tensor, ``split``/
+    ``chunk``/``narrow`` and ``cat`` back) carry which example each row holds; ops that mix
+    entries along it in ways not followed (``gather``, ``sort``, ``as_strided``, ``cumsum``,
+    ...) give ``-1``. Any other output with an argument's number of dims and the same size at
+    that argument's batch dim keeps it (elementwise ops, slicing other dims,
+    ``contiguous``). Arguments whose batch lands at different dims, or whose rows differ,
+    give ``-1`` (no batch dim); an output none lands in is not followed (the shell reading
+    it falls back on rule B's sizes and layout)."""
     moved = record.moved
     if not moved:
         return
@@ -681,36 +789,114 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         for t in (a,) if isinstance(a, torch.Tensor) else a if type(a) in (list, tuple) else ():
             entry = moved.get(id(t)) if isinstance(t, torch.Tensor) else None
             if entry is not None and entry[0]() is t:
-                found.append((t, entry[1], entry[2]))
+                found.append((t, entry[1], entry[2], entry[3]))
     if not found:
         return
+    base = name.rstrip("_")
+    outs = out if type(out) in (tuple, list) else (out,)
     single = isinstance(out, torch.Tensor)
-    orders = [_order(func, name, t, args, kwargs) for t, _, _ in found]
-    for o in out if type(out) in (tuple, list) else (out,):
+    orders = [_order(func, name, t, args, kwargs) for t, _, _, _ in found]
+    offset = 0  # (split/chunk/tensor_split/unbind along the batch dim: rows of each part)
+    for o in outs:
         if not isinstance(o, torch.Tensor):
             continue
-        dims, producer = set(), found[0][2]
-        for (t, at, who), order in zip(found, orders):
+        states, producer = [], found[0][2]
+        for (t, at, who, rows), order in zip(found, orders):
+            new, new_rows = None, rows
             if at < 0:
                 new = -1
+            elif base in _SCRAMBLES or base == "rot90":
+                if base in ("as_strided", "take", "put"):
+                    dims: Any = [at]
+                elif base == "rot90":
+                    dims = _arg(args, kwargs, 2, "dims", default=(0, 1))
+                elif base in ("topk", "kthvalue", "diff", "fft_fft"):  # (k or n first)
+                    dims = [_arg(args, kwargs, 2, "dim", default=-1)]
+                else:
+                    dims = [_arg(args, kwargs, 1, "dim", default=-1 if base in _LAST_DIM else 0 if base == "msort" else None)]
+                hit = any(type(d) is not int or _norm(d, t.dim()) == at for d in dims)
+                new = -1 if hit else at if o.dim() == t.dim() and o.shape[at] == t.shape[at] else None
+            elif base in ("flip", "fliplr", "flipud", "roll") and t is args[0]:
+                dims = _arg(args, kwargs, 1, "dims") if base == "flip" else (
+                    [1] if base == "fliplr" else [0] if base == "flipud" else _arg(args, kwargs, 2, "dims"))
+                dims = [dims] if type(dims) is int else dims
+                if dims is None:  # (roll of the flattened tensor)
+                    new = -1
+                else:
+                    new = at
+                    if at in {_norm(d, t.dim()) for d in dims}:
+                        r = _rows(rows, t.shape[at])
+                        if base == "roll":
+                            shifts = _arg(args, kwargs, 1, "shifts")
+                            shifts = [shifts] if type(shifts) is int else list(shifts)
+                            shift = sum(sh for sh, d in zip(shifts, dims) if _norm(d, t.dim()) == at)
+                            new_rows = r.roll(shift)
+                        else:
+                            new_rows = r.flip(0)
+            elif base == "index_select" and t is args[0]:
+                dim = _norm(_arg(args, kwargs, 1, "dim"), t.dim())
+                new = at
+                if dim == at:
+                    new_rows = _rows(rows, t.shape[at])[_arg(args, kwargs, 2, "index").long().cpu()]
+            elif name == "__getitem__" and t is args[0]:
+                picked = _index_rows(args[1], t, at, rows)
+                new, new_rows = (-1, None) if picked is None else picked
+            elif base in ("split", "chunk", "tensor_split", "narrow", "split_with_sizes") and t is args[0]:
+                dim = _arg(args, kwargs, 2 if base != "narrow" else 1, "dim", default=0)
+                new = at
+                if _norm(dim, t.dim()) == at:
+                    if base == "narrow":
+                        start = _arg(args, kwargs, 2, "start")
+                        new_rows = _rows(rows, t.shape[at])[start:start + o.shape[at]]
+                    else:
+                        new_rows = _rows(rows, t.shape[at])[offset:offset + o.shape[at]]
+                        offset += o.shape[at]
+            elif base == "cat" and type(args[0]) in (list, tuple):
+                dim = _norm(_arg(args, kwargs, 1, "dim", default=0), o.dim())
+                new = at if o.dim() == t.dim() else None
+                if new is not None and dim == at:
+                    parts = []
+                    for part in args[0]:
+                        e = moved.get(id(part)) if isinstance(part, torch.Tensor) else None
+                        if e is None or e[0]() is not part or e[1] != at:
+                            parts.append(torch.full((part.shape[at] if part.dim() > at else 0,), -1))
+                        else:
+                            parts.append(_rows(e[3], part.shape[at]))
+                    new_rows = torch.cat(parts)
             elif order is not None:
                 new = order.index(at) if at in order and len(order) == o.dim() else None
             elif single and name == "einsum":
                 new = _einsum_dim(args, t, at)
             elif single and name in _MATMULS:
                 new = _matmul_dim(name, args, t, at, o)
+            elif base in _RESHAPES and t is args[0]:
+                new = _reshaped_dim(t, at, o)
             else:
                 new = at if o.dim() == t.dim() and o.shape[at] == t.shape[at] else None
             if new is not None:
-                dims.add(new)
+                states.append((new, new_rows))
                 producer = who
-        if not dims or o.dim() == 0:
+        if not states or o.dim() == 0:
             moved.pop(id(o), None)
-        else:
-            moved[id(o)] = (weakref.ref(o), dims.pop() if len(dims) == 1 else -1, producer)
+            continue
+        at, rows = states[0]
+        for other, other_rows in states[1:]:
+            if other != at or not _same_rows(rows, other_rows, o.shape[at] if at >= 0 else 0):
+                at, rows = -1, None
+                break
+        moved[id(o)] = (weakref.ref(o), at, producer, None if at < 0 else rows)
 
 
-def _carry_write(moved: dict[int, tuple[weakref.ref, int, nn.Module]], dst: Any, idx: Any, src: Any) -> None:
+def _same_rows(a: torch.Tensor | None, b: torch.Tensor | None, size: int) -> bool:
+    return (a is None and b is None) or torch.equal(_rows(a, size), _rows(b, size))
+
+
+def _in_order(rows: torch.Tensor | None, size: int) -> bool:
+    """Whether ``rows`` (which example each row holds) is the examples in order."""
+    return rows is None or (rows.numel() == size and torch.equal(rows, torch.arange(size)))
+
+
+def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
     """``dst[idx] = src``: where ``src``'s batch dim lands in ``dst`` (a time-major buffer
     filled with batch-first rows, ``out[t] = h``); ``dst`` keeps its own where that agrees,
     ``-1`` where it does not."""
@@ -723,7 +909,10 @@ def _carry_write(moved: dict[int, tuple[weakref.ref, int, nn.Module]], dst: Any,
     lands = -1 if at < 0 else order[view_dim] if order is not None and 0 <= view_dim < len(order) else None
     if lands is None:
         lands = -1  # (an advanced index, or a dim it drops: no batch dim to trust)
+    rows = entry[3]
+    if lands >= 0 and not _in_order(rows, src.shape[at]):
+        lands = -1  # (reordered rows written into part of dst: not followed)
     own = moved.get(id(dst))
-    if own is not None and own[0]() is dst and own[1] != lands:
+    if own is not None and own[0]() is dst and (own[1] != lands or not _in_order(own[3], dst.shape[lands])):
         lands = -1
-    moved[id(dst)] = (weakref.ref(dst), lands, entry[2])
+    moved[id(dst)] = (weakref.ref(dst), lands, entry[2], None)

@@ -733,6 +733,17 @@ class Moved(nn.Module):
             for t in range(h.shape[1]):
                 buf[:, t] = h[:, t]
             h = buf
+        elif how == "view4d":  # a heads idiom that transposes the batch on the way
+            h = h.view(h.shape[0], h.shape[1], 2, 2).permute(1, 0, 2, 3).reshape(h.shape[1], h.shape[0], 4)
+        elif how == "heads-back":
+            b, t = h.shape[:2]
+            h = h.view(b, t, 2, 2).transpose(1, 2).contiguous().transpose(1, 2).reshape(b, t, 4)
+        elif how == "rot90":
+            h = torch.rot90(h, 1, (0, 1))
+        elif how == "as_strided":
+            h = h.contiguous().as_strided(h.shape, (h.shape[2], h.shape[0] * h.shape[2], 1))
+        elif how == "gather":
+            h = torch.gather(h, 0, torch.arange(h.shape[0]).flip(0)[:, None, None].expand_as(h))
         elif how == "unbind-stack-back":
             h = torch.stack(h.transpose(0, 1).unbind(0), dim=1)[..., None].flatten(2)
         return self.o(self.q(h))
@@ -740,7 +751,7 @@ class Moved(nn.Module):
 
 @pytest.mark.parametrize("how", ["transpose", "transpose-contiguous-relu", "permute", "movedim", "einsum",
                                  "swap-add", "mixed", "stack-slices", "unbind-stack", "index-unsqueeze-cat",
-                                 "setitem", "copy"])
+                                 "setitem", "copy", "view4d", "rot90", "as_strided", "gather"])
 def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(how):
     """Before, at T == B the sizes and layout checks saw only time-major outputs: the Linear
     took the time steps for examples (0.88 off the loop for HF Longformer's pattern)."""
@@ -751,7 +762,7 @@ def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(ho
 
 
 @pytest.mark.parametrize("how", ["there-and-back", "einsum-back", "none", "stack-slices-back", "unbind-stack-back",
-                                 "setitem-back"])
+                                 "setitem-back", "heads-back"])
 def test_a_batch_first_output_moved_back_gives_exact_grads(how):
     torch.manual_seed(4)
     ref = Moved(how).double()
@@ -885,6 +896,58 @@ def test_shared_ids_inside_a_generic_shell_are_looked_up_per_example_call():
     ref = nn.Sequential(Embeddings(), nn.Linear(3, 2)).double()
     with pytest.warns(UserWarning, match="hold buffers"):  # (the ids buffer: constant)
         model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    x = torch.randn(4, 4, 3, dtype=F64)
+    model(x).pow(2).sum().backward()
+    assert_tree_close(grad_samples(model), oracle(ref, x, batch_first=True), rtol=1e-10)
+
+
+class Reordered(nn.Module):
+    """A Linear whose output's examples are reordered by ``how`` before the next Linear."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h, how = self.a(x), self.how
+        order = torch.tensor([2, 0, 3, 1])[: h.shape[0]] if h.shape[0] == 4 else torch.arange(h.shape[0]).flip(0)
+        if how == "flip":
+            h = h.flip(0)
+        elif how == "roll":
+            h = torch.roll(h, 1, 0)
+        elif how == "index_select":
+            h = h.index_select(0, order)
+        elif how == "index":
+            h = h[order]
+        elif how == "split-cat":
+            first, second = h.split([1, h.shape[0] - 1])
+            h = torch.cat([second, first])
+        elif how == "sort-unsort":  # reorder, work, restore: in order again
+            h = torch.tanh(h[order])[torch.argsort(order)]
+        elif how == "split-cat-back":
+            first, second = h.split([1, h.shape[0] - 1])
+            h = torch.cat([first, second * 1.0])
+        elif how == "pick-positions":  # one position per example, HF's pooled-token idiom
+            h = h[torch.arange(h.shape[0]), torch.zeros(h.shape[0], dtype=torch.long)]
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["flip", "roll", "index_select", "index", "split-cat"])
+@pytest.mark.parametrize("steps", [4, 3])
+def test_examples_reordered_between_layers_are_refused_at_any_sizes(how, steps):
+    """Row b of the next layer's per-sample gradients would belong to another example than
+    row b of the first's: clipping rows would bound no example (silent before, any sizes)."""
+    model = pnn.expand_weights(Reordered(how).double(), 8)
+    with pytest.raises(ValueError, match=r"Linear 'b' .* reordered or picked its examples"):
+        model(torch.randn(4, steps, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("how", ["sort-unsort", "split-cat-back", "pick-positions"])
+def test_examples_restored_to_their_order_give_exact_grads(how):
+    torch.manual_seed(8)
+    ref = Reordered(how).double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
     x = torch.randn(4, 4, 3, dtype=F64)
     model(x).pow(2).sum().backward()
     assert_tree_close(grad_samples(model), oracle(ref, x, batch_first=True), rtol=1e-10)
