@@ -646,14 +646,26 @@ def _order(func: Any, name: str, t: torch.Tensor, args: tuple[Any, ...], kwargs:
 
 def _einsum_dim(args: tuple[Any, ...], src: torch.Tensor, at: int) -> int | None:
     """The output dim of ``torch.einsum``'s where ``src``'s dim ``at`` goes; None when the
-    equation does not say (an ellipsis, implicit output, a summed index)."""
+    equation does not say (an implicit output, a summed index)."""
     eq = args[0] if args and isinstance(args[0], str) else None
     ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    if eq is None or "..." in eq or "->" not in eq:
+    if eq is None or "->" not in eq:
         return None
     ins, out = eq.replace(" ", "").split("->")
-    for letters, op in zip(ins.split(","), ops):
-        if op is src and len(letters) == src.dim():
+    specs = ins.split(",")
+    if len(specs) != len(ops):
+        return None
+    # an ellipsis stands for the dims no letter names, broadcast right-aligned across operands
+    spans = [getattr(op, "ndim", 0) - len(spec.replace("...", "")) if "..." in spec else 0
+             for spec, op in zip(specs, ops)]
+    width = max(spans, default=0)
+    unnamed = [chr(0x100 + k) for k in range(width)]
+    out = out.replace("...", "".join(unnamed))
+    for spec, op, span in zip(specs, ops, spans):
+        if op is src:
+            letters = spec.replace("...", "".join(unnamed[width - span:]))
+            if len(letters) != src.dim():
+                return None
             pos = out.find(letters[at])
             return None if pos < 0 else pos
     return None

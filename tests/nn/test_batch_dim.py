@@ -705,6 +705,8 @@ class Moved(nn.Module):
             h = torch.movedim(h, 1, 0)
         elif how == "einsum":
             h = torch.einsum("btd->tbd", h)
+        elif how == "einsum-ellipsis":
+            h = torch.einsum("bt...->tb...", h)
         elif how == "swap-add":
             h = x.new_zeros(()) + h.swapaxes(0, 1)
         elif how == "there-and-back":
@@ -751,7 +753,7 @@ class Moved(nn.Module):
 
 @pytest.mark.parametrize("how", ["transpose", "transpose-contiguous-relu", "permute", "movedim", "einsum",
                                  "swap-add", "mixed", "stack-slices", "unbind-stack", "index-unsqueeze-cat",
-                                 "setitem", "copy", "view4d", "rot90", "as_strided", "gather"])
+                                 "setitem", "copy", "view4d", "rot90", "as_strided", "gather", "einsum-ellipsis"])
 def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(how):
     """Before, at T == B the sizes and layout checks saw only time-major outputs: the Linear
     took the time steps for examples (0.88 off the loop for HF Longformer's pattern)."""
