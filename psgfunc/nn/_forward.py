@@ -217,6 +217,8 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
         # followed from a shell's output through the forward's ops: its batch dim is known
         if entry[1] != batch_dim and x.shape[batch_dim] * x.shape[entry[1]] != 1:
             _refuse_moved(record, shell, x, batch_dim, entry[1], entry[2])
+        if type(entry[3]) is tuple and entry[1] == batch_dim:
+            _refuse_moved(record, shell, x, batch_dim, -2, entry[2])
         if not _in_order(entry[3], x.shape[batch_dim]):
             _refuse_reordered(record, shell, x, batch_dim, entry[2])
     elif batch_dim is not None and isinstance(x, torch.Tensor) and x.dim() >= 2:
@@ -294,6 +296,8 @@ def _refuse_moved(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: 
                   producer: nn.Module) -> None:
     where = (
         f"its batch is at dim {at}" if at >= 0 else
+        "its batch is merged with another dim into one (a reshape or cat of [B, T, ...] into "
+        "[B * T, ...] or [T * B, ...])" if at == -2 else
         "it combines tensors whose batch is at different dims (e.g. a time-major [T, B, ...] "
         "and a batch-first [B, T, ...] one), so it has no batch dim"
     )
@@ -693,20 +697,30 @@ _SCRAMBLES = frozenset((
     "index_add", "index_copy", "index_fill", "index_put", "masked_select", "masked_scatter",
     "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "diff", "fft_fft",
 ))
+_ROW_OPS = frozenset(("flip", "fliplr", "flipud", "roll", "index_select", "split", "chunk", "tensor_split",
+                      "narrow", "split_with_sizes", "unbind", "select"))
 _LAST_DIM = frozenset(("sort", "argsort", "topk", "kthvalue", "diff", "fft_fft"))  # dim defaults to -1
 
 
-def _reshaped_dim(t: torch.Tensor, at: int, o: torch.Tensor) -> int | None:
-    """For a row-major reshape of ``t`` into ``o``: the dim of ``o`` that is ``t``'s dim
-    ``at`` (same size, same number of entries before it); None when it is merged or split."""
-    before = math.prod(t.shape[:at])
-    acc = 1
+def _reshaped(t: torch.Tensor, at: int, rows: Any, o: torch.Tensor) -> tuple[int, Any] | None:
+    """For a row-major reshape of ``t`` (batch at ``at``) into ``o``: ``(dim, rows)`` of the
+    batch in ``o``. A batch merged with other dims (``[B, T, D] -> [B * T, D]``, or
+    ``[T, B, D] -> [T * B, D]``) is kept as ``rows = (inner, outer)``: along ``dim``, index
+    ``i = (o_ * B + b) * inner + r``; ``(1, 1)`` is the batch as a whole dim (``rows`` then
+    ``None``), to which a reshape back returns. None: not followed (reordered rows merged)."""
+    inner, outer = rows if type(rows) is tuple else (1, 1)
+    if rows is not None and type(rows) is not tuple:
+        return None  # (reordered rows: not followed through a merge)
+    size = t.shape[at] // (inner * outer)
+    stride = inner * math.prod(t.shape[at + 1:])  # entries between consecutive examples
     for d in range(o.dim()):
-        if acc == before and o.shape[d] == t.shape[at]:
-            return d
-        acc *= o.shape[d]
-        if acc > before:
-            return None
+        after = math.prod(o.shape[d + 1:])
+        if after == 0 or stride % after:
+            continue
+        f = stride // after
+        if o.shape[d] % (f * size) == 0 and (o.shape[d] > 0 or size == 0):
+            g = o.shape[d] // (f * size)
+            return d, None if (f, g) == (1, 1) else (f, g)
     return None
 
 
@@ -817,6 +831,9 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             new, new_rows = None, rows
             if at < 0:
                 new = -1
+            elif type(rows) is tuple and (base in _ROW_OPS or name == "__getitem__") and t is args[0] or (
+                    type(rows) is tuple and base == "cat"):
+                new = -1  # (a merged batch picked or reordered: not followed)
             elif base in _SCRAMBLES or base == "rot90":
                 if base in ("as_strided", "take", "put"):
                     dims: Any = [at]
@@ -870,11 +887,14 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                     parts = []
                     for part in args[0]:
                         e = moved.get(id(part)) if isinstance(part, torch.Tensor) else None
-                        if e is None or e[0]() is not part or e[1] != at:
+                        if e is None or e[0]() is not part or e[1] != at or type(e[3]) is tuple:
                             parts.append(torch.full((part.shape[at] if part.dim() > at else 0,), -1))
                         else:
                             parts.append(_rows(e[3], part.shape[at]))
                     new_rows = torch.cat(parts)
+                    whole = t.shape[at]
+                    if len(parts) > 1 and all(_in_order(r, whole) for r in parts):
+                        new_rows = (1, len(parts))  # (the batch k times over: a merged batch)
             elif order is not None:
                 new = order.index(at) if at in order and len(order) == o.dim() else None
             elif single and name == "einsum":
@@ -882,7 +902,8 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             elif single and name in _MATMULS:
                 new = _matmul_dim(name, args, t, at, o)
             elif base in _RESHAPES and t is args[0]:
-                new = _reshaped_dim(t, at, o)
+                follows = _reshaped(t, at, rows, o)
+                new, new_rows = (None, None) if follows is None else follows
             else:
                 new = at if o.dim() == t.dim() and o.shape[at] == t.shape[at] else None
             if new is not None:
@@ -899,12 +920,17 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         moved[id(o)] = (weakref.ref(o), at, producer, None if at < 0 else rows)
 
 
-def _same_rows(a: torch.Tensor | None, b: torch.Tensor | None, size: int) -> bool:
+def _same_rows(a: Any, b: Any, size: int) -> bool:
+    if type(a) is tuple or type(b) is tuple:
+        return a == b
     return (a is None and b is None) or torch.equal(_rows(a, size), _rows(b, size))
 
 
-def _in_order(rows: torch.Tensor | None, size: int) -> bool:
-    """Whether ``rows`` (which example each row holds) is the examples in order."""
+def _in_order(rows: Any, size: int) -> bool:
+    """Whether ``rows`` (which example each row holds) is the examples in order, as a whole
+    dim (not merged: a tuple)."""
+    if type(rows) is tuple:
+        return False
     return rows is None or (rows.numel() == size and torch.equal(rows, torch.arange(size)))
 
 

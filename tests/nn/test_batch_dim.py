@@ -746,6 +746,16 @@ class Moved(nn.Module):
             h = h.contiguous().as_strided(h.shape, (h.shape[2], h.shape[0] * h.shape[2], 1))
         elif how == "gather":
             h = torch.gather(h, 0, torch.arange(h.shape[0]).flip(0)[:, None, None].expand_as(h))
+        elif how == "merge-split":  # the time-major view merged and split again
+            t_, b_ = h.shape[1], h.shape[0]
+            h = h.transpose(0, 1).reshape(t_ * b_, 4).reshape(t_, b_, 4)
+        elif how == "cat-view":
+            h = torch.cat([h[:, t] for t in range(h.shape[1])], 0).view(h.shape[1], h.shape[0], 4)
+        elif how == "merge-split-back":
+            b_, t_ = h.shape[:2]
+            h = torch.relu(h.reshape(b_ * t_, 4)).view(b_, t_, 4)
+        elif how == "cat-view-back":
+            h = torch.cat([h[:, t] for t in range(h.shape[1])], 0).view(h.shape[1], h.shape[0], 4).transpose(0, 1)
         elif how == "unbind-stack-back":
             h = torch.stack(h.transpose(0, 1).unbind(0), dim=1)[..., None].flatten(2)
         return self.o(self.q(h))
@@ -753,7 +763,8 @@ class Moved(nn.Module):
 
 @pytest.mark.parametrize("how", ["transpose", "transpose-contiguous-relu", "permute", "movedim", "einsum",
                                  "swap-add", "mixed", "stack-slices", "unbind-stack", "index-unsqueeze-cat",
-                                 "setitem", "copy", "view4d", "rot90", "as_strided", "gather", "einsum-ellipsis"])
+                                 "setitem", "copy", "view4d", "rot90", "as_strided", "gather", "einsum-ellipsis",
+                                 "merge-split", "cat-view"])
 def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(how):
     """Before, at T == B the sizes and layout checks saw only time-major outputs: the Linear
     took the time steps for examples (0.88 off the loop for HF Longformer's pattern)."""
@@ -764,7 +775,7 @@ def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(ho
 
 
 @pytest.mark.parametrize("how", ["there-and-back", "einsum-back", "none", "stack-slices-back", "unbind-stack-back",
-                                 "setitem-back", "heads-back"])
+                                 "setitem-back", "heads-back", "merge-split-back", "cat-view-back"])
 def test_a_batch_first_output_moved_back_gives_exact_grads(how):
     torch.manual_seed(4)
     ref = Moved(how).double()
