@@ -17,12 +17,17 @@ one is open, every shell call:
   gradients, so it raises a ValueError instead of leaving mismatched ``grad_sample`` s;
 * (rule B, followed) while the forward runs with gradients on, the torch-function mode of
   :mod:`psgfunc.nn.generic` follows where each shell output's batch dim goes through the
-  ops between shells (:func:`carry`: ``transpose``, ``permute``, ``movedim``, ``.T``,
-  ``einsum`` and matmuls move it; shape-keeping ops keep it): a shell whose input has its
-  batch at another dim than the one it reads raises, at any sizes (HF Longformer's
-  ``hidden.transpose(0, 1)`` into a batch-first Linear, ``attention_out + x`` of a
-  time-major attention into one); a tensor whose batch the mode lost (a reshape, a stack)
-  falls back on the next check;
+  ops between shells, and which example each of its rows holds (:func:`carry`:
+  ``transpose``, ``permute``, ``movedim``, ``.T``, ``einsum``, matmuls, indexing, ``stack``,
+  ``view``/``reshape`` move it, also merged with another dim; ``flip``, ``roll``,
+  ``index_select``, a tensor index, ``split`` and ``cat`` reorder its rows; shape-keeping
+  ops keep it; ``gather``, ``sort``, ``as_strided`` along it leave no batch dim to trust):
+  a shell whose input has its batch at another dim than the one it reads, merged, or with
+  its examples out of order raises, at any sizes (HF Longformer's ``hidden.transpose(0,
+  1)`` into a batch-first Linear; ``attention_out + x`` of a time-major attention into one;
+  examples sorted by length and not restored). What the mode does not follow (the model's
+  own inputs, ops under ``torch.vmap`` or TorchScript, outputs it cannot place) falls back
+  on the next check;
 * (rule B, by sizes and layout: what the mode did not follow) looks for the most recent
   earlier shell output whose ndim and first two sizes equal those of its input, a tensor its input most likely derives from through shape-keeping ops (dropout,
   activations, residual adds); when that output had the batch at the other dim (rule B),
