@@ -202,7 +202,7 @@ class _Runner:
 
 def _module_body(module: nn.Module, plain: Any, views: dict[str, torch.Tensor], args: Any, kwargs: Any) -> Any:
     """A generic shell's own forward on one example, with ``views`` as its parameters."""
-    with _reparametrize_module(module, views):
+    with _reparametrize_module(module, views, tie_weights=True):  # (a parameter also held by a child)
         return plain(*args, **kwargs)
 
 

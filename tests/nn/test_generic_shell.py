@@ -223,8 +223,25 @@ class TiedHead(nn.Module):
         return x @ self.w.t()
 
 
+class ParentBias(nn.Module):
+    """HF BERT's masked-LM head: the parent registers the bias, its child Linear holds the
+    same Parameter (``decoder.bias = bias``); the parent is a generic shell, and the child's
+    use of the bias must get the example's copy too."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4, dtype=F64))
+        self.decoder = nn.Linear(4, 4, bias=False, dtype=F64)
+        self.decoder.bias = self.bias
+
+    def forward(self, x):
+        return self.decoder(x)
+
+
 def variant(name):
     torch.manual_seed(0)
+    if name == "parent-bias":
+        return nn.Sequential(nn.Linear(4, 4, dtype=F64), nn.Tanh(), ParentBias()), (B, 4)
     if name == "child":
         return nn.Sequential(Block(), nn.Tanh(), Twice()), (B, 4)
     if name == "root":
@@ -238,7 +255,7 @@ def variant(name):
     return nn.Sequential(lin, nn.Tanh(), TiedHead(lin.weight)), (B, 4)
 
 
-VARIANTS = ["child", "root", "batch-1", "shared", "tied"]
+VARIANTS = ["child", "root", "batch-1", "shared", "tied", "parent-bias"]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -327,6 +344,10 @@ def hf_model(name):
     if name == "gpt2":
         config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
         model = transformers.GPT2LMHeadModel(config)
+    elif name == "bert-mlm":  # its head's bias is held by the head and its decoder Linear
+        config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=16)
+        model = transformers.BertForMaskedLM(config)
     else:
         config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                           num_hidden_layers=1, num_attention_heads=2,
@@ -349,7 +370,7 @@ def hf_expected(model, ids):
     return per_example_grads(fn, params, ids)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mlm"])
 def test_hf_grad_sample_equals_loop(name):
     model = hf_model(name)
     ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
@@ -367,7 +388,7 @@ def test_hf_grad_sample_equals_loop(name):
         torch.testing.assert_close(p.grad_sample, expected[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mlm"])
 def test_hf_fast_clipping_step_equals_clipped_loop(name):
     model = hf_model(name)
     ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(2))
