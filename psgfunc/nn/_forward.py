@@ -217,6 +217,14 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
         if _LOOSE and batch_dim == 0 and isinstance(x, torch.Tensor) and x.dim() >= 2:
             _check_loose(shell, x)
         return
+    if isinstance(x, PackedSequence):
+        packed = _packed_rows(record, x)
+        if packed is not None:
+            entry, rows = packed
+            if entry[1] != PACKED:
+                _refuse_moved(record, shell, x.data, 0, -1, entry[2])
+            if not _in_order(rows, size):
+                _refuse_reordered(record, shell, x.data, 0, entry[2], "the sequences of its PackedSequence")
     entry = record.moved.get(id(x)) if batch_dim is not None and isinstance(x, torch.Tensor) else None
     if entry is not None and entry[0]() is x:
         # followed from a shell's output through the forward's ops: its batch dim is known
@@ -301,6 +309,8 @@ def _refuse_moved(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: 
                   producer: nn.Module) -> None:
     where = (
         f"its batch is at dim {at}" if at >= 0 else
+        "it is a PackedSequence's data (the examples' time steps packed along dim 0)" if at == PACKED else
+        "it holds one example (picked by an int index, select or unbind)" if at == SINGLE else
         "its batch is merged with another dim into one (a reshape or cat of [B, T, ...] into "
         "[B * T, ...] or [T * B, ...])" if at == -2 else
         "it combines tensors whose batch is at different dims (e.g. a time-major [T, B, ...] "
@@ -318,9 +328,11 @@ def _refuse_moved(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: 
     )
 
 
-def _refuse_reordered(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: int, producer: nn.Module) -> None:
+def _refuse_reordered(record: Record, shell: nn.Module, x: torch.Tensor, batch_dim: int, producer: nn.Module,
+                      what: str | None = None) -> None:
+    what = what or f"dim {batch_dim} of its input {tuple(x.shape)}"
     raise ValueError(
-        f"{record.name(shell)} reads dim {batch_dim} of its input {tuple(x.shape)} as the batch, "
+        f"{record.name(shell)} reads {what} as the batch, "
         f"but that input derives from the output of {record.name(producer)} through ops that "
         "reordered or picked its examples (flip, roll, index_select, indexing with a tensor, "
         "split and cat in another order): row b of this layer's per-sample gradients would "
@@ -533,7 +545,14 @@ def _check_loose(shell: nn.Module, x: torch.Tensor) -> None:
 
 
 def produce(shell: nn.Module, out: Any, batch_dim: int) -> Any:
-    """Note ``out`` (batch at ``batch_dim``) as a shell output of this forward; returns it."""
+    """Note ``out`` (batch at ``batch_dim``; a ``PackedSequence``: its sequences, in the
+    order its ``sorted_indices`` give) as a shell output of this forward; returns it."""
+    if isinstance(out, PackedSequence):
+        record = _CURRENT.get()
+        if record is not None and record.data is not None and not torch._C._are_functorch_transforms_active():
+            rows = None if out.sorted_indices is None else out.sorted_indices.cpu()
+            record.moved[id(out.data)] = (weakref.ref(out.data), PACKED, shell, rows)
+        return out
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         return out
     record = _CURRENT.get()
@@ -644,10 +663,6 @@ def _order(func: Any, name: str, t: torch.Tensor, args: tuple[Any, ...], kwargs:
     if name in ("select", "unbind"):
         d = _norm(_arg(args, kwargs, 1, "dim", default=0), n)
         return [i for i in range(n) if i != d]
-    if name == "flatten":
-        start = _norm(_arg(args, kwargs, 1, "start_dim", default=0), n)
-        end = _norm(_arg(args, kwargs, 2, "end_dim", default=-1), n)
-        return list(range(n)) if start >= end else [*range(start), None, *range(end + 1, n)]
     if name == "__getitem__" and len(args) > 1:
         return _index_order(args[1], n)
     return None
@@ -658,9 +673,13 @@ def _einsum_dim(args: tuple[Any, ...], src: torch.Tensor, at: int) -> int | None
     equation does not say (an implicit output, a summed index)."""
     eq = args[0] if args and isinstance(args[0], str) else None
     ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    if eq is None or "->" not in eq:
+    if eq is None:
         return None
-    ins, out = eq.replace(" ", "").split("->")
+    eq = eq.replace(" ", "")
+    if "->" not in eq:  # implicit output: the letters used once, in alphabetical order
+        letters = eq.replace(",", "").replace("...", "")
+        eq += "->" + ("..." if "..." in eq else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    ins, out = eq.split("->")
     specs = ins.split(",")
     if len(specs) != len(ops):
         return None
@@ -693,7 +712,7 @@ def _matmul_dim(name: str, args: tuple[Any, ...], t: torch.Tensor, at: int, out:
     return m - 1 if at == n - 1 else at + m - n
 
 
-_RESHAPES = frozenset(("view", "reshape", "view_as", "reshape_as", "unflatten", "_unsafe_view"))
+_RESHAPES = frozenset(("view", "reshape", "view_as", "reshape_as", "unflatten", "_unsafe_view", "flatten", "ravel"))
 # ops that mix, pick or move entries along a dim in ways not followed here: along the batch dim
 # (or any dim, for as_strided), their output has no batch dim to trust (-1)
 _SCRAMBLES = frozenset((
@@ -702,6 +721,9 @@ _SCRAMBLES = frozenset((
     "index_add", "index_copy", "index_fill", "index_put", "masked_select", "masked_scatter",
     "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "diff", "fft_fft",
 ))
+_ALIASES = {"concat": "cat", "concatenate": "cat", "unsafe_split": "split", "unsafe_split_with_sizes": "split",
+            "split_with_sizes": "split", "row_stack": "vstack", "swapaxes": "transpose", "swapdims": "transpose"}
+_FIXED_DIM = {"vstack": ("cat", 0), "hstack": ("cat", 1), "vsplit": ("tensor_split", 0), "hsplit": ("tensor_split", 1)}
 _ROW_OPS = frozenset(("flip", "fliplr", "flipud", "roll", "index_select", "split", "chunk", "tensor_split",
                       "narrow", "split_with_sizes", "unbind", "select"))
 _LAST_DIM = frozenset(("sort", "argsort", "topk", "kthvalue", "diff", "fft_fft"))  # dim defaults to -1
@@ -717,6 +739,8 @@ def _reshaped(t: torch.Tensor, at: int, rows: Any, o: torch.Tensor) -> tuple[int
     if rows is not None and type(rows) is not tuple:
         return None  # (reordered rows: not followed through a merge)
     size = t.shape[at] // (inner * outer)
+    if size == 0:
+        return None  # (an empty batch: nothing to misread)
     stride = inner * math.prod(t.shape[at + 1:])  # entries between consecutive examples
     for d in range(o.dim()):
         after = math.prod(o.shape[d + 1:])
@@ -753,25 +777,45 @@ def _item_at(idx: Any, n: int, at: int) -> Any:
     return slice(None)
 
 
-def _index_rows(idx: Any, t: torch.Tensor, at: int, rows: torch.Tensor | None) -> tuple[int, Any] | None:
-    """``t[idx]``: ``(at, rows)`` after it, for basic indexing (ints, slices, None, Ellipsis)
-    and for one 1-D index (tensor or list) among slices; None (no batch dim to trust)
-    for other advanced indexing."""
+def _plain_index(idx: Any, n: int) -> tuple[Any, ...]:
+    """``idx`` as a tuple of ints, slices, None and 1-D-or-more index tensors: numpy arrays,
+    ranges and lists become tensors, numpy and 0-dim integer tensors ints, ``True`` None,
+    and an Ellipsis the slices it stands for (``...`` then gone)."""
+    items = []
+    for v in idx if type(idx) is tuple else (idx,):
+        if type(v) in (list, range) or type(v).__module__ == "numpy":
+            v = torch.as_tensor(v) if not hasattr(v, "item") or getattr(v, "ndim", 1) else v.item()
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool:
+            v = int(v)
+        if v is True:
+            v = None
+        items.append(v)
+    if any(v is Ellipsis for v in items):
+        k = items.index(Ellipsis)
+        used = sum(1 for v in items if v is not None and v is not Ellipsis)
+        items[k:k + 1] = [slice(None)] * max(n - used, 0)
+    return tuple(items)
+
+
+def _index_rows(idx: Any, t: torch.Tensor, at: int, rows: Any) -> tuple[int, Any] | None:
+    """``t[idx]``: ``(at, rows)`` after it, for basic indexing (ints, slices, None, Ellipsis:
+    an int on the batch dim leaves :data:`SINGLE`, the one example it picks) and for 1-D
+    index tensors among slices; None (no batch dim to trust) for other advanced indexing."""
     n = t.dim()
-    order = _index_order(idx, n)
-    item = _item_at(idx, n, at)
+    items = _plain_index(idx, n)
+    order = _index_order(items, n)
+    item = _item_at(items, n, at)
     if order is not None:  # basic
-        if at not in order:
-            return None  # (an int dropped the batch dim)
+        if at not in order:  # an int picked one example
+            return SINGLE, _rows(rows, t.shape[at])[item].reshape(1) if type(item) is int else None
         if type(item) is slice and item != slice(None):
             return order.index(at), _rows(rows, t.shape[at])[item]
         return order.index(at), rows
-    items = list(idx if type(idx) is tuple else (idx,))
-    if any(v is None or v is Ellipsis or type(v) in (int, bool) for v in items) or len(items) > n:
+    if any(v is None or type(v) is int for v in items) or len(items) > n:
         return None
-    items += [slice(None)] * (n - len(items))
+    items = (*items, *[slice(None)] * (n - len(items)))
     picks = [k for k, v in enumerate(items) if type(v) is not slice]
-    tensors = [torch.as_tensor(items[k]) if type(items[k]) is list else items[k] for k in picks]
+    tensors = [items[k] for k in picks]
     if any(not isinstance(v, torch.Tensor) or v.dim() != 1 for v in tensors):
         return None
     if len(picks) > 1 and (any(v.dtype == torch.bool for v in tensors)
@@ -787,6 +831,33 @@ def _index_rows(idx: Any, t: torch.Tensor, at: int, rows: torch.Tensor | None) -
     new = (at if at < picks[0] else at - len(picks) + 1) if adjacent else 1 + kept.index(at)
     item = items[at]
     return new, (rows if item == slice(None) else full[item])
+
+
+SINGLE = -4
+"""The batch "dim" of one example picked by an int index (``h[i]``, ``h.select(0, i)``,
+``h.unbind(0)``): no batch dim; the entry's rows name the example, for a ``torch.stack``
+that rebuilds the batch."""
+
+
+_FIRST = ("input", "self", "tensors", "tensor", "data", "x")
+
+
+def _positional(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` with the op's main tensor (and a matmul's second one) moved there from
+    ``kwargs`` when given by keyword (``torch.transpose(input=h, dim0=0, dim1=1)``)."""
+    if not kwargs or (args and not (name in _MATMULS and len(args) == 1)):
+        return args, kwargs
+    kwargs = dict(kwargs)
+    if not args:
+        key = next((k for k in _FIRST if k in kwargs), None)
+        if key is None:
+            return args, kwargs
+        args = (kwargs.pop(key),)
+    if name in _MATMULS and len(args) == 1:
+        key = next((k for k in ("other", "mat2") if k in kwargs), None)
+        if key is not None:
+            args = (*args, kwargs.pop(key))
+    return args, kwargs
 
 
 def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -809,6 +880,7 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     if not moved:
         return
     name = getattr(func, "__name__", "")
+    args, kwargs = _positional(name, args, kwargs)
     if name == "__setitem__":
         _carry_write(moved, *args[:3])
         return
@@ -823,7 +895,13 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                 found.append((t, entry[1], entry[2], entry[3]))
     if not found:
         return
-    base = name.rstrip("_")
+    if name in ("_pack_padded_sequence", "_pad_packed_sequence") and type(out) in (tuple, list) and out:
+        _carry_packing(moved, name, args, kwargs, found[0], out[0])
+        return
+    base = _ALIASES.get(name.rstrip("_"), name.rstrip("_"))
+    if base in _FIXED_DIM:  # (vstack, hstack, vsplit, hsplit: cat or split along a fixed dim)
+        base, kwargs = _FIXED_DIM[base][0], {**kwargs, "dim": _FIXED_DIM[base][1]}
+        args = args[:1] if base == "cat" else args[:2]
     outs = out if type(out) in (tuple, list) else (out,)
     single = isinstance(out, torch.Tensor)
     orders = [_order(func, name, t, args, kwargs) for t, _, _, _ in found]
@@ -834,7 +912,12 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         states, producer = [], found[0][2]
         for (t, at, who, rows), order in zip(found, orders):
             new, new_rows = None, rows
-            if at < 0:
+            if at == PACKED:
+                new = PACKED if o.shape == t.shape else -1  # (elementwise ops on packed data)
+            elif at == SINGLE:  # one example: torch.stack of them in order rebuilds a batch
+                new, new_rows = _stacked(moved, base, args, kwargs, o) if base == "stack" else (
+                    (SINGLE, rows) if o.shape == t.shape else (-1, None))
+            elif at < 0:
                 new = -1
             elif type(rows) is tuple and (base in _ROW_OPS or name == "__getitem__") and t is args[0] or (
                     type(rows) is tuple and base == "cat"):
@@ -902,6 +985,10 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                         new_rows = (1, len(parts))  # (the batch k times over: a merged batch)
             elif order is not None:
                 new = order.index(at) if at in order and len(order) == o.dim() else None
+                if at not in order and base in ("select", "unbind") and _norm(_arg(args, kwargs, 1, "dim", default=0), t.dim()) == at:
+                    i = offset if base == "unbind" else int(_arg(args, kwargs, 2, "index"))
+                    new, new_rows = SINGLE, _rows(rows, t.shape[at])[i].reshape(1)
+                    offset += base == "unbind"
             elif single and name == "einsum":
                 new = _einsum_dim(args, t, at)
             elif single and name in _MATMULS:
@@ -922,7 +1009,7 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             if other != at or not _same_rows(rows, other_rows, o.shape[at] if at >= 0 else 0):
                 at, rows = -1, None
                 break
-        moved[id(o)] = (weakref.ref(o), at, producer, None if at < 0 else rows)
+        moved[id(o)] = (weakref.ref(o), at, producer, None if at == -1 else rows)
 
 
 def _same_rows(a: Any, b: Any, size: int) -> bool:
@@ -959,3 +1046,55 @@ def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
     if own is not None and own[0]() is dst and (own[1] != lands or not _in_order(own[3], dst.shape[lands])):
         lands = -1
     moved[id(dst)] = (weakref.ref(dst), lands, entry[2], None)
+
+
+PACKED = -3
+"""The batch "dim" of a ``PackedSequence``'s data ``[N, *]``: its examples' time steps packed
+along dim 0, in the order the entry's rows give (which example each packed sequence is)."""
+
+
+def _carry_packing(moved: dict[int, Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   found: tuple[Any, ...], out: torch.Tensor) -> None:
+    """``_pack_padded_sequence(input, lengths, batch_first)``: the packed data holds the
+    input's examples in its row order; ``_pad_packed_sequence(data, batch_sizes,
+    batch_first, ...)``: the padded tensor holds the packed sequences at its batch dim."""
+    t, at, producer, rows = found
+    batch_first = bool(_arg(args, kwargs, 2, "batch_first", default=False))
+    dim = 0 if batch_first else 1
+    if name == "_pack_padded_sequence":
+        whole = t is (args[0] if args else kwargs.get("input")) and at == dim and type(rows) is not tuple
+        moved[id(out)] = (weakref.ref(out), PACKED if whole else -1, producer, rows if whole else None)
+    elif at == PACKED and t is (args[0] if args else kwargs.get("data")):
+        moved[id(out)] = (weakref.ref(out), dim, producer, rows)
+    else:
+        moved[id(out)] = (weakref.ref(out), -1, producer, None)
+
+
+def _packed_rows(record: Record, x: PackedSequence) -> tuple[Any, Any] | None:
+    """``(entry, rows)`` of a PackedSequence's data followed by :func:`carry`: which example
+    each of its sequences is, in the order the shell reads them (``unsorted_indices``
+    applied); None when its data is not followed."""
+    entry = record.moved.get(id(x.data))
+    if entry is None or entry[0]() is not x.data:
+        return None
+    if entry[1] != PACKED:
+        return entry, None
+    rows = entry[3]
+    if rows is not None and x.unsorted_indices is not None:
+        rows = rows[x.unsorted_indices.cpu()]
+    return entry, rows
+
+
+def _stacked(moved: dict[int, Any], base: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+             o: torch.Tensor) -> tuple[int, Any]:
+    """``torch.stack`` of single examples (:data:`SINGLE`): a batch at the stacked dim, its
+    rows the examples stacked; ``-1`` when a part is not a followed single example."""
+    parts = args[0] if args and type(args[0]) in (list, tuple) else ()
+    rows = []
+    for part in parts:
+        e = moved.get(id(part)) if isinstance(part, torch.Tensor) else None
+        if e is None or e[0]() is not part or e[1] != SINGLE or e[3] is None:
+            return -1, None
+        rows.append(e[3])
+    dim = _norm(_arg(args, kwargs, 1, "dim", default=0), o.dim())
+    return dim, torch.cat(rows) if rows else None

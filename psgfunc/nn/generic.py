@@ -303,6 +303,10 @@ class _OutsideShells(TorchFunctionMode):
         data = self.record.data
         if data is None or torch._C._are_functorch_transforms_active():
             return self._dispatch(func, args, kwargs)
+        if func is _ITER and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+            # iterating a tensor unbinds it (inside torch's own call, where this mode sees
+            # nothing): unbind here so that what is followed reaches the pieces
+            return iter(self.__torch_function__(torch.Tensor.unbind, types, (args[0], 0), {}))
         const = _forward.judge(data, func, args, kwargs)  # before: an in-place op changes self
         out = self._dispatch(func, args, kwargs)
         _forward.follow(data, func, args, kwargs, out, const)  # which tensors are constants
@@ -392,6 +396,8 @@ class _OutsideShells(TorchFunctionMode):
         out = expanded_call(runner, params, size, (s_args, s_kwargs), {})
         return _forward.produce(self.root, out, 0)
 
+
+_ITER = torch.Tensor.__iter__
 
 _LOCAL = threading.local()
 """``entries``: ``(model, its mode or None)`` of the converted models whose forward runs in

@@ -231,7 +231,7 @@ class DPLSTM(_AnyBatch, nn.LSTM):
             _forward.consume(self, x, size, None)
             out, (h_n, c_n) = module_call(PF.lstm, params, size, padded, state,
                                           lengths=lengths, **options)
-            return _repack(out, lengths, x), (_forward.produce(self, h_n, 1), c_n)
+            return _forward.produce(self, _repack(out, lengths, x), 0), (_forward.produce(self, h_n, 1), c_n)
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(

@@ -88,7 +88,7 @@ class _Sequence(_AnyBatch):
             _forward.consume(self, x, size, None)
             out, h_n = module_call(layer, params, size, padded, state_init, lengths=lengths,
                                    **options)
-            return _repack(out, lengths, x), _forward.produce(self, h_n, 1)
+            return _forward.produce(self, _repack(out, lengths, x), 0), _forward.produce(self, h_n, 1)
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import psgfunc.dp as dp
 import psgfunc.nn as pnn
@@ -756,6 +757,22 @@ class Moved(nn.Module):
             h = torch.relu(h.reshape(b_ * t_, 4)).view(b_, t_, 4)
         elif how == "cat-view-back":
             h = torch.cat([h[:, t] for t in range(h.shape[1])], 0).view(h.shape[1], h.shape[0], 4).transpose(0, 1)
+        elif how == "transpose-kw":
+            h = torch.transpose(input=h, dim0=0, dim1=1)
+        elif how == "permute-kw":
+            h = torch.permute(input=h, dims=(1, 0, 2))
+        elif how == "einsum-implicit":  # the output is the letters in order: 'tbd' -> 'bdt'
+            h = torch.einsum("tbd", h).permute(0, 2, 1)  # [T, B, 4]... read batch-first
+        elif how == "flatten-merge":
+            t_, b_ = h.shape[1], h.shape[0]
+            h = h.transpose(0, 1).flatten(0, 1).view(t_, b_, 4)
+        elif how == "stack-ints":  # the examples one by one, in order: a batch again
+            h = torch.stack([h[i] for i in range(h.shape[0])])
+        elif how == "iterate":
+            h = torch.stack([r * 1.0 for r in h])
+        elif how == "numpy-index":
+            import numpy as np
+            h = h[np.arange(h.shape[0])][:, range(h.shape[1])]
         elif how == "unbind-stack-back":
             h = torch.stack(h.transpose(0, 1).unbind(0), dim=1)[..., None].flatten(2)
         return self.o(self.q(h))
@@ -764,7 +781,8 @@ class Moved(nn.Module):
 @pytest.mark.parametrize("how", ["transpose", "transpose-contiguous-relu", "permute", "movedim", "einsum",
                                  "swap-add", "mixed", "stack-slices", "unbind-stack", "index-unsqueeze-cat",
                                  "setitem", "copy", "view4d", "rot90", "as_strided", "gather", "einsum-ellipsis",
-                                 "merge-split", "cat-view"])
+                                 "merge-split", "cat-view", "transpose-kw", "permute-kw", "einsum-implicit",
+                                 "flatten-merge"])
 def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(how):
     """Before, at T == B the sizes and layout checks saw only time-major outputs: the Linear
     took the time steps for examples (0.88 off the loop for HF Longformer's pattern)."""
@@ -775,7 +793,8 @@ def test_a_batch_first_output_moved_off_dim_0_is_refused_also_when_t_equals_b(ho
 
 
 @pytest.mark.parametrize("how", ["there-and-back", "einsum-back", "none", "stack-slices-back", "unbind-stack-back",
-                                 "setitem-back", "heads-back", "merge-split-back", "cat-view-back"])
+                                 "setitem-back", "heads-back", "merge-split-back", "cat-view-back",
+                                 "stack-ints", "iterate", "numpy-index"])
 def test_a_batch_first_output_moved_back_gives_exact_grads(how):
     torch.manual_seed(4)
     assert_exact_at_t_equals_b(Moved(how).double())
@@ -942,6 +961,14 @@ class Reordered(nn.Module):
             h = torch.cat([second, first])
         elif how == "sort-unsort":  # reorder, work, restore: in order again
             h = torch.tanh(h[order])[torch.argsort(order)]
+        elif how == "concat":
+            h = torch.concat([h[1:], h[:1]])
+        elif how == "vsplit-vstack":
+            h = torch.vstack(torch.vsplit(h, [1])[::-1])
+        elif how == "stack-ints-reversed":
+            h = torch.stack([h[i] for i in reversed(range(h.shape[0]))])
+        elif how == "iterate-reversed":
+            h = torch.stack(list(h)[::-1])
         elif how == "split-cat-back":
             first, second = h.split([1, h.shape[0] - 1])
             h = torch.cat([first, second * 1.0])
@@ -950,7 +977,8 @@ class Reordered(nn.Module):
         return self.b(h)
 
 
-@pytest.mark.parametrize("how", ["flip", "roll", "index_select", "index", "split-cat"])
+@pytest.mark.parametrize("how", ["flip", "roll", "index_select", "index", "split-cat", "concat", "vsplit-vstack",
+                                 "stack-ints-reversed", "iterate-reversed"])
 @pytest.mark.parametrize("steps", [4, 3])
 def test_examples_reordered_between_layers_are_refused_at_any_sizes(how, steps):
     """Row b of the next layer's per-sample gradients would belong to another example than
@@ -964,3 +992,65 @@ def test_examples_reordered_between_layers_are_refused_at_any_sizes(how, steps):
 def test_examples_restored_to_their_order_give_exact_grads(how):
     torch.manual_seed(8)
     assert_exact_at_t_equals_b(Reordered(how).double())
+
+
+class Packed(nn.Module):
+    """Embedding -> packed LSTM -> head, the batch sorted by length in one of several ways."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.e, self.lstm, self.o = nn.Embedding(9, 3), nn.LSTM(3, 3, batch_first=True), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        lengths = torch.tensor([2, ids.shape[1], 3, 1][: ids.shape[0]])
+        how = self.how
+        if how == "unsorted":  # torch sorts and restores the order itself
+            packed = pack_padded_sequence(self.e(ids), lengths, batch_first=True, enforce_sorted=False)
+            out = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=ids.shape[1])[0]
+            return self.o(out)
+        ls, order = lengths.sort(descending=True)
+        if how == "sorted-input":  # every layer sees the sorted batch: its rows agree
+            packed = pack_padded_sequence(self.e(ids[order]), ls, batch_first=True)
+            return self.o(pad_packed_sequence(self.lstm(packed)[0], batch_first=True)[0])
+        if how == "sorted-between":  # the LSTM's rows are sorted, the others' are not
+            packed = pack_padded_sequence(self.e(ids)[order], ls, batch_first=True)
+            out = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)[0]
+            return self.o(out[order.argsort()])
+        packed = pack_padded_sequence(self.e(ids[order]), ls, batch_first=True)  # "unsorted-after"
+        out = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)[0]
+        return self.o(out[order.argsort()])  # the head's rows unsorted, the others' sorted
+
+
+@pytest.mark.parametrize("how", ["sorted-between", "unsorted-after"])
+@pytest.mark.parametrize("steps", [4, 5])
+def test_a_batch_sorted_for_packing_between_layers_is_refused(how, steps):
+    """Before, a PackedSequence's order was not followed: the LSTM's grad_sample rows were
+    the sorted examples' (1.8-1.9 off the loop, any sizes)."""
+    model = pnn.expand_weights(Packed(how).double(), 8)
+    with pytest.raises(ValueError, match="reordered or picked its examples"):
+        model(torch.randint(0, 9, (4, steps)))
+
+
+@pytest.mark.parametrize("how", ["unsorted", "sorted-input"])
+def test_a_packed_batch_in_one_order_gives_exact_grads(how):
+    torch.manual_seed(9)
+    ref = Packed(how).double()
+    model = pnn.expand_weights(copy.deepcopy(ref), 8)
+    ids = torch.randint(0, 9, (4, 4))
+    model(ids).pow(2).sum().backward()
+
+    def fn(params, row):
+        # the loss of output row ``row``, the batch run whole: no layer mixes examples, so
+        # this is the gradient of the example in that row (for "sorted-input", the row-th
+        # example in sorted order, as every layer's row is)
+        return functional_call(ref, params, (ids,))[row].pow(2).sum()
+
+    want = per_example_grads(fn, {n: p.detach() for n, p in ref.named_parameters()}, torch.arange(4))
+    assert_tree_close(grad_samples(model), want, rtol=1e-10)
+
+
+def test_an_empty_batch_through_followed_reshapes():
+    model = pnn.expand_weights(Moved("merge-split-back").double(), 8)
+    model(torch.randn(0, 4, 3, dtype=F64)).sum().backward()
+    assert model.q.weight.grad_sample.shape == (0, 4, 4)
