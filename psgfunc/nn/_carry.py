@@ -268,21 +268,24 @@ def _index_rows(idx: Any, t: torch.Tensor, at: int, rows: Any) -> tuple[int, Any
         if type(item) is slice and item != slice(None):
             return order.index(at), _rows(rows, t.shape[at])[item]
         return order.index(at), rows
-    if any(v is None or type(v) is int for v in items) or len(items) > n:
+    if any(v is None for v in items) or len(items) > n:
         return None
     items = (*items, *[slice(None)] * (n - len(items)))
     picks = [k for k, v in enumerate(items) if type(v) is not slice]
-    tensors = [items[k] for k in picks]
-    if any(not isinstance(v, torch.Tensor) or v.dim() != 1 for v in tensors):
+    # (an int among index tensors is one more index, broadcast: h[torch.arange(B), -1])
+    tensors = [torch.tensor(items[k]) if type(items[k]) is int else items[k] for k in picks]
+    if any(not isinstance(v, torch.Tensor) or v.dim() > 1 for v in tensors):
         return None
     if len(picks) > 1 and (any(v.dtype == torch.bool for v in tensors)
-                           or len({v.shape[0] for v in tensors}) != 1):
+                           or len({v.shape[0] for v in tensors if v.dim() == 1}) > 1):
         return None  # (masks among several indices, or indices that broadcast: not followed)
     full = _rows(rows, t.shape[at])
     adjacent = picks == list(range(picks[0], picks[0] + len(picks)))
     block = picks[0] if adjacent else 0  # where the indexed dims' one result dim goes
     if at in picks:
         pick = tensors[picks.index(at)].cpu()
+        if pick.dim() == 0:  # one example picked (the others' indices select within it)
+            return SINGLE, full[pick.long()].reshape(1)
         return block, full[pick if pick.dtype == torch.bool else pick.long()]
     kept = [d for d in range(n) if d not in picks]
     new = (at if at < picks[0] else at - len(picks) + 1) if adjacent else 1 + kept.index(at)
@@ -371,9 +374,21 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             new, new_rows = None, rows
             if at == PACKED:
                 new = PACKED if o.shape == t.shape else -1  # (elementwise ops on packed data)
-            elif at == SINGLE:  # one example: torch.stack of them in order rebuilds a batch
-                new, new_rows = _stacked(moved, base, args, kwargs, o) if base == "stack" else (
-                    (SINGLE, rows) if o.shape == t.shape else (-1, None))
+            elif at == SINGLE:  # one example: what ops make from it alone is that example's
+                if base == "stack":  # (in order: a batch again)
+                    new, new_rows = _stacked(moved, base, args, kwargs, o)
+                elif base == "cat":  # (in order: a batch merged with the cat dim)
+                    new, new_rows = _stacked(moved, base, args, kwargs, o)
+                    if new >= 0:
+                        if new_rows is None or not in_order(new_rows, new_rows.numel()):
+                            new, new_rows = -1, None
+                        else:
+                            inner = o.shape[new] // new_rows.numel()
+                            new_rows = None if inner == 1 else (inner, 1)
+                elif order is not None and t is args[0] and order.count(None) == 1 and len(order) == o.dim():
+                    new, new_rows = order.index(None), rows  # (unsqueeze, x[None]: a batch of one)
+                else:
+                    new, new_rows = SINGLE, rows
             elif at < 0:
                 new = -1
             elif type(rows) is tuple and (base in _ROW_OPS or name == "__getitem__") and t is args[0] or (
@@ -451,14 +466,16 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             elif single and name in _MATMULS:
                 new = _matmul_dim(name, args, t, at, o)
             elif base in _RESHAPES and t is args[0]:
+                # (a batch the reshape splits or scatters: none to trust, so that the
+                # checks by sizes, which may match by chance, are not asked)
                 follows = _reshaped(t, at, rows, o)
-                new, new_rows = (None, None) if follows is None else follows
+                new, new_rows = (-1, None) if follows is None else follows
             else:
                 new = at if o.dim() == t.dim() and o.shape[at] == t.shape[at] else None
             if new is not None:
                 states.append((new, new_rows))
                 producer = who
-        if not states or o.dim() == 0:
+        if not states or (o.dim() == 0 and states[0][0] != SINGLE):
             moved.pop(id(o), None)
             continue
         at, rows = states[0]
@@ -491,6 +508,17 @@ def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
     if entry is None or entry[0]() is not src or not isinstance(dst, torch.Tensor):
         return  # (nothing followed written: dst keeps what it had)
     at = entry[1]
+    if at == SINGLE and type(idx) is int and dst.dim() > 0 and entry[3] is not None:
+        # one example written to one row (out[i] = h[i]): dst's dim 0 holds examples, the
+        # rows not written yet none (-1)
+        own = moved.get(id(dst))
+        if own is not None and own[0]() is dst and (own[1] != 0 or type(own[3]) is tuple):
+            moved[id(dst)] = (weakref.ref(dst), -1, entry[2], None)
+            return
+        rows = _rows(own[3], dst.shape[0]).clone() if own is not None and own[0]() is dst else torch.full((dst.shape[0],), -1)
+        rows[idx] = entry[3][0]
+        moved[id(dst)] = (weakref.ref(dst), 0, entry[2], rows)
+        return
     order = _index_order(idx, dst.dim()) if at >= 0 else None
     view_dim = None if order is None else at + len(order) - src.dim()
     lands = -1 if at < 0 else order[view_dim] if order is not None and 0 <= view_dim < len(order) else None
@@ -553,5 +581,7 @@ def _stacked(moved: dict[int, Any], base: str, args: tuple[Any, ...], kwargs: di
         if e is None or e[0]() is not part or e[1] != SINGLE or e[3] is None:
             return -1, None
         rows.append(e[3])
+    if rows and all(torch.equal(r, rows[0]) for r in rows[1:]):
+        return SINGLE, rows[0]  # (pieces of one example: that example still)
     dim = _norm(_arg(args, kwargs, 1, "dim", default=0), o.dim())
     return dim, torch.cat(rows) if rows else None

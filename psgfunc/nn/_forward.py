@@ -230,8 +230,10 @@ def consume(shell: nn.Module, x: Any, size: int, batch_dim: int | None, *, data:
     entry = record.moved.get(id(x)) if batch_dim is not None and isinstance(x, torch.Tensor) else None
     if entry is not None and entry[0]() is x:
         # followed from a shell's output through the forward's ops: its batch dim is known
-        if entry[1] != batch_dim and x.shape[batch_dim] * x.shape[entry[1]] != 1:
-            _refuse_moved(record, shell, x, batch_dim, entry[1], entry[2])
+        at, read = entry[1], x.shape[batch_dim]
+        if at != batch_dim and (read > 1 or (0 <= at < x.dim() and x.shape[at] > 1)):
+            # (a batch of one or none, at both dims, reads the same whichever dim it takes)
+            _refuse_moved(record, shell, x, batch_dim, at, entry[2])
         if type(entry[3]) is tuple and entry[1] == batch_dim:
             _refuse_moved(record, shell, x, batch_dim, -2, entry[2])
         if not _carry.in_order(entry[3], x.shape[batch_dim]):

@@ -55,8 +55,10 @@ re-routed; so do torch.func transforms (a generic shell's vmap) and ``torch.no_g
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import optree
@@ -180,6 +182,13 @@ class _Runner:
             o_leaves, o_spec = optree.tree_flatten(out, none_is_leaf=True)
             tensors = []
             for o in o_leaves:
+                if not isinstance(o, torch.Tensor) and _holds_tensors(o):
+                    raise ValueError(
+                        f"{self.what} on each example as a batch of one and gives its outputs "
+                        "back as tensors, tuples, lists and dicts; got a "
+                        f"{type(o).__name__} holding tensors, which would leave the per-example "
+                        f"call unfinished. Return a tuple or a dict (HF models: return_dict=False); {self.fix}"
+                    )
                 if isinstance(o, torch.Tensor):
                     if o.dim() == 0 or o.shape[0] != 1:
                         raise ValueError(
@@ -198,6 +207,18 @@ class _Runner:
         it = iter(stacked)
         o_leaves = [next(it) if isinstance(o, torch.Tensor) else o for o in out_info["leaves"]]
         return optree.tree_unflatten(out_info["spec"], o_leaves)
+
+
+def _holds_tensors(o: Any) -> bool:
+    """Whether ``o`` (an output leaf optree does not open: a dataclass, a dict subclass such
+    as HF's ``ModelOutput``) holds tensors."""
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        values = [getattr(o, f.name) for f in dataclasses.fields(o)]
+    elif isinstance(o, Mapping):
+        values = list(o.values())
+    else:
+        return False
+    return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in values)
 
 
 def _module_body(module: nn.Module, plain: Any, views: dict[str, torch.Tensor], args: Any, kwargs: Any) -> Any:

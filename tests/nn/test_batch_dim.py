@@ -1054,3 +1054,76 @@ def test_an_empty_batch_through_followed_reshapes():
     model = pnn.expand_weights(Moved("merge-split-back").double(), 8)
     model(torch.randn(0, 4, 3, dtype=F64)).sum().backward()
     assert model.q.weight.grad_sample.shape == (0, 4, 4)
+
+
+class Loops(nn.Module):
+    """Per-example Python loops between two Linears (``how``)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        h, how, n = self.a(x), self.how, x.shape[0]
+        if how == "pool":
+            return self.b(torch.stack([h[i, :2].mean(0) for i in range(n)]))
+        if how == "unsqueeze-cat":
+            return self.b(torch.cat([torch.tanh(h[i]).unsqueeze(0) for i in range(n)]))
+        if how == "fill":
+            out = torch.zeros_like(h)
+            for i in range(n):
+                out[i] = h[i] * 2.0
+            return self.b(out)
+        if how == "nested-iteration":
+            return self.b(torch.stack([torch.stack([e for e in r]) for r in h]))
+        if how == "row-stack-view":
+            return self.b(torch.row_stack([h[i] for i in range(n)]).view(h.shape))
+        if how == "last-token":
+            return self.b(h[torch.arange(n), -1])
+        if how == "other-example":  # example i scaled by example i + 1: mixes examples
+            return self.b(torch.stack([h[i] * h[(i + 1) % n].sum() for i in range(n)]))
+        if how == "fill-reversed":
+            out = torch.zeros_like(h)
+            for i in range(n):
+                out[n - 1 - i] = h[i]
+            return self.b(out)
+        return torch.stack([self.b(h[i]) for i in range(n)])  # "layer-per-example"
+
+
+@pytest.mark.parametrize("how", ["pool", "unsqueeze-cat", "fill", "nested-iteration", "row-stack-view", "last-token"])
+def test_per_example_loops_in_order_give_exact_grads(how):
+    """Before, any op on one picked example (a mean, an unsqueeze, a write into a buffer)
+    left no batch dim to trust, and the loop was refused."""
+    torch.manual_seed(10)
+    assert_exact_at_t_equals_b(Loops(how).double())
+
+
+@pytest.mark.parametrize("how", ["other-example", "fill-reversed", "layer-per-example"])
+def test_per_example_loops_that_mix_or_misread_examples_are_refused(how):
+    """A layer called on one example reads its time steps as a batch (an IndexError
+    inside the check before; now the check's ValueError)."""
+    model = pnn.expand_weights(Loops(how).double(), 8)
+    with pytest.raises(ValueError, match="Linear 'b' reads dim 0"):
+        model(torch.randn(4, 5, 3, dtype=F64))
+
+
+class Reshaped(nn.Module):
+    """A time-major LSTM's output [T, B, H] reshaped (not transposed) to [B, T, H]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.o = nn.LSTM(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        out = self.lstm(x.transpose(0, 1))[0]
+        return self.o(out.reshape(x.shape[0], x.shape[1], 3))
+
+
+@pytest.mark.parametrize("steps", [4, 5, 6, 8])
+def test_a_time_major_output_reshaped_instead_of_transposed_is_refused(steps):
+    """Before, refused only when T was a multiple of B (0.36-1.03 off the loop at T = 5, 6):
+    a reshape that scatters the batch leaves none to trust, so the sizes are not asked."""
+    model = pnn.expand_weights(Reshaped().double(), 8)
+    with pytest.raises(ValueError, match="Linear 'o' reads dim 0 .*DPLSTM 'lstm'"):
+        model(torch.randn(4, steps, 3, dtype=F64))

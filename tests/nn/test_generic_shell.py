@@ -397,3 +397,25 @@ def test_hf_fast_clipping_step_equals_clipped_loop(name):
         warnings.simplefilter("ignore")
         pnn.expand_weights(model, B)
     check_dp_step(model, ids, lambda out: lm_loss(out, ids), expected, True)
+
+
+def test_a_generic_shell_returning_a_dataclass_is_refused_clearly():
+    """HF ``ModelOutput`` or any dataclass of tensors out of a generic shell: the per-example
+    call cannot give it back (functorch's 'tensor escaped' RuntimeError before)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        y: torch.Tensor
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(4, dtype=F64))
+
+        def forward(self, x):
+            return Out(x * self.g)
+
+    model = pnn.expand_weights(Scale(), B)
+    with pytest.raises(ValueError, match="got a Out holding tensors.*return_dict=False"):
+        model(torch.randn(B, 4, dtype=F64))
