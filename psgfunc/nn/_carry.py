@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["carry", "packed_rows", "in_order", "PACKED", "SINGLE"]
 
 
-
 def _properties() -> dict[Any, str]:
     """The tensor properties that permute dims (their getters reach the torch-function mode)."""
     return {getattr(torch.Tensor, n): n for n in ("T", "mT", "H", "mH") if hasattr(torch.Tensor, n)}

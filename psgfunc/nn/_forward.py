@@ -29,8 +29,9 @@ one is open, every shell call:
   own inputs, ops under ``torch.vmap`` or TorchScript, outputs it cannot place) falls back
   on the next check;
 * (rule B, by sizes and layout: what the mode did not follow) looks for the most recent
-  earlier shell output whose ndim and first two sizes equal those of its input, a tensor its input most likely derives from through shape-keeping ops (dropout,
-  activations, residual adds); when that output had the batch at the other dim (rule B),
+  earlier shell output whose ndim and first two sizes equal those of its input, a tensor
+  its input most likely derives from through shape-keeping ops (dropout, activations,
+  residual adds); when that output had the batch at the other dim (rule B),
   the input must have been transposed on the way. ``T != B``: the sizes prove no transpose
   happened, so the call raises. ``T == B``: shapes cannot tell; the memory layout can: a
   transposed view, and any elementwise op on one (they keep the layout), has its dim 1
@@ -106,11 +107,10 @@ class Record:
         self.shell_inputs: tuple[Any, ...] = ()  # the arguments that shell was called with
         # (shell, size, dim, shape) of constants read as batched before the batch was known
         self.pending: list[tuple[nn.Module, int, int | None, tuple[int, ...]]] = []
-        # id -> (weak reference, its batch dim or -1 when its inputs disagreed, the shell whose
-        # output it derives from, which of its rows each row holds: None in order): shell
-        # outputs and what ops make from them (see carry()),
-        # followed when the forward is (``data`` is not None)
-        self.moved: dict[int, tuple[weakref.ref, int, nn.Module, torch.Tensor | None]] = {}
+        # id -> (weak reference, where its batch is, the shell whose output it derives from,
+        # which example each row holds) for shell outputs and what ops make from them, when
+        # the forward is followed (``data`` is not None): see psgfunc.nn._carry
+        self.moved: dict[int, tuple[weakref.ref, int, nn.Module, Any]] = {}
 
     def name(self, module: nn.Module) -> str:
         """``module``'s qualified name in the model, for messages."""
