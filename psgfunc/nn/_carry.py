@@ -180,6 +180,28 @@ _SCRAMBLES = frozenset((
 _ALIASES = {"concat": "cat", "concatenate": "cat", "unsafe_split": "split", "unsafe_split_with_sizes": "split",
             "split_with_sizes": "split", "row_stack": "vstack", "swapaxes": "transpose", "swapdims": "transpose"}
 _FIXED_DIM = {"vstack": ("cat", 0), "hstack": ("cat", 1), "vsplit": ("tensor_split", 0), "hsplit": ("tensor_split", 1)}
+_FACTORIES = frozenset(("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+                        "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"))
+_REDUCTIONS = frozenset((
+    "sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "max", "min", "median", "nanmedian", "mode",
+    "std", "var", "std_mean", "var_mean", "norm", "logsumexp", "any", "all", "count_nonzero", "argmax", "argmin",
+    "aminmax", "quantile", "nanquantile", "linalg_vector_norm",
+))
+
+
+def _reduced(base: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The dims a reduction reduces (a list; ``"all"``: every dim), None for other ops."""
+    if base not in _REDUCTIONS or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    i = 2 if base in ("quantile", "nanquantile", "norm", "linalg_vector_norm") else 1
+    dims = _arg(args, kwargs, i, "dim", "axis")
+    if base in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        return None  # (elementwise max of two tensors)
+    if dims is None:
+        return "all"
+    return [dims] if type(dims) is int else list(dims)
+
+
 _ROW_OPS = frozenset(("flip", "fliplr", "flipud", "roll", "index_select", "split", "chunk", "tensor_split",
                       "narrow", "split_with_sizes", "unbind", "select"))
 _LAST_DIM = frozenset(("sort", "argsort", "topk", "kthvalue", "diff", "fft_fft"))  # dim defaults to -1
@@ -319,6 +341,50 @@ def _positional(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tup
     return args, kwargs
 
 
+def _carry_base(moved: dict[int, Any], view: torch.Tensor) -> None:
+    """After a write into ``view`` of another tensor (``out[p].copy_(h[i])``, ``v =
+    out.view(B, -1); v[p] = ...``): what ``view`` now holds, said of its base. A batch dim
+    of the view maps to the base's dim of the same stride and size; a single example, rows
+    out of order, or a dim that maps nowhere leave the base no batch dim to trust."""
+    entry = moved.get(id(view))
+    if entry is None or entry[0]() is not view:
+        return
+    base = view._base
+    at, producer, rows = entry[1], entry[2], entry[3]
+    own = moved.get(id(base))
+    own = own if own is not None and own[0]() is base else None
+    lands = -1
+    if at == SINGLE and rows is not None:
+        k, p = _selected(base, view)
+        if k is not None and (own is None or (own[1] == k and type(own[3]) is not tuple)):
+            filled = _rows(own[3], base.shape[k]).clone() if own is not None else torch.full((base.shape[k],), -1)
+            if filled[p] < 0 or filled[p] == rows[0]:
+                filled[p] = rows[0]
+                moved[id(base)] = (weakref.ref(base), k, producer, filled)
+                return
+    if at >= 0 and type(rows) is not tuple and in_order(rows, view.shape[at]):
+        match = [k for k in range(base.dim())
+                 if base.stride(k) == view.stride(at) and base.shape[k] == view.shape[at]]
+        if len(match) == 1 and (own is None or (own[1] == match[0] and in_order(own[3], base.shape[match[0]]))):
+            lands = match[0]
+    if lands < 0 or own is None:
+        moved[id(base)] = (weakref.ref(base), lands, producer, None)
+
+
+def _selected(base: torch.Tensor, view: torch.Tensor) -> tuple[int | None, int]:
+    """``(k, p)`` when ``view`` is ``base.select(k, p)`` (same storage, base's strides and
+    sizes without dim ``k``, offset ``p`` strides of ``k``); ``(None, 0)`` otherwise."""
+    if view.dim() != base.dim() - 1:
+        return None, 0
+    offset = view.storage_offset() - base.storage_offset()
+    for k in range(base.dim()):
+        rest = [d for d in range(base.dim()) if d != k]
+        if ([base.stride(d) for d in rest] == list(view.stride()) and [base.shape[d] for d in rest] == list(view.shape)
+                and base.stride(k) > 0 and offset % base.stride(k) == 0 and 0 <= offset // base.stride(k) < base.shape[k]):
+            return k, offset // base.stride(k)
+    return None, 0
+
+
 def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
     """After a torch function ran in a followed forward: where the batch of its outputs is,
     and in which order its rows are, when an argument derives from a shell's output
@@ -342,10 +408,18 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     args, kwargs = _positional(name, args, kwargs)
     if name == "__setitem__":
         _carry_write(moved, *args[:3])
+        if args and isinstance(args[0], torch.Tensor) and args[0]._base is not None:
+            _carry_base(moved, args[0])
         return
+    target = args[0] if args and name.endswith("_") and not name.endswith("__") else kwargs.get("out")
     if name == "copy_" and args:  # self takes the batch dim of what is written into it
         moved.pop(id(args[0]), None)
         args = args[1:]
+    if name in _FACTORIES:  # (shape and dtype only: a constant, no example in it)
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                moved.pop(id(o), None)
+        return
     found = []
     for a in (*args, *kwargs.values()) if kwargs else args:
         for t in (a,) if isinstance(a, torch.Tensor) else a if type(a) in (list, tuple) else ():
@@ -354,15 +428,17 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                 found.append((t, entry[1], entry[2], entry[3]))
     if not found:
         return
-    if name in ("_pack_padded_sequence", "_pad_packed_sequence") and type(out) in (tuple, list) and out:
+    if name in ("_pack_padded_sequence", "_pad_packed_sequence") and isinstance(out, (tuple, list)) and out:
         _carry_packing(moved, name, args, kwargs, found[0], out[0])
         return
     base = _ALIASES.get(name.rstrip("_"), name.rstrip("_"))
     if base in _FIXED_DIM:  # (vstack, hstack, vsplit, hsplit: cat or split along a fixed dim)
         base, kwargs = _FIXED_DIM[base][0], {**kwargs, "dim": _FIXED_DIM[base][1]}
         args = args[:1] if base == "cat" else args[:2]
-    outs = out if type(out) in (tuple, list) else (out,)
+    # (torch.return_types of max, sort, topk, ... are tuples too)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
     single = isinstance(out, torch.Tensor)
+    reduced = _reduced(base, args, kwargs)
     orders = [_order(func, name, t, args, kwargs) for t, _, _, _ in found]
     offset = 0  # (split/chunk/tensor_split/unbind along the batch dim: rows of each part)
     for o in outs:
@@ -382,8 +458,13 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                         if new_rows is None or not in_order(new_rows, new_rows.numel()):
                             new, new_rows = -1, None
                         else:
+                            parts = args[0] if args and type(args[0]) in (list, tuple) else ()
+                            sizes = {p.shape[new] if p.dim() > new else -1 for p in parts if isinstance(p, torch.Tensor)}
                             inner = o.shape[new] // new_rows.numel()
-                            new_rows = None if inner == 1 else (inner, 1)
+                            if len(sizes) != 1:  # (examples of different lengths: no batch layout)
+                                new, new_rows = -1, None
+                            else:
+                                new_rows = None if inner == 1 else (inner, 1)
                 elif order is not None and t is args[0] and order.count(None) == 1 and len(order) == o.dim():
                     new, new_rows = order.index(None), rows  # (unsqueeze, x[None]: a batch of one)
                 else:
@@ -469,34 +550,67 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                 # checks by sizes, which may match by chance, are not asked)
                 follows = _reshaped(t, at, rows, o)
                 new, new_rows = (-1, None) if follows is None else follows
+            elif reduced is not None and t is args[0]:
+                dims = range(t.dim()) if reduced == "all" else {_norm(d, t.dim()) for d in reduced}
+                i = 3 if base in ("quantile", "nanquantile", "norm", "linalg_vector_norm") else 2
+                keep = bool(_arg(args, kwargs, i, "keepdim", default=False)) and reduced != "all"
+                if at in dims:
+                    new = -1  # (a reduction over the batch: every example in each entry)
+                else:
+                    new = at if keep else at - sum(1 for d in dims if d < at)
+                    if o.dim() <= new:
+                        new = None
+            elif o.dim() == t.dim() and o.shape[at] != t.shape[at]:
+                # the batch dim changed size: a batch of one (one example) broadcast over a
+                # batch, or examples repeated or summed: no batch dim to trust
+                new = -1
             else:
-                new = at if o.dim() == t.dim() and o.shape[at] == t.shape[at] else None
+                new = at if o.dim() == t.dim() else None
             if new is not None:
                 states.append((new, new_rows))
                 producer = who
-        if not states or (o.dim() == 0 and states[0][0] != SINGLE):
+        if not states:
             moved.pop(id(o), None)
             continue
         at, rows = states[0]
         for other, other_rows in states[1:]:
-            if other != at or not _same_rows(rows, other_rows, o.shape[at] if at >= 0 else 0):
+            merged = _merge_rows(rows, other_rows, o.shape[at] if at >= 0 else 0) if other == at else False
+            if merged is False:
                 at, rows = -1, None
                 break
+            rows = merged
+        if o.dim() == 0 and at not in (SINGLE, -1):
+            moved.pop(id(o), None)
+            continue
         moved[id(o)] = (weakref.ref(o), at, producer, None if at == -1 else rows)
+        if o._base is not None and o is target:
+            _carry_base(moved, o)  # (an in-place write into a view: its base changed too)
 
 
-def _same_rows(a: Any, b: Any, size: int) -> bool:
+def _merge_rows(a: Any, b: Any, size: int) -> Any:
+    """The rows of an op on two tensors whose rows are ``a`` and ``b``; False when they hold
+    different examples. A row ``-1`` holds none (not written yet, or data not from a
+    followed layer) and takes the other's."""
     if type(a) is tuple or type(b) is tuple:
-        return a == b
-    return (a is None and b is None) or torch.equal(_rows(a, size), _rows(b, size))
+        return a if a == b else False
+    if a is None and b is None:
+        return None
+    ra, rb = _rows(a, size), _rows(b, size)
+    if ra.shape != rb.shape:
+        return False
+    if not bool(((ra == rb) | (ra < 0) | (rb < 0)).all()):
+        return False
+    return torch.where(ra < 0, rb, ra)
 
 
 def in_order(rows: Any, size: int) -> bool:
     """Whether ``rows`` (which example each row holds) is the examples in order, as a whole
-    dim (not merged: a tuple)."""
+    dim (not merged: a tuple); rows ``-1`` hold no example and fit anywhere."""
     if type(rows) is tuple:
         return False
-    return rows is None or (rows.numel() == size and torch.equal(rows, torch.arange(size)))
+    if rows is None:
+        return True
+    return rows.numel() == size and bool(((rows == torch.arange(size)) | (rows < 0)).all())
 
 
 def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
@@ -507,6 +621,9 @@ def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
     if entry is None or entry[0]() is not src or not isinstance(dst, torch.Tensor):
         return  # (nothing followed written: dst keeps what it had)
     at = entry[1]
+    items = _plain_index(idx, dst.dim()) if at == SINGLE else ()
+    if items and type(items[0]) is int and all(v == slice(None) for v in items[1:]):
+        idx = items[0]  # (out[i, :] = h[i], out[torch.tensor(i)] = h[i])
     if at == SINGLE and type(idx) is int and dst.dim() > 0 and entry[3] is not None:
         # one example written to one row (out[i] = h[i]): dst's dim 0 holds examples, the
         # rows not written yet none (-1)

@@ -1088,10 +1088,54 @@ class Loops(nn.Module):
             for i in range(n):
                 out[n - 1 - i] = h[i]
             return self.b(out)
+        if how == "fill-add":  # out[i] += h[i] into zeros: each row written once, in order
+            out = torch.zeros(h.shape, dtype=h.dtype)
+            for i in range(n):
+                out[i] += h[i]
+            return self.b(out)
+        if how == "fill-colon":
+            out = torch.zeros(h.shape, dtype=h.dtype)
+            for i in range(n):
+                out[torch.tensor(i), :] = h[i]
+            return self.b(out)
+        if how == "copy-in-order":
+            out = torch.zeros_like(h)
+            for i in range(n):
+                out[i].copy_(h[i])
+            return self.b(out)
+        perm = torch.arange(n).roll(1)
+        if how == "broadcast-one":  # example 0 added to every example
+            return self.b(h + h[0][None])
+        if how == "batch-mean":
+            return self.b(h - h.mean(0, keepdim=True))
+        if how == "batch-max":
+            return self.b(h * h.max(0, keepdim=True).values)
+        if how == "sort-batch":
+            return self.b(torch.sort(h, dim=0).values)
+        if how == "pool-then-flip":
+            return self.b(h.mean(1).flip(0))
+        if how == "copy-through-view":
+            out = torch.zeros_like(h)
+            for i in range(n):
+                out[int(perm[i])].copy_(h[i])
+            return self.b(out)
+        if how == "add-through-view":
+            out = torch.zeros_like(h)
+            for i in range(n):
+                out[int(perm[i])].add_(h[i])
+            return self.b(out)
+        if how == "narrow-copy":
+            out = torch.zeros_like(h)
+            for i in range(n):
+                out.narrow(0, int(perm[i]), 1).copy_(h[i:i + 1])
+            return self.b(out)
+        if how == "ragged-cat":
+            return self.b(torch.cat([h[i, : 2 + 2 * (i % 2)] for i in range(n)]).view(n, -1, 3))
         return torch.stack([self.b(h[i]) for i in range(n)])  # "layer-per-example"
 
 
-@pytest.mark.parametrize("how", ["pool", "unsqueeze-cat", "fill", "nested-iteration", "row-stack-view", "last-token"])
+@pytest.mark.parametrize("how", ["pool", "unsqueeze-cat", "fill", "nested-iteration", "row-stack-view", "last-token",
+                                 "fill-add", "fill-colon", "copy-in-order"])
 def test_per_example_loops_in_order_give_exact_grads(how):
     """Before, any op on one picked example (a mean, an unsqueeze, a write into a buffer)
     left no batch dim to trust, and the loop was refused."""
@@ -1099,10 +1143,17 @@ def test_per_example_loops_in_order_give_exact_grads(how):
     assert_exact_at_t_equals_b(Loops(how).double())
 
 
-@pytest.mark.parametrize("how", ["other-example", "fill-reversed", "layer-per-example"])
+@pytest.mark.parametrize("how", ["other-example", "fill-reversed", "layer-per-example", "broadcast-one", "batch-mean",
+                                 "batch-max", "sort-batch", "pool-then-flip", "copy-through-view",
+                                 "add-through-view", "narrow-copy", "ragged-cat"])
 def test_per_example_loops_that_mix_or_misread_examples_are_refused(how):
     """A layer called on one example reads its time steps as a batch (an IndexError
-    inside the check before; now the check's ValueError)."""
+    inside the check before; now the check's ValueError). From a fourth review, silent
+    before (0.6-7 off the loop, and DPOptimizer's steps with them): one example broadcast
+    over the batch, reductions over the batch with keepdim (h - h.mean(0, keepdim=True)),
+    sorting along the batch (max/sort return named tuples, which were not followed),
+    reordering after a pooling reduction, writes through views of a buffer in another
+    order, and examples of different lengths concatenated as if a batch."""
     model = pnn.expand_weights(Loops(how).double(), 8)
     with pytest.raises(ValueError, match="Linear 'b' reads dim 0"):
         model(torch.randn(4, 5, 3, dtype=F64))
