@@ -552,7 +552,9 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                 new, new_rows = (-1, None) if follows is None else follows
             elif reduced is not None and t is args[0]:
                 dims = range(t.dim()) if reduced == "all" else {_norm(d, t.dim()) for d in reduced}
-                i = 3 if base in ("quantile", "nanquantile", "norm", "linalg_vector_norm") else 2
+                # (keepdim's place: after p or q, or after std/var's positional unbiased)
+                i = 3 if base in ("quantile", "nanquantile", "norm", "linalg_vector_norm", "std", "var",
+                                  "std_mean", "var_mean") else 2
                 keep = bool(_arg(args, kwargs, i, "keepdim", default=False)) and reduced != "all"
                 if at in dims:
                     new = -1  # (a reduction over the batch: every example in each entry)
@@ -635,18 +637,33 @@ def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
         rows[idx] = entry[3][0]
         moved[id(dst)] = (weakref.ref(dst), 0, entry[2], rows)
         return
-    order = _index_order(idx, dst.dim()) if at >= 0 else None
+    items = _plain_index(idx, dst.dim()) if at >= 0 else ()
+    order = _index_order(items, dst.dim()) if at >= 0 else None
     view_dim = None if order is None else at + len(order) - src.dim()
     lands = -1 if at < 0 else order[view_dim] if order is not None and 0 <= view_dim < len(order) else None
     if lands is None:
         lands = -1  # (an advanced index, or a dim it drops: no batch dim to trust)
-    rows = entry[3]
-    if lands >= 0 and not in_order(rows, src.shape[at]):
-        lands = -1  # (reordered rows written into part of dst: not followed)
     own = moved.get(id(dst))
-    if own is not None and own[0]() is dst and (own[1] != lands or not in_order(own[3], dst.shape[lands])):
-        lands = -1
-    moved[id(dst)] = (weakref.ref(dst), lands, entry[2], None)
+    own = own if own is not None and own[0]() is dst else None
+    rows = None
+    if lands >= 0:
+        # the rows of dst the write reaches along that dim (out[1:] = h[:-1] shifts them)
+        item = _item_at(items, dst.dim(), lands)
+        where = torch.arange(dst.shape[lands])[item] if type(item) is slice else None
+        written = _rows(entry[3], src.shape[at]) if type(entry[3]) is not tuple else None
+        if where is None or written is None or where.numel() != written.numel():
+            lands = -1  # (broadcast over the dim, or a merged batch: not followed)
+        elif own is not None and (own[1] != lands or type(own[3]) is tuple):
+            lands = -1
+        else:
+            rows = _rows(own[3], dst.shape[lands]).clone() if own is not None else torch.full((dst.shape[lands],), -1)
+            before = rows[where]
+            if not bool(((before < 0) | (before == written)).all()) and own is not None:
+                lands, rows = -1, None  # (another example's row overwritten in part: mixed)
+            else:
+                rows[where] = written
+                rows = None if in_order(rows, rows.numel()) and bool((rows >= 0).all()) else rows
+    moved[id(dst)] = (weakref.ref(dst), lands, entry[2], rows)
 
 
 PACKED = -3

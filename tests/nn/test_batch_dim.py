@@ -1103,6 +1103,17 @@ class Loops(nn.Module):
             for i in range(n):
                 out[i].copy_(h[i])
             return self.b(out)
+        if how == "chunked-fill":  # micro-batches written into a buffer in order
+            out = torch.empty_like(h)
+            for i in range(0, n, 2):
+                out[i:i + 2] = torch.tanh(h[i:i + 2])
+            return self.b(out)
+        if how == "time-major-std":  # a reduction over dim 0 with std's positional unbiased
+            return self.b(h.transpose(0, 1).std(0, True)[:, None])
+        if how == "shifted-fill":  # each example gets the one before it
+            out = torch.zeros_like(h)
+            out[1:] = h[:-1]
+            return self.b(out)
         perm = torch.arange(n).roll(1)
         if how == "broadcast-one":  # example 0 added to every example
             return self.b(h + h[0][None])
@@ -1135,7 +1146,7 @@ class Loops(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["pool", "unsqueeze-cat", "fill", "nested-iteration", "row-stack-view", "last-token",
-                                 "fill-add", "fill-colon", "copy-in-order"])
+                                 "fill-add", "fill-colon", "copy-in-order", "chunked-fill", "time-major-std"])
 def test_per_example_loops_in_order_give_exact_grads(how):
     """Before, any op on one picked example (a mean, an unsqueeze, a write into a buffer)
     left no batch dim to trust, and the loop was refused."""
@@ -1145,7 +1156,7 @@ def test_per_example_loops_in_order_give_exact_grads(how):
 
 @pytest.mark.parametrize("how", ["other-example", "fill-reversed", "layer-per-example", "broadcast-one", "batch-mean",
                                  "batch-max", "sort-batch", "pool-then-flip", "copy-through-view",
-                                 "add-through-view", "narrow-copy", "ragged-cat"])
+                                 "add-through-view", "narrow-copy", "ragged-cat", "shifted-fill"])
 def test_per_example_loops_that_mix_or_misread_examples_are_refused(how):
     """A layer called on one example reads its time steps as a batch (an IndexError
     inside the check before; now the check's ValueError). From a fourth review, silent
