@@ -71,9 +71,18 @@ def _index_order(idx: Any, n: int) -> list[int | None] | None:
     return order + list(range(dim, n))
 
 
+_STRUCTURAL = frozenset((
+    "stack", "__get__", "transpose", "transpose_", "swapaxes", "swapaxes_", "swapdims", "swapdims_", "t", "t_",
+    "adjoint", "permute", "movedim", "moveaxis", "unsqueeze", "unsqueeze_", "squeeze", "squeeze_", "select",
+    "unbind", "__getitem__",
+))  # the ops _order places
+
+
 def _order(func: Any, name: str, t: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int | None] | None:
     """For an op that only moves, drops or adds dims of ``t`` (its argument): ``order[i]``,
     the dim of ``t`` at output dim ``i`` (None: a new dim); None for any other op."""
+    if name not in _STRUCTURAL:
+        return None
     n = t.dim()
     if name == "stack" and args and type(args[0]) in (list, tuple) and any(v is t for v in args[0]):
         d = _norm(_arg(args, kwargs, 1, "dim", default=0), n + 1)
@@ -385,6 +394,17 @@ def _selected(base: torch.Tensor, view: torch.Tensor) -> tuple[int | None, int]:
     return None, 0
 
 
+def _followed(moved: dict[int, Any], a: Any) -> bool:
+    """Whether the argument ``a`` (a tensor, or a list or tuple of them) holds a tensor
+    :func:`carry` follows."""
+    if isinstance(a, torch.Tensor):
+        entry = moved.get(id(a))
+        return entry is not None and entry[0]() is a
+    if type(a) in (list, tuple):
+        return any(_followed(moved, v) for v in a)
+    return False
+
+
 def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
     """After a torch function ran in a followed forward: where the batch of its outputs is,
     and in which order its rows are, when an argument derives from a shell's output
@@ -402,8 +422,8 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     give ``-1`` (no batch dim); an output none lands in is not followed (the shell reading
     it falls back on rule B's sizes and layout)."""
     moved = record.moved
-    if not moved:
-        return
+    if not moved or not any(_followed(moved, a) for a in ((*args, *kwargs.values()) if kwargs else args)):
+        return  # (nothing here derives from a shell's output: the common case, kept cheap)
     name = getattr(func, "__name__", "")
     args, kwargs = _positional(name, args, kwargs)
     if name == "__setitem__":
