@@ -374,10 +374,29 @@ def _carry_base(moved: dict[int, Any], view: torch.Tensor) -> None:
     if at >= 0 and type(rows) is not tuple and in_order(rows, view.shape[at]):
         match = [k for k in range(base.dim())
                  if base.stride(k) == view.stride(at) and base.shape[k] == view.shape[at]]
-        if len(match) == 1 and (own is None or (own[1] == match[0] and in_order(own[3], base.shape[match[0]]))):
+        if (len(match) == 1 and _starts_at_zero(base, view, match[0])
+                and (own is None or (own[1] == match[0] and in_order(own[3], base.shape[match[0]])))):
             lands = match[0]
     if lands < 0 or own is None:
         moved[id(base)] = (weakref.ref(base), lands, producer, None)
+
+
+def _starts_at_zero(base: torch.Tensor, view: torch.Tensor, k: int) -> bool:
+    """Whether ``view`` (whose batch dim has ``base``'s dim ``k``'s stride and size) starts
+    at coordinate 0 of dim ``k``: its offset into ``base``, spelled in ``base``'s strides
+    from the largest, has no part along ``k`` (a view through a reshape may start one row
+    into it and run into the next slice, the rows then shifted)."""
+    offset = view.storage_offset() - base.storage_offset()
+    for d in sorted(range(base.dim()), key=lambda d: -base.stride(d)):
+        stride = base.stride(d)
+        if stride <= 0:
+            continue
+        coord, offset = divmod(offset, stride)
+        if d == k and coord != 0:
+            return False
+        if coord >= base.shape[d]:
+            return False
+    return offset == 0
 
 
 def _selected(base: torch.Tensor, view: torch.Tensor) -> tuple[int | None, int]:
@@ -586,11 +605,15 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
                 # the batch dim changed size: a batch of one (one example) broadcast over a
                 # batch, or examples repeated or summed: no batch dim to trust
                 new = -1
-            else:
-                new = at if o.dim() == t.dim() else None
-            if new is not None:
-                states.append((new, new_rows))
-                producer = who
+            elif o.dim() == t.dim() or (o.dim() > at and o.shape[:at + 1] == t.shape[:at + 1]):
+                new = at  # (shape-keeping ops; ops that add or drop dims after the batch's)
+            if new is None:
+                # an output derived from this argument that no rule places (an op that adds
+                # or drops dims before the batch, a summed batch): no batch dim to trust, so
+                # that a reorder after it cannot pass for one in order
+                new, new_rows = -1, None
+            states.append((new, new_rows))
+            producer = who
         if not states:
             moved.pop(id(o), None)
             continue
@@ -635,6 +658,24 @@ def in_order(rows: Any, size: int) -> bool:
     return rows.numel() == size and bool(((rows == torch.arange(size)) | (rows < 0)).all())
 
 
+def _item_index(items: tuple[Any, ...], n: int, at: int) -> int | None:
+    """The position in ``items`` (ints, slices, None; no Ellipsis) of the item that indexes
+    dim ``at``; None when none does."""
+    dim = 0
+    for k, v in enumerate(items):
+        if v is None:
+            continue
+        if dim == at:
+            return k
+        dim += 1
+    return None
+
+
+def _idx_tensor(idx: Any, k: int, n: int) -> torch.Tensor:
+    """The index tensor at position ``k`` of ``idx`` normalised (:func:`_plain_index`)."""
+    return _plain_index(idx, n)[k].cpu().long()
+
+
 def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
     """``dst[idx] = src``: where ``src``'s batch dim lands in ``dst`` (a time-major buffer
     filled with batch-first rows, ``out[t] = h``); ``dst`` keeps its own where that agrees,
@@ -644,8 +685,8 @@ def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
         return  # (nothing followed written: dst keeps what it had)
     at = entry[1]
     items = _plain_index(idx, dst.dim()) if at == SINGLE else ()
-    if items and type(items[0]) is int and all(v == slice(None) for v in items[1:]):
-        idx = items[0]  # (out[i, :] = h[i], out[torch.tensor(i)] = h[i])
+    if items and type(items[0]) is int and all(type(v) is slice for v in items[1:]):
+        idx = items[0]  # (out[i, :] = h[i], out[torch.tensor(i)] = h[i], out[i, :n] = h[i, :n])
     if at == SINGLE and type(idx) is int and dst.dim() > 0 and entry[3] is not None:
         # one example written to one row (out[i] = h[i]): dst's dim 0 holds examples, the
         # rows not written yet none (-1)
@@ -658,6 +699,12 @@ def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
         moved[id(dst)] = (weakref.ref(dst), 0, entry[2], rows)
         return
     items = _plain_index(idx, dst.dim()) if at >= 0 else ()
+    picks = [k for k, v in enumerate(items) if isinstance(v, torch.Tensor)]
+    pick = None
+    if len(picks) == 1 and items[picks[0]].dim() == 1 and not items[picks[0]].dtype == torch.bool:
+        # one index tensor (out[torch.arange(B)] = h): placed like a slice, rows where it says
+        pick = picks[0]
+        items = (*items[:pick], slice(None), *items[pick + 1:])
     order = _index_order(items, dst.dim()) if at >= 0 else None
     view_dim = None if order is None else at + len(order) - src.dim()
     lands = -1 if at < 0 else order[view_dim] if order is not None and 0 <= view_dim < len(order) else None
@@ -670,6 +717,12 @@ def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
         # the rows of dst the write reaches along that dim (out[1:] = h[:-1] shifts them)
         item = _item_at(items, dst.dim(), lands)
         where = torch.arange(dst.shape[lands])[item] if type(item) is slice else None
+        if pick is not None:
+            k = _item_index(items, dst.dim(), lands)
+            if k == pick:
+                where = torch.arange(dst.shape[lands])[_idx_tensor(idx, pick, dst.dim())]
+            elif k is None:
+                where = None
         written = _rows(entry[3], src.shape[at]) if type(entry[3]) is not tuple else None
         if where is None or written is None or where.numel() != written.numel():
             lands = -1  # (broadcast over the dim, or a merged batch: not followed)

@@ -640,7 +640,9 @@ class EqualSlots(nn.Module):
 
 def test_equal_constant_slots_are_checked_once_the_batch_is_known():
     model = pnn.expand_weights(EqualSlots().double(), 8)
-    with pytest.raises(ValueError, match=r"Linear 'q' read a batch of 5 examples .* constant of the forward .* batch has 4"):
+    # (refused as soon as the slots' "batch" is summed over, or once a layer reads the batch)
+    with pytest.raises(ValueError, match=r"Linear 'q' read a batch of 5 examples .* constant of the forward .* "
+                                         r"batch has 4|output of Linear 'q' .* no batch dim"):
         model(torch.randn(4, 3, dtype=F64))
 
 
@@ -1114,6 +1116,23 @@ class Loops(nn.Module):
             out = torch.zeros_like(h)
             out[1:] = h[:-1]
             return self.b(out)
+        if how == "index-fill":  # written through an index tensor, in order
+            out = torch.zeros_like(h)
+            out[torch.arange(n)] = h
+            return self.b(out)
+        if how == "pad-loop":  # a manual pad: each example written into part of its row
+            out = h.new_zeros(h.shape)
+            for i in range(n):  # (the same length for each: the loop over examples agrees)
+                out[i, : h.shape[1] - 1] = h[i, : h.shape[1] - 1]
+            return self.b(out)
+        if how == "diag-embed-flip":  # an op that adds a dim (not followed before) then a flip
+            return self.b(torch.diag_embed(h).flip(0).sum(-1))
+        if how == "unfold-flip":
+            return self.b(h.unfold(0, 1, 1)[..., 0].flip(0))
+        if how == "shifted-view-write":  # a view through a reshape starting one row in
+            out = torch.zeros(n, n, 3, dtype=h.dtype)
+            out.view(n * n, 3)[1:n + 1].copy_(h[:, 0])
+            return self.b(out.transpose(0, 1))
         perm = torch.arange(n).roll(1)
         if how == "broadcast-one":  # example 0 added to every example
             return self.b(h + h[0][None])
@@ -1146,7 +1165,8 @@ class Loops(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["pool", "unsqueeze-cat", "fill", "nested-iteration", "row-stack-view", "last-token",
-                                 "fill-add", "fill-colon", "copy-in-order", "chunked-fill", "time-major-std"])
+                                 "fill-add", "fill-colon", "copy-in-order", "chunked-fill", "time-major-std",
+                                 "index-fill", "pad-loop"])
 def test_per_example_loops_in_order_give_exact_grads(how):
     """Before, any op on one picked example (a mean, an unsqueeze, a write into a buffer)
     left no batch dim to trust, and the loop was refused."""
@@ -1156,7 +1176,8 @@ def test_per_example_loops_in_order_give_exact_grads(how):
 
 @pytest.mark.parametrize("how", ["other-example", "fill-reversed", "layer-per-example", "broadcast-one", "batch-mean",
                                  "batch-max", "sort-batch", "pool-then-flip", "copy-through-view",
-                                 "add-through-view", "narrow-copy", "ragged-cat", "shifted-fill"])
+                                 "add-through-view", "narrow-copy", "ragged-cat", "shifted-fill",
+                                 "diag-embed-flip", "unfold-flip", "shifted-view-write"])
 def test_per_example_loops_that_mix_or_misread_examples_are_refused(how):
     """A layer called on one example reads its time steps as a batch (an IndexError
     inside the check before; now the check's ValueError). From a fourth review, silent
