@@ -8,9 +8,13 @@ that mixes entries along the batch), :data:`PACKED` (a ``PackedSequence``'s data
 :data:`SINGLE` (one example); which example each of its rows holds (``None``: in order;
 a LongTensor; a tuple ``(inner, outer)`` for a batch merged with another dim by a reshape);
 and the shell whose output it derives from. :func:`psgfunc.nn._forward.consume` checks a
-shell's input against it. An op this module does not place (its output has another number
-of dims, or another size at the batch dim) leaves the output unfollowed: the shell reading
-it falls back on the sizes and memory layout checks of :mod:`psgfunc.nn._forward`.
+shell's input against it. An output derived from a followed tensor that no rule here
+places (dims added or dropped before the batch's, the batch dim's size changed, a
+reduction over it) gets ``-1``: a shell reading it is refused rather than left to the
+sizes check, which a moved batch can pass by chance. Tensors derived from no shell output
+(the model's inputs, constants) and ops the mode does not see (under ``torch.vmap``,
+TorchScript) are not followed: the shell reading them falls back on the sizes and memory
+layout checks of :mod:`psgfunc.nn._forward`.
 """
 
 from __future__ import annotations
@@ -430,16 +434,16 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     (:attr:`Record.moved`). An op that only moves, drops or adds dims (``transpose``,
     ``permute``, ``movedim``, ``.T``/``.mT``, ``unsqueeze``, ``squeeze``, ``select``,
     ``unbind``, ``flatten``, ``stack``, basic indexing, row-major ``view``/``reshape``) moves it
-    as it moves that dim (dropped, merged or split: not followed), as do ``einsum`` with an
-    explicit output and matmuls (a summed dim goes nowhere). Ops that reorder or pick rows
+    as it moves that dim (one example picked: :data:`SINGLE`; merged with another dim: rows
+    ``(inner, outer)``), as do ``einsum`` and matmuls (a summed batch: ``-1``) and
+    reductions over other dims. Ops that reorder or pick rows
     along the batch dim (``flip``, ``roll``, ``index_select``, one index tensor, ``split``/
     ``chunk``/``narrow`` and ``cat`` back) carry which example each row holds; ops that mix
     entries along it in ways not followed (``gather``, ``sort``, ``as_strided``, ``cumsum``,
     ...) give ``-1``. Any other output with an argument's number of dims and the same size at
     that argument's batch dim keeps it (elementwise ops, slicing other dims,
     ``contiguous``). Arguments whose batch lands at different dims, or whose rows differ,
-    give ``-1`` (no batch dim); an output none lands in is not followed (the shell reading
-    it falls back on rule B's sizes and layout)."""
+    give ``-1`` (no batch dim), as does an output no rule places."""
     moved = record.moved
     if not moved or not any(_followed(moved, a) for a in ((*args, *kwargs.values()) if kwargs else args)):
         return  # (nothing here derives from a shell's output: the common case, kept cheap)
