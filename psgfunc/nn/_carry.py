@@ -191,7 +191,7 @@ _SCRAMBLES = frozenset((
     "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "diff", "fft_fft",
 ))
 _ALIASES = {"concat": "cat", "concatenate": "cat", "unsafe_split": "split", "unsafe_split_with_sizes": "split",
-            "split_with_sizes": "split", "row_stack": "vstack", "swapaxes": "transpose", "swapdims": "transpose"}
+            "split_with_sizes": "split", "row_stack": "vstack"}
 _FIXED_DIM = {"vstack": ("cat", 0), "hstack": ("cat", 1), "vsplit": ("tensor_split", 0), "hsplit": ("tensor_split", 1)}
 _FACTORIES = frozenset(("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
                         "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"))
@@ -216,7 +216,7 @@ def _reduced(base: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 _ROW_OPS = frozenset(("flip", "fliplr", "flipud", "roll", "index_select", "split", "chunk", "tensor_split",
-                      "narrow", "split_with_sizes", "unbind", "select"))
+                      "narrow", "unbind", "select"))
 _LAST_DIM = frozenset(("sort", "argsort", "topk", "kthvalue", "diff", "fft_fft"))  # dim defaults to -1
 
 
@@ -248,24 +248,24 @@ def _rows(rows: torch.Tensor | None, size: int) -> torch.Tensor:
     return torch.arange(size) if rows is None else rows
 
 
-def _item_at(idx: Any, n: int, at: int) -> Any:
-    """The item of the index ``idx`` (of a tensor with ``n`` dims) that indexes dim ``at``
-    (``slice(None)`` when none does)."""
-    items = idx if type(idx) is tuple else (idx,)
-    used = sum(1 for v in items if v is not None and v is not Ellipsis and type(v) is not bool)
+def _item_index(items: tuple[Any, ...], at: int) -> int | None:
+    """The position in ``items`` (a :func:`_plain_index`: ints, slices, None, tensors; no
+    Ellipsis) of the item that indexes dim ``at``; None when none does."""
     dim = 0
-    for v in items:
+    for k, v in enumerate(items):
         if v is None or type(v) is bool:
             continue
-        if v is Ellipsis:
-            dim += n - used
-            if dim > at:
-                return slice(None)
-            continue
         if dim == at:
-            return v
+            return k
         dim += 1
-    return slice(None)
+    return None
+
+
+def _item_at(items: tuple[Any, ...], at: int) -> Any:
+    """The item of ``items`` (a :func:`_plain_index`) that indexes dim ``at``
+    (``slice(None)`` when none does)."""
+    k = _item_index(items, at)
+    return slice(None) if k is None else items[k]
 
 
 def _plain_index(idx: Any, n: int) -> tuple[Any, ...]:
@@ -295,7 +295,7 @@ def _index_rows(idx: Any, t: torch.Tensor, at: int, rows: Any) -> tuple[int, Any
     n = t.dim()
     items = _plain_index(idx, n)
     order = _index_order(items, n)
-    item = _item_at(items, n, at)
+    item = _item_at(items, at)
     if order is not None:  # basic
         if at not in order:  # an int picked one example
             return SINGLE, _rows(rows, t.shape[at])[item].reshape(1) if type(item) is int else None
@@ -417,15 +417,16 @@ def _selected(base: torch.Tensor, view: torch.Tensor) -> tuple[int | None, int]:
     return None, 0
 
 
-def _followed(moved: dict[int, Any], a: Any) -> bool:
-    """Whether the argument ``a`` (a tensor, or a list or tuple of them) holds a tensor
+def _found(moved: dict[int, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """``(tensor, batch dim, shell, rows)`` of each argument (or list or tuple element)
     :func:`carry` follows."""
-    if isinstance(a, torch.Tensor):
-        entry = moved.get(id(a))
-        return entry is not None and entry[0]() is a
-    if type(a) in (list, tuple):
-        return any(_followed(moved, v) for v in a)
-    return False
+    found = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        for t in (a,) if isinstance(a, torch.Tensor) else a if type(a) in (list, tuple) else ():
+            entry = moved.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if entry is not None and entry[0]() is t:
+                found.append((t, *entry[1:]))
+    return found
 
 
 def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -445,7 +446,8 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     ``contiguous``). Arguments whose batch lands at different dims, or whose rows differ,
     give ``-1`` (no batch dim), as does an output no rule places."""
     moved = record.moved
-    if not moved or not any(_followed(moved, a) for a in ((*args, *kwargs.values()) if kwargs else args)):
+    found = _found(moved, args, kwargs) if moved else None
+    if not found:
         return  # (nothing here derives from a shell's output: the common case, kept cheap)
     name = getattr(func, "__name__", "")
     args, kwargs = _positional(name, args, kwargs)
@@ -457,18 +459,13 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     target = args[0] if args and name.endswith("_") and not name.endswith("__") else kwargs.get("out")
     if name == "copy_" and args:  # self takes the batch dim of what is written into it
         moved.pop(id(args[0]), None)
+        found = [f for f in found if f[0] is not args[0]]
         args = args[1:]
     if name in _FACTORIES:  # (shape and dtype only: a constant, no example in it)
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor):
                 moved.pop(id(o), None)
         return
-    found = []
-    for a in (*args, *kwargs.values()) if kwargs else args:
-        for t in (a,) if isinstance(a, torch.Tensor) else a if type(a) in (list, tuple) else ():
-            entry = moved.get(id(t)) if isinstance(t, torch.Tensor) else None
-            if entry is not None and entry[0]() is t:
-                found.append((t, entry[1], entry[2], entry[3]))
     if not found:
         return
     if name in ("_pack_padded_sequence", "_pad_packed_sequence") and isinstance(out, (tuple, list)) and out:
@@ -553,7 +550,7 @@ def carry(record: Record, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             elif name == "__getitem__" and t is args[0]:
                 picked = _index_rows(args[1], t, at, rows)
                 new, new_rows = (-1, None) if picked is None else picked
-            elif base in ("split", "chunk", "tensor_split", "narrow", "split_with_sizes") and t is args[0]:
+            elif base in ("split", "chunk", "tensor_split", "narrow") and t is args[0]:
                 dim = _arg(args, kwargs, 2 if base != "narrow" else 1, "dim", default=0)
                 new = at
                 if _norm(dim, t.dim()) == at:
@@ -662,85 +659,52 @@ def in_order(rows: Any, size: int) -> bool:
     return rows.numel() == size and bool(((rows == torch.arange(size)) | (rows < 0)).all())
 
 
-def _item_index(items: tuple[Any, ...], n: int, at: int) -> int | None:
-    """The position in ``items`` (ints, slices, None; no Ellipsis) of the item that indexes
-    dim ``at``; None when none does."""
-    dim = 0
-    for k, v in enumerate(items):
-        if v is None:
-            continue
-        if dim == at:
-            return k
-        dim += 1
-    return None
-
-
-def _idx_tensor(idx: Any, k: int, n: int) -> torch.Tensor:
-    """The index tensor at position ``k`` of ``idx`` normalised (:func:`_plain_index`)."""
-    return _plain_index(idx, n)[k].cpu().long()
-
-
 def _carry_write(moved: dict[int, Any], dst: Any, idx: Any, src: Any) -> None:
-    """``dst[idx] = src``: where ``src``'s batch dim lands in ``dst`` (a time-major buffer
-    filled with batch-first rows, ``out[t] = h``); ``dst`` keeps its own where that agrees,
-    ``-1`` where it does not."""
+    """``dst[idx] = src``: where ``src``'s batch lands in ``dst`` and which rows of it the
+    write reaches (a time-major buffer filled ``out[t] = h_t``; ``out[i] = h[i]``;
+    ``out[1:] = h[:-1]`` shifts the examples); rows not written yet hold none (``-1``).
+    ``dst`` keeps its own rows where they agree; a row given another example in part, or a
+    write not followed, leaves it no batch dim to trust (``-1``)."""
     entry = moved.get(id(src)) if isinstance(src, torch.Tensor) else None
     if entry is None or entry[0]() is not src or not isinstance(dst, torch.Tensor):
         return  # (nothing followed written: dst keeps what it had)
-    at = entry[1]
-    items = _plain_index(idx, dst.dim()) if at == SINGLE else ()
-    if items and type(items[0]) is int and all(type(v) is slice for v in items[1:]):
-        idx = items[0]  # (out[i, :] = h[i], out[torch.tensor(i)] = h[i], out[i, :n] = h[i, :n])
-    if at == SINGLE and type(idx) is int and dst.dim() > 0 and entry[3] is not None:
-        # one example written to one row (out[i] = h[i]): dst's dim 0 holds examples, the
-        # rows not written yet none (-1)
-        own = moved.get(id(dst))
-        if own is not None and own[0]() is dst and (own[1] != 0 or type(own[3]) is tuple):
-            moved[id(dst)] = (weakref.ref(dst), -1, entry[2], None)
-            return
-        rows = _rows(own[3], dst.shape[0]).clone() if own is not None and own[0]() is dst else torch.full((dst.shape[0],), -1)
-        rows[idx] = entry[3][0]
-        moved[id(dst)] = (weakref.ref(dst), 0, entry[2], rows)
-        return
-    items = _plain_index(idx, dst.dim()) if at >= 0 else ()
-    picks = [k for k, v in enumerate(items) if isinstance(v, torch.Tensor)]
-    pick = None
-    if len(picks) == 1 and items[picks[0]].dim() == 1 and not items[picks[0]].dtype == torch.bool:
-        # one index tensor (out[torch.arange(B)] = h): placed like a slice, rows where it says
-        pick = picks[0]
-        items = (*items[:pick], slice(None), *items[pick + 1:])
-    order = _index_order(items, dst.dim()) if at >= 0 else None
-    view_dim = None if order is None else at + len(order) - src.dim()
-    lands = -1 if at < 0 else order[view_dim] if order is not None and 0 <= view_dim < len(order) else None
-    if lands is None:
-        lands = -1  # (an advanced index, or a dim it drops: no batch dim to trust)
+    at, producer, written = entry[1], entry[2], entry[3]
+    items = _plain_index(idx, dst.dim())
+    lands, where = -1, None
+    if at == SINGLE:  # one example into one row (and maybe part of it): out[i] = h[i], out[i, :n] = ...
+        if written is not None and items and type(items[0]) is int and all(type(v) is slice for v in items[1:]):
+            lands, where = 0, torch.tensor([items[0]])
+    elif at >= 0 and type(written) is not tuple:
+        picks = [k for k, v in enumerate(items) if isinstance(v, torch.Tensor)]
+        pick = picks[0] if len(picks) == 1 and items[picks[0]].dim() == 1 and items[picks[0]].dtype != torch.bool else None
+        tensor = None if pick is None else items[pick].cpu().long()
+        if pick is not None:  # one index tensor (out[torch.arange(B)] = h): placed like a slice
+            items = (*items[:pick], slice(None), *items[pick + 1:])
+        order = _index_order(items, dst.dim())
+        view_dim = None if order is None else at + len(order) - src.dim()
+        if order is not None and 0 <= view_dim < len(order) and order[view_dim] is not None:
+            lands = order[view_dim]
+            k = _item_index(items, lands)
+            item = slice(None) if k is None else items[k]
+            where = (torch.arange(dst.shape[lands])[tensor] if k is not None and k == pick else
+                     None if pick is not None and k is None else
+                     torch.arange(dst.shape[lands])[item] if type(item) is slice else None)
+            written = _rows(written, src.shape[at])
     own = moved.get(id(dst))
     own = own if own is not None and own[0]() is dst else None
     rows = None
-    if lands >= 0:
-        # the rows of dst the write reaches along that dim (out[1:] = h[:-1] shifts them)
-        item = _item_at(items, dst.dim(), lands)
-        where = torch.arange(dst.shape[lands])[item] if type(item) is slice else None
-        if pick is not None:
-            k = _item_index(items, dst.dim(), lands)
-            if k == pick:
-                where = torch.arange(dst.shape[lands])[_idx_tensor(idx, pick, dst.dim())]
-            elif k is None:
-                where = None
-        written = _rows(entry[3], src.shape[at]) if type(entry[3]) is not tuple else None
-        if where is None or written is None or where.numel() != written.numel():
-            lands = -1  # (broadcast over the dim, or a merged batch: not followed)
-        elif own is not None and (own[1] != lands or type(own[3]) is tuple):
-            lands = -1
+    if (lands < 0 or where is None or where.numel() != written.numel()
+            or (own is not None and (own[1] != lands or type(own[3]) is tuple))):
+        lands = -1  # (broadcast over the dim, an advanced index, a merged batch: not followed)
+    else:
+        rows = _rows(own[3], dst.shape[lands]).clone() if own is not None else torch.full((dst.shape[lands],), -1)
+        before = rows[where]
+        if own is not None and not bool(((before < 0) | (before == written)).all()):
+            lands, rows = -1, None  # (a row given another example, maybe in part: mixed)
         else:
-            rows = _rows(own[3], dst.shape[lands]).clone() if own is not None else torch.full((dst.shape[lands],), -1)
-            before = rows[where]
-            if not bool(((before < 0) | (before == written)).all()) and own is not None:
-                lands, rows = -1, None  # (another example's row overwritten in part: mixed)
-            else:
-                rows[where] = written
-                rows = None if in_order(rows, rows.numel()) and bool((rows >= 0).all()) else rows
-    moved[id(dst)] = (weakref.ref(dst), lands, entry[2], rows)
+            rows[where] = written
+            rows = None if in_order(rows, rows.numel()) and bool((rows >= 0).all()) else rows
+    moved[id(dst)] = (weakref.ref(dst), lands, producer, rows)
 
 
 PACKED = -3

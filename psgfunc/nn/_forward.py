@@ -291,10 +291,10 @@ def _frozen_on_constants(record: Record, shell: nn.Module) -> bool:
     reads no batch. A frozen layer given the examples keeps every check: a recurrent or
     attention layer that took another dim for the batch would mix the examples even with
     nothing to train."""
-    if record.data is None or record.shell is not shell or not frozen(shell):
+    if record.data is None or record.shell is not shell:
         return False
-    inputs = [t for t in _tensors_in(record.shell_inputs)]
-    return bool(inputs) and all(_has(record.data, t) for t in inputs)
+    inputs = list(_tensors_in(record.shell_inputs))  # (cheaper than frozen(): asked first)
+    return bool(inputs) and all(_has(record.data, t) for t in inputs) and frozen(shell)
 
 
 def frozen(shell: nn.Module) -> bool:

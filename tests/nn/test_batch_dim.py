@@ -627,22 +627,28 @@ def test_constants_written_with_data_are_batched(how):
 
 class EqualSlots(nn.Module):
     """M equal constant slots read by a layer before the examples are: M != B is refused
-    (once a layer reads the examples' batch), naming the layer that read the slots."""
+    (once a layer reads the examples' batch), naming the layer that read the slots;
+    ``contract``: the slots summed over in a product with the examples, which leaves no
+    batch dim to trust (refused at the layer reading the product)."""
 
-    def __init__(self):
+    def __init__(self, contract):
         super().__init__()
+        self.contract = contract
         self.q, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
 
     def forward(self, x):
         slots = self.q(torch.ones(5, 3, dtype=x.dtype))  # [M, 3], M = 5
-        return self.head(x @ slots.T @ slots)
+        if self.contract:
+            return self.head(x @ slots.T @ slots)
+        return self.head(x) * slots.mean()
 
 
 def test_equal_constant_slots_are_checked_once_the_batch_is_known():
-    model = pnn.expand_weights(EqualSlots().double(), 8)
-    # (refused as soon as the slots' "batch" is summed over, or once a layer reads the batch)
-    with pytest.raises(ValueError, match=r"Linear 'q' read a batch of 5 examples .* constant of the forward .* "
-                                         r"batch has 4|output of Linear 'q' .* no batch dim"):
+    model = pnn.expand_weights(EqualSlots(contract=False).double(), 8)
+    with pytest.raises(ValueError, match=r"Linear 'q' read a batch of 5 examples .* constant of the forward .* batch has 4"):
+        model(torch.randn(4, 3, dtype=F64))
+    model = pnn.expand_weights(EqualSlots(contract=True).double(), 8)
+    with pytest.raises(ValueError, match=r"Linear 'head' reads dim 0 .* output of Linear 'q' .* no batch dim"):
         model(torch.randn(4, 3, dtype=F64))
 
 
@@ -1129,6 +1135,11 @@ class Loops(nn.Module):
             return self.b(torch.diag_embed(h).flip(0).sum(-1))
         if how == "unfold-flip":
             return self.b(h.unfold(0, 1, 1)[..., 0].flip(0))
+        if how == "partial-overwrite":  # rows swapped, then half of each row written back in order
+            out = torch.stack([h[1], h[0], *h[2:]])
+            for i in range(2):
+                out[i, :2] = h[i, :2]
+            return self.b(out)
         if how == "shifted-view-write":  # a view through a reshape starting one row in
             out = torch.zeros(n, n, 3, dtype=h.dtype)
             out.view(n * n, 3)[1:n + 1].copy_(h[:, 0])
@@ -1177,7 +1188,7 @@ def test_per_example_loops_in_order_give_exact_grads(how):
 @pytest.mark.parametrize("how", ["other-example", "fill-reversed", "layer-per-example", "broadcast-one", "batch-mean",
                                  "batch-max", "sort-batch", "pool-then-flip", "copy-through-view",
                                  "add-through-view", "narrow-copy", "ragged-cat", "shifted-fill",
-                                 "diag-embed-flip", "unfold-flip", "shifted-view-write"])
+                                 "diag-embed-flip", "unfold-flip", "shifted-view-write", "partial-overwrite"])
 def test_per_example_loops_that_mix_or_misread_examples_are_refused(how):
     """A layer called on one example reads its time steps as a batch (an IndexError
     inside the check before; now the check's ValueError). From a fourth review, silent
