@@ -23,7 +23,7 @@ from psgfunc._dispatch import grads_of, no_autograd
 from psgfunc.functional import _autocast
 from psgfunc.per_sample._api import _prepare
 from psgfunc.per_sample._expanded import expand_leaf
-from psgfunc.per_sample._kinds import Collector, LeafPieces, leaf_pieces
+from psgfunc.per_sample._kinds import Collector, LeafPieces, forget_scaled, leaf_pieces
 
 __all__ = ["GradPieces", "grad_pieces", "weighted_sums"]
 
@@ -68,10 +68,13 @@ def weighted_sums(leaves: list[LeafPieces], factors: list[torch.Tensor], *, rele
     # (small pieces: the order does not matter for memory, and finding it costs a small
     # model's step more than its sums)
     ordered = release and _pieces_bytes(leaves) > RELEASE_ORDER_BYTES
-    for i in _release_order(leaves) if ordered else range(len(leaves)):
-        sums[i] = leaves[i].weighted_sum(factors[i])
-        if release:
-            leaves[i].release()
+    try:
+        for i in _release_order(leaves) if ordered else range(len(leaves)):
+            sums[i] = leaves[i].weighted_sum(factors[i])
+            if release:
+                leaves[i].release()
+    finally:
+        forget_scaled()  # (rows a layer's weight and bias shared)
     return sums
 
 

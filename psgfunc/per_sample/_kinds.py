@@ -421,6 +421,12 @@ class GradKind:
         the rule itself, :class:`SummedRows`), or None."""
         return None
 
+    def one_position(self, datas: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
+        """The ``[B, 1, K]`` tensors whose squared row norms (:func:`_sq1`) :meth:`bound`
+        will ask for, so that :func:`leaf_pieces` computes those of all leaves together
+        (:func:`_prefetch_sq1`); none by default."""
+        return ()
+
     def rebuilt(self, records: Sequence[tuple[GradKind, tuple[Any, ...]]]) -> Any:
         """``records`` (all of this kind, one parameter's) rewritten as records of another
         kind that serves them better (e.g. gradients built now, with what their norm's
@@ -478,6 +484,9 @@ class Outer(GradKind):
         o, i = datas[0][0].shape[2], datas[0][1].shape[2]
         return n > 1 and n * (o + i) >= o * i
 
+    def one_position(self, datas: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
+        return tuple(datas[0][:2]) if len(datas) == 1 and datas[0][0].shape[1] == 1 else ()
+
     def bound(self, datas: Sequence[tuple[torch.Tensor, torch.Tensor]], cache: dict | None = None) -> NormBound:
         one = len(datas) == 1  # a concatenation is a new tensor: nothing to share by identity
         g = datas[0][0] if one else torch.cat([d[0] for d in datas], dim=1)
@@ -493,18 +502,47 @@ class Outer(GradKind):
             # Rows in whichever order (b, n) or (n, b) the pieces are stored: the recurrence
             # keeps its gate gradients time-major, and copying them cost a third of the sum.
             out = g.dtype
-            c3 = _as(c, _acc(out)).reshape(-1, 1, 1)
-            if _time_major(g) or _time_major(x):
-                g, x, c3 = g.transpose(0, 1), x.transpose(0, 1), c3.transpose(0, 1)
             # scale the narrower operand: a tied head's output gradient [B, N, V] is ten
             # times its input [B, N, D], and the scaled copy is a temporary of that size
-            if g.shape[2] <= x.shape[2]:
-                left, right = (_up(g) * c3).reshape(-1, g.shape[2]), _up(x).reshape(-1, x.shape[2])
+            if g.shape[1] == 1 and g.shape[2] <= x.shape[2]:  # one position: rows a bias shares
+                left, right = scaled_rows(g, c), _up(x).reshape(x.shape[0], x.shape[2])
             else:
-                left, right = _up(g).reshape(-1, g.shape[2]), (_up(x) * c3).reshape(-1, x.shape[2])
+                c3 = _as(c, _acc(out)).reshape(-1, 1, 1)
+                if _time_major(g) or _time_major(x):
+                    g, x, c3 = g.transpose(0, 1), x.transpose(0, 1), c3.transpose(0, 1)
+                if g.shape[2] <= x.shape[2]:
+                    left, right = (_up(g) * c3).reshape(-1, g.shape[2]), _up(x).reshape(-1, x.shape[2])
+                else:
+                    left, right = _up(g).reshape(-1, g.shape[2]), (_up(x) * c3).reshape(-1, x.shape[2])
             total = torch.mm(left.t(), right) if total is None else total.addmm_(left.t(), right)
         total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
+
+
+_SCALED: list[Any] = [None]
+"""``(g, c, rows)``: the last :func:`scaled_rows`, kept until the next one or
+:func:`forget_scaled` (one at a time: a layer's weight and bias are summed one after the
+other)."""
+
+
+def scaled_rows(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``g [B, 1, K]`` (one position per example), each row scaled by ``c [B]``: ``[B, K]``
+    in the accumulation dtype. The weight's and the bias's sums of a linear layer on vectors
+    both start from these rows (``rows^T x`` and ``rows.sum(0)``), so the rows are made once
+    for both: the last call's are returned again for the same ``g`` and ``c`` objects (held
+    until replaced, so no other tensor can take their place). Not while the compiler traces."""
+    slot = _SCALED[0]
+    if slot is not None and slot[0] is g and slot[1] is c:
+        return slot[2]
+    rows = _up(g).reshape(g.shape[0], g.shape[2]) * _as(c, _acc(g.dtype)).reshape(-1, 1)
+    if not torch.compiler.is_compiling():
+        _SCALED[0] = (g, c, rows)
+    return rows
+
+
+def forget_scaled() -> None:
+    """Drop what :func:`scaled_rows` keeps (the end of a pass's weighted sums)."""
+    _SCALED[0] = None
 
 
 class RowSum(GradKind):
@@ -519,6 +557,9 @@ class RowSum(GradKind):
 
     def prefers_dense(self, datas: Sequence[tuple[torch.Tensor]]) -> bool:
         return len(datas) > 1  # one piece: norms below; several: add them up densely
+
+    def one_position(self, datas: Sequence[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
+        return (datas[0][0],) if len(datas) == 1 and datas[0][0].shape[1] == 1 else ()
 
     def bound(self, datas: Sequence[tuple[torch.Tensor]], cache: dict | None = None) -> NormBound:
         if len(datas) > 1:
@@ -543,8 +584,8 @@ class RowSum(GradKind):
         total = None
         for (g,) in datas:
             out = g.dtype
-            if g.shape[1] == 1:  # [B] @ [B, K] -> [K]
-                s = torch.matmul(_as(c, _acc(out)), _up(g).reshape(g.shape[0], g.shape[2]))
+            if g.shape[1] == 1:  # sum_b c_b g_b, from the rows the weight's sum scales too
+                s = scaled_rows(g, c).sum(0)
             else:  # [B] @ [N, B, K] -> [N, K] -> [K]
                 s = (_as(c, _acc(out)) @ _up(g).transpose(0, 1)).sum(0)
             total = s if total is None else total + s
@@ -843,7 +884,33 @@ def leaf_pieces(
     by identity (traced tensors have no storage; the compiler merges equal work itself)."""
     cache: dict | None = None if torch.compiler.is_compiling() else {}
     records = [_combined(r) for r in records]
+    if cache is not None and size > 0:
+        _prefetch_sq1(cache, [t for r, d in zip(records, dense) if r and d is None
+                              for t in r[0][0].one_position([data for _, data in r])])
     return [LeafPieces(r, d, size, s, cache) for r, d, s in zip(records, dense, shapes)]
+
+
+def _prefetch_sq1(cache: dict, tensors: Sequence[torch.Tensor]) -> None:
+    """Put on ``cache`` the :func:`_sq1` of every ``[B, 1, K]`` tensor in ``tensors`` (one
+    position per example: a linear layer's input and output gradient on vectors), in a few
+    operations for all of them: each one's row norms, then one stack, square and add. The
+    values are :func:`sq_norms`' (rows of at most ``FAST_ONE_PASS``, one reduction each),
+    plus the largest :func:`underflow` term of the group, which covers each one's own; on a
+    small model each operation costs more than its arithmetic, and these were three per
+    tensor."""
+    groups: dict[tuple[torch.dtype, int], dict[Any, torch.Tensor]] = {}
+    for t in tensors:
+        key = ("sq1", _key(t))
+        if t.shape[2] <= FAST_ONE_PASS and t.shape[1] == 1 and key not in cache:
+            groups.setdefault((t.dtype, t.shape[0]), {})[key] = t
+    for (dtype, _), group in groups.items():
+        if len(group) < 2:
+            continue  # (one tensor: sq_norms itself, when asked)
+        acc = None if dtype in _FULL else torch.float32
+        norms = torch.stack([torch.linalg.vector_norm(t, dim=(1, 2), dtype=acc) for t in group.values()])
+        most = max(t.shape[2] for t in group.values())
+        sq = norms.square_().add_(underflow(_acc(dtype), most))
+        cache.update(zip(group, sq.unbind(0)))
 
 
 COMBINERS: list[Any] = []

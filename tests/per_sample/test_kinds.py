@@ -87,3 +87,67 @@ def test_one_row_outer_norm_of_underflowing_inputs_is_bounded():
     assert bool((norms >= exact).all()), norms / exact
     assert float(norms[2]) <= float(exact[2]) * (1 + 1e-5)
     assert 0 < float(norms[3]) < 0.02
+
+
+def test_one_position_norms_computed_together_match_each_alone():
+    """``leaf_pieces`` computes the row norms of all one-position pieces (a linear layer on
+    vectors: its input and output gradient) in one stacked pass: the same squares as
+    :func:`sq_norms` of each, with the group's largest underflow term, which covers each
+    one's own (float32, float64 and bfloat16 pieces; rows of different lengths)."""
+    from psgfunc.per_sample._kinds import sq_norms
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, F64, torch.bfloat16):
+        gs = [torch.randn(5, 1, k, generator=gen).to(dtype) for k in (3, 7)]
+        xs = [torch.randn(5, 1, k, generator=gen).to(dtype) for k in (11, 512)]
+        records = [[(Outer(), (gs[0], xs[0]))], [(RowSum(), (gs[0],))], [(Outer(), (gs[1], xs[1]))]]
+        leaves = leaf_pieces(records, [None] * 3, 5, [(3, 11), (3,), (7, 512)])
+        alone = [LeafPieces(r, None, 5, s) for r, s in zip(records, [(3, 11), (3,), (7, 512)])]
+        for leaf, own in zip(leaves, alone):
+            assert bool((leaf.sq_norm >= own.sq_norm).all())
+            torch.testing.assert_close(leaf.sq_norm, own.sq_norm, rtol=0, atol=1e-30)
+        torch.testing.assert_close(leaves[1].sq_norm, sq_norms(gs[0]) + 0 * leaves[1].sq_norm,
+                                   rtol=0, atol=1e-30)
+
+
+def test_one_position_norms_together_of_underflowing_inputs_are_bounded():
+    """The stacked one-position norms keep the underflow bound: float32 inputs whose squares
+    underflow (3e-23) under output gradients near float32's largest squares (3e18), rows of
+    several lengths in one group, certified above the exact norm."""
+    from psgfunc.per_sample._kinds import certified_norm
+
+    gen = torch.Generator().manual_seed(4)
+    g1 = (3e18 * torch.randn(4, 1, 8, dtype=F64, generator=gen)).float()
+    x1 = (3e-23 * torch.randn(4, 1, 500, dtype=F64, generator=gen)).float()
+    g2 = (3e18 * torch.randn(4, 1, 3, dtype=F64, generator=gen)).float()
+    x2 = (3e-23 * torch.randn(4, 1, 20, dtype=F64, generator=gen)).float()
+    x1[3] = 0
+    leaves = leaf_pieces([[(Outer(), (g1, x1))], [(Outer(), (g2, x2))]], [None, None], 4, [(8, 500), (3, 20)])
+    norms = certified_norm(leaves).double()
+    exact = sum(torch.linalg.vector_norm(g.double().transpose(1, 2) @ x.double(), dim=(1, 2)).square()
+                for g, x in ((g1, x1), (g2, x2))).sqrt()
+    assert bool((norms >= exact).all()), norms / exact
+
+
+def test_weight_and_bias_sums_share_the_scaled_rows_only_for_the_same_tensors():
+    """A linear layer's weight and bias sums start from the same scaled output-gradient rows
+    (made once, kept for the next sum): in either order, with the same factors or others,
+    and never for another gradient with equal values (each sum against its own reference)."""
+    from psgfunc.per_sample._clip import weighted_sums
+
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(6, 1, 4, dtype=F64, generator=gen)
+    x = torch.randn(6, 1, 9, dtype=F64, generator=gen)
+    twin = g.clone()  # equal values, another tensor
+    c1, c2 = torch.rand(6, dtype=F64, generator=gen), torch.rand(6, dtype=F64, generator=gen)
+    records = [[(RowSum(), (g,))], [(Outer(), (g, x))], [(Outer(), (twin * 2, x))], [(RowSum(), (twin * 2,))],
+               [(RowSum(), (g,))]]
+    shapes = [(4,), (4, 9), (4, 9), (4,), (4,)]
+    for factors in ([c1] * 5, [c1, c2, c1, c2, c2], [c2, c1, c1, c1, c1]):
+        leaves = leaf_pieces(records, [None] * 5, 6, shapes)
+        sums = weighted_sums(leaves, factors, release=True)
+        expected = [factors[0] @ g[:, 0], torch.einsum("b,bo,bi->oi", factors[1], g[:, 0], x[:, 0]),
+                    torch.einsum("b,bo,bi->oi", factors[2], 2 * g[:, 0], x[:, 0]), factors[3] @ (2 * g[:, 0]),
+                    factors[4] @ g[:, 0]]
+        for got, want in zip(sums, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -91,7 +91,7 @@ def _output_tapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     or None where that does not apply (other callers, autocast, mixed dtypes, an inference
     tensor).
 
-    ``y = addmm(z, x, W^T)`` with ``z`` a leaf holding the bias broadcast over the rows (zero
+    ``y = addmm(z, x, W^T)`` (``F.linear(x, W, z)``) with ``z`` a leaf holding the bias broadcast over the rows (zero
     without one; stride 0, no memory): torch's backward gives the input gradient, the
     gradient of ``z`` is the output gradient ``g`` (``y`` is ``z`` plus a term without it,
     also after in-place ops on ``y``), and the pieces are ``(g, x)`` as the backward of
@@ -105,8 +105,9 @@ def _output_tapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     size, n_out = w.shape[0], weight.shape[0]
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     base = weight.new_zeros(()) if b is None else repeated(b)
-    z = base.expand(x2.shape[0], n_out).detach().requires_grad_(True)
-    y = torch.addmm(z, x2, weight.t())
+    z = base.expand(x2.shape[0], n_out)
+    z = (z.detach() if z.requires_grad else z).requires_grad_(True)
+    y = F.linear(x2, weight, z)  # (addmm(z, x2, weight.t()), the transpose inside)
     saved, version = x.detach(), x._version
 
     def build(g: torch.Tensor) -> list[tuple[int, Any, Any]]:
