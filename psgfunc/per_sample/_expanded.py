@@ -37,7 +37,8 @@ try:
     import torch._C._functorch as _functorch
 
     for _name in ("peek_interpreter_stack", "TransformType", "CVmapInterpreterPtr", "_unwrap_batched",
-                  "is_batchedtensor", "pop_dynamic_layer_stack", "push_dynamic_layer_stack", "_add_batch_dim"):
+                  "is_batchedtensor", "pop_dynamic_layer_stack", "push_dynamic_layer_stack", "_add_batch_dim",
+                  "RandomnessType"):
         getattr(_functorch, _name)
 except (ImportError, AttributeError):  # pragma: no cover - the generic route still works
     _functorch = None
@@ -58,6 +59,9 @@ def vmap_randomness() -> str:
 
 
 _RANDOMNESS_NAMES: dict[Any, str] = {}
+
+_VMAP = _functorch.TransformType.Vmap if _functorch is not None else None
+_DIFFERENT = _functorch.RandomnessType.Different if _functorch is not None else None
 
 
 def _randomness_name(value: Any) -> str:
@@ -242,38 +246,52 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     if _functorch is None:  # pragma: no cover - torch without the functorch C API
         return NotImplemented
     interpreter = _functorch.peek_interpreter_stack()
-    if interpreter is None or interpreter.key() != _functorch.TransformType.Vmap:
+    if interpreter is None or interpreter.key() != _VMAP:
         return NotImplemented
     level = interpreter.level()
     vmap_info = _functorch.CVmapInterpreterPtr(interpreter)
     size = vmap_info.batchSize()
-    names = [k for k, v in params.items() if v is not None]
+    unwrap, is_batched = _functorch._unwrap_batched, _functorch.is_batchedtensor
+    batch_params, batched = {}, False
+    for name, t in params.items():
+        if t is None:
+            continue
+        value, dim = unwrap(t, level)
+        if is_batched(value):  # batched at an outer level too
+            return NotImplemented
+        if dim is None:  # a constant the example shares (a closure weight)
+            value = value.unsqueeze(0).expand(size, *value.shape)
+        else:
+            batched = True
+            value = value if dim == 0 else value.movedim(dim, 0)  # dim 0: the same object
+        # (an expand_leaf view is shared by construction)
+        if getattr(value, "_psg_repeats", None) is None and not is_shared(value):
+            return NotImplemented
+        batch_params[name] = value
     # args of tensors only (a layer's usual call): no pytree pass
     flat = all(isinstance(a, torch.Tensor) for a in args)
-    arg_leaves, arg_spec = (list(args), None) if flat else optree.tree_flatten(args, none_is_leaf=True)
-    moved, batched = [], False
-    for t in [params[k] for k in names] + arg_leaves:
+    arg_leaves, arg_spec = (args, None) if flat else optree.tree_flatten(args, none_is_leaf=True)
+    moved = []
+    for t in arg_leaves:
         if isinstance(t, torch.Tensor):
-            value, dim = _functorch._unwrap_batched(t, level)
-            if _functorch.is_batchedtensor(value):  # batched at an outer level too
+            value, dim = unwrap(t, level)
+            if is_batched(value):
                 return NotImplemented
-            if dim is None:  # a constant the example shares (params: a closure weight)
+            if dim is None:
                 value = value.unsqueeze(0).expand(size, *value.shape)
             else:
                 batched = True
-                value = value if dim == 0 else value.movedim(dim, 0)  # dim 0: the same object
+                value = value if dim == 0 else value.movedim(dim, 0)
             t = value
         moved.append(t)
-    n = len(names)
-    batch_params = dict(zip(names, moved[:n]))
     if not batched:
         return NotImplemented
-    for p in moved[:n]:
-        if not is_shared(p):
-            return NotImplemented
-    batch_args = tuple(moved[n:]) if flat else optree.tree_unflatten(arg_spec, moved[n:])
-    randomness = _randomness_name(vmap_info.randomness())
-    token = _RANDOMNESS.set(randomness) if randomness != _RANDOMNESS.get() else None
+    batch_args = tuple(moved) if flat else optree.tree_unflatten(arg_spec, moved)
+    randomness = vmap_info.randomness()
+    token = None
+    if randomness != _DIFFERENT or _RANDOMNESS.get() != "different":
+        randomness = _randomness_name(randomness)
+        token = _RANDOMNESS.set(randomness) if randomness != _RANDOMNESS.get() else None
     saved = _functorch.pop_dynamic_layer_stack()
     mode = _rules.enter_mode("batch")
     try:
