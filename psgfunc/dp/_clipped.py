@@ -23,6 +23,7 @@ from psgfunc.per_sample._clip import grad_pieces
 from psgfunc.per_sample._kinds import _as, certified_norm
 
 _METHODS = ("auto", "fast", "materialize")
+_FULL = (torch.float32, torch.float64)
 
 
 def clipped_grad_sum(
@@ -104,14 +105,16 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
     is not finite."""
     leaves = pieces.leaves
     dtype = leaves[0].sq_norm.dtype if leaves else torch.get_default_dtype()
-    sizes = [(leaf.dtype, p.numel()) for leaf, p in zip(leaves, pieces.prep.p_leaves)]  # the sums'
     if not isinstance(checked, dict):
         norms = certified_norm(leaves)
         total = float(norms.sum())  # (nonnegative norms: finite iff their sum is, short of
         if not math.isfinite(total):  # an overflow, which takes the exact path too)
             return None, norms
-        factor = clip_factor(norms, checked, rounding_floor(sizes), largest=total)
+        # (the sums' dtypes and sizes: only half-precision sums have a rounding floor)
+        half = [(leaf.dtype, p.numel()) for leaf, p in zip(leaves, pieces.prep.p_leaves) if leaf.dtype not in _FULL]
+        factor = clip_factor(norms, checked, rounding_floor(half), largest=total)
         return [factor] * len(leaves), _as(norms, dtype)
+    sizes = [(leaf.dtype, p.numel()) for leaf, p in zip(leaves, pieces.prep.p_leaves)]  # the sums'
     paths, _, _ = optree.tree_flatten_with_path(params)
     group_of = [path[0] for path in paths]
     by_key: dict[Any, list[Any]] = {}

@@ -134,7 +134,7 @@ class NormBound(NamedTuple):
 def _relative(sq: torch.Tensor, rel: float, err: float) -> NormBound:
     """:class:`NormBound` of a norm estimate ``sq`` with relative error ``rel`` and a
     weighted sum erring by ``err`` relatively to the norm (no cancellation)."""
-    return NormBound(sq, hi_scale=1 + rel, err_scale=err * math.sqrt(1 + rel))
+    return NormBound(sq, None, None, 1 + rel, err * math.sqrt(1 + rel))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -272,8 +272,13 @@ def outer_bound(
         # (each factor raised by what underflow may take from it, in sq_norms: the other
         # multiplies that)
         sq = _sq1(cache, g) * _sq1(cache, x)
-        rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(4, dtype)
-        return _relative(sq, rel, gamma(pieces + 2, dtype))
+        scales = _ONE_ROW.get((g.dtype, x.dtype, o, i, pieces))
+        if scales is None:  # (remembered: a small model's step asks a few per layer)
+            rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(4, dtype)
+            scales = _relative(sq, rel, gamma(pieces + 2, dtype))[3:5]
+            if not torch.compiler.is_compiling():
+                _ONE_ROW[(g.dtype, x.dtype, o, i, pieces)] = scales
+        return NormBound(sq, None, None, *scales)
     grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
     err_scale = gamma(n + pieces + 2, dtype) * grow
     if not gram:
@@ -299,6 +304,11 @@ def outer_bound(
         return (torch.bmm(g64, g64.transpose(1, 2)) * torch.bmm(x64, x64.transpose(1, 2))).sum((1, 2))
 
     return gram_bound(gram_g, gram_x, rg, rx, o, i, pieces, redo, ko, ki)
+
+
+_ONE_ROW: dict[tuple[Any, ...], tuple[float, float]] = {}
+"""``(g dtype, x dtype, O, I, pieces) -> (hi_scale, err_scale)`` of :func:`outer_bound`'s
+one-position bounds."""
 
 
 def gram_bound(
@@ -374,7 +384,7 @@ def _key(t: Any) -> Any:
     """Identity of a piece's tensor (storage, offset, shape, strides), for :func:`_shared`."""
     if not isinstance(t, torch.Tensor):
         return t
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
 def _shared(cache: dict | None, tag: str, t: torch.Tensor, compute: Any) -> Any:
@@ -383,9 +393,10 @@ def _shared(cache: dict | None, tag: str, t: torch.Tensor, compute: Any) -> Any:
     if cache is None:
         return compute()
     key = (tag, _key(t))
-    if key not in cache:
-        cache[key] = compute()
-    return cache[key]
+    out = cache.get(key)
+    if out is None:
+        out = cache[key] = compute()
+    return out
 
 
 def _sq1(cache: dict | None, t: torch.Tensor) -> torch.Tensor:
@@ -520,7 +531,7 @@ class Outer(GradKind):
 
 
 _SCALED: list[Any] = [None]
-"""``(g, c, rows)``: the last :func:`scaled_rows`, kept until the next one or
+"""``(g, c, rows, c as a column)``: the last :func:`scaled_rows`, kept until the next one or
 :func:`forget_scaled` (one at a time: a layer's weight and bias are summed one after the
 other)."""
 
@@ -534,9 +545,12 @@ def scaled_rows(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     slot = _SCALED[0]
     if slot is not None and slot[0] is g and slot[1] is c:
         return slot[2]
-    rows = _up(g).reshape(g.shape[0], g.shape[2]) * _as(c, _acc(g.dtype)).reshape(-1, 1)
+    # (c as a column: made once per c while the slot holds one of its rows)
+    column = slot[3] if slot is not None and slot[1] is c and slot[3].dtype == _acc(g.dtype) else (
+        _as(c, _acc(g.dtype)).reshape(-1, 1))
+    rows = _up(g).reshape(g.shape[0], g.shape[2]) * column
     if not torch.compiler.is_compiling():
-        _SCALED[0] = (g, c, rows)
+        _SCALED[0] = (g, c, rows, column)
     return rows
 
 
