@@ -154,10 +154,22 @@ class _Prepared:
             )
         return loss
 
-    def expanded_losses(self, views, b_leaves):
-        """Per-example losses ``[B]`` of ``fn`` under vmap over expanded ``views``."""
-        with _explained(self, b_leaves), _torch_ops.active("expanded", views):
-            return self._expanded_losses(views, b_leaves)
+    def expanded_losses(self, views, b_leaves, ops: bool = True):
+        """Per-example losses ``[B]`` of ``fn`` under vmap over expanded ``views``.
+
+        ``ops=False``: without the torch-function rules (:mod:`psgfunc.per_sample._torch_ops`),
+        for an ``fn`` known to hand no parameter to a torch function (see
+        :func:`psgfunc.per_sample._clip.grad_pieces`). :attr:`saw_param` says afterwards
+        whether the rules' mode saw one (True where it was off).
+        """
+        self.saw_param = True
+        if not ops:
+            with _explained(self, b_leaves):
+                return self._expanded_losses(views, b_leaves)
+        with _explained(self, b_leaves), _torch_ops.active("expanded", views) as mode:
+            losses = self._expanded_losses(views, b_leaves)
+        self.saw_param = mode is None or mode.saw_param
+        return losses
 
     def _expanded_losses(self, views, b_leaves):
         if not _flat_vmap_ready():

@@ -112,6 +112,18 @@ def _release_order(leaves: list[LeafPieces]) -> list[int]:
     return order
 
 
+_OPS_UNUSED: dict[Any, bool | None] = {}
+"""``fn.__code__ -> True`` where a pass of ``fn`` with the torch-function rules' mode saw no
+parameter handed to a torch function (only psgfunc layers took them): later passes run
+without the mode, whose per-op cost (several us for every torch call in ``fn``: ~10% of a
+small MLP's step) then buys nothing. ``None``: a later pass did hand one over (a parameter
+got a gradient outside the rules, or an op failed without them): the mode stays on for
+that code. Never a different result: a pass without the mode that meets such an op is
+discarded and done again with it."""
+
+_OPS_UNUSED_MAX = 256
+
+
 def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different") -> GradPieces:
     """Run ``fn`` once forward and backward over the batch and keep per-parameter pieces.
 
@@ -122,17 +134,36 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
     size = prep.size
     if size == 0:
         return GradPieces(prep, [LeafPieces([], p.new_zeros((0, *p.shape)), 0, p.shape) for p in prep.p_leaves])
+    code = getattr(fn, "__code__", None)
+    ops = code is None or not _OPS_UNUSED.get(code, False)
     views = [expand_leaf(p, size) for p in prep.p_leaves]
     collector = Collector(views, outputs=True)
-    with torch.enable_grad(), _rules.expanded_mode("vmap"):
-        losses = prep.expanded_losses(views, prep.b_leaves)
-        # the views (their per-sample gradients, or the rules' records) and the layer
-        # outputs whose gradients make the pieces (Collector.output)
-        n = len(views)
-        total = losses.sum()
-        # a loss that does not depend on the params: no gradient anywhere (zeros below)
-        grads = (grads_of(total, views + collector.inputs) if total.requires_grad
-                 else [None] * (n + len(collector.inputs)))
+    n = len(views)
+    try:
+        with torch.enable_grad(), _rules.expanded_mode("vmap"):
+            losses = prep.expanded_losses(views, prep.b_leaves, ops=ops)
+            # the views (their per-sample gradients, or the rules' records) and the layer
+            # outputs whose gradients make the pieces (Collector.output)
+            total = losses.sum()
+            # a loss that does not depend on the params: no gradient anywhere (zeros below)
+            grads = (grads_of(total, views + collector.inputs) if total.requires_grad
+                     else [None] * (n + len(collector.inputs)))
+    except Exception:  # noqa: BLE001 - without the mode: any failure is retried with it
+        if ops:
+            raise
+        grads = None
+    # (a view's own gradient: a parameter that reached an op outside the rules)
+    outside = grads is None or any(g is not None for g in grads[:n])
+    if not ops and outside:
+        # fn handed a parameter to a torch function this time (or failed without the
+        # rules): the pass is done again with them, as every later one of this code, so
+        # that the step is what it would have been
+        _OPS_UNUSED[code] = None
+        return grad_pieces(fn, params, *batch, randomness=randomness)
+    if ops and code is not None and not prep.saw_param and not outside and code not in _OPS_UNUSED:
+        if len(_OPS_UNUSED) >= _OPS_UNUSED_MAX:
+            _OPS_UNUSED.clear()
+        _OPS_UNUSED[code] = True
     collector.finish(grads[n:])
     grads = grads[:n]
     # the loss may not depend on a leaf at all (no gradient, no records): zeros

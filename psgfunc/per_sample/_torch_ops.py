@@ -127,6 +127,9 @@ class _Mode(TorchFunctionMode):
         self.params: dict[int, Any] = {id(p): (p, None) for p in params}
         self.keep: list[Any] = []  # views whose ids are in params: alive while the mode is
         self.tap = tap  # a tapped pass (psgfunc.per_sample._tap): its leaves, by identity
+        # whether a torch function was handed a parameter (or a view of one), a rule served
+        # one, or a transparent function ran: what the mode is for (see ops_unused)
+        self.saw_param = False
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -143,6 +146,7 @@ class _Mode(TorchFunctionMode):
                 _STACK.pop()
             if out is _PLAIN:
                 return func(*args, **kwargs)
+            self.saw_param = True  # (also for NotImplemented: a rule that declined a call)
             if out is not NotImplemented:
                 return out
         if torch.compiler.is_compiling():
@@ -153,6 +157,7 @@ class _Mode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in _TRANSPARENT and self.method != "loop" and (
                 self.tap is not None or torch._C._are_functorch_transforms_active()):
+            self.saw_param = True
             return _run_transparent(self, func, args, kwargs)
         if not self.params and self.tap is None:
             return func(*args, **kwargs)
@@ -163,6 +168,7 @@ class _Mode(TorchFunctionMode):
             _STACK.pop()
         if not used:
             return func(*args, **kwargs)
+        self.saw_param = True
         out = func(*args, **kwargs)
         view = _VIEWS.get(func)
         if view is not None and isinstance(out, torch.Tensor) and len(used) == 1:
@@ -305,8 +311,10 @@ def _warn_fallback(func: Any) -> None:
 
 
 @contextlib.contextmanager
-def active(method: str, params: Any = ()) -> Iterator[None]:
+def active(method: str, params: Any = ()) -> Iterator[_Mode | None]:
     """Within this block, torch functions that ``fn`` calls go through the registered rules.
+    Yields the mode (None while the compiler traces): its ``saw_param`` says afterwards
+    whether ``fn`` handed any of ``params`` to a torch function.
 
     ``params``: the tensors ``fn`` differentiates (as ``fn`` sees them, or the tensors a
     functorch transform wraps), so that rules recognise them (:func:`param_of`).
@@ -316,10 +324,10 @@ def active(method: str, params: Any = ()) -> Iterator[None]:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if torch.compiler.is_compiling():
-        yield
+        yield None
         return
-    with _Mode(method, params):
-        yield
+    with _Mode(method, params) as mode:
+        yield mode
 
 
 def tapping(tap: Any) -> _Mode:
