@@ -272,11 +272,14 @@ def outer_bound(
         # (each factor raised by what underflow may take from it, in sq_norms: the other
         # multiplies that)
         sq = _sq1(cache, g) * _sq1(cache, x)
-        scales = _ONE_ROW.get((g.dtype, x.dtype, o, i, pieces))
-        if scales is None:  # (remembered: a small model's step asks a few per layer)
+        # (the scales remembered: a small model's step asks a few per layer; not while the
+        # compiler traces, which would guard on the table)
+        compiling = torch.compiler.is_compiling()
+        scales = None if compiling else _ONE_ROW.get((g.dtype, x.dtype, o, i, pieces))
+        if scales is None:
             rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(4, dtype)
             scales = _relative(sq, rel, gamma(pieces + 2, dtype))[3:5]
-            if not torch.compiler.is_compiling():
+            if not compiling:
                 _ONE_ROW[(g.dtype, x.dtype, o, i, pieces)] = scales
         return NormBound(sq, None, None, *scales)
     grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
@@ -542,6 +545,8 @@ def scaled_rows(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     both start from these rows (``rows^T x`` and ``rows.sum(0)``), so the rows are made once
     for both: the last call's are returned again for the same ``g`` and ``c`` objects (held
     until replaced, so no other tensor can take their place). Not while the compiler traces."""
+    if torch.compiler.is_compiling():  # (no guard on the slot: the compiler merges equal work)
+        return _up(g).reshape(g.shape[0], g.shape[2]) * _as(c, _acc(g.dtype)).reshape(-1, 1)
     slot = _SCALED[0]
     if slot is not None and slot[0] is g and slot[1] is c:
         return slot[2]
@@ -549,8 +554,7 @@ def scaled_rows(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     column = slot[3] if slot is not None and slot[1] is c and slot[3].dtype == _acc(g.dtype) else (
         _as(c, _acc(g.dtype)).reshape(-1, 1))
     rows = _up(g).reshape(g.shape[0], g.shape[2]) * column
-    if not torch.compiler.is_compiling():
-        _SCALED[0] = (g, c, rows, column)
+    _SCALED[0] = (g, c, rows, column)
     return rows
 
 
