@@ -117,9 +117,11 @@ _OPS_UNUSED: dict[Any, bool | None] = {}
 parameter handed to a torch function (only psgfunc layers took them): later passes run
 without the mode, whose per-op cost (several us for every torch call in ``fn``: ~10% of a
 small MLP's step) then buys nothing. ``None``: a later pass did hand one over (a parameter
-got a gradient outside the rules, or an op failed without them): the mode stays on for
-that code. Never a different result: a pass without the mode that meets such an op is
-discarded and done again with it."""
+got a gradient outside the rules, or the pass failed without them): the mode stays on for
+that code. The step is the mode's: a pass without the mode that meets such an op is
+discarded and done again with it (``fn`` then runs twice for that one call: its side
+effects happen twice and the discarded pass has drawn its random numbers; a failure of the
+pass without the mode is raised as it is unless the pass with the mode saw a parameter)."""
 
 _OPS_UNUSED_MAX = 256
 
@@ -128,7 +130,9 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
     """Run ``fn`` once forward and backward over the batch and keep per-parameter pieces.
 
     Same ``fn``/``params``/``batch`` convention as :func:`psgfunc.per_sample_grads`; ``B``
-    may be 0 (no pass is run).
+    may be 0 (no pass is run). The pass runs without the torch-function rules' mode where
+    an earlier pass of ``fn``'s code showed it needs none, and is done again with it when
+    it does (see :data:`_OPS_UNUSED`).
     """
     prep = _prepare(fn, params, batch, None, randomness)
     size = prep.size
@@ -148,10 +152,12 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
             # a loss that does not depend on the params: no gradient anywhere (zeros below)
             grads = (grads_of(total, views + collector.inputs) if total.requires_grad
                      else [None] * (n + len(collector.inputs)))
-    except Exception:  # noqa: BLE001 - without the mode: any failure is retried with it
+    except Exception as err:  # noqa: BLE001 - without the mode: see below
         if ops:
             raise
-        grads = None
+        failure, grads = err, None
+    else:
+        failure = None
     # (a view's own gradient: a parameter that reached an op outside the rules)
     outside = grads is None or any(g is not None for g in grads[:n])
     if not ops and outside:
@@ -159,7 +165,12 @@ def grad_pieces(fn: Any, params: Any, *batch: Any, randomness: str = "different"
         # rules): the pass is done again with them, as every later one of this code, so
         # that the step is what it would have been
         _OPS_UNUSED[code] = None
-        return grad_pieces(fn, params, *batch, randomness=randomness)
+        again = grad_pieces(fn, params, *batch, randomness=randomness)
+        if failure is not None and not again.prep.saw_param:
+            # the pass with the rules handed them no parameter: the failure was fn's own
+            # (not the mode's absence), and fn's error is what the call raises
+            raise failure
+        return again
     if ops and code is not None and not prep.saw_param and not outside and code not in _OPS_UNUSED:
         if len(_OPS_UNUSED) >= _OPS_UNUSED_MAX:
             _OPS_UNUSED.clear()
