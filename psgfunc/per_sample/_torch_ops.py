@@ -128,7 +128,7 @@ class _Mode(TorchFunctionMode):
         self.keep: list[Any] = []  # views whose ids are in params: alive while the mode is
         self.tap = tap  # a tapped pass (psgfunc.per_sample._tap): its leaves, by identity
         # whether a torch function was handed a parameter (or a view of one), a rule served
-        # one, or a transparent function ran: what the mode is for (see ops_unused)
+        # one, or a transparent function ran: what the mode is for (see _clip._OPS_UNUSED)
         self.saw_param = False
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:

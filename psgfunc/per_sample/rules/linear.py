@@ -91,10 +91,11 @@ def _output_tapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     or None where that does not apply (other callers, autocast, mixed dtypes, an inference
     tensor).
 
-    ``y = addmm(z, x, W^T)`` (``F.linear(x, W, z)``) with ``z`` a leaf holding the bias broadcast over the rows (zero
-    without one; stride 0, no memory): torch's backward gives the input gradient, the
-    gradient of ``z`` is the output gradient ``g`` (``y`` is ``z`` plus a term without it,
-    also after in-place ops on ``y``), and the pieces are ``(g, x)`` as the backward of
+    ``y = addmm(z, x, W^T)`` (as ``F.linear(x, W, z)``) with ``z`` a leaf holding the bias
+    broadcast over the rows (zero without one; stride 0, no memory): torch's backward gives
+    the input gradient, the gradient of ``z`` is the output gradient ``g`` (``y`` is ``z``
+    plus a term without it, also after in-place ops on ``y``), and the pieces are ``(g, x)``
+    as the backward of
     :class:`_LinearPerSample` would emit them. ``x`` changed in place between this forward
     and the backward raises, as a saved tensor does."""
     found = output_collector(w, b)
