@@ -95,9 +95,8 @@ def _output_tapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     broadcast over the rows (zero without one; stride 0, no memory): torch's backward gives
     the input gradient, the gradient of ``z`` is the output gradient ``g`` (``y`` is ``z``
     plus a term without it, also after in-place ops on ``y``), and the pieces are ``(g, x)``
-    as the backward of
-    :class:`_LinearPerSample` would emit them. ``x`` changed in place between this forward
-    and the backward raises, as a saved tensor does."""
+    as the backward of :class:`_LinearPerSample` would emit them. ``x`` changed in place
+    between this forward and the backward raises, as a saved tensor does."""
     found = output_collector(w, b)
     weight = repeated(w)
     if found is None or _autocast.autocast_dtype(x) is not None or x.dtype != weight.dtype or x.is_inference():
