@@ -20,10 +20,9 @@ from psgfunc._dispatch import no_autograd
 from psgfunc.dp._clip import MaxNorm, _check_max_norm, clip_factor, clipped_sum, rounding_floor
 from psgfunc.per_sample import per_sample_grads
 from psgfunc.per_sample._clip import grad_pieces
-from psgfunc.per_sample._kinds import _as, certified_norm
+from psgfunc.per_sample._kinds import _FULL, _as, certified_norm
 
 _METHODS = ("auto", "fast", "materialize")
-_FULL = (torch.float32, torch.float64)
 
 
 def clipped_grad_sum(

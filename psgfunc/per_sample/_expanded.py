@@ -251,19 +251,15 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     level = interpreter.level()
     vmap_info = _functorch.CVmapInterpreterPtr(interpreter)
     size = vmap_info.batchSize()
-    unwrap, is_batched = _functorch._unwrap_batched, _functorch.is_batchedtensor
     batch_params, batched = {}, False
     for name, t in params.items():
         if t is None:
             continue
-        value, dim = unwrap(t, level)
-        if is_batched(value):  # batched at an outer level too
+        got = _unwrapped(t, level, size)
+        if got is None:
             return NotImplemented
-        if dim is None:  # a constant the example shares (a closure weight)
-            value = value.unsqueeze(0).expand(size, *value.shape)
-        else:
-            batched = True
-            value = value if dim == 0 else value.movedim(dim, 0)  # dim 0: the same object
+        value, b = got
+        batched = batched or b
         # (an expand_leaf view is shared by construction)
         if getattr(value, "_psg_repeats", None) is None and not is_shared(value):
             return NotImplemented
@@ -274,15 +270,11 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     moved = []
     for t in arg_leaves:
         if isinstance(t, torch.Tensor):
-            value, dim = unwrap(t, level)
-            if is_batched(value):
+            got = _unwrapped(t, level, size)
+            if got is None:
                 return NotImplemented
-            if dim is None:
-                value = value.unsqueeze(0).expand(size, *value.shape)
-            else:
-                batched = True
-                value = value if dim == 0 else value.movedim(dim, 0)
-            t = value
+            t, b = got
+            batched = batched or b
         moved.append(t)
     if not batched:
         return NotImplemented
@@ -309,6 +301,18 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
         lambda o: _functorch._add_batch_dim(o, 0, level) if isinstance(o, torch.Tensor) else o,
         out, none_is_leaf=True,
     )
+
+
+def _unwrapped(t: torch.Tensor, level: int, size: int) -> tuple[torch.Tensor, bool] | None:
+    """``(t`` at vmap ``level`` with its batch dim first, whether it had one``)`` for
+    :func:`_call_batched`: a tensor the examples share (a closure weight) expanded to
+    ``[size, ...]``; None where it is batched at an outer level too."""
+    value, dim = _functorch._unwrap_batched(t, level)
+    if _functorch.is_batchedtensor(value):
+        return None
+    if dim is None:
+        return value.unsqueeze(0).expand(size, *value.shape), False
+    return (value if dim == 0 else value.movedim(dim, 0)), True  # dim 0: the same object
 
 
 def apply_function(cls: type[torch.autograd.Function], *args: Any) -> Any:

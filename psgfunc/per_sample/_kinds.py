@@ -134,7 +134,12 @@ class NormBound(NamedTuple):
 def _relative(sq: torch.Tensor, rel: float, err: float) -> NormBound:
     """:class:`NormBound` of a norm estimate ``sq`` with relative error ``rel`` and a
     weighted sum erring by ``err`` relatively to the norm (no cancellation)."""
-    return NormBound(sq, None, None, 1 + rel, err * math.sqrt(1 + rel))
+    return NormBound(sq, None, None, *_relative_scales(rel, err))
+
+
+def _relative_scales(rel: float, err: float) -> tuple[float, float]:
+    """``(hi_scale, err_scale)`` of :func:`_relative`."""
+    return 1 + rel, err * math.sqrt(1 + rel)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -278,7 +283,7 @@ def outer_bound(
         scales = None if compiling else _ONE_ROW.get((g.dtype, x.dtype, o, i, pieces))
         if scales is None:
             rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(4, dtype)
-            scales = _relative(sq, rel, gamma(pieces + 2, dtype))[3:5]
+            scales = _relative_scales(rel, gamma(pieces + 2, dtype))
             if not compiling:
                 _ONE_ROW[(g.dtype, x.dtype, o, i, pieces)] = scales
         return NormBound(sq, None, None, *scales)

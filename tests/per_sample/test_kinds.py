@@ -106,8 +106,7 @@ def test_one_position_norms_computed_together_match_each_alone():
         for leaf, own in zip(leaves, alone):
             assert bool((leaf.sq_norm >= own.sq_norm).all())
             torch.testing.assert_close(leaf.sq_norm, own.sq_norm, rtol=0, atol=1e-30)
-        torch.testing.assert_close(leaves[1].sq_norm, sq_norms(gs[0]) + 0 * leaves[1].sq_norm,
-                                   rtol=0, atol=1e-30)
+        torch.testing.assert_close(leaves[1].sq_norm, sq_norms(gs[0]), rtol=0, atol=1e-30)
 
 
 def test_one_position_norms_together_of_underflowing_inputs_are_bounded():
