@@ -277,16 +277,7 @@ def outer_bound(
         # (each factor raised by what underflow may take from it, in sq_norms: the other
         # multiplies that)
         sq = _sq1(cache, g) * _sq1(cache, x)
-        # (the scales remembered: a small model's step asks a few per layer; not while the
-        # compiler traces, which would guard on the table)
-        compiling = torch.compiler.is_compiling()
-        scales = None if compiling else _ONE_ROW.get((g.dtype, x.dtype, o, i, pieces))
-        if scales is None:
-            rel = sq_rel(g.dtype, o) + sq_rel(x.dtype, i) + gamma(4, dtype)
-            scales = _relative_scales(rel, gamma(pieces + 2, dtype))
-            if not compiling:
-                _ONE_ROW[(g.dtype, x.dtype, o, i, pieces)] = scales
-        return NormBound(sq, None, None, *scales)
+        return NormBound(sq, None, None, *_one_row_scales(g.dtype, x.dtype, o, i, pieces))
     grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
     err_scale = gamma(n + pieces + 2, dtype) * grow
     if not gram:
@@ -314,9 +305,30 @@ def outer_bound(
     return gram_bound(gram_g, gram_x, rg, rx, o, i, pieces, redo, ko, ki)
 
 
+def _one_row_scales(g_dtype: torch.dtype, x_dtype: torch.dtype | None, o: int, i: int, pieces: int = 1) -> tuple[float, float]:
+    """``(hi_scale, err_scale)`` of the one-position bound of ``sum of pieces g^T x`` (``g
+    [B, 1, O]``, ``x [B, 1, I]``): ``sq = sq1(g) sq1(x)`` (:func:`outer_bound`); with
+    ``x_dtype`` None, of ``g`` alone (a bias on vectors, :meth:`RowSum.bound`: ``sq =
+    sq1(g)``). Remembered: a small model's step asks a few per layer; not while the
+    compiler traces, which would guard on the table."""
+    compiling = torch.compiler.is_compiling()
+    key = (g_dtype, x_dtype, o, i, pieces)
+    scales = None if compiling else _ONE_ROW.get(key)
+    if scales is None:
+        dtype = _acc(g_dtype)
+        if x_dtype is None:
+            scales = _relative_scales(sq_rel(g_dtype, o), gamma(3, dtype))
+        else:
+            rel = sq_rel(g_dtype, o) + sq_rel(x_dtype, i) + gamma(4, dtype)
+            scales = _relative_scales(rel, gamma(pieces + 2, dtype))
+        if not compiling:
+            _ONE_ROW[key] = scales
+    return scales
+
+
 _ONE_ROW: dict[tuple[Any, ...], tuple[float, float]] = {}
-"""``(g dtype, x dtype, O, I, pieces) -> (hi_scale, err_scale)`` of :func:`outer_bound`'s
-one-position bounds."""
+"""``(g dtype, x dtype or None, O, I, pieces) -> (hi_scale, err_scale)`` of
+:func:`_one_row_scales`."""
 
 
 def gram_bound(
@@ -590,7 +602,7 @@ class RowSum(GradKind):
         (g,) = datas[0]
         dtype = _acc(g.dtype)
         if g.shape[1] == 1:
-            return _relative(_sq1(cache, g), sq_rel(g.dtype, g.shape[2]), gamma(3, dtype))
+            return NormBound(_sq1(cache, g), None, None, *_one_row_scales(g.dtype, None, g.shape[2], 0))
 
         def compute() -> NormBound:
             n = g.shape[1]
@@ -863,6 +875,33 @@ class LeafPieces:
         if slacks:  # (pieces summed by their rule: how far from exact they may be adds up)
             self.bound = with_slack(self.bound, summed_slack(slacks, self.bound.sq.dtype))
 
+    _lane: tuple[_OneRowLane, int] | None = None
+    _bound: NormBound | None = None
+
+    @classmethod
+    def in_lane(cls, record: tuple[GradKind, tuple[Any, ...]], size: int, lane: _OneRowLane, j: int) -> LeafPieces:
+        """Leaf ``j`` of ``lane`` (:func:`leaf_pieces`): its one ``record``, and its bound
+        asked from the lane when read."""
+        self = cls.__new__(cls)
+        self.size, self.materialized, self.dense = size, False, None
+        self.kind, self.datas = record[0], [record[1]]
+        self.dtype = lane.dtype
+        self._lane = (lane, j)
+        return self
+
+    @property
+    def bound(self) -> NormBound:
+        """The :class:`NormBound` of the parameter's per-example gradients."""
+        b = self._bound
+        if b is None:
+            b = self._bound = self._lane[0].bound(self._lane[1])
+        return b
+
+    @bound.setter
+    def bound(self, value: NormBound) -> None:
+        self._bound = value
+        self._lane = None  # (a bound set from outside: certified_norm reads it, not the lane)
+
     @property
     def sq_norm(self) -> torch.Tensor:
         """``[B]`` squared norm estimates, in float32 (float64 for float64 pieces)."""
@@ -873,8 +912,8 @@ class LeafPieces:
         gradients, Grams): call once this parameter's last :meth:`weighted_sum` is taken,
         so that a pass holds each layer's pieces only until its own sum is done."""
         self.datas, self.dense, self.kind = [], None, None
-        if self.bound.refine is not None:
-            self.bound = self.bound._replace(refine=None)
+        if self._bound is not None and self._bound.refine is not None:
+            self._bound = self._bound._replace(refine=None)
 
     def materialize(self) -> torch.Tensor:
         """The per-sample gradients ``[B, *shape]`` (the dense part plus every piece
@@ -908,6 +947,9 @@ def leaf_pieces(
     cache: dict | None = None if torch.compiler.is_compiling() else {}
     records = [_combined(r) for r in records]
     if cache is not None and size > 0:
+        lane = _one_row_lane(records, dense, size)
+        if lane is not None:
+            return [LeafPieces.in_lane(r[0], size, lane, j) for j, r in enumerate(records)]
         _prefetch_sq1(cache, [t for r, d in zip(records, dense) if r and d is None
                               for t in r[0][0].one_position([data for _, data in r])])
     return [LeafPieces(r, d, size, s, cache) for r, d, s in zip(records, dense, shapes)]
@@ -929,11 +971,145 @@ def _prefetch_sq1(cache: dict, tensors: Sequence[torch.Tensor]) -> None:
     for (dtype, _), group in groups.items():
         if len(group) < 2:
             continue  # (one tensor: sq_norms itself, when asked)
-        acc = None if dtype in _FULL else torch.float32
-        norms = torch.stack([torch.linalg.vector_norm(t, dim=(1, 2), dtype=acc) for t in group.values()])
-        most = max(t.shape[2] for t in group.values())
-        sq = norms.square_().add_(underflow(_acc(dtype), most))
-        cache.update(zip(group, sq.unbind(0)))
+        cache.update(zip(group, _stacked_sq1(list(group.values()), dtype).unbind(0)))
+
+
+def _stacked_sq1(tensors: Sequence[torch.Tensor], dtype: torch.dtype, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """``[T, B]``: the squared row norms of ``T`` tensors ``[B, 1, K]`` of ``dtype`` (``K`` at
+    most ``FAST_ONE_PASS``), each one reduction, in one stack, square and add, raised by the
+    largest :func:`underflow` term among them (see :func:`_prefetch_sq1`); ``extra`` (``[B]``,
+    the accumulation dtype) is stacked after them as it is (its square and that term leave
+    ones unchanged)."""
+    acc = None if dtype in _FULL else torch.float32
+    norms = [torch.linalg.vector_norm(t, dim=(1, 2), dtype=acc) for t in tensors]
+    most = max(t.shape[2] for t in tensors)
+    return torch.stack(norms if extra is None else [*norms, extra]).square_().add_(underflow(_acc(dtype), most))
+
+
+class _OneRowLane:
+    """The norms of a pass whose every parameter is the weight or the bias of linear layers
+    on vectors (one :class:`Outer` or :class:`RowSum` record each, one position per
+    example): each leaf's squared norm is ``sq1(g) sq1(x)`` or ``sq1(g)``, and the certified
+    norm their sum, raised by constant scales. On a small MLP the per-leaf objects
+    (:class:`NormBound`, the caches, :func:`certified_norm`'s loop) cost more than that
+    arithmetic: here it is the row norms of the distinct tensors stacked once
+    (:func:`_stacked_sq1`, with a row of ones), two index selects, one product and one sum,
+    for the whole pass. The values are those of the per-leaf route (the same products, summed
+    in the same stacked order), which :meth:`bound` gives for a leaf on its own (per-layer
+    clipping, ``sq_norms``).
+
+    Built by :func:`_one_row_lane`; its leaves refer to it (never the other way round, so
+    that no cycle keeps a pass's pieces alive).
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], dtype: torch.dtype, plan: tuple[Any, ...]):
+        self.tensors, self.dtype = tensors, dtype
+        self.gi, self.xi, self.scales, self.factor = plan
+        self.n = len(self.scales)
+        self._products: torch.Tensor | None = None
+
+    def products(self) -> torch.Tensor:
+        """``[L, B]``: every leaf's squared norm estimate (computed once; the tensors are then
+        dropped)."""
+        if self._products is None:
+            t = self.tensors
+            ones = torch.ones(t[0].shape[0], dtype=_acc(self.dtype), device=t[0].device)
+            sq = _stacked_sq1(t, self.dtype, ones)
+            self._products = sq.index_select(0, self.gi).mul_(sq.index_select(0, self.xi))
+            self.tensors = []
+        return self._products
+
+    def bound(self, j: int) -> NormBound:
+        """Leaf ``j``'s :class:`NormBound`, as its kind's :meth:`~GradKind.bound` gives it."""
+        return NormBound(self.products()[j], None, None, *self.scales[j])
+
+    def covers(self, leaves: Sequence[Any], out_dtypes: Sequence[torch.dtype] | None) -> bool:
+        """Whether ``leaves`` are exactly this lane's, in order, each with the bound the lane
+        gives it, and no sum ends in a dtype narrower than the lane's (:func:`certified_norm`)."""
+        if len(leaves) != self.n:
+            return False
+        for j, leaf in enumerate(leaves):
+            mine = getattr(leaf, "_lane", None)
+            if mine is None or mine[0] is not self or mine[1] != j:
+                return False
+        u = unit_roundoff(self.dtype)
+        return out_dtypes is None or all(unit_roundoff(d) <= u for d in out_dtypes)
+
+    def certified(self) -> torch.Tensor:
+        """``[B]``: :func:`certified_norm` of the lane's leaves (all relative bounds: the
+        square root of the summed estimates, times the largest scales and the sum's own
+        rounding)."""
+        return self.products().sum(0).sqrt_().mul_(self.factor)
+
+
+_LANE_PLANS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+"""Structure of a lane (per leaf: kind, dtype, sizes, which distinct tensors) -> ``(g
+indices, x indices, per-leaf scales, the certified norm's factor)``."""
+
+
+def _one_row_lane(records: Sequence[Sequence[tuple[GradKind, tuple[Any, ...]]]], dense: Sequence[Any],
+                  size: int) -> _OneRowLane | None:
+    """The :class:`_OneRowLane` of these leaves' records, or None where one of them is not a
+    single one-position :class:`Outer` or :class:`RowSum` piece (exactly those classes) of
+    one full-precision dtype, rows of at most ``FAST_ONE_PASS``."""
+    index: dict[Any, int] = {}
+    tensors: list[torch.Tensor] = []
+    key: list[Any] = []
+    dtype = None
+    for r, d in zip(records, dense):
+        if d is not None or len(r) != 1:
+            return None
+        kind, data = r[0]
+        cls = type(kind)
+        if cls is Outer:
+            if len(data) != 2:
+                return None
+            g, x = data
+        elif cls is RowSum:
+            if len(data) != 1:
+                return None
+            g, x = data[0], None
+        else:
+            return None
+        ids = []
+        for t in (g,) if x is None else (g, x):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[1] != 1 or t.shape[0] != size:
+                return None
+            if t.shape[2] > FAST_ONE_PASS:
+                return None
+            if dtype is None:
+                dtype = t.dtype
+                if dtype not in _FULL:
+                    return None
+            elif t.dtype != dtype:
+                return None
+            k = _key(t)
+            j = index.get(k)
+            if j is None:
+                j = index[k] = len(tensors)
+                tensors.append(t)
+            ids.append(j)
+        key.append((cls, ids[0], g.shape[2], -1 if x is None else ids[1], 0 if x is None else x.shape[2]))
+    if not key:
+        return None
+    plan_key = (dtype, tensors[0].device, tuple(key))
+    plan = _LANE_PLANS.get(plan_key)
+    if plan is None:
+        ones = len(tensors)  # (the row of ones a bias's norm is multiplied by)
+        scales = [_one_row_scales(dtype, None if xi < 0 else dtype, o, i) for _, _, o, xi, i in key]
+        k_hi = max([1.0] + [h for h, _ in scales])
+        k_plain = max([0.0] + [e for _, e in scales])
+        factor = (math.sqrt(k_hi) + k_plain) * (1 + gamma(len(key) + 8, _acc(dtype)))
+        device = tensors[0].device
+        gi = torch.tensor([gj for _, gj, _, _, _ in key], device=device)
+        xi = torch.tensor([ones if xj < 0 else xj for _, _, _, xj, _ in key], device=device)
+        if len(_LANE_PLANS) >= _OPS_PLANS_MAX:
+            _LANE_PLANS.clear()
+        plan = _LANE_PLANS[plan_key] = (gi, xi, scales, factor)
+    return _OneRowLane(tensors, dtype, plan)
+
+
+_OPS_PLANS_MAX = 256
 
 
 COMBINERS: list[Any] = []
@@ -978,6 +1154,9 @@ def certified_norm(leaves: Sequence[LeafPieces], out_dtypes: Sequence[torch.dtyp
     """
     if not leaves:
         return torch.zeros(0)
+    lane = getattr(leaves[0], "_lane", None)
+    if lane is not None and lane[0].covers(leaves, out_dtypes):
+        return lane[0].certified()
     plain, hi2, err2, unc = [], [], [], []  # plain: the sq of leaves whose errors are relative
     k_hi, k_plain, k_err, u_out = 1.0, 0.0, 0.0, 0.0
     dtype = torch.float32

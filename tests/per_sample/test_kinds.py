@@ -150,3 +150,95 @@ def test_weight_and_bias_sums_share_the_scaled_rows_only_for_the_same_tensors():
                     factors[4] @ g[:, 0]]
         for got, want in zip(sums, expected):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def _linear_stack_records(dtype, batch=5, widths=(7, 4, 6, 3), gen=None):
+    """Pieces of linear layers on vectors (each layer: weight, then bias on all but the
+    second): ``(records, shapes, [(g, x, bias?)])``, one output gradient per layer."""
+    gen = gen or torch.Generator().manual_seed(6)
+    records, shapes, layers = [], [], []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        g = torch.randn(batch, 1, b, dtype=F64, generator=gen).to(dtype)
+        x = torch.randn(batch, 1, a, dtype=F64, generator=gen).to(dtype)
+        records.append([(Outer(), (g, x))])
+        shapes.append((b, a))
+        if i != 1:
+            records.append([(RowSum(), (g,))])
+            shapes.append((b,))
+        layers.append((g, x, i != 1))
+    return records, shapes, layers
+
+
+def _per_leaf(records, size, shapes):
+    """The leaves as the per-leaf route builds them (the one-position norms computed
+    together, as :func:`leaf_pieces` does outside the lane)."""
+    from psgfunc.per_sample._kinds import _prefetch_sq1
+
+    cache = {}
+    _prefetch_sq1(cache, [t for r in records for t in r[0][0].one_position([r[0][1]])])
+    return [LeafPieces(r, None, size, s, cache) for r, s in zip(records, shapes)]
+
+
+def test_linear_stack_norms_in_one_lane_are_the_per_leaf_ones():
+    """A pass of linear layers on vectors only (an MLP) gets its norms in one lane: the
+    certified norm and every leaf's bound bit for bit those of the per-leaf route, above the
+    exact norm of the pieces; a subset of the leaves (per-layer clipping) and a leaf after
+    its pieces are released still get their own bounds."""
+    from psgfunc.per_sample._kinds import certified_norm
+
+    for dtype in (torch.float32, F64):
+        records, shapes, layers = _linear_stack_records(dtype)
+        leaves = leaf_pieces(records, [None] * len(records), 5, shapes)
+        assert all(leaf._lane is not None for leaf in leaves)
+        alone = _per_leaf(records, 5, shapes)
+        assert torch.equal(certified_norm(leaves), certified_norm(alone))
+        for leaf, own in zip(leaves, alone):
+            assert torch.equal(leaf.sq_norm, own.sq_norm)
+            assert leaf.bound[3:] == own.bound[3:] and leaf.dtype == own.dtype
+        assert torch.equal(certified_norm(leaves[:3]), certified_norm(alone[:3]))
+        exact = sum(torch.linalg.vector_norm(g.double().transpose(1, 2) @ x.double(), dim=(1, 2)).square()
+                    + (g.double().square().sum((1, 2)) if bias else 0) for g, x, bias in layers).sqrt()
+        assert bool((certified_norm(leaves).double() >= exact).all())
+        fresh = leaf_pieces(records, [None] * len(records), 5, shapes)
+        fresh[0].release()
+        assert torch.equal(fresh[0].sq_norm, alone[0].sq_norm)
+
+
+def test_linear_stack_lane_is_not_taken_where_a_leaf_differs():
+    """Only all-linear-on-vectors passes of one full-precision dtype take the lane: half
+    precision, a sequence (several positions), a dense part, mixed dtypes and rows longer
+    than one reduction take the per-leaf route (the same norms as each alone)."""
+    from psgfunc.per_sample._kinds import SummedRows, certified_norm
+
+    gen = torch.Generator().manual_seed(7)
+    records, shapes, _ = _linear_stack_records(torch.float32, gen=gen)
+    g, x = records[0][0][1]
+    cases = {
+        "bfloat16": _linear_stack_records(torch.bfloat16, gen=gen)[0],
+        "sequence": [[(Outer(), (g.expand(5, 2, g.shape[2]), x.expand(5, 2, x.shape[2])))]] + records[1:],
+        "mixed": [[(Outer(), (g.double(), x.double()))]] + records[1:],
+        "long rows": [[(Outer(), (g, torch.randn(5, 1, 513, generator=gen)))]] + records[1:],
+        "summed rows": records[:1] + [[(SummedRows(), (g, torch.zeros(5)))]] + records[2:],
+    }
+    for name, recs in cases.items():
+        shp = [(1,)] * len(recs)
+        leaves = leaf_pieces(recs, [None] * len(recs), 5, shp)
+        assert all(leaf._lane is None for leaf in leaves), name
+    dense = [None] * len(records)
+    dense[2] = torch.randn(5, *shapes[2], generator=gen)
+    leaves = leaf_pieces(records, dense, 5, shapes)
+    assert all(leaf._lane is None for leaf in leaves)
+    assert bool((certified_norm(leaves) > 0).all())
+
+
+def test_a_bound_set_on_a_lane_leaf_is_the_one_certified():
+    """A bound assigned to a leaf of the lane (as certified_norm's refinement does for Gram
+    bounds) takes that leaf out of the lane: the certified norm reads it."""
+    from psgfunc.per_sample._kinds import certified_norm
+
+    records, shapes, _ = _linear_stack_records(F64)
+    leaves = leaf_pieces(records, [None] * len(records), 5, shapes)
+    before = certified_norm(leaves)
+    leaves[1].bound = leaves[1].bound._replace(sq=leaves[1].sq_norm * 100)
+    assert leaves[1]._lane is None
+    assert bool((certified_norm(leaves) > before).all())
