@@ -103,7 +103,7 @@ def _factors(pieces: Any, params: Any, checked: float | dict[Any, float]) -> tup
     (:func:`~psgfunc.per_sample._kinds.certified_norm`) and the global norms; None if a norm
     is not finite."""
     leaves = pieces.leaves
-    dtype = leaves[0].sq_norm.dtype if leaves else torch.get_default_dtype()
+    dtype = leaves[0].sq_dtype if leaves else torch.get_default_dtype()
     if not isinstance(checked, dict):
         norms = certified_norm(leaves)
         total = float(norms.sum())  # (nonnegative norms: finite iff their sum is, short of

@@ -479,7 +479,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 leaf.release()
         self._add_to_sum([s.to(p.dtype) for s, p in zip(sums, params)])
         self.accumulated_examples += size
-        return norms.to(leaves[0].sq_norm.dtype).clone()
+        return norms.to(leaves[0].sq_dtype).clone()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

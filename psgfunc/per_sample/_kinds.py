@@ -903,6 +903,11 @@ class LeafPieces:
         self._lane = None  # (a bound set from outside: certified_norm reads it, not the lane)
 
     @property
+    def sq_dtype(self) -> torch.dtype:
+        """The dtype of :attr:`sq_norm` (without computing a lane leaf's bound)."""
+        return _acc(self._lane[0].dtype) if self._bound is None else self._bound.sq.dtype
+
+    @property
     def sq_norm(self) -> torch.Tensor:
         """``[B]`` squared norm estimates, in float32 (float64 for float64 pieces)."""
         return self.bound.sq
@@ -945,11 +950,13 @@ def leaf_pieces(
     output gradient for its bias and its weight). Under ``torch.compile`` nothing is shared
     by identity (traced tensors have no storage; the compiler merges equal work itself)."""
     cache: dict | None = None if torch.compiler.is_compiling() else {}
-    records = [_combined(r) for r in records]
     if cache is not None and size > 0:
+        # (single records of exactly Outer or RowSum: _combined leaves them as they are)
         lane = _one_row_lane(records, dense, size)
         if lane is not None:
             return [LeafPieces.in_lane(r[0], size, lane, j) for j, r in enumerate(records)]
+    records = [_combined(r) for r in records]
+    if cache is not None and size > 0:
         _prefetch_sq1(cache, [t for r, d in zip(records, dense) if r and d is None
                               for t in r[0][0].one_position([data for _, data in r])])
     return [LeafPieces(r, d, size, s, cache) for r, d, s in zip(records, dense, shapes)]
@@ -1013,8 +1020,7 @@ class _OneRowLane:
         dropped)."""
         if self._products is None:
             t = self.tensors
-            ones = torch.ones(t[0].shape[0], dtype=_acc(self.dtype), device=t[0].device)
-            sq = _stacked_sq1(t, self.dtype, ones)
+            sq = _stacked_sq1(t, self.dtype, _ones(t[0].shape[0], _acc(self.dtype), t[0].device))
             self._products = sq.index_select(0, self.gi).mul_(sq.index_select(0, self.xi))
             self.tensors = []
         return self._products
@@ -1041,6 +1047,21 @@ class _OneRowLane:
         rounding)."""
         return self.products().sum(0).sqrt_().mul_(self.factor)
 
+
+def _ones(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[size]`` tensor of ones, made once per ``(size, dtype, device)`` (only ever
+    read: :func:`_stacked_sq1` copies it into its stack)."""
+    key = (size, dtype, device)
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) >= _OPS_PLANS_MAX:
+            _ONES.clear()
+        with torch.inference_mode(False):  # (an ordinary tensor, whatever the caller's mode)
+            ones = _ONES[key] = torch.ones(size, dtype=dtype, device=device)
+    return ones
+
+
+_ONES: dict[tuple[Any, ...], torch.Tensor] = {}
 
 _LANE_PLANS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 """Structure of a lane (per leaf: kind, dtype, sizes, which distinct tensors) -> ``(g
