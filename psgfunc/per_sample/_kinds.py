@@ -275,8 +275,11 @@ def outer_bound(
     dtype = _acc(g.dtype)
     if n == 1:  # ||g x^T|| = ||g|| ||x||; the layer's bias (a RowSum of g) reuses ||g||^2
         # (each factor raised by what underflow may take from it, in sq_norms: the other
-        # multiplies that)
-        sq = _sq1(cache, g) * _sq1(cache, x)
+        # multiplies that. Their product may fall below the smallest subnormal number and
+        # round to 0: float32 inputs of 1e-25 under output gradients of 1e-5 had exact norm
+        # 2.4e-30 and certified 0, so with C = 1e-33 the example was not clipped at all; it
+        # rounds by eta at most there, which underflow(dtype, 1) added covers)
+        sq = (_sq1(cache, g) * _sq1(cache, x)).add_(underflow(dtype, 1))
         return NormBound(sq, None, None, *_one_row_scales(g.dtype, x.dtype, o, i, pieces))
     grow = (1 + gamma(o + 3, dtype)) * (1 + gamma(i + 3, dtype)) * (1 + gamma(n + 2, dtype))
     err_scale = gamma(n + pieces + 2, dtype) * grow
@@ -541,10 +544,11 @@ class Outer(GradKind):
                 c3 = _as(c, _acc(out)).reshape(-1, 1, 1)
                 if _time_major(g) or _time_major(x):
                     g, x, c3 = g.transpose(0, 1), x.transpose(0, 1), c3.transpose(0, 1)
+                rows = g.shape[0] * g.shape[1]  # (explicit: -1 is ambiguous for a width of 0)
                 if g.shape[2] <= x.shape[2]:
-                    left, right = (_up(g) * c3).reshape(-1, g.shape[2]), _up(x).reshape(-1, x.shape[2])
+                    left, right = (_up(g) * c3).reshape(rows, g.shape[2]), _up(x).reshape(rows, x.shape[2])
                 else:
-                    left, right = _up(g).reshape(-1, g.shape[2]), (_up(x) * c3).reshape(-1, x.shape[2])
+                    left, right = _up(g).reshape(rows, g.shape[2]), (_up(x) * c3).reshape(rows, x.shape[2])
             total = torch.mm(left.t(), right) if total is None else total.addmm_(left.t(), right)
         total = total if total.dtype == out else total.to(out)
         return total if self.shape is None else total.reshape(self.shape)
@@ -1011,7 +1015,7 @@ class _OneRowLane:
 
     def __init__(self, tensors: list[torch.Tensor], dtype: torch.dtype, plan: tuple[Any, ...]):
         self.tensors, self.dtype = tensors, dtype
-        self.gi, self.xi, self.scales, self.factor = plan
+        self.gi, self.xi, self.floor, self.scales, self.factor = plan
         self.n = len(self.scales)
         self._products: torch.Tensor | None = None
 
@@ -1019,9 +1023,16 @@ class _OneRowLane:
         """``[L, B]``: every leaf's squared norm estimate (computed once; the tensors are then
         dropped)."""
         if self._products is None:
+            if torch._C._is_any_autocast_enabled():  # (read inside a caller's autocast block)
+                from psgfunc.functional import _autocast
+
+                with _autocast.off():
+                    return self.products()
             t = self.tensors
             sq = _stacked_sq1(t, self.dtype, _ones(t[0].shape[0], _acc(self.dtype), t[0].device))
-            self._products = sq.index_select(0, self.gi).mul_(sq.index_select(0, self.xi))
+            # (a weight's product raised by what its underflow may take, a bias's by 0: as
+            # outer_bound and RowSum.bound)
+            self._products = sq.index_select(0, self.gi).mul_(sq.index_select(0, self.xi)).add_(self.floor)
             self.tensors = []
         return self._products
 
@@ -1124,9 +1135,11 @@ def _one_row_lane(records: Sequence[Sequence[tuple[GradKind, tuple[Any, ...]]]],
         device = tensors[0].device
         gi = torch.tensor([gj for _, gj, _, _, _ in key], device=device)
         xi = torch.tensor([ones if xj < 0 else xj for _, _, _, xj, _ in key], device=device)
+        floor = torch.tensor([[0.0 if xj < 0 else underflow(_acc(dtype), 1)] for _, _, _, xj, _ in key],
+                             dtype=_acc(dtype), device=device)
         if len(_LANE_PLANS) >= _OPS_PLANS_MAX:
             _LANE_PLANS.clear()
-        plan = _LANE_PLANS[plan_key] = (gi, xi, scales, factor)
+        plan = _LANE_PLANS[plan_key] = (gi, xi, floor, scales, factor)
     return _OneRowLane(tensors, dtype, plan)
 
 

@@ -67,3 +67,24 @@ def test_errors():
         dp.clipped_grad_sum(loss_fn, params, x, y, max_norm={"fc1": 1.0})
     with pytest.raises(ValueError, match="NaN or Inf"):
         dp.clipped_grad_sum(loss_fn, params, x * float("nan"), y, max_norm=1.0)
+
+
+def test_fast_clipping_of_a_layer_of_width_zero():
+    """Review reproducer: a hidden layer of width 0 (its weight ``[0, 4]``, the next one's
+    ``[3, 0]``) made the fast route's sum of the next weight fail to reshape its empty
+    ``[B, 0]`` input; it now gives what the materialising route gives (zero sums for the
+    empty weights, the bias's own clipped sum)."""
+    import psgfunc.functional as PF
+
+    gen = torch.Generator().manual_seed(0)
+    params = {"a": {"weight": torch.randn(0, 4, generator=gen, dtype=torch.float64), "bias": torch.zeros(0, dtype=torch.float64)},
+              "b": {"weight": torch.randn(3, 0, generator=gen, dtype=torch.float64), "bias": torch.randn(3, generator=gen, dtype=torch.float64)}}
+
+    def fn(p, x, y):
+        return ((PF.linear(p["b"], torch.tanh(PF.linear(p["a"], x))) - y) ** 2).sum()
+
+    x, y = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    fast, fast_norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=1.0, method="fast")
+    ref, ref_norms = dp.clipped_grad_sum(fn, params, x, y, max_norm=1.0, method="materialize")
+    assert_tree_close(fast, ref, rtol=1e-10)
+    torch.testing.assert_close(fast_norms, ref_norms, rtol=1e-10, atol=0)

@@ -242,3 +242,33 @@ def test_a_bound_set_on_a_lane_leaf_is_the_one_certified():
     leaves[1].bound = leaves[1].bound._replace(sq=leaves[1].sq_norm * 100)
     assert leaves[1]._lane is None
     assert bool((certified_norm(leaves) > before).all())
+
+
+def test_one_position_weight_norm_whose_product_underflows_still_clips():
+    """Review reproducer: a linear weight on vectors with inputs of 1e-25 under output
+    gradients of 1e-5 (float32; 1e-170 and 1e-5 in float64): each squared row norm is
+    raised by its underflow term, but their product fell below the smallest subnormal
+    number and rounded to 0, so with ``C = 1e-33`` the example was not clipped at all (the
+    clipped sum came out 2,400 times ``B C``). Both the lane and the per-leaf route certify
+    a norm above the exact one, and every contribution stays within ``C``."""
+    import math
+
+    import psgfunc.functional as PF
+    from psgfunc.dp import clipped_grad_sum
+    from psgfunc.per_sample._kinds import certified_norm
+
+    for dtype, tiny, c in ((torch.float32, 1e-25, 1e-33), (F64, 1e-170, 1e-200)):
+        g = torch.full((2, 1, 3), 1e-5, dtype=dtype)
+        x = torch.full((2, 1, 2), tiny, dtype=dtype)
+        exact = math.sqrt(6) * 1e-5 * tiny
+        records = [[(Outer(), (g, x))], [(RowSum(), (g * 1e-30,))]]
+        lane = leaf_pieces(records, [None, None], 2, [(3, 2), (3,)])
+        assert lane[0]._lane is not None
+        for leaves in (lane, _per_leaf(records, 2, [(3, 2), (3,)]), [LeafPieces(records[0], None, 2, (3, 2))]):
+            assert bool((certified_norm(leaves).double() >= exact).all())
+        params = {"l": {"weight": torch.full((3, 2), 1e-5, dtype=dtype)}}
+        xs, ys = torch.full((2, 2), tiny, dtype=dtype), torch.full((2, 3), 1e-5, dtype=dtype)
+        sums, norms = clipped_grad_sum(lambda p, xi, yi: (PF.linear(p["l"], xi) * yi).sum(), params, xs, ys,
+                                       max_norm=c, method="fast")
+        assert bool((norms.double() >= exact).all())
+        assert float(sums["l"]["weight"].double().norm()) <= 2 * c * (1 + 1e-5)
