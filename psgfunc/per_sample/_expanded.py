@@ -303,6 +303,48 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     )
 
 
+def call_collected(layer: Callable[..., Any], params: dict[str, Any], x: Any) -> Any:
+    """``layer(x, params)`` on the whole batch, for eager fast clipping's own pass
+    (:func:`psgfunc.per_sample._clip.grad_pieces`), where every non-None param is an
+    :func:`expand_leaf` view its :class:`~psgfunc.per_sample._kinds.Collector` tracks with
+    ``outputs=True``, batched at dim 0 of the innermost vmap, and ``x`` is one tensor batched
+    there; else NotImplemented (the caller takes :func:`call_rule`).
+
+    :func:`_call_batched` for that one case, without its generic passes (a dict of params,
+    the args' pytree, the randomness of the vmap level): on a small MLP those cost about as
+    much per layer call as the layer's own glue. ``layer(x [B, ...], params)`` runs with the
+    level popped (plain tensors, ordinary autograd) and must draw no random numbers; it
+    returns the batched output, or None to decline (then NotImplemented).
+    """
+    if _functorch is None or _rules.current_tap() is not None or _rules.expanded_mode_kind() != "vmap":
+        return NotImplemented
+    interpreter = _functorch.peek_interpreter_stack()
+    if interpreter is None or interpreter.key() != _VMAP or not isinstance(x, torch.Tensor):
+        return NotImplemented
+    level = interpreter.level()
+    views = {}
+    for name, t in params.items():
+        if t is not None:
+            t, dim = _functorch._unwrap_batched(t, level)
+            if dim != 0 or getattr(t, "_psg_outputs", None) is None:
+                return NotImplemented
+        views[name] = t
+    x, dim = _functorch._unwrap_batched(x, level)
+    if dim is None or _functorch.is_batchedtensor(x):
+        return NotImplemented
+    x = x if dim == 0 else x.movedim(dim, 0)
+    ops = _torch_ops.suspend()
+    saved = _functorch.pop_dynamic_layer_stack()
+    mode = _rules.enter_mode("batch")
+    try:
+        out = layer(x, views)
+    finally:
+        _rules.exit_mode(mode)
+        _functorch.push_dynamic_layer_stack(saved)
+        _torch_ops.resume(ops)
+    return NotImplemented if out is None else _functorch._add_batch_dim(out, 0, level)
+
+
 def _unwrapped(t: torch.Tensor, level: int, size: int) -> tuple[torch.Tensor, bool] | None:
     """``(t`` at vmap ``level`` with its batch dim first, whether it had one``)`` for
     :func:`_call_batched`: a tensor the examples share (a closure weight) expanded to

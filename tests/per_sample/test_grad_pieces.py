@@ -176,3 +176,43 @@ def test_a_pass_whose_parameter_meets_an_op_without_a_rule_keeps_the_mode():
     assert fn.__code__ not in _clip._OPS_UNUSED
     total, want = _loop(fn, params, x, t, 0.5)
     torch.testing.assert_close(norms, want, rtol=1e-12, atol=0)
+
+
+def test_linear_layers_in_the_fast_pass_skip_the_generic_entry_with_the_same_step(monkeypatch):
+    """In eager fast clipping's own pass a linear layer goes straight to its tapped form
+    (``call_collected``): the clipped sum and norms are bit for bit those of the generic
+    rule entry, also for a batch stored time-major, sequences, layers without a bias and
+    bfloat16 params; under ``per_sample_grads`` (views no collector tracks) it
+    declines and the rule runs as before."""
+    from psgfunc import per_sample_grads
+    from psgfunc.per_sample import _expanded
+    from psgfunc.per_sample.rules import linear as linear_rule
+
+    gen = torch.Generator().manual_seed(11)
+    params = _params(gen)
+    del params["b"]["bias"]
+
+    def fn(p, x, t):
+        h = torch.tanh(PF.linear(p["a"], x))  # [T, 4] -> [T, 5]
+        return (PF.linear(p["b"], h).sum(0) * t).sum()
+
+    x = torch.randn(3, 6, 4, dtype=F64, generator=gen).transpose(0, 1)  # [B, T, 4], stored [T, B, 4]
+    t = torch.randn(6, 3, dtype=F64, generator=gen)
+    taken = []
+    real = _expanded.call_collected
+    monkeypatch.setattr(linear_rule, "call_collected", lambda *a: taken.append(1) or real(*a))
+    for dtype in (F64, torch.bfloat16):
+        p = {k: {n: v.to(dtype) for n, v in d.items()} for k, d in params.items()}
+        fast = clipped_grad_sum(fn, p, x.to(dtype), t.to(dtype), max_norm=0.5, method="fast")
+        monkeypatch.setattr(linear_rule, "call_collected", lambda *a: NotImplemented)
+        generic = clipped_grad_sum(fn, p, x.to(dtype), t.to(dtype), max_norm=0.5, method="fast")
+        monkeypatch.setattr(linear_rule, "call_collected", lambda *a: taken.append(1) or real(*a))
+        assert torch.equal(fast[1], generic[1])
+        for k in p:
+            for n in p[k]:
+                assert torch.equal(fast[0][k][n], generic[0][k][n])
+    assert taken
+    declined = []
+    monkeypatch.setattr(linear_rule, "call_collected", lambda *a: declined.append(real(*a)) or declined[-1])
+    per_sample_grads(fn, params, x, t, method="expanded")
+    assert declined and all(d is NotImplemented for d in declined)

@@ -24,6 +24,7 @@ from psgfunc.functional.linear import linear
 from psgfunc.per_sample._expanded import (
     Rule,
     apply_function,
+    call_collected,
     call_rule,
     check_versions,
     is_shared,
@@ -163,6 +164,17 @@ class LinearRule(Rule):
 LINEAR = LinearRule(linear.plain)
 
 
+def _collected(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The tapped layer on the batch (:func:`~psgfunc.per_sample._expanded.call_collected`),
+    or None where the rule's checks or its other routes are needed."""
+    w = params.get("weight")
+    if w is None or len(params) > 2 or x.dim() < 2 or x.shape[0] != w.shape[0]:
+        return None
+    return _output_tapped(x, w, params.get("bias"))
+
+
 @_rules.register_rule(linear)
 def _linear(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return call_rule(LINEAR, params, x)
+    # (eager fast clipping's pass: straight to the tapped layer; anything else: the rule)
+    out = call_collected(_collected, params, x)
+    return call_rule(LINEAR, params, x) if out is NotImplemented else out
