@@ -1065,7 +1065,7 @@ def _ones(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     key = (size, dtype, device)
     ones = _ONES.get(key)
     if ones is None:
-        if len(_ONES) >= _OPS_PLANS_MAX:
+        if len(_ONES) >= _LANE_CACHE_MAX:
             _ONES.clear()
         with torch.inference_mode(False):  # (an ordinary tensor, whatever the caller's mode)
             ones = _ONES[key] = torch.ones(size, dtype=dtype, device=device)
@@ -1075,8 +1075,9 @@ def _ones(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 _ONES: dict[tuple[Any, ...], torch.Tensor] = {}
 
 _LANE_PLANS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-"""Structure of a lane (per leaf: kind, dtype, sizes, which distinct tensors) -> ``(g
-indices, x indices, per-leaf scales, the certified norm's factor)``."""
+"""Structure of a lane (dtype, device, per leaf: kind, sizes, which distinct tensors) ->
+``(g indices, x indices, per-leaf floors [L, 1], per-leaf scales, the certified norm's
+factor)``."""
 
 
 def _one_row_lane(records: Sequence[Sequence[tuple[GradKind, tuple[Any, ...]]]], dense: Sequence[Any],
@@ -1137,13 +1138,14 @@ def _one_row_lane(records: Sequence[Sequence[tuple[GradKind, tuple[Any, ...]]]],
         xi = torch.tensor([ones if xj < 0 else xj for _, _, _, xj, _ in key], device=device)
         floor = torch.tensor([[0.0 if xj < 0 else underflow(_acc(dtype), 1)] for _, _, _, xj, _ in key],
                              dtype=_acc(dtype), device=device)
-        if len(_LANE_PLANS) >= _OPS_PLANS_MAX:
+        if len(_LANE_PLANS) >= _LANE_CACHE_MAX:
             _LANE_PLANS.clear()
         plan = _LANE_PLANS[plan_key] = (gi, xi, floor, scales, factor)
     return _OneRowLane(tensors, dtype, plan)
 
 
-_OPS_PLANS_MAX = 256
+_LANE_CACHE_MAX = 256
+"""Entries of :data:`_LANE_PLANS` and of the ones' table before they are cleared."""
 
 
 COMBINERS: list[Any] = []

@@ -207,7 +207,7 @@ def test_linear_stack_norms_in_one_lane_are_the_per_leaf_ones():
 def test_linear_stack_lane_is_not_taken_where_a_leaf_differs():
     """Only all-linear-on-vectors passes of one full-precision dtype take the lane: half
     precision, a sequence (several positions), a dense part, mixed dtypes and rows longer
-    than one reduction take the per-leaf route (the same norms as each alone)."""
+    than one reduction take the per-leaf route."""
     from psgfunc.per_sample._kinds import SummedRows, certified_norm
 
     gen = torch.Generator().manual_seed(7)
