@@ -284,13 +284,9 @@ def _call_batched(rule: Rule, params: dict[str, Any], args: tuple[Any, ...], kwa
     if randomness != _DIFFERENT or _RANDOMNESS.get() != "different":
         randomness = _randomness_name(randomness)
         token = _RANDOMNESS.set(randomness) if randomness != _RANDOMNESS.get() else None
-    saved = _functorch.pop_dynamic_layer_stack()
-    mode = _rules.enter_mode("batch")
     try:
-        out = rule.vmapped(batch_params, *batch_args, **kwargs)
+        out = _below_level(rule.vmapped, batch_params, *batch_args, **kwargs)
     finally:
-        _rules.exit_mode(mode)
-        _functorch.push_dynamic_layer_stack(saved)
         if token is not None:
             _RANDOMNESS.reset(token)
     if out is NotImplemented:
@@ -334,15 +330,24 @@ def call_collected(layer: Callable[..., Any], params: dict[str, Any], x: Any) ->
         return NotImplemented
     x = x if dim == 0 else x.movedim(dim, 0)
     ops = _torch_ops.suspend()
+    try:
+        out = _below_level(layer, x, views)
+    finally:
+        _torch_ops.resume(ops)
+    return NotImplemented if out is None else _functorch._add_batch_dim(out, 0, level)
+
+
+def _below_level(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``run(*args, **kwargs)`` with the innermost vmap level popped (plain tensors,
+    ordinary autograd) and the expanded mode ``"batch"``, both restored afterwards: how
+    :func:`_call_batched` and :func:`call_collected` run a rule on the whole batch."""
     saved = _functorch.pop_dynamic_layer_stack()
     mode = _rules.enter_mode("batch")
     try:
-        out = layer(x, views)
+        return run(*args, **kwargs)
     finally:
         _rules.exit_mode(mode)
         _functorch.push_dynamic_layer_stack(saved)
-        _torch_ops.resume(ops)
-    return NotImplemented if out is None else _functorch._add_batch_dim(out, 0, level)
 
 
 def _unwrapped(t: torch.Tensor, level: int, size: int) -> tuple[torch.Tensor, bool] | None:
