@@ -465,10 +465,10 @@ def module_call(
 ) -> Any:
     """Call ``layer`` on a batch of ``size`` examples, leaving ``.grad_sample`` on ``params``.
 
-    Each parameter ``p`` that requires grad is expanded to ``[size, *p.shape]`` (a view); a
-    hook on the view hands the per-sample gradient over, and when the backward pass ends it
-    is added to ``p.grad_sample`` (the view's own backward, a sum over the batch, gives
-    ``p.grad`` as usual). A parameter that a fast-clipping ``DPOptimizer`` records for gets
+    Each parameter ``p`` that requires grad is expanded to ``[size, *p.shape]`` (a view,
+    :func:`~psgfunc.per_sample._rows.rows_view`); the view's backward hands the per-sample
+    gradient over, and when the backward pass ends it is added to ``p.grad_sample``; it
+    sends ``p`` their sum over the batch, which gives ``p.grad`` as usual. A parameter that a fast-clipping ``DPOptimizer`` records for gets
     the rules' pieces recorded instead, and neither ``grad_sample`` nor ``grad`` from them.
 
     Rows are examples: a backward pass adds rows only to rows of the same forward pass, and
@@ -503,10 +503,11 @@ def expanded_call(
         if p is None:
             expanded[name] = None
             continue
-        e = p.expand(size, *p.shape)
         if p.requires_grad and torch.is_grad_enabled():
             call = _rows.Call() if call is None else call
             where = _rows.describe(p, name, layer)
+            # (its backward hands the rows over: ops without a rule give them too)
+            e = _rows.rows_view(p, size, call, where, top_aligned)
             if not torch._C._are_functorch_transforms_active():
                 _rows.watch(p, where)
             log = _rows.log_of(p)
@@ -518,8 +519,9 @@ def expanded_call(
                         "DPOptimizer.accumulate(), step() or zero_grad() in between"
                     )
                 e._psg_record = _rows.recorder(p, log, call, size, where, top_aligned)
-            e.register_hook(_rows.row_hook(p, call, where, top_aligned))  # ops without a rule
             e._psg_param = p  # shared(e) with gradients on: p, never a view spreading over the rows
+        else:
+            e = p.expand(size, *p.shape)
         expanded[name] = e
     with _rules.expanded_mode("batch"):
         return layer(expanded, *args, **kwargs)

@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Call", "PieceLog", "claim", "log_of", "row_hook", "recorder", "watch", "consume", "pad_rows",
+__all__ = ["Call", "PieceLog", "claim", "log_of", "rows_view", "recorder", "watch", "consume", "pad_rows",
            "plain_use_error", "describe", "watched"]
 
 _LOCK = threading.RLock()
@@ -202,7 +202,7 @@ class _Entry:
     """What one backward pass brought one parameter (its rows added up as they come, so a
     cell looped over T steps holds one ``[B, *shape]``, not T of them)."""
 
-    __slots__ = ("p", "name", "rows", "size", "aligned", "rowsum", "pieces", "total")
+    __slots__ = ("p", "name", "rows", "size", "aligned", "rowsum", "sent", "pieces", "total")
 
     def __init__(self, p: torch.Tensor, name: str) -> None:
         self.p, self.name = p, name
@@ -210,13 +210,16 @@ class _Entry:
         self.size: int | None = None
         self.aligned = False  # rows of calls on fewer examples go to the first rows
         self.rowsum: torch.Tensor | None = None  # sum of each call's g.sum(0), in order
+        # with one call: (the sum sent to p, its version then), see _check_total
+        self.sent: tuple[torch.Tensor, int] | None = None
         self.pieces: list[tuple[PieceLog, Any, tuple[Any, ...], int, bool]] = []
         self.total: torch.Tensor | None = None  # what autograd sent p itself
 
-    def add(self, g: torch.Tensor, aligned: bool) -> None:
+    def add(self, g: torch.Tensor, aligned: bool, s: torch.Tensor) -> None:
+        """Rows ``g [n, *shape]`` of one call, whose sum ``s`` (``g.sum(0)``) the call sent ``p``."""
         self.size = _merge_sizes(self.size, g.shape[0], aligned, self.name)
         self.aligned = aligned
-        s = g.sum(0)  # what autograd's expand backward sends p for this call: same sum
+        self.sent = (s, s._version) if self.rowsum is None else None
         self.rowsum = s if self.rowsum is None else self.rowsum + s
         self.rows = _add_rows(self.rows, g)
 
@@ -294,13 +297,36 @@ def _check_total(e: _Entry) -> None:
             _flag_plain(e.p)  # a backward without psgfunc layers: see _flag_plain
             return
         bad = bool(total.ne(0).any())
+    elif _is_sent(total, e.sent):
+        return  # what autograd sent p is the one call's sum, as that call made it
     else:
+        if e.sent is not None and e.sent[0]._version != e.sent[1]:
+            # the one call's sum, which rowsum is, changed in place on its way to p (a hook
+            # on p): what p got is compared with the rows themselves
+            rowsum = e.rows.sum(0)
+        if torch.equal(total, rowsum):
+            return
         diff = (total - rowsum).abs().max()
         scale = torch.maximum(total.abs().max(), rowsum.abs().max())
         eps = torch.finfo(total.dtype).eps if total.is_floating_point() else 0.0
         bad = bool(diff > 16 * eps * scale)
     if bad:
         raise plain_use_error(f"psgfunc: {e.name}")
+
+
+def _is_sent(total: torch.Tensor, sent: tuple[torch.Tensor, int] | None) -> bool:
+    """Whether ``total`` (what autograd sent ``p``) is the tensor one call's backward sent it
+    (:class:`_Rows`), unchanged: same memory, layout and version. Autograd passes a single
+    gradient on as it is; another use adds to it out of place (a new tensor: the sum is also
+    held here, so autograd does not add into it in place), and an in-place change would
+    show in the version."""
+    if sent is None:
+        return False
+    s, version = sent
+    return (
+        s._version == version and total.data_ptr() == s.data_ptr() and total.dtype == s.dtype
+        and total.shape == s.shape and total.stride() == s.stride()
+    )
 
 
 def _flag_plain(p: torch.Tensor) -> None:
@@ -405,20 +431,44 @@ def _commit(e: _Entry, batches: dict[int, int], root: Call | None) -> None:
 # ------------------------------------------------------------------------------ the hooks
 
 
-def row_hook(p: torch.Tensor, call: Call, name: str, aligned: bool) -> Callable[[Any], None]:
-    """Hook for the expanded view of ``p`` in ``call``: its per-sample gradient ``g [n, *shape]``
-    goes to ``p.grad_sample`` when the backward pass ends (top-aligned if ``aligned``)."""
+def rows_view(p: torch.Tensor, n: int, call: Call, name: str, aligned: bool) -> torch.Tensor:
+    """``p [*shape] -> [n, *shape]``, the stride-0 expansion ``call``'s layer reads, whose
+    gradient ``g [n, *shape]`` (the per-sample gradients) goes to ``p.grad_sample`` when the
+    backward pass ends (top-aligned if ``aligned``) and whose sum over the rows goes to ``p``
+    (:class:`_Rows`)."""
 
-    def add(pend: _Backward, g: torch.Tensor | None) -> None:
+    def add(pend: _Backward, g: torch.Tensor | None, s: torch.Tensor | None) -> None:
         pend.calls[id(call)] = call
         if g is not None:  # None: a fast-clipping rule recorded pieces and passed nothing on
-            pend.entry(p, name).add(g.detach(), aligned)
+            pend.entry(p, name).add(g.detach(), aligned, s.detach())
 
-    def hook(g: torch.Tensor | None) -> None:
+    def hook(g: torch.Tensor | None, s: torch.Tensor | None) -> None:
         if _accumulates(p):
-            _deliver(lambda pend: add(pend, g))
+            _deliver(lambda pend: add(pend, g, s))
 
-    return hook
+    # (Function.apply without its Python wrapper, which binds the arguments to forward's
+    # signature on every call: no torch.func transform is active here, see expanded_call)
+    return super(torch.autograd.Function, _Rows).apply(p, n, hook)  # type: ignore[misc]
+
+
+class _Rows(torch.autograd.Function):
+    """``(p [*shape], n, hook) -> p.expand(n, *shape)``; the backward sends ``p`` the sum of
+    the rows ``g [n, *shape]`` (as the expansion's own backward does) and hands ``hook`` both
+    ``g`` and that sum, so that the check of ``p``'s total (:func:`_check_total`) need not
+    sum the rows again. ``g`` None (a fast-clipping rule recorded pieces): ``hook(None, None)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: torch.Tensor, n: int, hook: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.hook = hook
+        return p.expand(n, *p.shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[Any, None, None]:  # type: ignore[override]
+        s = None if g is None else g.sum(0)  # (differentiable under create_graph=True)
+        ctx.hook(g, s)
+        return s, None, None
 
 
 def _accumulates(p: torch.Tensor) -> bool:

@@ -390,6 +390,52 @@ def test_float32_rows_equal_the_total_bit_for_bit_no_false_positive():
     torch.testing.assert_close(lin.weight.grad_sample.sum(0), lin.weight.grad, rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_one_call_sends_its_rows_sum_to_the_parameter(dtype):
+    """A shell's expansion sends ``p`` the sum of its rows (what the check of ``p``'s total
+    compares with, without summing again): ``grad`` is ``grad_sample.sum(0)`` bit for bit,
+    equals the plain layer's, and a repeated backward adds both up."""
+    torch.manual_seed(0)
+    shell = pnn.Linear(5, 3, 6).to(dtype)
+    plain = nn.Linear(5, 3).to(dtype)
+    plain.load_state_dict(shell.state_dict())
+    x = torch.randn(6, 5, dtype=dtype)
+    loss = torch.tanh(shell(x)).pow(2).sum()
+    loss.backward(retain_graph=True)
+    torch.tanh(plain(x)).pow(2).sum().backward()
+    for p, q in zip(shell.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, p.grad_sample.sum(0))
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    first = [p.grad_sample.clone() for p in shell.parameters()]
+    loss.backward()
+    for p, f in zip(shell.parameters(), first):
+        torch.testing.assert_close(p.grad_sample, 2 * f, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("when, how", [("before the first call", "in place"),
+                                       ("before the first call", "a new tensor"),
+                                       ("after the first call", "in place")])
+def test_a_hook_that_changes_the_total_is_a_use_the_rows_miss(when, how):
+    """A hook on the parameter that changes what autograd sends it (in place on the one
+    call's sum, or returning another tensor), registered before the shell's own hook, or
+    after it and in place: ``p.grad`` is no longer the rows' sum, and the backward pass
+    refuses it. (A later hook returning a new tensor acts after the shell's hook saw the
+    total: not seen, as before; it changes ``p.grad`` only, never the rows DP-SGD uses.)"""
+    torch.manual_seed(0)
+    shell = pnn.Linear(3, 2, 4)
+    x = torch.randn(4, 3)
+    hook = (lambda g: g.add_(1.0)) if how == "in place" else (lambda g: g * 2)
+    if when == "before the first call":
+        shell.weight.register_hook(hook)
+    else:
+        shell(x).sum().backward()
+        shell.zero_grad(set_to_none=True)
+        shell.weight.grad_sample = None
+        shell.weight.register_hook(hook)
+    with pytest.raises(ValueError, match="outside any psgfunc layer"):
+        shell(x).sum().backward()
+
+
 # --------------------------------------------- item 8: fast-clipping records, one owner
 
 
