@@ -202,7 +202,7 @@ class _Entry:
     """What one backward pass brought one parameter (its rows added up as they come, so a
     cell looped over T steps holds one ``[B, *shape]``, not T of them)."""
 
-    __slots__ = ("p", "name", "rows", "size", "aligned", "rowsum", "sent", "pieces", "total")
+    __slots__ = ("p", "name", "rows", "size", "aligned", "rowsum", "pieces", "total")
 
     def __init__(self, p: torch.Tensor, name: str) -> None:
         self.p, self.name = p, name
@@ -210,8 +210,6 @@ class _Entry:
         self.size: int | None = None
         self.aligned = False  # rows of calls on fewer examples go to the first rows
         self.rowsum: torch.Tensor | None = None  # sum of each call's g.sum(0), in order
-        # with one call: (the sum sent to p, its version then), see _check_total
-        self.sent: tuple[torch.Tensor, int] | None = None
         self.pieces: list[tuple[PieceLog, Any, tuple[Any, ...], int, bool]] = []
         self.total: torch.Tensor | None = None  # what autograd sent p itself
 
@@ -219,8 +217,10 @@ class _Entry:
         """Rows ``g [n, *shape]`` of one call, whose sum ``s`` (``g.sum(0)``) the call sent ``p``."""
         self.size = _merge_sizes(self.size, g.shape[0], aligned, self.name)
         self.aligned = aligned
-        self.sent = (s, s._version) if self.rowsum is None else None
-        self.rowsum = s if self.rowsum is None else self.rowsum + s
+        # a copy, never the sum itself: that goes on to p, where a hook may change it in
+        # place, also without a version bump (.data, numpy, dlpack, all_reduce), and the
+        # check of p's total (_check_total) must see such a change
+        self.rowsum = s.clone() if self.rowsum is None else self.rowsum + s
         self.rows = _add_rows(self.rows, g)
 
 
@@ -297,13 +297,7 @@ def _check_total(e: _Entry) -> None:
             _flag_plain(e.p)  # a backward without psgfunc layers: see _flag_plain
             return
         bad = bool(total.ne(0).any())
-    elif _is_sent(total, e.sent):
-        return  # what autograd sent p is the one call's sum, as that call made it
     else:
-        if e.sent is not None and e.sent[0]._version != e.sent[1]:
-            # the one call's sum, which rowsum is, changed in place on its way to p (a hook
-            # on p): what p got is compared with the rows themselves
-            rowsum = e.rows.sum(0)
         if torch.equal(total, rowsum):
             return
         diff = (total - rowsum).abs().max()
@@ -312,21 +306,6 @@ def _check_total(e: _Entry) -> None:
         bad = bool(diff > 16 * eps * scale)
     if bad:
         raise plain_use_error(f"psgfunc: {e.name}")
-
-
-def _is_sent(total: torch.Tensor, sent: tuple[torch.Tensor, int] | None) -> bool:
-    """Whether ``total`` (what autograd sent ``p``) is the tensor one call's backward sent it
-    (:class:`_Rows`), unchanged: same memory, layout and version. Autograd passes a single
-    gradient on as it is; another use adds to it out of place (a new tensor: the sum is also
-    held here, so autograd does not add into it in place), and an in-place change would
-    show in the version."""
-    if sent is None:
-        return False
-    s, version = sent
-    return (
-        s._version == version and total.data_ptr() == s.data_ptr() and total.dtype == s.dtype
-        and total.shape == s.shape and total.stride() == s.stride()
-    )
 
 
 def _flag_plain(p: torch.Tensor) -> None:

@@ -412,26 +412,52 @@ def test_one_call_sends_its_rows_sum_to_the_parameter(dtype):
         torch.testing.assert_close(p.grad_sample, 2 * f, rtol=0, atol=0)
 
 
+def _in_place_numpy(g):
+    g.numpy()[...] += 1.0  # (no version bump)
+
+
+_HOOKS = {
+    "in place": lambda g: g.add_(1.0),
+    "a new tensor": lambda g: g * 2,
+    "through .data": lambda g: g.data.add_(1.0),  # (no version bump)
+    "through numpy": _in_place_numpy,
+}
+
+
 @pytest.mark.parametrize("when, how", [("before the first call", "in place"),
                                        ("before the first call", "a new tensor"),
-                                       ("after the first call", "in place")])
+                                       ("before the first call", "through .data"),
+                                       ("before the first call", "through numpy"),
+                                       ("after the first call", "in place"),
+                                       ("after the first call", "through .data"),
+                                       ("after accumulation", "in place"),
+                                       ("after accumulation", "through .data")])
 def test_a_hook_that_changes_the_total_is_a_use_the_rows_miss(when, how):
     """A hook on the parameter that changes what autograd sends it (in place on the one
-    call's sum, or returning another tensor), registered before the shell's own hook, or
-    after it and in place: ``p.grad`` is no longer the rows' sum, and the backward pass
-    refuses it. (A later hook returning a new tensor acts after the shell's hook saw the
-    total: not seen, as before; it changes ``p.grad`` only, never the rows DP-SGD uses.)"""
+    call's sum, also where the version counter does not see it, or returning another
+    tensor), registered before the shell's own hook, after it, or after accumulation on
+    ``p.grad`` (which is that sum): ``p.grad`` is no longer the rows' sum, and the backward
+    pass refuses it. (A later hook returning a new tensor acts after the shell's hook saw
+    the total: not seen, as before; it changes ``p.grad`` only, never the rows DP-SGD
+    uses.)"""
     torch.manual_seed(0)
     shell = pnn.Linear(3, 2, 4)
     x = torch.randn(4, 3)
-    hook = (lambda g: g.add_(1.0)) if how == "in place" else (lambda g: g * 2)
+    hook = _HOOKS[how]
+
+    def register():
+        if when == "after accumulation":
+            shell.weight.register_post_accumulate_grad_hook(lambda p: (hook(p.grad), None)[1])
+        else:
+            shell.weight.register_hook(hook)
+
     if when == "before the first call":
-        shell.weight.register_hook(hook)
+        register()
     else:
         shell(x).sum().backward()
         shell.zero_grad(set_to_none=True)
         shell.weight.grad_sample = None
-        shell.weight.register_hook(hook)
+        register()
     with pytest.raises(ValueError, match="outside any psgfunc layer"):
         shell(x).sum().backward()
 
