@@ -521,6 +521,11 @@ def expanded_call(
                 e._psg_record = _rows.recorder(p, log, call, size, where, top_aligned)
             e._psg_param = p  # shared(e) with gradients on: p, never a view spreading over the rows
         else:
+            if p.requires_grad and not _rows.watched(p):
+                # a forward without gradients, e.g. a reentrant checkpoint's first pass, whose
+                # backward reruns this call: watch p now, or the rerun's watch comes after a
+                # use of p outside the checkpoint sent p its gradient, unseen
+                _rows.watch(p, _rows.describe(p, name, layer))
             e = p.expand(size, *p.shape)
         expanded[name] = e
     with _rules.expanded_mode("batch"):
