@@ -173,6 +173,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._updates: dict[int, tuple[torch.Tensor, int]] = {
             id(p): (p.grad, p.grad._version) for p in self._trainable() if p.grad is not None
         }
+        for p in self._trainable():  # (nor a use outside psgfunc layers, see _rows.mark_clean)
+            _rows.mark_clean(p)
 
     # ----------------------------------------------------------------- torch.optim surface
 
@@ -516,6 +518,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.optimizer.step()
         # step() leaves the update in p.grad: not a gradient backward left (see _empty)
         self._updates = {id(p): (p.grad, p.grad._version) for p in params if p.grad is not None}
+        for p in params:
+            _rows.mark_clean(p)
         if self.accountant is not None:
             self.accountant.step()
         return loss

@@ -72,7 +72,7 @@ from psgfunc import _rules
 from psgfunc.nn import _forward
 from psgfunc.nn._base import ExpandedModule, check_max_batch_size
 from psgfunc.per_sample import _torch_ops
-from psgfunc.per_sample._expanded import expanded_call
+from psgfunc.per_sample._expanded import expanded_call, watch_params
 
 __all__ = ["Generic", "make_generic"]
 
@@ -97,15 +97,18 @@ class Generic(ExpandedModule):
             # enclosing Generic): the transforms give the per-sample gradients
             return plain(*args, **kwargs)
         first = _first_tensor(args, kwargs)
-        if first is None:
+        size = None if first is None else self._batch_size(first, min_dim=1, expected="[B, ...]")
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        if not params or not torch.is_grad_enabled():
+            # nothing to expand, so no batch needed (a weight-norm parametrization, which
+            # takes no input, evaluated under no_grad)
+            watch_params(params, self)
+            return _forward.produce(self, plain(*args, **kwargs), 0)
+        if size is None:
             raise ValueError(
                 f"{type(self).__name__}: the forward needs a tensor input whose dim 0 is the "
                 "batch (a psgfunc generic shell reads the batch size from it), got none"
             )
-        size = self._batch_size(first, min_dim=1, expected="[B, ...]")
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        if not params or not torch.is_grad_enabled():
-            return _forward.produce(self, plain(*args, **kwargs), 0)
         runner = _Runner(f"{type(self).__name__}.forward", functools.partial(_module_body, self, plain),
                          size, f"{type(self).__name__}: psgfunc's generic shell runs the forward",
                          "return batch-first outputs, or give the module a converter in "
@@ -464,6 +467,11 @@ def _enter_forward(model: nn.Module, args: Any, kwargs: Any) -> None:
             record.data = {}
             _forward.mark(record, [*model.parameters(), *model.buffers()])
         mode.__enter__()
+    elif (record is not None and record.root is model and record.depth == 1 and not torch.is_grad_enabled()
+            and not torch._C._are_functorch_transforms_active()):
+        # a forward without gradients (a reentrant checkpoint's first pass): parameters the
+        # mode would serve are watched as the shells' are (watch_params)
+        watch_params(dict(model.named_parameters()), model)
     entries.append((model, mode))
 
 

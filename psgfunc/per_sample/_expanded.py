@@ -24,6 +24,7 @@ expanded views: correct first, just without the shared-weight shortcut.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import optree
@@ -478,6 +479,17 @@ def module_call(
     return expanded_call(layer, params, size, args, kwargs)
 
 
+def watch_params(params: Mapping[str, torch.Tensor | None], layer: Any) -> None:
+    """Give the trainable ``params`` of ``layer``'s call made without gradients the hook on
+    their total gradient (:func:`psgfunc.per_sample._rows.watch`), as a call with gradients
+    does: a reentrant checkpoint's first forward runs so, and its backward reruns the call,
+    whose own watch would come after a use of the parameter outside the checkpoint had sent
+    it its gradient, unseen."""
+    for name, p in params.items():
+        if p is not None and p.requires_grad and not _rows.watched(p):
+            _rows.watch(p, _rows.describe(p, name, layer))
+
+
 def expanded_call(
     layer: Callable[..., Any],
     params: dict[str, torch.Tensor | None],
@@ -497,6 +509,8 @@ def expanded_call(
         # a shell inside torch.func transforms (functional_call under vmap/grad, per_sample_grads):
         # the transforms give the per-sample gradients; the layer (its rule, in expanded mode) runs as is
         return layer(params, *args, **kwargs)
+    if not torch.is_grad_enabled():
+        watch_params(params, layer)
     expanded: dict[str, torch.Tensor | None] = {}
     call = None
     for name, p in params.items():
@@ -521,11 +535,6 @@ def expanded_call(
                 e._psg_record = _rows.recorder(p, log, call, size, where, top_aligned)
             e._psg_param = p  # shared(e) with gradients on: p, never a view spreading over the rows
         else:
-            if p.requires_grad and not _rows.watched(p):
-                # a forward without gradients, e.g. a reentrant checkpoint's first pass, whose
-                # backward reruns this call: watch p now, or the rerun's watch comes after a
-                # use of p outside the checkpoint sent p its gradient, unseen
-                _rows.watch(p, _rows.describe(p, name, layer))
             e = p.expand(size, *p.shape)
         expanded[name] = e
     with _rules.expanded_mode("batch"):

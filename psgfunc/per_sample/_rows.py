@@ -39,10 +39,15 @@ adds outputs of two forward passes in one graph makes them one forward pass.
 
 **Every use.** A parameter that went through a psgfunc layer also gets a hook on itself,
 which sees the total gradient autograd sends it in the backward pass. In the dense mode
-that total must equal the sum of the rows (the rows' own sums are what autograd adds;
-only a use outside any psgfunc layer can make a difference); in fast-clipping mode rules
-send the parameter nothing, so any nonzero total beyond the dense rows is such a use. It
-raises ``ValueError``: a ``grad_sample`` without it would train on a different gradient.
+that total must equal the sum of the rows bit for bit (the rows' own sums are what
+autograd adds, in the same order; only a use outside any psgfunc layer can make a
+difference); in fast-clipping mode rules send the parameter nothing, so any nonzero total
+beyond the dense rows is such a use. It raises ``ValueError``: a ``grad_sample`` without it
+would train on a different gradient. A backward pass that brings such a use and no rows
+(the use backpropagated on its own, before or after the layers' loss, or inside a
+reentrant checkpoint) flags the rows the parameter holds, and those that come while that
+gradient is still in ``p.grad`` (:func:`_flag_plain`); ``DPOptimizer`` refuses flagged rows.
+Calls without gradients (a reentrant checkpoint's first forward) give the hook too.
 
 **Fast-clipping records.** A ``DPOptimizer(fast_clipping=True)`` owns one
 :class:`PieceLog` per parameter; the registry holds it weakly, so recording stops when
@@ -60,7 +65,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["Call", "PieceLog", "claim", "log_of", "rows_view", "recorder", "watch", "consume", "pad_rows",
-           "plain_use_error", "describe", "watched"]
+           "plain_use_error", "describe", "watched", "mark_clean"]
 
 _LOCK = threading.RLock()
 # graph task id -> the rows held until that backward pass ends (dies with the graph task,
@@ -236,6 +241,9 @@ class _Backward:
         e = self.entries.get(id(p))
         if e is None:
             e = self.entries[id(p)] = _Entry(p, name)
+            # (before this pass adds to p.grad: its first event for p precedes p's accumulation)
+            if getattr(p, "_psg_plain_pending", False) and _grad_is_clean(p):
+                p._psg_plain_pending = False  # what the plain use left in p.grad was cleared
         return e
 
     def finish(self) -> None:
@@ -298,28 +306,53 @@ def _check_total(e: _Entry) -> None:
             return
         bad = bool(total.ne(0).any())
     else:
-        if torch.equal(total, rowsum):
-            return
-        diff = (total - rowsum).abs().max()
-        scale = torch.maximum(total.abs().max(), rowsum.abs().max())
-        eps = torch.finfo(total.dtype).eps if total.is_floating_point() else 0.0
-        bad = bool(diff > 16 * eps * scale)
+        # bit for bit: autograd adds the calls' sums that the rows' sum adds, in the same
+        # order (each call's backward hands its sum over as it returns it), so any difference
+        # is a use the rows miss; a tolerance would let such a use through at its size (16
+        # eps of the total was 12% in bfloat16)
+        bad = not torch.equal(total, rowsum)
     if bad:
         raise plain_use_error(f"psgfunc: {e.name}")
 
 
 def _flag_plain(p: torch.Tensor) -> None:
-    """A backward pass sent ``p`` a gradient through no psgfunc layer while ``p`` holds rows
-    from an earlier one: a separately backpropagated plain use of the same forward pass (a
-    tied head's own loss), or an unrelated computation with the same tensor (a reference
-    model). The rows are flagged, not refused: ``DPOptimizer`` refuses flagged rows
+    """A backward pass sent ``p`` a gradient through no psgfunc layer: a separately
+    backpropagated plain use of the same forward pass (a tied head's own loss, before or
+    after the layers' loss; or inside a reentrant checkpoint), or an unrelated computation
+    with the same tensor (a reference model). Rows ``p`` holds now, and rows a later pass
+    brings while that gradient is still in ``p.grad`` (``_psg_plain_pending``, see
+    :func:`_grad_is_clean`), are flagged, not refused: ``DPOptimizer`` refuses flagged rows
     (:func:`plain_use_error`), a plain ``grad_sample`` reader keeps them."""
+    p._psg_plain_pending = True
     gs = getattr(p, "grad_sample", None)
     if gs is not None and isinstance(getattr(gs, "_psg_call", None), Call):
         gs._psg_plain = True
     log = log_of(p)
     if log is not None and log.pieces:
         log.plain = True
+
+
+def _grad_is_clean(p: torch.Tensor) -> bool:
+    """Whether ``p.grad`` holds no gradient of a backward pass: None, zeros, or what
+    :func:`mark_clean` saw (a DPOptimizer's update, or what ``p.grad`` held when the
+    optimizer was built), unchanged since."""
+    g = p.grad
+    if g is None:
+        return True
+    mark = getattr(p, "_psg_clean_grad", None)
+    if mark is not None and mark[0]() is g and g._version == mark[1]:
+        return True
+    values = g.coalesce().values() if g.layout == torch.sparse_coo else g
+    return not bool(values.ne(0).any())
+
+
+def mark_clean(p: torch.Tensor) -> None:
+    """``p.grad`` as it stands is not a gradient of this step's backward passes (a
+    DPOptimizer's update, or what it held when the optimizer was built): rows that come
+    while it is there are not flagged for it (:func:`_flag_plain`)."""
+    p._psg_plain_pending = False
+    g = p.grad
+    p._psg_clean_grad = None if g is None else (weakref.ref(g), g._version)
 
 
 def plain_use_error(where: str) -> ValueError:
@@ -394,9 +427,11 @@ def _plan(e: _Entry, roots: dict[int, Call]) -> dict[int, int]:
 
 
 def _commit(e: _Entry, batches: dict[int, int], root: Call | None) -> None:
+    # a plain use's gradient still in p.grad (_flag_plain): these rows miss it too
+    pending = getattr(e.p, "_psg_plain_pending", False)
     if e.rows is not None:
         total = _add_rows(getattr(e.p, "grad_sample", None), e.rows)
-        if getattr(getattr(e.p, "grad_sample", None), "_psg_plain", False):
+        if pending or getattr(getattr(e.p, "grad_sample", None), "_psg_plain", False):
             total._psg_plain = True
         total._psg_call = root
         e.p.grad_sample = total
@@ -405,6 +440,7 @@ def _commit(e: _Entry, batches: dict[int, int], root: Call | None) -> None:
             log.pieces.append((kind, data, n))
             log.batch = batches[id(log)]
             log.group = root
+            log.plain = log.plain or pending
 
 
 # ------------------------------------------------------------------------------ the hooks
@@ -486,9 +522,13 @@ def recorder(p: torch.Tensor, log: PieceLog, call: Call, n: int, name: str,
 
 
 def watch(p: torch.Tensor, name: str) -> None:
-    """Give ``p`` (once) the hook that reports the total gradient autograd sends it."""
+    """Give ``p`` (once) the hook that reports the total gradient autograd sends it (a
+    gradient already in ``p.grad`` came from a backward pass the hook did not see: rows
+    that come while it is there are flagged, see :func:`_flag_plain`)."""
     if _WATCHED.get(id(p)) is p:
         return
+    if not _grad_is_clean(p):
+        p._psg_plain_pending = True
     ref = weakref.ref(p)
 
     def hook(g: torch.Tensor | None) -> None:
