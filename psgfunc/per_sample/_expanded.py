@@ -468,9 +468,10 @@ def module_call(
 
     Each parameter ``p`` that requires grad is expanded to ``[size, *p.shape]`` (a view,
     :func:`~psgfunc.per_sample._rows.rows_view`); the view's backward hands the per-sample
-    gradient over, and when the backward pass ends it is added to ``p.grad_sample``; it
-    sends ``p`` their sum over the batch, which gives ``p.grad`` as usual. A parameter that a fast-clipping ``DPOptimizer`` records for gets
-    the rules' pieces recorded instead, and neither ``grad_sample`` nor ``grad`` from them.
+    gradients over, added to ``p.grad_sample`` when the backward pass ends, and sends ``p``
+    their sum over the batch, which gives ``p.grad`` as usual. A parameter that a
+    fast-clipping ``DPOptimizer`` records for gets the rules' pieces recorded instead, and
+    neither ``grad_sample`` nor ``grad`` from them.
 
     Rows are examples: a backward pass adds rows only to rows of the same forward pass, and
     a parameter's rows must cover all its uses in the backward pass; see
