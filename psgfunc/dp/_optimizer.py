@@ -173,7 +173,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._updates: dict[int, tuple[torch.Tensor, int]] = {
             id(p): (p.grad, p.grad._version) for p in self._trainable() if p.grad is not None
         }
-        for p in self._trainable():  # (nor a use outside psgfunc layers, see _rows.mark_clean)
+        # (nor a use outside psgfunc layers, see _rows.mark_clean; frozen parameters too:
+        # unfrozen later, what their p.grad holds now is no gradient of a DP step either)
+        for p in self._all_params():
             _rows.mark_clean(p)
 
     # ----------------------------------------------------------------- torch.optim surface
@@ -235,6 +237,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 "step() first, then add the group"
             )
         self.optimizer.add_param_group(param_group)
+        for p in self.optimizer.param_groups[-1]["params"]:
+            _rows.mark_clean(p)  # (as in __init__)
         new = [p for p in self.optimizer.param_groups[-1]["params"] if p.requires_grad]
         self._logs.update(_rows.claim(new, self.fast_clipping))
 
@@ -518,7 +522,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.optimizer.step()
         # step() leaves the update in p.grad: not a gradient backward left (see _empty)
         self._updates = {id(p): (p.grad, p.grad._version) for p in params if p.grad is not None}
-        for p in params:
+        for p in self._all_params():
             _rows.mark_clean(p)
         if self.accountant is not None:
             self.accountant.step()

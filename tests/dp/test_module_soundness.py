@@ -434,6 +434,51 @@ def test_the_update_a_step_leaves_in_p_grad_is_no_plain_use(mode):
     torch.testing.assert_close(two_steps(False), two_steps(True), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["dense", "fast"])
+@pytest.mark.parametrize("unfreeze", ["requires_grad_", "add_param_group", "without zero_grad"])
+def test_gradients_left_by_public_pretraining_are_no_plain_use(mode, unfreeze):
+    """Pretrained without DP in the same process (``p.grad`` left filled), converted, the
+    backbone frozen while the head trains, then unfrozen (also added with
+    ``add_param_group``, or a loop without ``zero_grad``): the leftover is no use of a DP
+    step, and the steps run (review: the first after unfreezing was refused)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    backbone, head = model[0], model[2]
+    x, y = torch.randn(4, 5, dtype=F64), torch.randint(0, 3, (4,))
+    public = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        public.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        public.step()
+    model = pnn.expand_weights(model, 4)
+    backbone.requires_grad_(False)
+    opt = optimizer(head.parameters() if unfreeze == "add_param_group" else model.parameters(), mode)
+    for unfrozen in (False, True):
+        if unfrozen:
+            backbone.requires_grad_(True)
+            if unfreeze == "add_param_group":
+                opt.add_param_group({"params": list(backbone.parameters())})
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if unfreeze != "without zero_grad":
+                opt.zero_grad()
+
+
+def test_a_non_finite_total_is_left_to_the_optimizer():
+    """Rows of +inf and -inf sum to NaN in ``p.grad`` as in the rows' sum: no use outside
+    the layers (backward runs), and DPOptimizer refuses the non-finite examples by name."""
+    lin = pnn.Linear(1, 1, 2, bias=False)
+    x = torch.tensor([[float("inf")], [float("-inf")]])
+    lin(x).sum().backward()
+    assert lin.weight.grad.isnan().all()
+    lin.weight.grad, lin.weight.grad_sample = None, None
+    opt = optimizer(lin.parameters(), "dense", expected=2.0)
+    lin(x).sum().backward()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_a_plain_use_far_below_the_total_is_refused(dtype):
     """The rows' sum and what autograd sends the parameter agree bit for bit, so a plain
