@@ -367,7 +367,23 @@ class CNN(nn.Module):
         return self.head(self.norm(torch.relu(self.c3(h)).flatten(1)))
 
 
+class Contract(nn.Module):
+    """GPT-2's ``Conv1D`` (``addmm`` with a ``[I, O]`` weight) and an ``einsum`` head: plain
+    ops on parameters, served by the contraction rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16) / 3)
+        self.bias = nn.Parameter(torch.randn(16) / 3)
+        self.head = nn.Parameter(torch.randn(16, 3) / 4)
+
+    def forward(self, x):  # [B, T, 8]
+        h = torch.addmm(self.bias, x.reshape(-1, 8), self.weight).view(*x.shape[:-1], 16)
+        return torch.einsum("bti,io->bto", torch.tanh(h), self.head)
+
+
 MODELS = {
+    "contract": (Contract, lambda g: torch.randn(4, 5, 8, generator=g), lambda g: torch.randint(0, 3, (4, 5), generator=g)),
     "mlp_seq": (lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)),
                 lambda g: torch.randn(4, 5, 8, generator=g), lambda g: torch.randint(0, 3, (4, 5), generator=g)),
     "cnn": (CNN, lambda g: torch.randn(4, 2, 6, 6, generator=g), lambda g: torch.randint(0, 3, (4,), generator=g)),

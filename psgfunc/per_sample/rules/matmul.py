@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from psgfunc._tree import gamma
+from psgfunc.functional import _autocast
 from psgfunc.per_sample._expanded import Rule, apply_function, is_shared, shared
 from psgfunc.per_sample._kinds import (
     COMBINERS,
@@ -230,18 +231,29 @@ def _grouped_mm(x: torch.Tensor, wm: torch.Tensor) -> torch.Tensor:
     return out.view(groups, size, n, wm.shape[2]).transpose(0, 1)
 
 
+def _contract(x: torch.Tensor, wm: torch.Tensor, b: torch.Tensor | None, plan: ContractPlan) -> torch.Tensor:
+    """``x [B, N, I] @ wm [I, O] (+ b [O]) -> [B, N, O]`` (groups: :func:`_grouped_mm`)."""
+    if plan.s:
+        return _grouped_mm(x, wm)
+    if b is None:
+        return x @ wm
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), wm).reshape(*x.shape[:-1], wm.shape[1])
+
+
 class _ContractPerSample(torch.autograd.Function):
     """``x [B, N, I], w [B, *w] (shared), b [B, O] or None -> [B, N, O]`` with per-sample grads
     (with groups: ``x [B, S, N, I] -> [B, S, N, O]``, no bias)."""
 
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: ContractPlan) -> torch.Tensor:  # type: ignore[override]
-        wm = _weight_matrix(shared(w), plan)
-        if plan.s:
-            return _grouped_mm(x, wm)
-        return x @ wm if b is None else torch.addmm(shared(b), x.reshape(-1, x.shape[-1]), wm).reshape(
-            *x.shape[:-1], wm.shape[1]
-        )
+        # autocast: x is in its dtype already (the caller casts it), the shared weight and
+        # bias are cast here, as autocast casts a matmul's operands
+        dtype = _autocast.autocast_dtype(x)
+        if dtype is None:  # (no context manager: a small layer's step pays per call)
+            return _contract(x, _weight_matrix(shared(w), plan), None if b is None else shared(b), plan)
+        with _autocast.disabled(x):
+            wm = _autocast.cast(_weight_matrix(shared(w), plan), dtype)
+            return _contract(x, wm, None if b is None else _autocast.cast(shared(b), dtype), plan)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -257,7 +269,7 @@ class _ContractPerSample(torch.autograd.Function):
         plan = ctx.plan
         gx = None
         if ctx.needs_input_grad[0]:
-            wm = _weight_matrix(shared(w), plan)
+            wm = _as(_weight_matrix(shared(w), plan), g.dtype)  # autocast: in g's dtype
             gx = _grouped_mm(g, wm.transpose(1, 2)) if plan.s else g @ wm.t()
         gw = gb = None
         if ctx.needs_input_grad[1]:
@@ -290,6 +302,7 @@ class ContractRule(Rule):
         xs = torch.einsum(f"Z{plan.a}->Z{s}{plan.n}{plan.i}", x)  # indices of x alone are summed
         groups = (math.prod(plan.s_sizes),) if s else ()
         x3 = xs.reshape(size, *groups, math.prod(n_sizes), math.prod(plan.i_sizes))
+        x3 = _autocast.cast(x3, _autocast.autocast_dtype(x3))  # autocast: x in its dtype
         y3 = apply_function(_ContractPerSample, x3, w, b, plan)
         y = y3.reshape(size, *plan.s_sizes, *n_sizes, *plan.o_sizes)
         return torch.einsum(f"Z{s}{plan.n}{plan.o}->Z{plan.y}", y)
