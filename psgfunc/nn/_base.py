@@ -119,7 +119,7 @@ class ExpandedModule(nn.Module):
 
         Raises:
             ValueError: ``x`` has too few or too many dims (typically a missing batch dim),
-                or more than ``max_batch_size`` examples; in a model converted by
+                or more than ``max_batch_size`` examples with gradients on; in a model converted by
                 ``expand_weights``, ``x``'s batch is not this forward's (see
                 :mod:`psgfunc.nn._forward`).
         """
@@ -134,7 +134,8 @@ class ExpandedModule(nn.Module):
                 f"e.g. x.unsqueeze({batch_dim})"
             )
         size = x.shape[batch_dim]
-        if size > self.max_batch_size and not _forward.frozen(self):  # (frozen: nothing per example)
+        # (frozen, or no gradients (evaluation, generate() with beams): nothing per example)
+        if size > self.max_batch_size and torch.is_grad_enabled() and not _forward.frozen(self):
             raise ValueError(
                 f"{cls}: {name} holds a batch of {size} examples (dim {batch_dim}) but "
                 f"max_batch_size={self.max_batch_size}; split the batch into chunks of at most "

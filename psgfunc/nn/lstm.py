@@ -65,7 +65,8 @@ class _AnyBatch(ExpandedModule):
         )
 
     def _check_batch(self, size: int, where: str) -> int:
-        if self.max_batch_size is not None and size > self.max_batch_size:
+        # (no gradients, in evaluation: nothing per example, no limit)
+        if self.max_batch_size is not None and size > self.max_batch_size and torch.is_grad_enabled():
             raise ValueError(
                 f"{type(self).__name__}: {where} holds a batch of {size} examples but "
                 f"max_batch_size={self.max_batch_size}; split the batch, or raise or drop "

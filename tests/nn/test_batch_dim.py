@@ -872,6 +872,26 @@ def test_a_frozen_layer_is_not_checked_and_needs_no_max_batch_size(size):
     assert getattr(model.pos.weight, "grad_sample", None) is None
 
 
+@pytest.mark.parametrize("kind", ["Linear", "DPLSTM", "converted"])
+def test_evaluation_without_gradients_takes_any_batch(kind):
+    """``max_batch_size`` bounds the batches whose per-sample gradients are taken: under
+    ``no_grad`` (evaluation, ``generate()`` with beams, which multiplies the batch) a larger
+    batch runs as the torch layer; with gradients it is refused."""
+    torch.manual_seed(0)
+    if kind == "Linear":
+        model, x = pnn.Linear(3, 2, 2), torch.randn(5, 3)
+    elif kind == "DPLSTM":
+        model, x = pnn.DPLSTM(3, 2, batch_first=True, max_batch_size=2), torch.randn(5, 4, 3)
+    else:
+        model, x = pnn.expand_weights(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), 2), torch.randn(5, 3)
+    with torch.no_grad():
+        out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape[0] == 5
+    with pytest.raises(ValueError, match="max_batch_size"):
+        model(x)
+
+
 class FrozenBackbone(nn.Module):
     """A frozen time-major LSTM (a backbone: only the head trains) fed the input transposed:
     its output ``[T, B, H]`` into a batch-first head is read T for B."""
