@@ -86,6 +86,21 @@ def case_linear_seq():
     return fn, params, (torch.randn(5, 4, 8, generator=g), torch.randint(0, 3, (5, 4), generator=g))
 
 
+def case_contract():
+    """Plain ``einsum`` and ``addmm`` on parameters (GPT-2's ``Conv1D``): the contraction rule."""
+    g = _gen()
+    params = {"w": torch.randn(8, 16, generator=g) / 3, "bias": torch.randn(16, generator=g) / 3,
+              "h": torch.randn(16, 3, generator=g) / 4}
+
+    def fn(p, x, y):  # x [T, 8]
+        with amp():
+            h = torch.tanh(torch.addmm(p["bias"], x, p["w"]))
+            out = torch.einsum("ti,io->to", h, p["h"])
+        return F.cross_entropy(out.float(), y, reduction="sum")
+
+    return fn, params, (torch.randn(5, 4, 8, generator=g), torch.randint(0, 3, (5, 4), generator=g))
+
+
 def case_conv1d():
     g = _gen()
     params = {"c": PF.init_conv(4, 6, (3,), generator=g), "b": _head(g, 6 * 8)}
@@ -233,7 +248,7 @@ def case_mixed():
 
 CASES = {
     f.__name__[5:]: f
-    for f in (case_linear_seq, case_conv1d, case_conv2d, case_conv3d, case_embedding, case_layer_norm,
+    for f in (case_linear_seq, case_contract, case_conv1d, case_conv2d, case_conv3d, case_embedding, case_layer_norm,
               case_lstm, case_lstm_lengths, case_lstm_cell, case_tied, case_mixed)
 }
 

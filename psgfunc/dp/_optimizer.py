@@ -491,6 +491,9 @@ class DPOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Finish the logical batch: clip what is left, add noise once, step the inner optimizer.
 
+        Frozen parameters (``requires_grad=False``) in the groups lose any ``p.grad`` first,
+        so that the inner optimizer never applies a gradient no DP step made.
+
         Args:
             closure: optional, re-evaluates the model and calls backward (run with gradients
                 enabled before the DP step); its return value is returned.
@@ -517,13 +520,18 @@ class DPOptimizer(torch.optim.Optimizer):
         updates, self.dp_state = self.transform.update_from_sum(summed, self.dp_state)
         for p, u in zip(params, updates):
             p.grad = u.to(dtype=p.dtype)
+        for p in self._all_params():
+            if not p.requires_grad and p.grad is not None:
+                # frozen: the inner optimizer would apply a gradient no DP step made (a
+                # non-private backward's, left from before freezing)
+                p.grad = None
         self._summed, self._summed_params = None, []
         self.accumulated_examples = 0
         self.optimizer.step()
         # step() leaves the update in p.grad: not a gradient backward left (see _empty)
         self._updates = {id(p): (p.grad, p.grad._version) for p in params if p.grad is not None}
         for p in self._all_params():
-            _rows.mark_clean(p)
+            _rows.mark_clean(p, replaced=True)
         if self.accountant is not None:
             self.accountant.step()
         return loss

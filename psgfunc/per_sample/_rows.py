@@ -311,9 +311,23 @@ def _check_total(e: _Entry) -> None:
         # is a use the rows miss; a tolerance would let such a use through at its size (16
         # eps of the total was 12% in bfloat16)
         bad = not torch.equal(total, rowsum)
-        if bad and total.is_floating_point():  # NaN where both are NaN (rows of +inf and -inf)
+        if not bad and total.is_floating_point() and not bool(torch.isfinite(rowsum).all()):
+            bad = True  # (inf + c is inf: equal infinities are looked at below)
+        if bad and total.is_floating_point():
+            # where a row is non-finite, NaN equals NaN (rows of +inf and -inf; DPOptimizer
+            # then refuses those examples by name); where the rows are finite but their sum
+            # is not (float16 overflow), nothing can be compared: refused, not passed
+            open_ = ~torch.isfinite(e.rows).all(0)
             same = (total == rowsum) | (total.isnan() & rowsum.isnan())
-            bad = not bool(same.all())  # (DPOptimizer then refuses the non-finite examples by name)
+            if bool((same & (torch.isfinite(rowsum) | open_)).all()):
+                return
+            if bool((same & ~torch.isfinite(rowsum) & ~open_).any()):
+                raise ValueError(
+                    f"psgfunc: {e.name}: the sum of its per-sample gradients overflows "
+                    f"{rowsum.dtype} (finite rows, an infinite sum), so whether a use outside "
+                    "psgfunc layers adds to it cannot be checked; scale the loss down or train "
+                    "the parameter in float32 or bfloat16"
+                )
     if bad:
         raise plain_use_error(f"psgfunc: {e.name}")
 
@@ -326,7 +340,7 @@ def _flag_plain(p: torch.Tensor) -> None:
     brings while that gradient is still in ``p.grad`` (``_psg_plain_pending``, see
     :func:`_grad_is_clean`), are flagged, not refused: ``DPOptimizer`` refuses flagged rows
     (:func:`plain_use_error`), a plain ``grad_sample`` reader keeps them."""
-    p._psg_plain_pending = True
+    p._psg_plain_pending = "seen"
     gs = getattr(p, "grad_sample", None)
     if gs is not None and isinstance(getattr(gs, "_psg_call", None), Call):
         gs._psg_plain = True
@@ -349,10 +363,14 @@ def _grad_is_clean(p: torch.Tensor) -> bool:
     return not bool(values.ne(0).any())
 
 
-def mark_clean(p: torch.Tensor) -> None:
-    """``p.grad`` as it stands is not a gradient of this step's backward passes (a
-    DPOptimizer's update, or what it held when the optimizer was built): rows that come
-    while it is there are not flagged for it (:func:`_flag_plain`)."""
+def mark_clean(p: torch.Tensor, replaced: bool = False) -> None:
+    """``p.grad`` as it stands is not a gradient of this step's backward passes: rows that
+    come while it is there are not flagged for it (:func:`_flag_plain`). ``replaced``: a
+    DPOptimizer's update took the place of whatever ``p.grad`` held. Else (what ``p.grad``
+    held when the optimizer was built or got ``p``, e.g. a public pretraining's gradient)
+    a plain use a backward pass was seen to bring stays flagged: that is this step's."""
+    if not replaced and getattr(p, "_psg_plain_pending", False) == "seen":
+        return
     p._psg_plain_pending = False
     g = p.grad
     p._psg_clean_grad = None if g is None else (weakref.ref(g), g._version)
@@ -531,7 +549,7 @@ def watch(p: torch.Tensor, name: str) -> None:
     if _WATCHED.get(id(p)) is p:
         return
     if not _grad_is_clean(p):
-        p._psg_plain_pending = True
+        p._psg_plain_pending = "held"  # (of unknown origin: see mark_clean)
     ref = weakref.ref(p)
 
     def hook(g: torch.Tensor | None) -> None:

@@ -465,6 +465,54 @@ def test_gradients_left_by_public_pretraining_are_no_plain_use(mode, unfreeze):
                 opt.zero_grad()
 
 
+@pytest.mark.parametrize("mode", ["dense", "fast"])
+def test_a_plain_use_seen_before_add_param_group_stays_refused(mode):
+    """``add_param_group`` takes what ``p.grad`` holds as from before the optimizer got
+    ``p``, except a plain use a backward pass was seen to bring (review: a weight penalty
+    backpropagated on its own, then the group added, trained on rows missing it)."""
+    torch.manual_seed(0)
+    lin, other = pnn.Linear(3, 2, 4), pnn.Linear(3, 2, 4)
+    x = torch.randn(4, 3)
+    opt = optimizer(other.parameters(), mode)
+    loss = lin(x).sum() + other(x).sum()
+    (100 * lin.weight.square().sum()).backward()
+    opt.add_param_group({"params": list(lin.parameters())})
+    loss.backward()
+    with pytest.raises(ValueError, match="outside any psgfunc layer"):
+        opt.step()
+
+
+def test_frozen_parameters_are_not_stepped_with_a_gradient_left_from_before():
+    """A frozen parameter in the optimizer's groups keeps a non-private ``p.grad`` from
+    before it was frozen: the inner optimizer must not apply it (review: it moved the
+    frozen layer by that gradient at every DP step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=F64)
+    model(x).pow(2).sum().backward()  # public: p.grad left on every parameter
+    model = pnn.expand_weights(model, 4)
+    model[0].requires_grad_(False)
+    opt = optimizer(model.parameters(), "dense")
+    frozen = model[0].weight.detach().clone()
+    for _ in range(2):
+        model(x).pow(2).sum().backward()
+        opt.step()
+    assert torch.equal(model[0].weight.detach(), frozen)
+
+
+def test_a_sum_that_overflows_is_refused_not_compared():
+    """float16 rows that are finite but whose per-call sums overflow to +inf and -inf: the
+    total is NaN like the rows' sum, and a plain use there cannot be seen. Refused with the
+    reason (review: the NaN-equals-NaN rule let the use through)."""
+    lin = pnn.Linear(1, 1, 2, bias=False, dtype=torch.float16)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    x = torch.tensor([[200.0], [200.0]], dtype=torch.float16)
+    loss = (lin(x) * 200).sum() + (lin(-x) * 200).sum() + 7.0 * lin.weight.sum()
+    with pytest.raises(ValueError, match="overflows"):
+        loss.backward()
+
+
 def test_a_non_finite_total_is_left_to_the_optimizer():
     """Rows of +inf and -inf sum to NaN in ``p.grad`` as in the rows' sum: no use outside
     the layers (backward runs), and DPOptimizer refuses the non-finite examples by name."""

@@ -324,9 +324,10 @@ class ContractRule(Rule):
             size = g.shape[0]
             sizes = dict(zip(plan.a, saved[0].shape[1:]))
             n = math.prod([sizes[c] for c in plan.n])
-            x3 = torch.einsum(f"{z}{plan.a}->{z}{plan.n}{plan.i}", saved[0])  # x's own indices summed
+            # autocast: both in the weight's dtype, as emit gives them (x and g may differ)
+            x3 = torch.einsum(f"{z}{plan.a}->{z}{plan.n}{plan.i}", saved[0].to(w.dtype))  # x's own indices summed
             x3 = x3.reshape(size, n, math.prod(plan.i_sizes))
-            g3 = torch.einsum(f"{z}{plan.y}->{z}{plan.n}{plan.o}", g).reshape(size, n, math.prod(plan.o_sizes))
+            g3 = torch.einsum(f"{z}{plan.y}->{z}{plan.n}{plan.o}", g.to(w.dtype)).reshape(size, n, math.prod(plan.o_sizes))
             out = [(iw, plan.kind, (x3, g3) if plan.x_first else (g3, x3))]
             return out + ([] if ib is None else [(ib, _ROWSUM, (g3,))])
 
