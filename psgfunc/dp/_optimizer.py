@@ -167,14 +167,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self._logical_batch_open = False  # a VirtualBatchLoader's slice that does not end its batch
         # newest DPOptimizer on a parameter wins; its logs die with it (the registry is weak)
         self._logs = _rows.claim(self._trainable(), self.fast_clipping)
-        # gradients that no backward of this optimizer's steps left: the last step's update,
-        # and whatever p.grad held when the optimizer was built (an earlier optimizer's update);
-        # a backward that adds to them changes their version (see _empty)
-        self._updates: dict[int, tuple[torch.Tensor, int]] = {
-            id(p): (p.grad, p.grad._version) for p in self._trainable() if p.grad is not None
-        }
-        # (nor a use outside psgfunc layers, see _rows.mark_clean; frozen parameters too:
-        # unfrozen later, what their p.grad holds now is no gradient of a DP step either)
+        # whatever p.grad holds now (an earlier optimizer's update, a public pretraining's
+        # gradient) is no gradient of this optimizer's steps (_rows.mark_clean; see _empty),
+        # nor a use outside psgfunc layers; frozen parameters too: unfrozen later, what their
+        # p.grad holds is no gradient of a DP step either
         for p in self._all_params():
             _rows.mark_clean(p)
 
@@ -365,8 +361,8 @@ class DPOptimizer(torch.optim.Optimizer):
         plain ``p.grad`` only (a model without per-sample gradients: the step would be noise)."""
         plain = []
         for i, p in enumerate(params):
-            g, ours = p.grad, self._updates.get(id(p))
-            if g is None or (ours is not None and g is ours[0] and g._version == ours[1]):
+            g = p.grad
+            if g is None or _rows.marked_clean(p):
                 continue  # nothing, or the last step's update untouched since
             if bool(g.ne(0).any()):
                 plain.append(f"#{i} shape {tuple(p.shape)}")
@@ -403,8 +399,7 @@ class DPOptimizer(torch.optim.Optimizer):
         missing = [i for i, ok in enumerate(present) if not ok]
         bad = []
         for i in missing:
-            g, ours = params[i].grad, self._updates.get(id(params[i]))
-            untouched = g is None or (ours is not None and g is ours[0] and g._version == ours[1])
+            untouched = params[i].grad is None or _rows.marked_clean(params[i])
             if not (untouched and _rows.watched(params[i])):
                 bad.append(i)
         if bad:
@@ -529,7 +524,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self.accumulated_examples = 0
         self.optimizer.step()
         # step() leaves the update in p.grad: not a gradient backward left (see _empty)
-        self._updates = {id(p): (p.grad, p.grad._version) for p in params if p.grad is not None}
         for p in self._all_params():
             _rows.mark_clean(p, replaced=True)
         if self.accountant is not None:
@@ -589,4 +583,4 @@ class DPOptimizer(torch.optim.Optimizer):
                     p.grad.detach_()
                     p.grad.zero_()
                     # zeros no backward left since: as untouched as None (see _unreached)
-                    self._updates[id(p)] = (p.grad, p.grad._version)
+                    _rows.mark_clean(p, replaced=True)

@@ -523,8 +523,7 @@ def expanded_call(
             where = _rows.describe(p, name, layer)
             # (its backward hands the rows over: ops without a rule give them too)
             e = _rows.rows_view(p, size, call, where, top_aligned)
-            if not torch._C._are_functorch_transforms_active():
-                _rows.watch(p, where)
+            _rows.watch(p, where)
             log = _rows.log_of(p)
             if log is not None:  # fast clipping (DPOptimizer): record pieces, build nothing
                 if log.pieces and log.batch != size and not top_aligned:

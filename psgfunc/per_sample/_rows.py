@@ -65,7 +65,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["Call", "PieceLog", "claim", "log_of", "rows_view", "recorder", "watch", "consume", "pad_rows",
-           "plain_use_error", "describe", "watched", "mark_clean"]
+           "plain_use_error", "describe", "watched", "mark_clean", "marked_clean"]
 
 _LOCK = threading.RLock()
 # graph task id -> the rows held until that backward pass ends (dies with the graph task,
@@ -310,26 +310,33 @@ def _check_total(e: _Entry) -> None:
         # order (each call's backward hands its sum over as it returns it), so any difference
         # is a use the rows miss; a tolerance would let such a use through at its size (16
         # eps of the total was 12% in bfloat16)
-        bad = not torch.equal(total, rowsum)
-        if not bad and total.is_floating_point() and not bool(torch.isfinite(rowsum).all()):
-            bad = True  # (inf + c is inf: equal infinities are looked at below)
-        if bad and total.is_floating_point():
-            # where a row is non-finite, NaN equals NaN (rows of +inf and -inf; DPOptimizer
-            # then refuses those examples by name); where the rows are finite but their sum
-            # is not (float16 overflow), nothing can be compared: refused, not passed
-            open_ = ~torch.isfinite(e.rows).all(0)
-            same = (total == rowsum) | (total.isnan() & rowsum.isnan())
-            if bool((same & (torch.isfinite(rowsum) | open_)).all()):
-                return
-            if bool((same & ~torch.isfinite(rowsum) & ~open_).any()):
-                raise ValueError(
-                    f"psgfunc: {e.name}: the sum of its per-sample gradients overflows "
-                    f"{rowsum.dtype} (finite rows, an infinite sum), so whether a use outside "
-                    "psgfunc layers adds to it cannot be checked; scale the loss down or train "
-                    "the parameter in float32 or bfloat16"
-                )
+        if not total.is_floating_point():
+            bad = not torch.equal(total, rowsum)
+        elif torch.equal(total, rowsum) and bool(torch.isfinite(rowsum).all()):
+            return
+        else:  # a difference, or infinities (inf + c is inf, NaN is not NaN)
+            bad = not _same_non_finite(e, total, rowsum)
     if bad:
         raise plain_use_error(f"psgfunc: {e.name}")
+
+
+def _same_non_finite(e: _Entry, total: torch.Tensor, rowsum: torch.Tensor) -> bool:
+    """:func:`_check_total` where the total differs from the rows' sum or either is not
+    finite: equal where both are, or both NaN, at positions where a row is non-finite itself
+    (rows of +inf and -inf; DPOptimizer then refuses those examples by name). Where the rows
+    are finite but their sum is not (float16 overflow), nothing can be compared: refused."""
+    open_ = ~torch.isfinite(e.rows).all(0)
+    finite = torch.isfinite(rowsum)
+    same = (total == rowsum) | (total.isnan() & rowsum.isnan())
+    if bool((same & (finite | open_)).all()):
+        return True
+    if bool((same & ~finite & ~open_).any()):
+        raise ValueError(
+            f"psgfunc: {e.name}: the sum of its per-sample gradients overflows {rowsum.dtype} "
+            "(finite rows, an infinite sum), so whether a use outside psgfunc layers adds to it "
+            "cannot be checked; scale the loss down or train the parameter in float32 or bfloat16"
+        )
+    return False
 
 
 def _flag_plain(p: torch.Tensor) -> None:
@@ -349,15 +356,19 @@ def _flag_plain(p: torch.Tensor) -> None:
         log.plain = True
 
 
+def marked_clean(p: torch.Tensor) -> bool:
+    """Whether ``p.grad`` is what :func:`mark_clean` saw (a DPOptimizer's update, its zeros,
+    or what ``p.grad`` held when the optimizer was built), unchanged since: a backward pass
+    that adds to it changes its version."""
+    g, mark = p.grad, getattr(p, "_psg_clean_grad", None)
+    return g is not None and mark is not None and mark[0]() is g and g._version == mark[1]
+
+
 def _grad_is_clean(p: torch.Tensor) -> bool:
-    """Whether ``p.grad`` holds no gradient of a backward pass: None, zeros, or what
-    :func:`mark_clean` saw (a DPOptimizer's update, or what ``p.grad`` held when the
-    optimizer was built), unchanged since."""
+    """Whether ``p.grad`` holds no gradient of a backward pass: None, zeros, or
+    :func:`marked_clean`."""
     g = p.grad
-    if g is None:
-        return True
-    mark = getattr(p, "_psg_clean_grad", None)
-    if mark is not None and mark[0]() is g and g._version == mark[1]:
+    if g is None or marked_clean(p):
         return True
     values = g.coalesce().values() if g.layout == torch.sparse_coo else g
     return not bool(values.ne(0).any())
